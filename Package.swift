@@ -1,0 +1,64 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Layering (see docs/architecture.md): C shims are imported by exactly one wrapper module each;
+// plugins import PipeKit plus capability modules, never a shim and never PipeRuntime.
+let package = Package(
+    name: "pipeline",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "pipehost", targets: ["pipehost"]),
+        .executable(name: "pipectl", targets: ["pipectl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // System-library shims (module maps only).
+        .systemLibrary(name: "CZeroMQ", path: "Sources/CZeroMQ"),
+        .systemLibrary(name: "CSodium", path: "Sources/CSodium"),
+        .systemLibrary(name: "CMagic", path: "Sources/CMagic"),
+        .systemLibrary(name: "CSQLite", path: "Sources/CSQLite"),
+
+        // The stage SDK.
+        .target(name: "PipeKit", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .target(name: "PipeKitTesting", dependencies: ["PipeKit"]),
+
+        // Capability wrappers, one per C library.
+        .target(name: "PipeZMQ", dependencies: ["CZeroMQ"]),
+        .target(name: "PipeStore", dependencies: ["CSQLite", "PipeKit"]),
+        .target(name: "PipeSeal", dependencies: ["CSodium", "PipeKit"]),
+        .target(name: "PipeSniff", dependencies: ["CMagic", "PipeKit"]),
+        .target(name: "PipeConfig", dependencies: ["PipeKit", "Yams"]),
+
+        // Stage plugins: PipeKit + capability modules only.
+        .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core"),
+
+        // The one stage registry.
+        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages"]),
+
+        .target(name: "PipeRuntime", dependencies: [
+            "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeRegistry",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        .executableTarget(name: "pipehost", dependencies: [
+            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeSeal",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "pipectl", dependencies: [
+            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit"],
+                          path: "Tools/bench"),
+
+        .testTarget(name: "PipeTests", dependencies: [
+            "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff",
+            "PipeRuntime", "PipeRegistry", "CoreStages",
+        ]),
+    ],
+    swiftLanguageModes: [.v6]
+)

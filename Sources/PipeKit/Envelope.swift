@@ -1,0 +1,164 @@
+import Foundation
+
+/// A 128-bit envelope id: the dedup and ack key. Roots get a random id at ingest; derived
+/// envelopes get a deterministic one (``EnvelopeID/derived(from:output:index:)``).
+public struct EnvelopeID: Hashable, Sendable, Comparable, CustomStringConvertible {
+    public var hi: UInt64
+    public var lo: UInt64
+
+    public init(hi: UInt64, lo: UInt64) { self.hi = hi; self.lo = lo }
+
+    /// A random id from the system generator.
+    public static func random() -> EnvelopeID {
+        var g = SystemRandomNumberGenerator()
+        return random(using: &g)
+    }
+
+    public static func random<G: RandomNumberGenerator>(using g: inout G) -> EnvelopeID {
+        EnvelopeID(hi: g.next(), lo: g.next())
+    }
+
+    /// The 16 bytes, big-endian (`hi` first), as on the wire and in hex form.
+    public var bytes: [UInt8] {
+        var out = [UInt8](repeating: 0, count: 16)
+        for i in 0..<8 {
+            out[i] = UInt8(truncatingIfNeeded: hi >> (56 - 8 * UInt64(i)))
+            out[8 + i] = UInt8(truncatingIfNeeded: lo >> (56 - 8 * UInt64(i)))
+        }
+        return out
+    }
+
+    public init?(bytes: some Collection<UInt8>) {
+        guard bytes.count == 16 else { return nil }
+        var hi: UInt64 = 0, lo: UInt64 = 0
+        for (i, b) in bytes.enumerated() {
+            if i < 8 { hi = hi << 8 | UInt64(b) } else { lo = lo << 8 | UInt64(b) }
+        }
+        self.hi = hi; self.lo = lo
+    }
+
+    /// 32 lower-case hex digits.
+    public var description: String { Hex.encode(bytes) }
+
+    public init?(hex: String) {
+        guard hex.utf8.count == 32, let b = Hex.decode(hex) else { return nil }
+        self.init(bytes: b)
+    }
+
+    /// Deterministic id of an envelope derived from `parent` on `output` as its `index`-th emission:
+    /// the first 16 bytes of SHA-256("pipe.derive.v1" || parent(16) || u16le(len) || output || u32le(index)).
+    /// A replay after a crash recreates the same ids, so sinks can deduplicate.
+    public static func derived(from parent: EnvelopeID, output: String, index: UInt32) -> EnvelopeID {
+        var w = ByteWriter(capacity: 64)
+        w.bytes(Array("pipe.derive.v1".utf8))
+        w.bytes(parent.bytes)
+        w.str16(output)
+        w.u32(index)
+        let digest = SHA256.hash(w.buffer)
+        return EnvelopeID(bytes: digest[0..<16])!  // 16 bytes by construction
+    }
+
+    public static func < (a: EnvelopeID, b: EnvelopeID) -> Bool { (a.hi, a.lo) < (b.hi, b.lo) }
+}
+
+/// A typed scalar attribute value.
+public enum AttrValue: Sendable, Hashable, CustomStringConvertible {
+    case string(String)
+    case int(Int64)
+    case double(Double)
+    case bool(Bool)
+
+    public var description: String {
+        switch self {
+        case .string(let s): return s
+        case .int(let i): return String(i)
+        case .double(let d): return String(d)
+        case .bool(let b): return b ? "true" : "false"
+        }
+    }
+    public var stringValue: String? { if case .string(let s) = self { return s } else { return nil } }
+    public var intValue: Int64? { if case .int(let i) = self { return i } else { return nil } }
+    public var doubleValue: Double? {
+        switch self { case .double(let d): return d; case .int(let i): return Double(i); default: return nil }
+    }
+    public var boolValue: Bool? { if case .bool(let b) = self { return b } else { return nil } }
+}
+
+/// An Ed25519 signature with the signer's 8-byte key id.
+public struct EnvelopeSignature: Sendable, Hashable {
+    public var keyID: [UInt8]      // 8 bytes
+    public var signature: [UInt8]  // 64 bytes
+    public init(keyID: [UInt8], signature: [UInt8]) { self.keyID = keyID; self.signature = signature }
+}
+
+/// Everything that flows is an envelope: a small typed header plus opaque payload bytes.
+/// Field meanings are in CONCEPTS.md ("The envelope"); the binary form is in docs/wire-format.md.
+public struct Envelope: Sendable, Hashable {
+    public var id: EnvelopeID
+    public var parent: EnvelopeID?
+    public var actor: String
+    public var intent: String
+    public var authority: String
+    /// Lamport rank; 0 = unplaced.
+    public var rank: UInt64
+    /// Optional vector clock, actor -> counter.
+    public var clock: [String: UInt64]
+    /// Lane it travels on (set by the mux).
+    public var lane: String
+    public var hops: UInt32
+    /// Delivery attempt, 1 on first delivery.
+    public var attempt: UInt32
+    /// Wall-clock ingest time in ns since the Unix epoch.
+    public var ingestNs: UInt64
+    public var attrs: [String: AttrValue]
+    public var sig: EnvelopeSignature?
+    public var payload: [UInt8]
+
+    public init(id: EnvelopeID = .random(), parent: EnvelopeID? = nil, actor: String = "", intent: String = "",
+                authority: String = "", rank: UInt64 = 0, clock: [String: UInt64] = [:], lane: String = "",
+                hops: UInt32 = 0, attempt: UInt32 = 1, ingestNs: UInt64 = 0, attrs: [String: AttrValue] = [:],
+                sig: EnvelopeSignature? = nil, payload: [UInt8] = []) {
+        self.id = id; self.parent = parent; self.actor = actor; self.intent = intent; self.authority = authority
+        self.rank = rank; self.clock = clock; self.lane = lane; self.hops = hops; self.attempt = attempt
+        self.ingestNs = ingestNs; self.attrs = attrs; self.sig = sig; self.payload = payload
+    }
+
+    /// A new envelope derived from this one: deterministic id, `parent` set, header copied, no signature.
+    public func derived(output: String, index: UInt32, payload: [UInt8]? = nil) -> Envelope {
+        var e = self
+        e.id = .derived(from: id, output: output, index: index)
+        e.parent = id
+        e.sig = nil
+        if let payload { e.payload = payload }
+        return e
+    }
+}
+
+/// Lower-case hex helpers.
+public enum Hex {
+    private static let digits = Array("0123456789abcdef".utf8)
+    public static func encode(_ bytes: some Sequence<UInt8>) -> String {
+        var out = [UInt8]()
+        for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+        return String(decoding: out, as: UTF8.self)
+    }
+    public static func decode(_ s: String) -> [UInt8]? {
+        let u = Array(s.utf8)
+        guard u.count % 2 == 0 else { return nil }
+        func v(_ c: UInt8) -> UInt8? {
+            switch c {
+            case 48...57: return c - 48
+            case 97...102: return c - 87
+            case 65...70: return c - 55
+            default: return nil
+            }
+        }
+        var out = [UInt8](); out.reserveCapacity(u.count / 2)
+        var i = 0
+        while i < u.count {
+            guard let h = v(u[i]), let l = v(u[i + 1]) else { return nil }
+            out.append(h << 4 | l); i += 2
+        }
+        return out
+    }
+}

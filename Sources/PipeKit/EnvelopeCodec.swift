@@ -1,0 +1,178 @@
+/// Limits enforced by every decoder (and checked before encoding), from docs/wire-format.md.
+public struct WireLimits: Sendable, Hashable {
+    /// Largest encoded envelope, header and payload included.
+    public var maxEnvelopeBytes: Int
+    /// Largest header string (actor, intent, authority, lane, clock actor).
+    public var maxHeaderString: Int
+    /// Largest attribute key.
+    public var maxAttrKey: Int
+    public var maxAttrs: Int
+    public var maxClockEntries: Int
+    /// Most envelopes in one data frame.
+    public var maxBatchEnvelopes: Int
+
+    public init(maxEnvelopeBytes: Int = 1 << 20, maxHeaderString: Int = 1024, maxAttrKey: Int = 128,
+                maxAttrs: Int = 64, maxClockEntries: Int = 256, maxBatchEnvelopes: Int = 4096) {
+        self.maxEnvelopeBytes = maxEnvelopeBytes; self.maxHeaderString = maxHeaderString
+        self.maxAttrKey = maxAttrKey; self.maxAttrs = maxAttrs; self.maxClockEntries = maxClockEntries
+        self.maxBatchEnvelopes = maxBatchEnvelopes
+    }
+    public static let standard = WireLimits()
+
+    /// The largest legal data frame: used as ZMQ_MAXMSGSIZE outer guard (far above, see ARCHITECTURE.md).
+    public var maxFrameBytes: Int { FrameHeader.size + 4 + maxBatchEnvelopes * 4 + 4 * maxEnvelopeBytes }
+}
+
+/// Binary envelope encoding, version 1 (docs/wire-format.md, "Envelope").
+public enum EnvelopeCodec {
+    public static let version: UInt8 = 1
+    static let flagParent: UInt8 = 0x01, flagClock: UInt8 = 0x02, flagSig: UInt8 = 0x04
+
+    /// Why an envelope cannot be encoded (a stage produced something over the limits).
+    public struct EncodeError: Error, Sendable, CustomStringConvertible {
+        public let reason: String
+        public var description: String { reason }
+    }
+
+    /// Checks the limits that the decoder enforces, so that we never send what a peer must refuse.
+    public static func check(_ e: Envelope, limits: WireLimits = .standard) throws(EncodeError) {
+        for (name, s) in [("actor", e.actor), ("intent", e.intent), ("authority", e.authority), ("lane", e.lane)]
+        where s.utf8.count > limits.maxHeaderString {
+            throw EncodeError(reason: "\(name) is \(s.utf8.count) bytes, limit \(limits.maxHeaderString)")
+        }
+        if e.attrs.count > limits.maxAttrs { throw EncodeError(reason: "\(e.attrs.count) attrs, limit \(limits.maxAttrs)") }
+        if e.clock.count > limits.maxClockEntries { throw EncodeError(reason: "\(e.clock.count) clock entries, limit \(limits.maxClockEntries)") }
+        for (k, v) in e.attrs {
+            if k.utf8.count > limits.maxAttrKey { throw EncodeError(reason: "attr key '\(k.prefix(40))' over \(limits.maxAttrKey) bytes") }
+            if case .string(let s) = v, s.utf8.count > 65535 { throw EncodeError(reason: "attr '\(k)' value over 65535 bytes") }
+        }
+        for (k, _) in e.clock where k.utf8.count > limits.maxHeaderString {
+            throw EncodeError(reason: "clock actor over \(limits.maxHeaderString) bytes")
+        }
+        if let s = e.sig, s.keyID.count != 8 || s.signature.count != 64 {
+            throw EncodeError(reason: "signature must be 8-byte key id + 64-byte signature")
+        }
+        let size = encodedSizeEstimate(e)
+        if size > limits.maxEnvelopeBytes { throw EncodeError(reason: "envelope is \(size) bytes, limit \(limits.maxEnvelopeBytes)") }
+    }
+
+    static func encodedSizeEstimate(_ e: Envelope) -> Int {
+        var n = 2 + 16 + 24 + 8 + e.actor.utf8.count + e.intent.utf8.count + e.authority.utf8.count + e.lane.utf8.count + 2 + 4 + e.payload.count
+        if e.parent != nil { n += 16 }
+        if !e.clock.isEmpty { n += 2; for (k, _) in e.clock { n += 10 + k.utf8.count } }
+        for (k, v) in e.attrs {
+            n += 3 + k.utf8.count
+            if case .string(let s) = v { n += 2 + s.utf8.count } else { n += 8 }
+        }
+        if e.sig != nil { n += 72 }
+        return n
+    }
+
+    /// Appends the encoding of `e` (no length prefix). Attrs and clock entries are written in
+    /// ascending key order (byte-wise UTF-8), so the encoding is canonical.
+    public static func encode(_ e: Envelope, into w: inout ByteWriter) {
+        var flags: UInt8 = 0
+        if e.parent != nil { flags |= flagParent }
+        if !e.clock.isEmpty { flags |= flagClock }
+        if e.sig != nil { flags |= flagSig }
+        w.u8(version)
+        w.u8(flags)
+        w.bytes(e.id.bytes)
+        if let p = e.parent { w.bytes(p.bytes) }
+        w.u64(e.rank); w.u32(e.hops); w.u32(e.attempt); w.u64(e.ingestNs)
+        w.str16(e.actor); w.str16(e.intent); w.str16(e.authority); w.str16(e.lane)
+        if !e.clock.isEmpty {
+            w.u16(UInt16(truncatingIfNeeded: e.clock.count))
+            for k in e.clock.keys.sorted(by: utf8Less) { w.str16(k); w.u64(e.clock[k] ?? 0) }
+        }
+        w.u16(UInt16(truncatingIfNeeded: e.attrs.count))
+        if !e.attrs.isEmpty {
+            for k in e.attrs.keys.sorted(by: utf8Less) {
+                w.str16(k)
+                switch e.attrs[k] ?? .bool(false) {
+                case .string(let s): w.u8(1); w.str16(s)
+                case .int(let i): w.u8(2); w.u64(UInt64(bitPattern: i))
+                case .double(let d): w.u8(3); w.u64(d.bitPattern)
+                case .bool(let b): w.u8(4); w.u8(b ? 1 : 0)
+                }
+            }
+        }
+        if let s = e.sig { w.bytes(s.keyID); w.bytes(s.signature) }
+        w.u32(UInt32(truncatingIfNeeded: e.payload.count))
+        w.bytes(e.payload)
+    }
+
+    public static func encode(_ e: Envelope) -> [UInt8] {
+        var w = ByteWriter(capacity: 96 + e.payload.count)
+        encode(e, into: &w)
+        return w.buffer
+    }
+
+    @inline(__always) static func utf8Less(_ a: String, _ b: String) -> Bool { a.utf8.lexicographicallyPrecedes(b.utf8) }
+
+    /// Decodes exactly one envelope occupying all of `bytes`.
+    public static func decode(_ bytes: UnsafeRawBufferPointer, limits: WireLimits = .standard) throws(DecodeError) -> Envelope {
+        if bytes.count > limits.maxEnvelopeBytes { throw .tooLarge(field: "envelope", size: bytes.count, limit: limits.maxEnvelopeBytes) }
+        var r = ByteReader(bytes)
+        let v = try r.u8("envelope.version")
+        guard v == version else { throw .unsupportedVersion(v) }
+        let flags = try r.u8("envelope.flags")
+        if flags & ~(flagParent | flagClock | flagSig) != 0 { throw .invalid(field: "envelope.flags", reason: "unknown bits 0x\(String(flags, radix: 16))") }
+        guard let id = EnvelopeID(bytes: try r.slice(16, "envelope.id")) else { throw .invalid(field: "id", reason: "length") }
+        var parent: EnvelopeID? = nil
+        if flags & flagParent != 0 { parent = EnvelopeID(bytes: try r.slice(16, "envelope.parent")) }
+        let rank = try r.u64("envelope.rank"), hops = try r.u32("envelope.hops")
+        let attempt = try r.u32("envelope.attempt"), ingest = try r.u64("envelope.ingest_ns")
+        let actor = try r.str16("envelope.actor", limit: limits.maxHeaderString)
+        let intent = try r.str16("envelope.intent", limit: limits.maxHeaderString)
+        let authority = try r.str16("envelope.authority", limit: limits.maxHeaderString)
+        let lane = try r.str16("envelope.lane", limit: limits.maxHeaderString)
+        var clock: [String: UInt64] = [:]
+        if flags & flagClock != 0 {
+            let n = Int(try r.u16("envelope.clock.count"))
+            if n > limits.maxClockEntries { throw .tooLarge(field: "envelope.clock", size: n, limit: limits.maxClockEntries) }
+            for _ in 0..<n {
+                let k = try r.str16("envelope.clock.actor", limit: limits.maxHeaderString)
+                clock[k] = try r.u64("envelope.clock.counter")
+            }
+        }
+        let na = Int(try r.u16("envelope.attrs.count"))
+        if na > limits.maxAttrs { throw .tooLarge(field: "envelope.attrs", size: na, limit: limits.maxAttrs) }
+        var attrs: [String: AttrValue] = [:]
+        if na > 0 {
+            attrs.reserveCapacity(na)
+            for _ in 0..<na {
+                let k = try r.str16("envelope.attr.key", limit: limits.maxAttrKey)
+                let tag = try r.u8("envelope.attr.type")
+                switch tag {
+                case 1: attrs[k] = .string(try r.str16("envelope.attr.string", limit: 65535))
+                case 2: attrs[k] = .int(Int64(bitPattern: try r.u64("envelope.attr.int")))
+                case 3: attrs[k] = .double(Double(bitPattern: try r.u64("envelope.attr.double")))
+                case 4:
+                    let b = try r.u8("envelope.attr.bool")
+                    guard b <= 1 else { throw .invalid(field: "envelope.attr.bool", reason: "value \(b)") }
+                    attrs[k] = .bool(b == 1)
+                default: throw .invalid(field: "envelope.attr.type", reason: "unknown type \(tag)")
+                }
+            }
+        }
+        var sig: EnvelopeSignature? = nil
+        if flags & flagSig != 0 {
+            sig = EnvelopeSignature(keyID: try r.bytes(8, "envelope.sig.key_id"), signature: try r.bytes(64, "envelope.sig"))
+        }
+        let plen = Int(try r.u32("envelope.payload.length"))
+        if plen > limits.maxEnvelopeBytes { throw .tooLarge(field: "envelope.payload", size: plen, limit: limits.maxEnvelopeBytes) }
+        let payload = try r.bytes(plen, "envelope.payload")
+        if r.remaining != 0 { throw .invalid(field: "envelope", reason: "\(r.remaining) trailing bytes") }
+        return Envelope(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank,
+                        clock: clock, lane: lane, hops: hops, attempt: attempt, ingestNs: ingest, attrs: attrs,
+                        sig: sig, payload: payload)
+    }
+
+    public static func decode(_ bytes: [UInt8], limits: WireLimits = .standard) throws(DecodeError) -> Envelope {
+        let r: Result<Envelope, DecodeError> = bytes.withUnsafeBytes { p in
+            Result { () throws(DecodeError) -> Envelope in try decode(p, limits: limits) }
+        }
+        return try r.get()
+    }
+}

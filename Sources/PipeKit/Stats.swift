@@ -1,0 +1,133 @@
+/// One lane end's counters as a runner sees them (STATS frame).
+public struct LaneEndStats: Sendable, Equatable {
+    public enum Role: UInt8, Sendable { case producer = 0, consumer = 1 }
+    public var lane: UInt32
+    public var role: Role
+    /// Producer: envelopes sent (emitted into the lane). Consumer: envelopes received and processed.
+    public var count: UInt64
+    /// Producer: credits it holds. Consumer: credits granted and not yet used by the producer.
+    public var credits: UInt32
+    /// Producer: envelopes waiting in our sender queue. Consumer: 0.
+    public var queued: UInt32
+    /// Producer: EOS sent. Consumer: EOS received.
+    public var endOfStream: Bool
+    /// Producer: nanoseconds spent blocked on this lane (no credit while the stage wanted to send).
+    public var blockedNs: UInt64
+    public init(lane: UInt32, role: Role, count: UInt64, credits: UInt32, queued: UInt32, endOfStream: Bool, blockedNs: UInt64 = 0) {
+        self.lane = lane; self.role = role; self.count = count; self.credits = credits; self.queued = queued
+        self.endOfStream = endOfStream; self.blockedNs = blockedNs
+    }
+}
+
+/// A runner's periodic report to the host (STATS frame body, docs/wire-format.md).
+public struct StatsReport: Sendable, Equatable {
+    public struct Flags: OptionSet, Sendable, Equatable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        /// Nothing queued, nothing being processed, nothing held.
+        public static let idle = Flags(rawValue: 0x01)
+        /// A source that will produce nothing more.
+        public static let exhausted = Flags(rawValue: 0x02)
+        /// The runner drained, sent EOS on every output and is done.
+        public static let finished = Flags(rawValue: 0x04)
+        /// All non-loop inputs ended; waiting for the host to close the loop.
+        public static let awaitingLoopClose = Flags(rawValue: 0x08)
+        /// The stage halted with an error.
+        public static let failed = Flags(rawValue: 0x10)
+    }
+    public var stage: String
+    public var timeNs: UInt64
+    public var flags: Flags
+    public var received: UInt64
+    public var emitted: UInt64
+    public var deadLettered: UInt64
+    public var errors: UInt64
+    public var held: UInt32
+    public var lanes: [LaneEndStats]
+    /// The stage's own status report (figures `pipectl status` shows).
+    public var status: [(String, AttrValue)]
+
+    public init(stage: String, timeNs: UInt64, flags: Flags, received: UInt64, emitted: UInt64, deadLettered: UInt64,
+                errors: UInt64, held: UInt32, lanes: [LaneEndStats], status: [(String, AttrValue)]) {
+        self.stage = stage; self.timeNs = timeNs; self.flags = flags; self.received = received; self.emitted = emitted
+        self.deadLettered = deadLettered; self.errors = errors; self.held = held; self.lanes = lanes; self.status = status
+    }
+
+    public static func == (a: StatsReport, b: StatsReport) -> Bool {
+        a.stage == b.stage && a.timeNs == b.timeNs && a.flags == b.flags && a.received == b.received
+            && a.emitted == b.emitted && a.deadLettered == b.deadLettered && a.errors == b.errors && a.held == b.held
+            && a.lanes == b.lanes && a.status.map(\.0) == b.status.map(\.0) && a.status.map(\.1) == b.status.map(\.1)
+    }
+
+    public func encode(seq: UInt64) -> [UInt8] {
+        var w = ByteWriter(capacity: 96 + lanes.count * 40)
+        FrameHeader(type: .stats, lane: FrameHeader.controlLane, seq: seq).write(into: &w)
+        w.str16(stage); w.u64(timeNs); w.u8(flags.rawValue)
+        w.u64(received); w.u64(emitted); w.u64(deadLettered); w.u64(errors); w.u32(held)
+        w.u16(UInt16(truncatingIfNeeded: lanes.count))
+        for l in lanes {
+            w.u32(l.lane); w.u8(l.role.rawValue); w.u64(l.count); w.u32(l.credits); w.u32(l.queued)
+            w.u8(l.endOfStream ? 1 : 0); w.u64(l.blockedNs)
+        }
+        w.u16(UInt16(truncatingIfNeeded: status.count))
+        for (k, v) in status { w.str16(k); w.attr(v) }
+        return w.buffer
+    }
+
+    public static func decode(_ f: FrameView) throws(DecodeError) -> StatsReport {
+        guard f.header.type == .stats else { throw .invalid(field: "frame.type", reason: "not STATS") }
+        var r = ByteReader(f.body)
+        let stage = try r.str16("stats.stage", limit: 256)
+        let t = try r.u64("stats.time"), flags = Flags(rawValue: try r.u8("stats.flags"))
+        let rc = try r.u64("stats.received"), em = try r.u64("stats.emitted"), dl = try r.u64("stats.dead_lettered")
+        let er = try r.u64("stats.errors"), held = try r.u32("stats.held")
+        let nl = Int(try r.u16("stats.lanes.count"))
+        if nl * 30 > r.remaining { throw .truncated(field: "stats.lanes", need: nl * 30, have: r.remaining) }
+        var lanes = [LaneEndStats]()
+        for _ in 0..<nl {
+            let lane = try r.u32("stats.lane.id")
+            let roleRaw = try r.u8("stats.lane.role")
+            guard let role = LaneEndStats.Role(rawValue: roleRaw) else { throw .invalid(field: "stats.lane.role", reason: "\(roleRaw)") }
+            let count = try r.u64("stats.lane.count"), credits = try r.u32("stats.lane.credits"), q = try r.u32("stats.lane.queued")
+            let eos = try r.u8("stats.lane.eos"), blocked = try r.u64("stats.lane.blocked_ns")
+            lanes.append(LaneEndStats(lane: lane, role: role, count: count, credits: credits, queued: q, endOfStream: eos != 0, blockedNs: blocked))
+        }
+        let ns = Int(try r.u16("stats.status.count"))
+        var status = [(String, AttrValue)]()
+        for _ in 0..<ns { status.append((try r.str16("stats.status.key", limit: 256), try r.attr("stats.status.value"))) }
+        if r.remaining != 0 { throw .invalid(field: "stats", reason: "\(r.remaining) trailing bytes") }
+        return StatsReport(stage: stage, timeNs: t, flags: flags, received: rc, emitted: em, deadLettered: dl, errors: er,
+                           held: held, lanes: lanes, status: status)
+    }
+}
+
+/// HELLO body: a worker introduces itself to the host.
+public struct Hello: Sendable, Equatable {
+    public static let protocolVersion: UInt16 = 1
+    public var protocolVersion: UInt16
+    public var pid: UInt32
+    /// The worker's name (the `NAME` of `placement: { worker: NAME }`, or the stage id for child workers).
+    public var worker: String
+    /// An authority grant (reserved for the distributed issue; empty now).
+    public var grant: [UInt8]
+    public init(protocolVersion: UInt16 = Hello.protocolVersion, pid: UInt32, worker: String, grant: [UInt8] = []) {
+        self.protocolVersion = protocolVersion; self.pid = pid; self.worker = worker; self.grant = grant
+    }
+    public func encode(seq: UInt64) -> [UInt8] {
+        var w = ByteWriter(capacity: 64 + grant.count)
+        FrameHeader(type: .hello, lane: FrameHeader.controlLane, seq: seq).write(into: &w)
+        w.u16(protocolVersion); w.u32(pid); w.str16(worker); w.u32(UInt32(grant.count)); w.bytes(grant)
+        return w.buffer
+    }
+    public static func decode(_ f: FrameView) throws(DecodeError) -> Hello {
+        guard f.header.type == .hello else { throw .invalid(field: "frame.type", reason: "not HELLO") }
+        var r = ByteReader(f.body)
+        let v = try r.u16("hello.version"), pid = try r.u32("hello.pid")
+        let name = try r.str16("hello.worker", limit: 256)
+        let gl = Int(try r.u32("hello.grant.length"))
+        if gl > 65536 { throw .tooLarge(field: "hello.grant", size: gl, limit: 65536) }
+        let grant = try r.bytes(gl, "hello.grant")
+        if r.remaining != 0 { throw .invalid(field: "hello", reason: "\(r.remaining) trailing bytes") }
+        return Hello(protocolVersion: v, pid: pid, worker: name, grant: grant)
+    }
+}

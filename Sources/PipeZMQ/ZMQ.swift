@@ -1,0 +1,277 @@
+import CZeroMQ
+import Glibc
+
+/// A libzmq error: the errno and libzmq's text for it.
+public struct ZMQError: Error, Sendable, CustomStringConvertible, Equatable {
+    public let code: Int32
+    public let operation: String
+    public var description: String { "\(operation): \(String(cString: zmq_strerror(code)))" }
+    public var isAgain: Bool { code == EAGAIN }
+    public var isInterrupted: Bool { code == EINTR }
+    /// The context was terminated (ETERM).
+    public var isTerminated: Bool { code == ETERM }
+    static func last(_ op: String) -> ZMQError { ZMQError(code: zmq_errno(), operation: op) }
+}
+
+/// A ZeroMQ context. Thread-safe per libzmq; closing it waits for every socket to be closed.
+public final class ZMQContext: @unchecked Sendable {
+    // @unchecked: libzmq contexts are thread-safe; the handle is immutable after init.
+    let handle: UnsafeMutableRawPointer
+    private var terminated = false
+
+    public init(ioThreads: Int32 = 1) throws(ZMQError) {
+        guard let h = zmq_ctx_new() else { throw .last("zmq_ctx_new") }
+        handle = h
+        zmq_ctx_set(h, ZMQ_IO_THREADS, ioThreads)
+        zmq_ctx_set(h, ZMQ_BLOCKY, 0)  // sockets default to LINGER 0
+    }
+
+    /// Interrupts blocking calls on every socket (they fail with ETERM) without waiting.
+    public func shutdown() { zmq_ctx_shutdown(handle) }
+
+    /// Terminates the context; every socket must be closed first.
+    public func terminate() {
+        guard !terminated else { return }
+        terminated = true
+        while zmq_ctx_term(handle) != 0 && zmq_errno() == EINTR {}
+    }
+
+    deinit { terminate() }
+
+    public func socket(_ type: ZMQSocket.Kind) throws(ZMQError) -> ZMQSocket { try ZMQSocket(context: self, kind: type) }
+
+    /// The libzmq version, e.g. "4.3.4".
+    public static var version: String {
+        var a: Int32 = 0, b: Int32 = 0, c: Int32 = 0
+        zmq_version(&a, &b, &c)
+        return "\(a).\(b).\(c)"
+    }
+    /// Whether libzmq was built with a capability ("curve", "ipc", ...).
+    public static func has(_ capability: String) -> Bool { zmq_has(capability) == 1 }
+}
+
+/// One ZeroMQ socket. Threading rule: a socket is used by one thread at a time (libzmq's rule);
+/// it may be handed to another thread with a full memory barrier in between (e.g. thread start).
+public final class ZMQSocket: @unchecked Sendable {
+    // @unchecked: see the threading rule above; the owner enforces one thread at a time.
+    public enum Kind: Sendable {
+        case pair, pub, sub, req, rep, dealer, router, pull, push
+        var raw: Int32 {
+            switch self {
+            case .pair: return ZMQ_PAIR; case .pub: return ZMQ_PUB; case .sub: return ZMQ_SUB
+            case .req: return ZMQ_REQ; case .rep: return ZMQ_REP; case .dealer: return ZMQ_DEALER
+            case .router: return ZMQ_ROUTER; case .pull: return ZMQ_PULL; case .push: return ZMQ_PUSH
+            }
+        }
+    }
+
+    public private(set) var handle: UnsafeMutableRawPointer?
+    public let kind: Kind
+    let context: ZMQContext
+
+    init(context: ZMQContext, kind: Kind) throws(ZMQError) {
+        guard let h = zmq_socket(context.handle, kind.raw) else { throw .last("zmq_socket") }
+        self.handle = h; self.kind = kind; self.context = context
+        try setInt(ZMQ_LINGER, 0)
+    }
+
+    deinit { close() }
+
+    /// Closes the socket (LINGER 0: unsent messages are dropped). Idempotent.
+    public func close() {
+        if let h = handle { zmq_close(h); handle = nil }
+    }
+
+    private func h(_ op: String) throws(ZMQError) -> UnsafeMutableRawPointer {
+        guard let h = handle else { throw ZMQError(code: ENOTSOCK, operation: op) }
+        return h
+    }
+
+    public func bind(_ endpoint: String) throws(ZMQError) {
+        let s = try h("bind")
+        if zmq_bind(s, endpoint) != 0 { throw ZMQError(code: zmq_errno(), operation: "bind \(endpoint)") }
+    }
+    public func connect(_ endpoint: String) throws(ZMQError) {
+        let s = try h("connect")
+        if zmq_connect(s, endpoint) != 0 { throw ZMQError(code: zmq_errno(), operation: "connect \(endpoint)") }
+    }
+    public func disconnect(_ endpoint: String) throws(ZMQError) {
+        let s = try h("disconnect")
+        if zmq_disconnect(s, endpoint) != 0 { throw ZMQError(code: zmq_errno(), operation: "disconnect \(endpoint)") }
+    }
+    /// The endpoint actually bound (e.g. the port chosen for `tcp://127.0.0.1:*`).
+    public var lastEndpoint: String? {
+        guard let s = handle else { return nil }
+        var buf = [CChar](repeating: 0, count: 512)
+        var len = buf.count
+        guard zmq_getsockopt(s, ZMQ_LAST_ENDPOINT, &buf, &len) == 0 else { return nil }
+        return buf.withUnsafeBufferPointer { p in
+            String(decoding: UnsafeRawBufferPointer(p).prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+    }
+
+    // MARK: options
+
+    public func setInt(_ option: Int32, _ value: Int32) throws(ZMQError) {
+        let s = try h("setsockopt")
+        var v = value
+        if zmq_setsockopt(s, option, &v, MemoryLayout<Int32>.size) != 0 { throw .last("setsockopt \(option)") }
+    }
+    public func setInt64(_ option: Int32, _ value: Int64) throws(ZMQError) {
+        let s = try h("setsockopt")
+        var v = value
+        if zmq_setsockopt(s, option, &v, MemoryLayout<Int64>.size) != 0 { throw .last("setsockopt \(option)") }
+    }
+    public func setBytes(_ option: Int32, _ value: [UInt8]) throws(ZMQError) {
+        let s = try h("setsockopt")
+        let rc = value.withUnsafeBytes { zmq_setsockopt(s, option, $0.baseAddress, $0.count) }
+        if rc != 0 { throw .last("setsockopt \(option)") }
+    }
+    public func getInt(_ option: Int32) throws(ZMQError) -> Int32 {
+        let s = try h("getsockopt")
+        var v: Int32 = 0
+        var len = MemoryLayout<Int32>.size
+        if zmq_getsockopt(s, option, &v, &len) != 0 { throw .last("getsockopt \(option)") }
+        return v
+    }
+
+    public func setSendHWM(_ n: Int32) throws(ZMQError) { try setInt(ZMQ_SNDHWM, n) }
+    public func setReceiveHWM(_ n: Int32) throws(ZMQError) { try setInt(ZMQ_RCVHWM, n) }
+    /// Outer guard only: our decoder enforces real limits (an oversized message disconnects the peer).
+    public func setMaxMessageSize(_ n: Int64) throws(ZMQError) { try setInt64(ZMQ_MAXMSGSIZE, n) }
+    public func setLinger(ms: Int32) throws(ZMQError) { try setInt(ZMQ_LINGER, ms) }
+    public func setReceiveTimeout(ms: Int32) throws(ZMQError) { try setInt(ZMQ_RCVTIMEO, ms) }
+    public func setSendTimeout(ms: Int32) throws(ZMQError) { try setInt(ZMQ_SNDTIMEO, ms) }
+    public func setIdentity(_ id: [UInt8]) throws(ZMQError) { try setBytes(ZMQ_ROUTING_ID, id) }
+    public func setImmediate(_ on: Bool) throws(ZMQError) { try setInt(ZMQ_IMMEDIATE, on ? 1 : 0) }
+    /// ROUTER: fail with EHOSTUNREACH instead of dropping a message to an unknown peer.
+    public func setRouterMandatory(_ on: Bool) throws(ZMQError) { try setInt(ZMQ_ROUTER_MANDATORY, on ? 1 : 0) }
+    public func subscribe(_ prefix: [UInt8]) throws(ZMQError) { try setBytes(ZMQ_SUBSCRIBE, prefix) }
+    /// Whether more parts of the current multipart message follow.
+    public var hasMore: Bool { (try? getInt(ZMQ_RCVMORE)) == 1 }
+
+    // MARK: send / receive
+
+    /// Sends one part. Returns false when `dontWait` and the message could not be queued (EAGAIN).
+    @discardableResult
+    public func send(_ bytes: [UInt8], more: Bool = false, dontWait: Bool = false) throws(ZMQError) -> Bool {
+        let s = try h("send")
+        var flags: Int32 = 0
+        if more { flags |= ZMQ_SNDMORE }
+        if dontWait { flags |= ZMQ_DONTWAIT }
+        while true {
+            let rc = bytes.withUnsafeBytes { zmq_send(s, $0.baseAddress, $0.count, flags) }
+            if rc >= 0 { return true }
+            let e = zmq_errno()
+            if e == EINTR { continue }
+            if e == EAGAIN && dontWait { return false }
+            throw ZMQError(code: e, operation: "send")
+        }
+    }
+
+    /// Sends a multipart message.
+    @discardableResult
+    public func send(parts: [[UInt8]], dontWait: Bool = false) throws(ZMQError) -> Bool {
+        for (i, p) in parts.enumerated() {
+            let ok = try send(p, more: i < parts.count - 1, dontWait: dontWait && i == 0)
+            if !ok { return false }
+        }
+        return true
+    }
+
+    /// Receives one part into a message; nil when `dontWait` and nothing is queued, or on timeout.
+    public func receiveMessage(dontWait: Bool = false) throws(ZMQError) -> ZMQMessage? {
+        let s = try h("recv")
+        let m = ZMQMessage()
+        while true {
+            let rc = zmq_msg_recv(m.pointer, s, dontWait ? ZMQ_DONTWAIT : 0)
+            if rc >= 0 { return m }
+            let e = zmq_errno()
+            if e == EINTR { continue }
+            if e == EAGAIN { return nil }
+            throw ZMQError(code: e, operation: "recv")
+        }
+    }
+
+    /// Receives one part as bytes (copied).
+    public func receive(dontWait: Bool = false) throws(ZMQError) -> [UInt8]? {
+        try receiveMessage(dontWait: dontWait)?.bytes
+    }
+
+    /// Receives every part of one multipart message; nil if nothing was queued (dontWait) or on timeout.
+    public func receiveParts(dontWait: Bool = false) throws(ZMQError) -> [[UInt8]]? {
+        guard let first = try receive(dontWait: dontWait) else { return nil }
+        var parts = [first]
+        while hasMore { if let p = try receive() { parts.append(p) } else { break } }
+        return parts
+    }
+}
+
+/// A received message, kept at a stable heap address (a `zmq_msg_t` must never be copied).
+/// Its bytes are read in place (zero-copy) through ``withBytes(_:)``.
+public final class ZMQMessage {
+    let pointer: UnsafeMutablePointer<zmq_msg_t>
+    init() {
+        pointer = .allocate(capacity: 1)
+        zmq_msg_init(pointer)
+    }
+    deinit {
+        zmq_msg_close(pointer)
+        pointer.deallocate()
+    }
+    public var count: Int { zmq_msg_size(pointer) }
+    /// Borrowed view of the message bytes, valid only inside `body`.
+    public func withBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        let n = zmq_msg_size(pointer)
+        guard n > 0, let base = zmq_msg_data(pointer) else { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
+        return try body(UnsafeRawBufferPointer(start: base, count: n))
+    }
+    public var bytes: [UInt8] { withBytes { Array($0) } }
+    public var hasMore: Bool { zmq_msg_more(pointer) == 1 }
+}
+
+/// `zmq_poll` over a fixed set of sockets.
+public struct ZMQPoller {
+    public struct Events: OptionSet, Sendable {
+        public let rawValue: Int16
+        public init(rawValue: Int16) { self.rawValue = rawValue }
+        public static let readable = Events(rawValue: Int16(ZMQ_POLLIN))
+        public static let writable = Events(rawValue: Int16(ZMQ_POLLOUT))
+    }
+    private var items: [zmq_pollitem_t] = []
+    private var sockets: [ZMQSocket] = []
+    public init() {}
+
+    /// Adds a socket; returns its index for ``isReadable(_:)``.
+    @discardableResult
+    public mutating func add(_ socket: ZMQSocket, events: Events = .readable) -> Int {
+        items.append(zmq_pollitem_t(socket: socket.handle, fd: -1, events: events.rawValue, revents: 0))
+        sockets.append(socket)
+        return items.count - 1
+    }
+    public mutating func setEvents(_ index: Int, _ events: Events) { items[index].events = events.rawValue }
+
+    /// Waits up to `timeoutMs` (-1: forever). Returns the number of ready sockets (0 on timeout or EINTR).
+    public mutating func poll(timeoutMs: Int) throws(ZMQError) -> Int {
+        let n = items.count
+        let rc = items.withUnsafeMutableBufferPointer { zmq_poll($0.baseAddress, Int32(n), timeoutMs) }
+        if rc < 0 {
+            let e = zmq_errno()
+            if e == EINTR { return 0 }
+            throw ZMQError(code: e, operation: "zmq_poll")
+        }
+        return Int(rc)
+    }
+    public func isReadable(_ index: Int) -> Bool { items[index].revents & Int16(ZMQ_POLLIN) != 0 }
+    public func isWritable(_ index: Int) -> Bool { items[index].revents & Int16(ZMQ_POLLOUT) != 0 }
+}
+
+/// CURVE key pairs (Z85-encoded, 40 characters each), made by libzmq.
+public enum ZMQCurve {
+    public static func keyPair() throws(ZMQError) -> (publicKey: String, secretKey: String) {
+        var pub = [CChar](repeating: 0, count: 41), sec = [CChar](repeating: 0, count: 41)
+        guard zmq_curve_keypair(&pub, &sec) == 0 else { throw .last("zmq_curve_keypair") }
+        func s(_ a: [CChar]) -> String { a.withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0).prefix(40), as: UTF8.self) } }
+        return (s(pub), s(sec))
+    }
+}
