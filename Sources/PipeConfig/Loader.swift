@@ -1,0 +1,284 @@
+import Foundation
+import PipeKit
+import Yams
+
+/// Reads pipeline YAML into a ``PipelineSpec``, collecting every problem with its position.
+/// Structural problems are found here; references, kinds and configs in ``PipelineValidator``.
+public struct PipelineLoader {
+    public let file: String
+    var diags: [Diagnostic] = []
+
+    public init(file: String) { self.file = file }
+
+    /// Loads and validates a file; returns the spec and every diagnostic (empty when valid).
+    public static func load(path: String, registry: StageRegistry) -> (PipelineSpec?, [Diagnostic]) {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            return (nil, [Diagnostic(file: path, pos: .start, message: "cannot read file (missing or not readable)")])
+        }
+        guard let text = String(data: data, encoding: .utf8) else {
+            return (nil, [Diagnostic(file: path, pos: .start, message: "file is not UTF-8 text")])
+        }
+        return load(text: text, file: path, registry: registry)
+    }
+
+    public static func load(text: String, file: String, registry: StageRegistry) -> (PipelineSpec?, [Diagnostic]) {
+        var l = PipelineLoader(file: file)
+        let spec = l.parse(text)
+        guard var spec else { return (nil, l.diags.sorted { $0.pos < $1.pos }) }
+        var v = PipelineValidator(spec: spec, registry: registry)
+        v.validate()
+        spec = v.spec
+        let all = (l.diags + v.diags).sorted { ($0.pos, $0.message) < ($1.pos, $1.message) }
+        return (spec, all)
+    }
+
+    mutating func error(_ pos: SourcePos, _ m: String) { diags.append(Diagnostic(file: file, pos: pos, message: m)) }
+
+    func pos(_ n: Node) -> SourcePos { n.mark.map { SourcePos(line: $0.line, column: $0.column) } ?? .start }
+
+    /// The YAML text parsed to a node tree; syntax errors become diagnostics.
+    mutating func parse(_ text: String) -> PipelineSpec? {
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: text)
+        } catch let e as YamlError {
+            switch e {
+            case .scanner(let ctx, let problem, let mark, _), .parser(let ctx, let problem, let mark, _), .composer(let ctx, let problem, let mark, _):
+                var m = "YAML syntax error: \(problem)"
+                if let ctx { m += " (\(ctx.text) at \(ctx.mark.line):\(ctx.mark.column))" }
+                error(SourcePos(line: mark.line, column: mark.column), m)
+            case .duplicatedKeysInMapping(let dups, let ctx):
+                error(SourcePos(line: ctx.mark.line, column: ctx.mark.column), "duplicate key(s) \(dups.joined(separator: ", ")) in mapping")
+            case .reader(let problem, _, _, _):
+                error(.start, "YAML reader error: \(problem)")
+            default:
+                error(.start, "YAML error: \(e)")
+            }
+            return nil
+        } catch {
+            self.error(.start, "YAML error: \(error)")
+            return nil
+        }
+        guard let root, let top = root.mapping else {
+            error(.start, "expected a mapping with a `stages` list at the top level")
+            return nil
+        }
+        let stem = ((file as NSString).lastPathComponent as NSString).deletingPathExtension
+        var spec = PipelineSpec(file: file, name: isValidName(stem) ? stem : "pipeline")
+        var sawStages = false
+        for (k, v) in top {
+            guard let key = k.string else { error(pos(k), "expected a string key"); continue }
+            switch key {
+            case "pipeline", "name":
+                if let s = scalarString(v), isValidName(s) { spec.name = s } else { error(pos(v), "pipeline name must match [a-z0-9_-]+") }
+            case "version":
+                if v.int != 1 { error(pos(v), "unsupported pipeline version (this host reads version 1)") }
+            case "audit":
+                if let s = scalarString(v), let a = AuditLevel(rawValue: s) { spec.audit = a }
+                else { error(pos(v), "audit must be `all` or `decisions`") }
+            case "dead_letter":
+                guard let m = v.mapping else { error(pos(v), "dead_letter must be a mapping like { path: dead-letters.jsonl }"); continue }
+                for (dk, dv) in m {
+                    if dk.string == "path", let p = scalarString(dv), !p.isEmpty { spec.deadLetterPath = p }
+                    else { error(pos(dk), "unknown or invalid dead_letter key '\(dk.string ?? "?")' (expected path: FILE)") }
+                }
+            case "limits":
+                guard let m = v.mapping else { error(pos(v), "limits must be a mapping"); continue }
+                for (lk, lv) in m {
+                    switch lk.string {
+                    case "max_envelope_bytes":
+                        if let n = lv.int, n >= 1024, n <= 64 << 20 { spec.limits.maxEnvelopeBytes = n }
+                        else { error(pos(lv), "max_envelope_bytes must be an integer from 1024 to 67108864") }
+                    case "max_batch_envelopes":
+                        if let n = lv.int, n >= 1, n <= 65536 { spec.limits.maxBatchEnvelopes = n }
+                        else { error(pos(lv), "max_batch_envelopes must be an integer from 1 to 65536") }
+                    default: error(pos(lk), "unknown limits key '\(lk.string ?? "?")' (expected max_envelope_bytes, max_batch_envelopes)")
+                    }
+                }
+            case "defaults":
+                guard let m = v.mapping else { error(pos(v), "defaults must be a mapping"); continue }
+                for (dk, dv) in m {
+                    switch dk.string {
+                    case "placement": if let p = placement(dv) { spec.defaultPlacement = p }
+                    case "lane": spec.defaultLane = laneSettings(dv, base: spec.defaultLane)
+                    default: error(pos(dk), "unknown defaults key '\(dk.string ?? "?")' (expected placement, lane)")
+                    }
+                }
+            case "stages":
+                sawStages = true
+                guard let seq = v.sequence else { error(pos(v), "stages must be a list"); continue }
+                for item in seq { if let s = stage(item) { spec.stages.append(s) } }
+            case "lanes":
+                guard let seq = v.sequence else { error(pos(v), "lanes must be a list of overrides"); continue }
+                for item in seq { if let o = laneOverride(item) { spec.lanes.append(o) } }
+            default:
+                var m = "unknown top-level key '\(key)'"
+                let known = ["pipeline", "version", "audit", "dead_letter", "limits", "defaults", "stages", "lanes"]
+                if let s = didYouMean(key, among: known) { m += " (did you mean '\(s)'?)" }
+                error(pos(k), m)
+            }
+        }
+        if !sawStages { error(pos(root), "missing `stages` list") }
+        return spec
+    }
+
+    func scalarString(_ n: Node) -> String? { n.scalar?.string }
+
+    mutating func placement(_ n: Node) -> Placement? {
+        if let s = n.scalar?.string {
+            switch s {
+            case "in-process": return .inProcess
+            case "process": return .process
+            default: error(pos(n), "placement must be `in-process`, `process` or { worker: NAME }, got '\(s)'"); return nil
+            }
+        }
+        if let m = n.mapping, m.count == 1, let (k, v) = m.first, k.string == "worker", let name = v.scalar?.string {
+            if isValidName(name) { return .worker(name) }
+            error(pos(v), "worker name must match [a-z0-9_-]+"); return nil
+        }
+        error(pos(n), "placement must be `in-process`, `process` or { worker: NAME }")
+        return nil
+    }
+
+    mutating func laneSettings(_ n: Node, base: LaneSettings) -> LaneSettings {
+        var s = base
+        guard let m = n.mapping else { error(pos(n), "lane settings must be a mapping like { bound: 1024, when_full: block }"); return s }
+        for (k, v) in m {
+            switch k.string {
+            case "bound":
+                if let b = v.int, b >= 1, b <= 1_000_000 { s.bound = b } else { error(pos(v), "bound must be an integer from 1 to 1000000") }
+            case "when_full":
+                if let w = v.scalar.flatMap({ WhenFull(rawValue: $0.string) }) { s.whenFull = w }
+                else { error(pos(v), "when_full must be one of \(WhenFull.allCases.map(\.rawValue).joined(separator: ", "))") }
+            default: error(pos(k), "unknown lane key '\(k.string ?? "?")' (expected bound, when_full)")
+            }
+        }
+        return s
+    }
+
+    mutating func stage(_ n: Node) -> StageSpec? {
+        guard let m = n.mapping else { error(pos(n), "a stage must be a mapping with `id` and `kind`"); return nil }
+        var s = StageSpec(id: "", kind: "", pos: pos(n))
+        var inputsNode: Node?
+        for (k, v) in m {
+            switch k.string {
+            case "id":
+                guard let id = v.scalar?.string else { error(pos(v), "stage id must be a string"); continue }
+                if !isValidName(id) { error(pos(v), "stage id '\(id)' must match [a-z0-9_-]+ (no dots)") }
+                s.id = id; s.pos = pos(v)
+            case "kind":
+                guard let kind = v.scalar?.string else { error(pos(v), "stage kind must be a string"); continue }
+                s.kind = kind; s.kindPos = pos(v)
+            case "config":
+                s.configPos = pos(v)
+                if v.scalar?.string == "" || v.null != nil { continue }
+                s.config = configValue(v)
+                if let cm = v.mapping { for (ck, _) in cm { if let name = ck.string { s.configKeyPos[name] = pos(ck) } } }
+            case "inputs": inputsNode = v
+            case "placement": s.placement = placement(v)
+            case "replicas":
+                if let r = v.int, r >= 1, r <= 64 { s.replicas = r } else { error(pos(v), "replicas must be an integer from 1 to 64") }
+            default:
+                var msg = "unknown stage key '\(k.string ?? "?")'"
+                if let sug = didYouMean(k.string ?? "", among: ["id", "kind", "config", "inputs", "placement", "replicas"]) { msg += " (did you mean '\(sug)'?)" }
+                error(pos(k), msg)
+            }
+        }
+        if s.id.isEmpty { error(pos(n), "stage is missing `id`") }
+        if s.kind.isEmpty { error(pos(n), "stage '\(s.id)' is missing `kind`") }
+        if let inputsNode { s.inputs = inputs(inputsNode) }
+        return s
+    }
+
+    /// `[ref, ...]` (the stage's first port) or `{ port: [ref, ...], ... }`. A ref is `stage[.output]`
+    /// or `{ from: stage[.output], loop_back: { max_hops: N } }`.
+    mutating func inputs(_ n: Node) -> [InputRef] {
+        if let seq = n.sequence { return seq.compactMap { ref($0, port: "") } }
+        if let m = n.mapping {
+            var out: [InputRef] = []
+            for (k, v) in m {
+                guard let port = k.string else { continue }
+                if let seq = v.sequence { out += seq.compactMap { ref($0, port: port, portPos: pos(k)) } }
+                else if let r = ref(v, port: port, portPos: pos(k)) { out.append(r) }
+            }
+            return out
+        }
+        if n.scalar != nil, let r = ref(n, port: "") { return [r] }
+        error(pos(n), "inputs must be a list of `stage` or `stage.output` references, or a map from port to such a list")
+        return []
+    }
+
+    mutating func ref(_ n: Node, port: String, portPos: SourcePos? = nil) -> InputRef? {
+        func split(_ s: String, at p: SourcePos) -> (String, String?)? {
+            let parts = s.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            guard parts.count <= 2, parts.allSatisfy(isValidName) else {
+                error(p, "input reference '\(s)' must be `stage` or `stage.output` with names matching [a-z0-9_-]+"); return nil
+            }
+            return (parts[0], parts.count == 2 ? parts[1] : nil)
+        }
+        if let s = n.scalar?.string {
+            guard let (st, out) = split(s, at: pos(n)) else { return nil }
+            return InputRef(port: port, stage: st, output: out, pos: pos(n))
+        }
+        guard let m = n.mapping else { error(pos(n), "an input must be `stage[.output]` or { from: ..., loop_back: { max_hops: N } }"); return nil }
+        var from: (String, String?)?, loop = false, hops: Int?, explicitPort = port
+        for (k, v) in m {
+            switch k.string {
+            case "from":
+                if let s = v.scalar?.string { from = split(s, at: pos(v)) } else { error(pos(v), "`from` must be `stage` or `stage.output`") }
+            case "port":
+                if let p = v.scalar?.string, isValidName(p) { explicitPort = p } else { error(pos(v), "`port` must be a port name") }
+            case "loop_back":
+                loop = true
+                if let lm = v.mapping, let (lk, lv) = lm.first, lm.count == 1, lk.string == "max_hops" {
+                    if let h = lv.int, h >= 1, h <= 1_000_000 { hops = h } else { error(pos(lv), "max_hops must be an integer from 1 to 1000000") }
+                } else {
+                    error(pos(v), "loop_back must be { max_hops: N } (a loop-back edge needs a hop limit)")
+                }
+            default: error(pos(k), "unknown input key '\(k.string ?? "?")' (expected from, port, loop_back)")
+            }
+        }
+        guard let (st, out) = from else { error(pos(n), "input is missing `from`"); return nil }
+        return InputRef(port: explicitPort, stage: st, output: out, loopBack: loop, maxHops: hops, pos: pos(n))
+    }
+
+    mutating func laneOverride(_ n: Node) -> LaneOverride? {
+        guard let m = n.mapping else { error(pos(n), "a lane override must be a mapping { from, to, bound, when_full }"); return nil }
+        var o = LaneOverride(from: "", to: "", pos: pos(n))
+        var settings = LaneSettings(bound: -1, whenFull: .block)
+        var sawWhen = false
+        for (k, v) in m {
+            switch k.string {
+            case "from": o.from = v.scalar?.string ?? ""
+            case "to": o.to = v.scalar?.string ?? ""
+            case "bound", "when_full":
+                let one = Node.mapping(Node.Mapping([(k, v)]))
+                let before = settings
+                settings = laneSettings(one, base: settings)
+                if k.string == "when_full" { sawWhen = settings.whenFull != before.whenFull || v.scalar?.string == "block" }
+            default: error(pos(k), "unknown lane override key '\(k.string ?? "?")' (expected from, to, bound, when_full)")
+            }
+        }
+        if o.from.isEmpty || o.to.isEmpty { error(pos(n), "a lane override needs `from` (stage[.output]) and `to` (stage[.port])"); return nil }
+        o.bound = settings.bound > 0 ? settings.bound : nil
+        o.whenFull = sawWhen ? settings.whenFull : nil
+        return o
+    }
+
+    /// YAML node -> ConfigValue, resolving plain scalars by YAML 1.1 core tags.
+    func configValue(_ n: Node) -> ConfigValue {
+        switch n {
+        case .scalar(let s):
+            if s.style == .plain {
+                if n.null != nil { return .null }
+                if let b = n.bool { return .bool(b) }
+                if let i = n.int { return .int(Int64(i)) }
+                if let d = n.float { return .double(d) }
+            }
+            return .string(s.string)
+        case .sequence(let seq): return .list(seq.map(configValue))
+        case .mapping(let m): return .map(m.map { ConfigEntry(key: $0.key.string ?? "", value: configValue($0.value)) })
+        case .alias: return .null
+        }
+    }
+}

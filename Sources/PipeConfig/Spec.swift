@@ -1,0 +1,122 @@
+import PipeKit
+
+/// A position in a pipeline file (1-based).
+public struct SourcePos: Sendable, Hashable, Comparable {
+    public var line: Int
+    public var column: Int
+    public init(line: Int, column: Int) { self.line = line; self.column = column }
+    public static let start = SourcePos(line: 1, column: 1)
+    public static func < (a: SourcePos, b: SourcePos) -> Bool { (a.line, a.column) < (b.line, b.column) }
+}
+
+/// One problem in a pipeline file, printed as `file:line:column: message`.
+public struct Diagnostic: Sendable, Hashable, CustomStringConvertible, Error {
+    public var file: String
+    public var pos: SourcePos
+    public var message: String
+    public init(file: String, pos: SourcePos, message: String) { self.file = file; self.pos = pos; self.message = message }
+    public var description: String { "\(file):\(pos.line):\(pos.column): \(message)" }
+}
+
+/// Where a stage runs. One type for all three forms (ARCHITECTURE.md, "Placement").
+public enum Placement: Sendable, Hashable, CustomStringConvertible {
+    /// A thread in the host; lanes over `inproc://`.
+    case inProcess
+    /// A child worker process spawned and supervised by the host; lanes over `ipc://`.
+    case process
+    /// A remote worker that connects in over `tcp://` (the distributed issue).
+    case worker(String)
+
+    public var description: String {
+        switch self { case .inProcess: return "in-process"; case .process: return "process"; case .worker(let n): return "worker:\(n)" }
+    }
+}
+
+/// What a full lane does to its producer.
+public enum WhenFull: String, Sendable, Hashable, CaseIterable {
+    case block
+    case dropNewest = "drop_newest"
+    case dropOldest = "drop_oldest"
+    case spill
+}
+
+/// Bound and policy of a lane.
+public struct LaneSettings: Sendable, Hashable {
+    /// Most envelopes in flight on the lane (credits).
+    public var bound: Int
+    public var whenFull: WhenFull
+    public init(bound: Int = 1024, whenFull: WhenFull = .block) { self.bound = bound; self.whenFull = whenFull }
+}
+
+/// One input reference: `stage` or `stage.output`, feeding `port`.
+public struct InputRef: Sendable, Hashable {
+    public var port: String
+    public var stage: String
+    /// nil: the producing stage's default (first) output.
+    public var output: String?
+    /// A declared loop-back edge, with its hop limit.
+    public var loopBack: Bool
+    public var maxHops: Int?
+    public var pos: SourcePos
+    public init(port: String, stage: String, output: String?, loopBack: Bool = false, maxHops: Int? = nil, pos: SourcePos = .start) {
+        self.port = port; self.stage = stage; self.output = output; self.loopBack = loopBack; self.maxHops = maxHops; self.pos = pos
+    }
+    public var text: String { output.map { "\(stage).\($0)" } ?? stage }
+}
+
+/// One stage as written in the file.
+public struct StageSpec: Sendable, Hashable {
+    public var id: String
+    public var kind: String
+    public var config: ConfigValue?
+    public var inputs: [InputRef]
+    /// nil: the pipeline default.
+    public var placement: Placement?
+    public var replicas: Int
+    public var pos: SourcePos
+    public var kindPos: SourcePos
+    /// Positions of config keys, for diagnostics.
+    public var configKeyPos: [String: SourcePos]
+    public var configPos: SourcePos
+    public init(id: String, kind: String, config: ConfigValue? = nil, inputs: [InputRef] = [], placement: Placement? = nil,
+                replicas: Int = 1, pos: SourcePos = .start, kindPos: SourcePos = .start, configKeyPos: [String: SourcePos] = [:],
+                configPos: SourcePos = .start) {
+        self.id = id; self.kind = kind; self.config = config; self.inputs = inputs; self.placement = placement
+        self.replicas = replicas; self.pos = pos; self.kindPos = kindPos; self.configKeyPos = configKeyPos; self.configPos = configPos
+    }
+}
+
+/// A `lanes:` override: settings for the lane(s) from `from` (stage or stage.output) to `to` (stage or stage.port).
+public struct LaneOverride: Sendable, Hashable {
+    public var from: String
+    public var to: String
+    public var bound: Int?
+    public var whenFull: WhenFull?
+    public var pos: SourcePos
+}
+
+/// A parsed pipeline file.
+public struct PipelineSpec: Sendable, Hashable {
+    public var file: String
+    public var name: String
+    public var audit: AuditLevel
+    /// Where dead letters go: a JSONL file, relative paths against the run directory.
+    public var deadLetterPath: String
+    public var defaultPlacement: Placement
+    public var defaultLane: LaneSettings
+    public var limits: WireLimits
+    public var stages: [StageSpec]
+    public var lanes: [LaneOverride]
+    public init(file: String, name: String, audit: AuditLevel = .decisions, deadLetterPath: String = "dead-letters.jsonl",
+                defaultPlacement: Placement = .inProcess, defaultLane: LaneSettings = LaneSettings(),
+                limits: WireLimits = .standard, stages: [StageSpec] = [], lanes: [LaneOverride] = []) {
+        self.file = file; self.name = name; self.audit = audit; self.deadLetterPath = deadLetterPath
+        self.defaultPlacement = defaultPlacement; self.defaultLane = defaultLane; self.limits = limits
+        self.stages = stages; self.lanes = lanes
+    }
+}
+
+/// Names per CONCEPTS.md: `[a-z0-9_-]+`.
+public func isValidName(_ s: String) -> Bool {
+    !s.isEmpty && s.utf8.allSatisfy { ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 95 || $0 == 45 }
+}
