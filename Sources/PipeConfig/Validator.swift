@@ -11,6 +11,9 @@ public struct Edge: Sendable, Hashable {
     public var pos: SourcePos
     public var fromRef: String { "\(from).\(output)" }
     public var toRef: String { "\(to).\(port)" }
+    public init(from: String, output: String, to: String, port: String, loopBack: Bool, maxHops: Int?, pos: SourcePos) {
+        self.from = from; self.output = output; self.to = to; self.port = port; self.loopBack = loopBack; self.maxHops = maxHops; self.pos = pos
+    }
 }
 
 /// Checks references, kinds, configs and cycles of a parsed spec; fills in default ports and

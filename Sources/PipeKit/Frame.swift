@@ -94,8 +94,12 @@ public struct FrameView {
 
     /// EOS body: u64 envelopes sent on the lane in total.
     public func endOfStreamTotal() throws(DecodeError) -> UInt64 { var r = try fixed(8, "eos"); return try r.u64("eos.total") }
-    /// CREDIT body: u32 additional envelopes the producer may send.
-    public func creditGrant() throws(DecodeError) -> UInt32 { var r = try fixed(4, "credit"); return try r.u32("credit.grant") }
+    /// CREDIT body: u32 epoch, u64 limit. In `epoch`, the producer may have transmitted up to
+    /// `limit` envelopes in total (cumulative, so a duplicated or lost CREDIT frame does no harm).
+    /// A new epoch starts when either end restarts; the producer then counts from zero.
+    public func credit() throws(DecodeError) -> (epoch: UInt32, limit: UInt64) {
+        var r = try fixed(12, "credit"); return (try r.u32("credit.epoch"), try r.u64("credit.limit"))
+    }
     /// HEARTBEAT body: u64 sender clock in ns.
     public func heartbeatTime() throws(DecodeError) -> UInt64 { var r = try fixed(8, "heartbeat"); return try r.u64("heartbeat.time") }
     /// ACK body: u32 count, count x 16-byte ids (reserved for the delivery work).
@@ -150,8 +154,8 @@ public enum FrameEncoder {
     public static func endOfStream(lane: UInt32, seq: UInt64, total: UInt64) -> [UInt8] {
         var w = start(.endOfStream, lane: lane, seq: seq); w.u64(total); return w.buffer
     }
-    public static func credit(lane: UInt32, seq: UInt64, grant: UInt32) -> [UInt8] {
-        var w = start(.credit, lane: lane, seq: seq); w.u32(grant); return w.buffer
+    public static func credit(lane: UInt32, seq: UInt64, epoch: UInt32, limit: UInt64) -> [UInt8] {
+        var w = start(.credit, lane: lane, seq: seq); w.u32(epoch); w.u64(limit); return w.buffer
     }
     public static func heartbeat(lane: UInt32, seq: UInt64, timeNs: UInt64) -> [UInt8] {
         var w = start(.heartbeat, lane: lane, seq: seq); w.u64(timeNs); return w.buffer

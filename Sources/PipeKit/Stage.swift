@@ -54,6 +54,8 @@ public protocol StageContext: AnyObject {
     /// Wall-clock time in ns since the Unix epoch (manual in tests).
     var wallClockNs: UInt64 { get }
     var auditLevel: AuditLevel { get }
+    /// The run directory; stages resolve relative file paths against it.
+    var runDirectory: String { get }
     /// The durable key-value store, when the descriptor asked for one.
     var store: (any KeyValueStore)? { get }
     /// Resolves an output name (including `dead_letter`); throws for a name the stage does not have.
@@ -75,6 +77,11 @@ public protocol StageContext: AnyObject {
 
 extension StageContext {
     public func count(_ metric: String) { count(metric, by: 1) }
+    /// `path` if absolute, else resolved against the run directory.
+    public func resolvePath(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        return runDirectory.hasSuffix("/") ? runDirectory + path : runDirectory + "/" + path
+    }
 }
 
 /// A durable key-value store (SQLite-backed in production).

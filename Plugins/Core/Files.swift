@@ -1,0 +1,149 @@
+import PipeKit
+import Foundation
+
+/// Buffered append-only writer for JSONL output (stdio FILE, flushed on demand).
+final class LineWriter {
+    let file: UnsafeMutablePointer<FILE>
+    let ownsFile: Bool
+    init(path: String, append: Bool) throws {
+        let dir = (path as NSString).deletingLastPathComponent
+        if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+        guard let f = fopen(path, append ? "ae" : "we") else {
+            throw StageError.halt("cannot open \(path) for writing: \(String(cString: strerror(errno)))")
+        }
+        file = f; ownsFile = true
+        setvbuf(f, nil, _IOFBF, 1 << 16)
+    }
+    init(fd: Int32) throws {
+        guard let f = fdopen(dup(fd), "w") else { throw StageError.halt("cannot open standard output: \(String(cString: strerror(errno)))") }
+        file = f; ownsFile = true
+    }
+    func write(_ line: [UInt8]) throws {
+        let n = line.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, file) }
+        if n != line.count || fputc(0x0A, file) == EOF { throw StageError.halt("write failed: \(String(cString: strerror(errno)))") }
+    }
+    func flush(sync: Bool = false) throws {
+        if fflush(file) != 0 { throw StageError.halt("flush failed: \(String(cString: strerror(errno)))") }
+        if sync { fsync(fileno(file)) }
+    }
+    deinit { if ownsFile { fclose(file) } else { fflush(file) } }
+}
+
+/// `file-sink`: appends every envelope as one JSONL line (CONCEPTS.md form).
+public final class FileSinkStage: Stage {
+    public static let descriptor = StageDescriptor(
+        kind: "file-sink", summary: "Writes envelopes as JSONL lines to a file.", role: .sink,
+        inputs: [InputPort("in", doc: "envelopes to write")],
+        fields: [
+            ConfigField("path", .string, doc: "Output file; relative paths are resolved against the run directory."),
+            ConfigField("append", .bool, default: .bool(false), doc: "Append instead of truncating at start."),
+            ConfigField("include_ingest", .bool, default: .bool(true), doc: "Write `ingest_ns` (turn off for byte-comparable outputs)."),
+            ConfigField("fsync", .bool, default: .bool(false), doc: "fsync at every flush and at drain."),
+        ],
+        make: { FileSinkStage(config: $0) })
+    let path: String, append: Bool, includeIngest: Bool, sync: Bool
+    var writer: LineWriter?
+    var lines: Int64 = 0
+    init(config c: ConfigReader) {
+        path = c.string("path") ?? "out.jsonl"; append = c.bool("append") ?? false
+        includeIngest = c.bool("include_ingest") ?? true; sync = c.bool("fsync") ?? false
+    }
+    public func start(context: any StageContext) throws {
+        let p = context.resolvePath(path)
+        writer = try LineWriter(path: p, append: append)
+        context.report("path", .string(p))
+    }
+    public var tickInterval: UInt64? { 200_000_000 }
+    public func tick(context: any StageContext) throws { try writer?.flush(sync: sync) }
+    public func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws {
+        try writer?.write(EnvelopeJSONL.encode(envelope, includeIngest: includeIngest))
+        lines += 1
+    }
+    public func drain(context: any StageContext) throws {
+        try writer?.flush(sync: sync)
+        context.report("lines", .int(lines))
+    }
+    public func stop() { try? writer?.flush(sync: sync); writer = nil }
+}
+
+/// `stdout-sink`: prints every envelope as a JSONL line, or a short text line.
+public final class StdoutSinkStage: Stage {
+    public static let descriptor = StageDescriptor(
+        kind: "stdout-sink", summary: "Prints envelopes to standard output (JSONL or a short text line).", role: .sink,
+        inputs: [InputPort("in", doc: "envelopes to print")],
+        fields: [ConfigField("format", .enumeration(["jsonl", "text"]), default: .string("jsonl"), doc: "`jsonl` (full envelope) or `text` (id, actor, intent, payload size).")],
+        make: { StdoutSinkStage(text: $0.string("format") == "text") })
+    let text: Bool
+    var writer: LineWriter?
+    init(text: Bool) { self.text = text }
+    public func start(context: any StageContext) throws { writer = try LineWriter(fd: 1) }
+    public func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws {
+        if text {
+            try writer?.write(Array("\(envelope.id) \(envelope.actor) \(envelope.intent) rank=\(envelope.rank) hops=\(envelope.hops) \(envelope.payload.count)B".utf8))
+        } else {
+            try writer?.write(EnvelopeJSONL.encode(envelope))
+        }
+    }
+    public var tickInterval: UInt64? { 100_000_000 }
+    public func tick(context: any StageContext) throws { try writer?.flush() }
+    public func drain(context: any StageContext) throws { try writer?.flush() }
+}
+
+/// `file-source`: reads a JSONL file of envelopes; a bad line is dead-lettered with its line
+/// number and reason, and reading goes on. A line longer than the envelope limit is never read
+/// whole into memory: it is skipped and dead-lettered.
+public final class FileSourceStage: SourceStage {
+    public static let descriptor = StageDescriptor(
+        kind: "file-source", summary: "Reads envelopes from a JSONL file (one JSON object per line).", role: .source,
+        fields: [ConfigField("path", .string, doc: "Input file; relative paths are resolved against the run directory.")],
+        make: { FileSourceStage(path: $0.string("path") ?? "") })
+    let path: String
+    var file: UnsafeMutablePointer<FILE>?
+    var lineNo = 0
+    var out = OutputHandle(index: 0, name: "out")
+    var done = false
+    var limits = WireLimits.standard
+    init(path: String) { self.path = path }
+    public func start(context: any StageContext) throws {
+        out = try context.output("out")
+        let p = context.resolvePath(path)
+        guard let f = fopen(p, "re") else { throw StageError.halt("cannot open \(p): \(String(cString: strerror(errno)))") }
+        file = f
+    }
+    public func requestStop() { done = true }
+    /// Reads one line of at most `limit` bytes; returns (bytes, tooLong) or nil at EOF.
+    func readLine(limit: Int) -> ([UInt8], Bool)? {
+        guard let f = file else { return nil }
+        var buf = [UInt8]()
+        var tooLong = false
+        while true {
+            let c = getc(f)
+            if c == EOF { return buf.isEmpty && !tooLong ? nil : (buf, tooLong) }
+            if c == 0x0A { return (buf, tooLong) }
+            if buf.count < limit { buf.append(UInt8(truncatingIfNeeded: c)) } else { tooLong = true }
+        }
+    }
+    public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
+        if done { return .exhausted }
+        for _ in 0..<budget {
+            guard let (bytes, tooLong) = readLine(limit: limits.maxEnvelopeBytes * 2) else { done = true; return .exhausted }
+            lineNo += 1
+            if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }
+            if tooLong {
+                context.deadLetter(Envelope(intent: "file-source.bad-line", payload: Array(bytes.prefix(1024))),
+                                   reason: "\(path):\(lineNo): line longer than \(limits.maxEnvelopeBytes * 2) bytes")
+                continue
+            }
+            let text = String(decoding: bytes, as: UTF8.self)
+            do {
+                var e = try EnvelopeJSONL.decode(text, limits: limits)
+                if e.ingestNs == 0 { e.ingestNs = context.wallClockNs }
+                context.emit(e, to: out)
+            } catch {
+                context.deadLetter(Envelope(intent: "file-source.bad-line", payload: bytes), reason: "\(path):\(lineNo): \(error.message)")
+            }
+        }
+        return .active
+    }
+    public func stop() { if let f = file { fclose(f); file = nil } }
+}

@@ -1,0 +1,134 @@
+import PipeKit
+
+/// SplitMix64: a small, well-known seeded generator, so a seeded generator gives the same ids
+/// on every run and every placement.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// `generator`: emits `count` envelopes (0 = endless), optionally rate-limited, with a fixed-size
+/// or templated payload; with `seed`, ids are deterministic.
+public final class GeneratorStage: SourceStage {
+    public static let descriptor = StageDescriptor(
+        kind: "generator", summary: "Emits synthetic envelopes: a count, a rate, a payload size or template, a seed for deterministic ids.",
+        role: .source,
+        fields: [
+            ConfigField("count", .int(min: 0), default: .int(1000), doc: "How many envelopes to emit; 0 means endless."),
+            ConfigField("rate", .double(min: 0), default: .double(0), doc: "Envelopes per second; 0 means as fast as the lanes allow."),
+            ConfigField("payload_size", .int(min: 0, max: 16 << 20), default: .int(100), doc: "Payload bytes when no template is given."),
+            ConfigField("payload", .string, optional: true, doc: "Payload template; `{n}` is the sequence number (from 1), `{id}` the envelope id."),
+            ConfigField("seed", .int(), optional: true, doc: "Seed for deterministic ids; random ids when absent."),
+            ConfigField("actor", .string, default: .string("generator"), doc: "The `actor` header of every envelope."),
+            ConfigField("intent", .string, default: .string("demo.tick"), doc: "The `intent` header of every envelope."),
+            ConfigField("authority", .string, default: .string(""), doc: "The `authority` header of every envelope."),
+            ConfigField("attrs", .map(.any), optional: true, doc: "Attributes set on every envelope (string, number or boolean values)."),
+        ],
+        check: { c in
+            var issues: [ConfigIssue] = []
+            if case .map(let entries)? = c.value("attrs") {
+                for e in entries {
+                    switch e.value { case .string, .int, .double, .bool: break
+                    default: issues.append(ConfigIssue(key: "attrs", message: "attr '\(e.key)' must be a string, number or boolean")) }
+                }
+            }
+            return issues
+        },
+        make: { GeneratorStage(config: $0) })
+
+    let count: UInt64
+    let rate: Double
+    let payloadSize: Int
+    let template: String?
+    var rng: SplitMix64?
+    let actor: String, intent: String, authority: String
+    var attrs: [String: AttrValue] = [:]
+    var emitted: UInt64 = 0
+    var startNs: UInt64?
+    var stopped = false
+    var out = OutputHandle(index: 0, name: "out")
+    let fixedPayload: [UInt8]
+
+    init(config c: ConfigReader) {
+        count = UInt64(c.int("count") ?? 1000)
+        rate = c.double("rate") ?? 0
+        payloadSize = Int(c.int("payload_size") ?? 100)
+        template = c.string("payload")
+        rng = c.int("seed").map { SplitMix64(state: UInt64(bitPattern: $0)) }
+        actor = c.string("actor") ?? "generator"; intent = c.string("intent") ?? "demo.tick"; authority = c.string("authority") ?? ""
+        if case .map(let entries)? = c.value("attrs") {
+            for e in entries {
+                switch e.value {
+                case .string(let s): attrs[e.key] = .string(s)
+                case .int(let i): attrs[e.key] = .int(i)
+                case .double(let d): attrs[e.key] = .double(d)
+                case .bool(let b): attrs[e.key] = .bool(b)
+                default: break
+                }
+            }
+        }
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789".utf8)
+        fixedPayload = (0..<payloadSize).map { alphabet[$0 % alphabet.count] }
+    }
+
+    public func start(context: any StageContext) throws { out = try context.output("out") }
+
+    public func requestStop() { stopped = true }
+
+    public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
+        if stopped || (count > 0 && emitted >= count) { return .exhausted }
+        var allowed = budget
+        if rate > 0 {
+            let now = context.now
+            if startNs == nil { startNs = now }
+            let elapsed = Double(now - (startNs ?? now)) / 1e9
+            let due = UInt64(elapsed * rate) + 1
+            if due <= emitted { return .idle(afterNs: UInt64(1e9 / rate)) }
+            allowed = min(allowed, Int(due - emitted))
+        }
+        if count > 0 { allowed = min(allowed, Int(count - emitted)) }
+        let wall = context.wallClockNs
+        for _ in 0..<allowed {
+            emitted += 1
+            let id: EnvelopeID
+            if var g = rng { id = .random(using: &g); rng = g } else { id = .random() }
+            var payload = fixedPayload
+            if let t = template {
+                payload = Array(t.replacingAll("{n}", with: String(emitted)).replacingAll("{id}", with: id.description).utf8)
+            }
+            context.emit(Envelope(id: id, actor: actor, intent: intent, authority: authority, ingestNs: wall, attrs: attrs, payload: payload), to: out)
+        }
+        return (count > 0 && emitted >= count) ? .exhausted : .active
+    }
+}
+
+extension String {
+    func replacingAll(_ target: String, with replacement: String) -> String {
+        guard !target.isEmpty, self.contains(target) else { return self }
+        var out = ""
+        var rest = Substring(self)
+        while let r = rest.range(of: target) {
+            out += rest[rest.startIndex..<r.lowerBound]; out += replacement
+            rest = rest[r.upperBound...]
+        }
+        return out + rest
+    }
+}
+
+extension Substring {
+    func range(of target: String) -> Range<Substring.Index>? {
+        guard let first = target.first else { return nil }
+        var i = startIndex
+        while i < endIndex {
+            if self[i] == first, self[i...].hasPrefix(target) { return i..<index(i, offsetBy: target.count) }
+            i = index(after: i)
+        }
+        return nil
+    }
+}

@@ -1,0 +1,14 @@
+import CoreStages
+import PipeKit
+
+/// Every built-in stage kind, registered in this one place. `pipectl stages`, validation, the
+/// JSON Schema and docs/pipeline-reference.md all read this list.
+public let builtInStages = StageRegistry([
+    GeneratorStage.descriptor,
+    FileSourceStage.descriptor,
+    PassthroughStage.descriptor,
+    HopStage.descriptor,
+    FileSinkStage.descriptor,
+    NullSinkStage.descriptor,
+    StdoutSinkStage.descriptor,
+])

@@ -1,0 +1,145 @@
+import PipeConfig
+import PipeKit
+
+/// What the host tells a runner in its ASSIGN frame (UTF-8 JSON, docs/wire-format.md): its
+/// stage, configuration, and every lane end with the endpoints to bind and connect.
+public struct Assignment: Sendable, Equatable {
+    public struct Input: Sendable, Equatable {
+        public var lane: UInt32
+        public var port: String
+        public var portIndex: Int
+        public var laneIndex: Int
+        public var from: String
+        public var loopBack: Bool
+        public var maxHops: Int?
+        public var bound: Int
+        /// The producer's return endpoint (credits flow back there).
+        public var returnEndpoint: String
+    }
+    public struct OutputLane: Sendable, Equatable {
+        public var lane: UInt32
+        public var to: String
+        /// The consumer's input endpoint.
+        public var endpoint: String
+        public var bound: Int
+        public var whenFull: WhenFull
+        public var loopBack: Bool
+    }
+    public struct Output: Sendable, Equatable {
+        public var name: String
+        public var lanes: [OutputLane]
+    }
+
+    public var stage: String
+    public var kind: String
+    public var config: ConfigValue?
+    public var audit: AuditLevel
+    public var runDirectory: String
+    public var maxEnvelopeBytes: Int
+    public var maxBatchEnvelopes: Int
+    public var bindInput: [String]
+    public var bindReturn: [String]
+    public var inputs: [Input]
+    public var outputs: [Output]
+    public var usesStore: Bool
+
+    public var json: ConfigValue {
+        .object([
+            ("stage", .string(stage)), ("kind", .string(kind)), ("config", config ?? .null), ("audit", .string(audit.rawValue)),
+            ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
+            ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
+            ("bind_in", .list(bindInput.map(ConfigValue.string))), ("bind_ret", .list(bindReturn.map(ConfigValue.string))),
+            ("inputs", .list(inputs.map { i in
+                .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
+                         ("lane_index", .int(Int64(i.laneIndex))), ("from", .string(i.from)), ("loop_back", .bool(i.loopBack)),
+                         ("max_hops", i.maxHops.map { .int(Int64($0)) } ?? .null), ("bound", .int(Int64(i.bound))),
+                         ("ret", .string(i.returnEndpoint))])
+            })),
+            ("outputs", .list(outputs.map { o in
+                .object([("name", .string(o.name)), ("lanes", .list(o.lanes.map { l in
+                    .object([("lane", .int(Int64(l.lane))), ("to", .string(l.to)), ("connect", .string(l.endpoint)),
+                             ("bound", .int(Int64(l.bound))), ("when_full", .string(l.whenFull.rawValue)), ("loop_back", .bool(l.loopBack))])
+                }))])
+            })),
+        ])
+    }
+
+    public init(stage: String, kind: String, config: ConfigValue?, audit: AuditLevel, runDirectory: String, maxEnvelopeBytes: Int,
+                maxBatchEnvelopes: Int, bindInput: [String], bindReturn: [String], inputs: [Input], outputs: [Output], usesStore: Bool) {
+        self.stage = stage; self.kind = kind; self.config = config; self.audit = audit; self.runDirectory = runDirectory
+        self.maxEnvelopeBytes = maxEnvelopeBytes; self.maxBatchEnvelopes = maxBatchEnvelopes; self.bindInput = bindInput
+        self.bindReturn = bindReturn; self.inputs = inputs; self.outputs = outputs; self.usesStore = usesStore
+    }
+
+    public init(json v: ConfigValue) throws(RuntimeError) {
+        func s(_ x: ConfigValue?, _ f: String) throws(RuntimeError) -> String {
+            guard let r = x?.stringValue else { throw .protocolError("ASSIGN: missing string '\(f)'") }; return r
+        }
+        func i(_ x: ConfigValue?, _ f: String) throws(RuntimeError) -> Int {
+            guard let r = x?.intValue else { throw .protocolError("ASSIGN: missing integer '\(f)'") }; return Int(r)
+        }
+        stage = try s(v["stage"], "stage"); kind = try s(v["kind"], "kind")
+        config = v["config"] == .null ? nil : v["config"]
+        guard let a = AuditLevel(rawValue: try s(v["audit"], "audit")) else { throw .protocolError("ASSIGN: bad audit level") }
+        audit = a
+        runDirectory = try s(v["run_dir"], "run_dir")
+        maxEnvelopeBytes = try i(v["max_envelope_bytes"], "max_envelope_bytes")
+        maxBatchEnvelopes = try i(v["max_batch_envelopes"], "max_batch_envelopes")
+        usesStore = v["uses_store"]?.boolValue ?? false
+        bindInput = (v["bind_in"]?.listValue ?? []).compactMap(\.stringValue)
+        bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
+        var ins: [Input] = []
+        for x in v["inputs"]?.listValue ?? [] {
+            ins.append(Input(lane: UInt32(try i(x["lane"], "lane")), port: try s(x["port"], "port"), portIndex: try i(x["port_index"], "port_index"),
+                             laneIndex: try i(x["lane_index"], "lane_index"), from: try s(x["from"], "from"),
+                             loopBack: x["loop_back"]?.boolValue ?? false, maxHops: x["max_hops"]?.intValue.map(Int.init),
+                             bound: try i(x["bound"], "bound"), returnEndpoint: try s(x["ret"], "ret")))
+        }
+        inputs = ins
+        var outs: [Output] = []
+        for x in v["outputs"]?.listValue ?? [] {
+            var lanes: [OutputLane] = []
+            for l in x["lanes"]?.listValue ?? [] {
+                guard let wf = WhenFull(rawValue: try s(l["when_full"], "when_full")) else { throw .protocolError("ASSIGN: bad when_full") }
+                lanes.append(OutputLane(lane: UInt32(try i(l["lane"], "lane")), to: try s(l["to"], "to"), endpoint: try s(l["connect"], "connect"),
+                                        bound: try i(l["bound"], "bound"), whenFull: wf, loopBack: l["loop_back"]?.boolValue ?? false))
+            }
+            outs.append(Output(name: try s(x["name"], "name"), lanes: lanes))
+        }
+        outputs = outs
+    }
+}
+
+extension PipelinePlan {
+    /// Endpoint naming: inproc names are unique per run (`inproc://<run>/<stage>/in`); ipc socket
+    /// files live in the run directory (`<run_dir>/sock/<stage>.in`).
+    func inputEndpoint(_ stage: String, transport: String, runTag: String, runDir: String) -> String {
+        transport == "inproc" ? "inproc://\(runTag)/\(stage)/in" : "ipc://\(runDir)/sock/\(stage).in"
+    }
+    func returnEndpoint(_ stage: String, transport: String, runTag: String, runDir: String) -> String {
+        transport == "inproc" ? "inproc://\(runTag)/\(stage)/ret" : "ipc://\(runDir)/sock/\(stage).ret"
+    }
+
+    /// The assignment for one stage.
+    public func assignment(for id: String, runTag: String, runDir: String) -> Assignment? {
+        guard let st = stage(id) else { return nil }
+        let ins = lanes.filter { $0.to == id }
+        let outs = lanes.filter { $0.from == id }
+        let bindIn = Array(Set(ins.map { inputEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
+        let bindRet = Array(Set(outs.map { returnEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
+        let inputs = ins.map { l in
+            Assignment.Input(lane: l.id, port: l.port, portIndex: l.portIndex, laneIndex: l.laneIndex, from: l.fromRef, loopBack: l.loopBack,
+                             maxHops: l.maxHops, bound: l.settings.bound,
+                             returnEndpoint: returnEndpoint(l.from, transport: l.transport, runTag: runTag, runDir: runDir))
+        }
+        let outputs = st.outputs.map { name in
+            Assignment.Output(name: name, lanes: outs.filter { $0.output == name }.map { l in
+                Assignment.OutputLane(lane: l.id, to: l.toRef, endpoint: inputEndpoint(l.to, transport: l.transport, runTag: runTag, runDir: runDir),
+                                      bound: l.settings.bound, whenFull: l.settings.whenFull, loopBack: l.loopBack)
+            })
+        }
+        return Assignment(stage: id, kind: st.kind, config: st.config, audit: spec.audit, runDirectory: runDir,
+                          maxEnvelopeBytes: spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: spec.limits.maxBatchEnvelopes,
+                          bindInput: bindIn, bindReturn: bindRet, inputs: inputs, outputs: outputs, usesStore: st.usesStore)
+    }
+}

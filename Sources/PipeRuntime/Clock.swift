@@ -1,0 +1,12 @@
+import Glibc
+
+/// Monotonic nanoseconds.
+@inline(__always) func monotonicNs() -> UInt64 {
+    var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+/// Wall-clock nanoseconds since the Unix epoch.
+@inline(__always) func wallNs() -> UInt64 {
+    var ts = timespec(); clock_gettime(CLOCK_REALTIME, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}

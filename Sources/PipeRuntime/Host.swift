@@ -1,0 +1,453 @@
+import Foundation
+import Glibc
+import Logging
+import PipeConfig
+import PipeKit
+import PipeZMQ
+import Synchronization
+
+/// Set by SIGINT/SIGTERM handlers; read by the host loop.
+let signalStop = Atomic<Int32>(0)
+
+/// Options of one `pipehost run`.
+public struct HostOptions: Sendable {
+    public var runDirectory: String
+    /// Stop sources after this many seconds without lane activity (nil: never).
+    public var untilIdleSeconds: Double?
+    /// Stop sources once they have emitted this many envelopes in total (nil: never).
+    public var maxEnvelopes: UInt64?
+    /// The executable spawned for `placement: process` workers (`pipehost worker ...`).
+    public var workerExecutable: String
+    /// Most restarts of one worker before the pipeline fails.
+    public var maxRestarts: Int
+    public init(runDirectory: String, untilIdleSeconds: Double? = nil, maxEnvelopes: UInt64? = nil,
+                workerExecutable: String = "/proc/self/exe", maxRestarts: Int = 5) {
+        self.runDirectory = runDirectory; self.untilIdleSeconds = untilIdleSeconds; self.maxEnvelopes = maxEnvelopes
+        self.workerExecutable = workerExecutable; self.maxRestarts = maxRestarts
+    }
+}
+
+/// What a finished run reports.
+public struct RunSummary: Sendable {
+    public var pipeline: String
+    public var elapsedSeconds: Double
+    public var stages: [StageView]
+    public var lanes: [LaneView]
+    public var failure: String?
+}
+
+/// One stage as the host sees it (for `pipectl status` and the summary).
+public struct StageView: Sendable {
+    public var id: String
+    public var kind: String
+    public var placement: String
+    public var pid: Int32?
+    public var state: String
+    public var received: UInt64
+    public var emitted: UInt64
+    public var deadLettered: UInt64
+    public var errors: UInt64
+    public var restarts: Int
+    public var status: [(String, AttrValue)]
+}
+
+/// One lane as the host sees it (for `pipectl lanes` and the summary).
+public struct LaneView: Sendable {
+    public var id: UInt32
+    public var from: String
+    public var to: String
+    public var transport: String
+    public var bound: Int
+    public var whenFull: String
+    public var loopBack: Bool
+    public var sent: UInt64
+    public var received: UInt64
+    public var queued: UInt64
+    public var credits: UInt64
+    public var endOfStream: Bool
+    public var blockedNs: UInt64
+    /// Envelopes sent and not yet received, plus those waiting in the sender queue.
+    public var depth: Int64 { Int64(clamping: sent) - Int64(clamping: received) + Int64(clamping: queued) }
+}
+
+/// The host: plans a pipeline, runs its stages as threads and worker processes, supervises them,
+/// decides end-of-stream for loops, serves the control endpoint, and drains on SIGINT/SIGTERM.
+public final class PipelineHost: @unchecked Sendable {
+    // @unchecked: all mutable state is confined to the thread that calls `run()`.
+    struct StageState {
+        var plan: PipelinePlan.PlannedStage
+        var stats: StatsReport?
+        /// Counters of earlier incarnations (a restarted worker counts from zero).
+        var base: StatsReport?
+        var pid: Int32?
+        var restarts = 0
+        var assigned = false
+        var childExited = false
+    }
+
+    public let plan: PipelinePlan
+    let registry: StageRegistry
+    let options: HostOptions
+    var log = Logger(label: "pipehost")
+    let zmq: ZMQContext
+    let runTag: String
+    var stages: [String: StageState] = [:]
+    var order: [String] = []
+    var threads: [Thread] = []
+    let threadsDone = Counter()
+    var runnerRouter: ZMQSocket?
+    var controlRouter: ZMQSocket?
+    var auditFile: UnsafeMutablePointer<FILE>?
+    var auditCount = 0
+    var startNs: UInt64 = 0
+    var stopping = false
+    var stopReason = ""
+    var failure: String?
+    var loopChecks: [String: (vector: [UInt64], time: UInt64)] = [:]
+    var lastActivity: (vector: [UInt64], time: UInt64) = ([], 0)
+    var subscribers: [[UInt8]: (interval: UInt64, next: UInt64, lastSeen: UInt64)] = [:]
+    var lastHeartbeat: UInt64 = 0
+    var controlSeq: UInt64 = 0
+
+    public init(plan: PipelinePlan, registry: StageRegistry, options: HostOptions) throws(RuntimeError) {
+        self.plan = plan; self.registry = registry; self.options = options
+        do { zmq = try ZMQContext(ioThreads: 1) } catch { throw .io("cannot create ZeroMQ context: \(error)") }
+        runTag = "pipe-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        for s in plan.stages { stages[s.id] = StageState(plan: s); order.append(s.id) }
+    }
+
+    var runnerEndpointIPC: String { "ipc://\(options.runDirectory)/runners.sock" }
+    var runnerEndpointInproc: String { "inproc://\(runTag)/runners" }
+
+    /// Runs the pipeline to completion (or until stopped). Returns the summary.
+    public func run() throws(RuntimeError) -> RunSummary {
+        let dir = options.runDirectory
+        try RunDirectory.create(dir)
+        try RunDirectory.create(dir + "/sock")
+        try? "\(getpid())\n".write(toFile: dir + "/host.pid", atomically: true, encoding: .utf8)
+        try? "\(plan.spec.name)\n\(plan.spec.file)\n".write(toFile: dir + "/pipeline", atomically: true, encoding: .utf8)
+        auditFile = fopen(dir + "/audit.jsonl", "ae")
+        installSignalHandlers()
+        do {
+            let rr = try zmq.socket(.router)
+            try rr.setInt(ZMQ_ROUTER_HANDOVER_OPT, 1)
+            try rr.setRouterMandatory(false)
+            try rr.setReceiveHWM(0); try rr.setSendHWM(0)
+            try rr.bind(runnerEndpointInproc)
+            if plan.stages.contains(where: { $0.placement != .inProcess }) {
+                try RunnerCore.prepareIPC(runnerEndpointIPC)
+                try rr.bind(runnerEndpointIPC); RunnerCore.restrict(runnerEndpointIPC)
+            }
+            runnerRouter = rr
+            let cr = try zmq.socket(.router)
+            let ce = RunDirectory.controlEndpoint(dir)
+            try RunnerCore.prepareIPC(ce)
+            try cr.bind(ce); RunnerCore.restrict(ce)
+            controlRouter = cr
+        } catch let e as ZMQError {
+            throw .io("cannot bind host endpoints in \(dir): \(e)")
+        } catch {
+            throw .io("cannot bind host endpoints in \(dir): \(error)")
+        }
+        startNs = monotonicNs()
+        for id in order {
+            guard let st = stages[id] else { continue }
+            switch st.plan.placement {
+            case .inProcess: startThread(id)
+            case .process: try spawnWorker(id)
+            case .worker: throw .plan("remote workers are not yet supported")
+            }
+        }
+        log.info("pipeline '\(plan.spec.name)' running: \(plan.stages.count) stages, \(plan.lanes.count) lanes; control \(RunDirectory.controlEndpoint(dir))")
+        loop()
+        shutdown()
+        return summary()
+    }
+
+    // MARK: starting runners
+
+    func startThread(_ id: String) {
+        let runner = StageRunner(context: zmq, controlEndpoint: runnerEndpointInproc, stageID: id, registry: registry,
+                                 location: "host:\(getpid())")
+        let done = threadsDone
+        let t = Thread {
+            _ = runner.run()
+            done.value.add(1, ordering: .sequentiallyConsistent)
+        }
+        t.name = "stage-\(id)"
+        t.stackSize = 8 << 20
+        threads.append(t)
+        t.start()
+    }
+
+    func spawnWorker(_ id: String) throws(RuntimeError) {
+        let args = [options.workerExecutable, "worker", "--connect", runnerEndpointIPC, "--stage", id]
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // Own process group: a terminal's Ctrl-C reaches the host, which drains the workers in order.
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP))
+        posix_spawnattr_setpgroup(&attr, 0)
+        var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, options.workerExecutable, nil, &attr, &cargs, environ)
+        guard rc == 0 else { throw .io("cannot start worker for stage '\(id)' (\(options.workerExecutable)): \(String(cString: strerror(rc)))") }
+        stages[id]?.pid = pid
+        stages[id]?.childExited = false
+        stages[id]?.assigned = false
+        log.info("stage '\(id)' started in worker process \(pid)")
+    }
+
+    // MARK: the loop
+
+    func loop() {
+        guard let rr = runnerRouter, let cr = controlRouter else { return }
+        var poller = ZMQPoller()
+        poller.add(rr); poller.add(cr)
+        while true {
+            _ = try? poller.poll(timeoutMs: 20)
+            while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) }
+            while let parts = try? cr.receiveParts(dontWait: true) { handleControl(parts) }
+            let now = monotonicNs()
+            if signalStop.load(ordering: .relaxed) != 0 && !stopping {
+                beginStop(reason: "signal")
+            }
+            reapChildren()
+            if failure != nil { broadcast(.abort); break }
+            checkLoops()
+            checkBounds(now)
+            publishSubscriptions(now)
+            if now - lastHeartbeat > 1_000_000_000 { lastHeartbeat = now; heartbeat() }
+            if allFinished { broadcast(.finish); break }
+        }
+    }
+
+    var allFinished: Bool {
+        stages.values.allSatisfy { $0.stats?.flags.contains(.finished) == true }
+    }
+
+    func beginStop(reason: String) {
+        stopping = true
+        stopReason = reason
+        log.info("stopping (\(reason)): sources stop, lanes drain, sinks flush")
+        broadcast(.stop)
+    }
+
+    func send(_ id: String, _ frame: [UInt8]) {
+        _ = try? runnerRouter?.send(parts: [Array(id.utf8), frame], dontWait: true)
+    }
+
+    func broadcast(_ code: RunnerCommand.Code, argument: UInt64 = 0) {
+        for id in order { controlSeq += 1; send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: code, argument: argument))) }
+    }
+
+    func heartbeat() {
+        for id in order { controlSeq += 1; send(id, FrameEncoder.heartbeat(lane: FrameHeader.controlLane, seq: controlSeq, timeNs: wallNs())) }
+    }
+
+    func handleRunner(_ parts: [[UInt8]]) {
+        guard parts.count == 2 else { return }
+        let id = String(decoding: parts[0], as: UTF8.self)
+        guard stages[id] != nil else { log.warning("frame from unknown runner '\(id)'"); return }
+        parts[1].withUnsafeBytes { raw in
+            guard let f = try? FrameView(raw) else { log.warning("malformed frame from runner '\(id)'"); return }
+            switch f.header.type {
+            case .hello:
+                guard let h = try? Hello.decode(f), h.protocolVersion == Hello.protocolVersion else {
+                    log.error("runner '\(id)' speaks another protocol version"); return
+                }
+                if stages[id]?.plan.placement == .process { stages[id]?.pid = Int32(bitPattern: h.pid) }
+                guard let a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory) else { return }
+                controlSeq += 1
+                send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
+                stages[id]?.assigned = true
+                if stopping { controlSeq += 1; send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .stop))) }
+            case .stats:
+                guard var r = try? StatsReport.decode(f) else { log.warning("bad STATS from '\(id)'"); return }
+                if let b = stages[id]?.base { r = Self.add(base: b, to: r) }
+                if r.flags.contains(.failed), failure == nil {
+                    let reason = r.status.first { $0.0 == "error" }?.1.description ?? "failed"
+                    failure = "stage '\(id)' failed: \(reason)"
+                }
+                stages[id]?.stats = r
+            case .audit:
+                if let text = try? f.utf8Body(), let fh = auditFile {
+                    fputs(text, fh); fputc(0x0A, fh); auditCount += 1
+                }
+            default:
+                log.warning("unexpected \(f.header.type) frame from runner '\(id)'")
+            }
+        }
+    }
+
+    /// A restarted worker counts from zero; its predecessors' counts are kept as a base.
+    static func add(base b: StatsReport, to r: StatsReport) -> StatsReport {
+        var r = r
+        r.received += b.received; r.emitted += b.emitted; r.deadLettered += b.deadLettered; r.errors += b.errors
+        for i in r.lanes.indices {
+            if let old = b.lanes.first(where: { $0.lane == r.lanes[i].lane && $0.role == r.lanes[i].role }) {
+                r.lanes[i].count += old.count; r.lanes[i].blockedNs += old.blockedNs
+            }
+        }
+        return r
+    }
+
+    func reapChildren() {
+        for id in order {
+            guard let st = stages[id], st.plan.placement == .process, let pid = st.pid, !st.childExited else { continue }
+            var status: Int32 = 0
+            let rc = waitpid(pid, &status, WNOHANG)
+            guard rc == pid else { continue }
+            stages[id]?.childExited = true
+            let signaled = (status & 0x7f) != 0
+            let how = signaled ? "killed by signal \(status & 0x7f)" : "exited with status \((status >> 8) & 0xff)"
+            if st.stats?.flags.contains(.finished) == true && !signaled && ((status >> 8) & 0xff) == 0 { continue }
+            if st.restarts >= options.maxRestarts {
+                failure = "worker for stage '\(id)' (pid \(pid)) \(how); gave up after \(st.restarts) restarts"
+                log.error("\(failure ?? "")")
+                continue
+            }
+            stages[id]?.restarts += 1
+            if let s = st.stats { stages[id]?.base = s }
+            stages[id]?.stats = nil
+            log.warning("worker for stage '\(id)' (pid \(pid)) \(how); restarting (restart \(st.restarts + 1)); envelopes it held are lost until at-least-once delivery lands")
+            do { try spawnWorker(id) } catch { failure = "\(error)" }
+        }
+    }
+
+    // MARK: end of stream in loops
+
+    /// A loop head that has ended all non-loop inputs gets `loopClosed` once the host has seen its
+    /// whole strongly connected component quiescent twice, with fresh reports in between: every
+    /// lane inside balanced (sent == received, nothing queued), every member idle, every input
+    /// from outside the component ended.
+    func checkLoops() {
+        for id in order {
+            guard let st = stages[id], let s = st.stats, s.flags.contains(.awaitingLoopClose) else { loopChecks[id] = nil; continue }
+            guard let comp = plan.component[id] else { continue }
+            let members = Set(order.filter { plan.component[$0] == comp })
+            var ok = true
+            var vector: [UInt64] = []
+            for m in members {
+                guard let ms = stages[m]?.stats, ms.flags.contains(.idle) || ms.flags.contains(.finished) else { ok = false; break }
+                for l in plan.lanes where l.to == m {
+                    let consumer = ms.lanes.first { $0.lane == l.id && $0.role == .consumer }
+                    if !members.contains(l.from) {
+                        if consumer?.endOfStream != true { ok = false }
+                    } else {
+                        let producer = stages[l.from]?.stats?.lanes.first { $0.lane == l.id && $0.role == .producer }
+                        guard let p = producer, let c = consumer, p.count == c.count, p.queued == 0 else { ok = false; break }
+                        vector.append(p.count)
+                    }
+                }
+                if !ok { break }
+            }
+            if !ok { loopChecks[id] = nil; continue }
+            let now = wallNs()
+            if let prev = loopChecks[id], prev.vector == vector,
+               members.allSatisfy({ (stages[$0]?.stats?.timeNs ?? 0) > prev.time }) {
+                loopChecks[id] = nil
+                controlSeq += 1
+                send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .loopClosed)))
+                log.debug("loop through '\(id)' is quiescent: closed")
+            } else if loopChecks[id]?.vector != vector || loopChecks[id] == nil {
+                loopChecks[id] = (vector, now)
+            }
+        }
+    }
+
+    func checkBounds(_ now: UInt64) {
+        guard !stopping else { return }
+        if let max = options.maxEnvelopes {
+            let emitted = order.compactMap { id -> UInt64? in
+                guard stages[id]?.plan.role == .source else { return nil }
+                return stages[id]?.stats?.emitted
+            }.reduce(0, +)
+            if emitted >= max { beginStop(reason: "--max-envelopes \(max) reached"); return }
+        }
+        if let idle = options.untilIdleSeconds {
+            let vector = lanes().map { $0.sent &+ $0.received }
+            if vector != lastActivity.vector { lastActivity = (vector, now) }
+            else if Double(now - lastActivity.time) / 1e9 >= idle { beginStop(reason: "--until-idle \(idle)s: no lane activity") }
+        }
+    }
+
+    // MARK: views
+
+    public func lanes() -> [LaneView] {
+        plan.lanes.map { l in
+            let p = stages[l.from]?.stats?.lanes.first { $0.lane == l.id && $0.role == .producer }
+            let c = stages[l.to]?.stats?.lanes.first { $0.lane == l.id && $0.role == .consumer }
+            return LaneView(id: l.id, from: l.fromRef, to: l.toRef, transport: l.transport, bound: l.settings.bound,
+                            whenFull: l.settings.whenFull.rawValue, loopBack: l.loopBack, sent: p?.count ?? 0, received: c?.count ?? 0,
+                            queued: UInt64(p?.queued ?? 0), credits: UInt64(c?.credits ?? 0), endOfStream: p?.endOfStream ?? false,
+                            blockedNs: p?.blockedNs ?? 0)
+        }
+    }
+
+    public func stageViews() -> [StageView] {
+        order.compactMap { id in
+            guard let st = stages[id] else { return nil }
+            let s = st.stats
+            var state = "starting"
+            if let f = s?.flags {
+                state = f.contains(.failed) ? "failed" : f.contains(.finished) ? "finished" : f.contains(.awaitingLoopClose) ? "awaiting-loop-close"
+                    : f.contains(.exhausted) ? "exhausted" : f.contains(.idle) ? "idle" : "busy"
+            } else if st.childExited { state = "down" }
+            let pid: Int32? = st.plan.placement == .process ? st.pid : getpid()
+            return StageView(id: id, kind: st.plan.kind, placement: st.plan.placement.description, pid: pid, state: state,
+                             received: s?.received ?? 0, emitted: s?.emitted ?? 0, deadLettered: s?.deadLettered ?? 0, errors: s?.errors ?? 0,
+                             restarts: st.restarts, status: (s?.status ?? []).filter { $0.0 != "pid" })
+        }
+    }
+
+    func summary() -> RunSummary {
+        RunSummary(pipeline: plan.spec.name, elapsedSeconds: Double(monotonicNs() - startNs) / 1e9, stages: stageViews(), lanes: lanes(),
+                   failure: failure)
+    }
+
+    // MARK: shutdown
+
+    func shutdown() {
+        // Wait for in-process runners (they exit on FINISH/ABORT) and worker processes.
+        let deadline = monotonicNs() + 10_000_000_000
+        while threadsDone.value.load(ordering: .sequentiallyConsistent) < threads.count && monotonicNs() < deadline {
+            if let rr = runnerRouter { while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) } }
+            usleep(2000)
+        }
+        for id in order {
+            guard let st = stages[id], st.plan.placement == .process, let pid = st.pid, !st.childExited else { continue }
+            var status: Int32 = 0
+            var waited = false
+            while monotonicNs() < deadline {
+                if let rr = runnerRouter { while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) } }
+                if waitpid(pid, &status, WNOHANG) == pid { waited = true; break }
+                usleep(2000)
+            }
+            if !waited { kill(pid, SIGKILL); waitpid(pid, &status, 0); log.warning("worker \(pid) for '\(id)' did not exit; killed") }
+            stages[id]?.childExited = true
+        }
+        if let rr = runnerRouter { while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) } }
+        runnerRouter?.close(); controlRouter?.close()
+        if let f = auditFile { fclose(f); auditFile = nil }
+        unlink(options.runDirectory + "/control.sock")
+        unlink(options.runDirectory + "/runners.sock")
+        unlink(options.runDirectory + "/host.pid")
+        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count { zmq.terminate() }
+    }
+
+    func installSignalHandlers() {
+        signalStop.store(0, ordering: .relaxed)
+        signal(SIGINT) { _ in signalStop.store(1, ordering: .relaxed) }
+        signal(SIGTERM) { _ in signalStop.store(1, ordering: .relaxed) }
+        signal(SIGPIPE, SIG_IGN)
+    }
+}
+
+let ZMQ_ROUTER_HANDOVER_OPT: Int32 = 56
+
+/// A shared atomic counter (Atomic itself cannot be captured by a closure).
+final class Counter: Sendable {
+    let value = Atomic<Int>(0)
+}

@@ -1,0 +1,623 @@
+import Glibc
+import Logging
+import PipeKit
+import PipeStore
+import PipeZMQ
+import PipeConfig
+
+/// Runs one stage instance on its own thread (or as the body of a worker process): says HELLO
+/// on the control channel, takes its ASSIGN, binds and connects its lanes, and loops:
+/// credits in, envelopes in, `process`, batches out, stats to the host.
+///
+/// Threading: everything here runs on the runner's one thread; the class is handed to that
+/// thread at start and never touched from another, which is why it is `@unchecked Sendable`.
+public final class StageRunner: @unchecked Sendable {
+    let zmq: ZMQContext
+    let controlEndpoint: String
+    public let stageID: String
+    let registry: StageRegistry
+    let location: String
+    /// For worker processes: the host's pid; the runner stops when it is reparented away from it.
+    let parentPid: Int32?
+    var log: Logger
+
+    public init(context: ZMQContext, controlEndpoint: String, stageID: String, registry: StageRegistry, location: String, parentPid: Int32? = nil) {
+        self.zmq = context; self.controlEndpoint = controlEndpoint; self.stageID = stageID; self.registry = registry
+        self.location = location; self.parentPid = parentPid
+        var l = Logger(label: "stage.\(stageID)"); l[metadataKey: "stage"] = .string(stageID); self.log = l
+    }
+
+    /// Runs until FINISH or ABORT; returns the exit status (0 clean, 1 failed).
+    public func run() -> Int32 {
+        do {
+            let control = try zmq.socket(.dealer)
+            try control.setIdentity(Array(stageID.utf8))
+            try control.connect(controlEndpoint)
+            defer { control.close() }
+            try control.send(Hello(pid: UInt32(getpid()), worker: stageID).encode(seq: 1))
+            // Wait for the ASSIGN (or ABORT) for up to 60 s.
+            let deadline = monotonicNs() + 60_000_000_000
+            var poller = ZMQPoller(); poller.add(control)
+            while monotonicNs() < deadline {
+                guard try poller.poll(timeoutMs: 200) > 0, let msg = try control.receiveMessage(dontWait: true) else { continue }
+                let outcome: Result<Assignment?, RuntimeError> = msg.withBytes { raw in
+                    do {
+                        let f = try FrameView(raw)
+                        switch f.header.type {
+                        case .assign:
+                            return .success(try Assignment(json: try JSON.parse(try f.utf8Body())))
+                        case .command:
+                            if try f.command().code == .abort { return .failure(.protocolError("aborted by host before assignment")) }
+                            return .success(nil)
+                        default: return .success(nil)
+                        }
+                    } catch let e as RuntimeError { return .failure(e) }
+                    catch { return .failure(.protocolError("bad ASSIGN: \(error)")) }
+                }
+                switch outcome {
+                case .failure(let e): log.error("\(e)"); return 1
+                case .success(nil): continue
+                case .success(let a?):
+                    let core = try RunnerCore(assignment: a, zmq: zmq, control: control, registry: registry, location: location, log: log)
+                    core.parentPid = parentPid
+                    return core.run()
+                }
+            }
+            log.error("no ASSIGN from the host within 60 s on \(controlEndpoint)")
+            return 1
+        } catch {
+            log.error("runner failed: \(error)")
+            return 1
+        }
+    }
+}
+
+/// The running stage with its lanes. One thread.
+final class RunnerCore: StageContext {
+    struct OutLane {
+        let id: UInt32
+        let to: String
+        let socket: ZMQSocket
+        let bound: Int
+        let whenFull: PipeConfigWhenFull
+        let loopBack: Bool
+        var epoch: UInt32 = 0
+        var limit: UInt64 = 0
+        var sentInEpoch: UInt64 = 0
+        var transmitted: UInt64 = 0
+        var queue = Ring<Envelope>()
+        var seq: UInt64 = 0
+        var eosSent = false
+        var dropped: UInt64 = 0
+        var blockedSince: UInt64?
+        var blockedNs: UInt64 = 0
+        var credits: Int { Int(clamping: Int64(limit) - Int64(sentInEpoch)) }
+        var inFlight: Int { bound - credits + queue.count }
+        var writable: Bool { queue.count < credits }
+    }
+    struct InLane {
+        let id: UInt32
+        let arrival: Arrival
+        let maxHops: Int?
+        let bound: Int
+        let ret: ZMQSocket
+        var epoch: UInt32
+        var receivedInEpoch: UInt64 = 0
+        var received: UInt64 = 0
+        var limitSent: UInt64 = 0
+        var seq: UInt64 = 0
+        var eos = false
+        var producerIncarnation: UInt64?
+        var lastSeq: UInt64 = 0
+    }
+
+    let a: Assignment
+    let zmq: ZMQContext
+    let control: ZMQSocket
+    var log: Logger
+    let location: String
+    let stage: any Stage
+    let source: (any SourceStage)?
+    let limits: WireLimits
+    var inSocket: ZMQSocket?
+    var retSocket: ZMQSocket?
+    var outLanes: [OutLane] = []
+    var inLanes: [InLane] = []
+    var inIndex: [UInt32: Int] = [:]
+    var outIndex: [UInt32: Int] = [:]
+    /// Output index -> lane indices (fan-out copies to each).
+    var outputLanes: [[Int]] = []
+    var outputNames: [String] = []
+    var deadLetterHandle: OutputHandle
+    var kv: (any KeyValueStore)?
+    let incarnation: UInt64
+
+    // Counters.
+    var received: UInt64 = 0, emitted: UInt64 = 0, deadLettered: UInt64 = 0, errors: UInt64 = 0
+    var status: [(String, AttrValue)] = []
+    var metrics: [String: Int] = [:]
+    var controlSeq: UInt64 = 1
+
+    // State.
+    var exhausted = false
+    var stopRequested = false
+    var loopClosed = false
+    var drained = false
+    var finished = false
+    var failed: String?
+    var nextTick: UInt64 = .max
+    var nextProduce: UInt64 = 0
+    var nextStats: UInt64 = 0
+    var lastHostContact: UInt64
+    var statsDirty = true
+    var parentPid: Int32?
+
+    init(assignment a: Assignment, zmq: ZMQContext, control: ZMQSocket, registry: StageRegistry, location: String, log: Logger) throws {
+        self.a = a; self.zmq = zmq; self.control = control; self.location = location; self.log = log
+        limits = WireLimits(maxEnvelopeBytes: a.maxEnvelopeBytes, maxBatchEnvelopes: a.maxBatchEnvelopes)
+        guard let d = registry[a.kind] else { throw RuntimeError.plan("unknown stage kind '\(a.kind)'") }
+        let reader = ConfigReader(a.config, fields: d.fields)
+        stage = try d.make(reader)
+        source = stage as? any SourceStage
+        incarnation = wallNs()
+        lastHostContact = monotonicNs()
+        outputNames = a.outputs.map(\.name)
+        deadLetterHandle = OutputHandle(index: outputNames.firstIndex(of: deadLetterOutput) ?? -1, name: deadLetterOutput)
+        let maxMsg = Int64(limits.maxFrameBytes)
+        if !a.bindInput.isEmpty {
+            let s = try zmq.socket(.pull)
+            try s.setReceiveHWM(0); try s.setMaxMessageSize(maxMsg)
+            for e in a.bindInput { try Self.prepareIPC(e); try s.bind(e); Self.restrict(e) }
+            inSocket = s
+        }
+        if !a.bindReturn.isEmpty {
+            let s = try zmq.socket(.pull)
+            try s.setReceiveHWM(0)
+            for e in a.bindReturn { try Self.prepareIPC(e); try s.bind(e); Self.restrict(e) }
+            retSocket = s
+        }
+        for o in a.outputs {
+            var idx: [Int] = []
+            for l in o.lanes {
+                let s = try zmq.socket(.push)
+                try s.setSendHWM(Int32(clamping: l.bound + 64))
+                try s.connect(l.endpoint)
+                outIndex[l.lane] = outLanes.count
+                idx.append(outLanes.count)
+                outLanes.append(OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack))
+            }
+            outputLanes.append(idx)
+        }
+        for i in a.inputs {
+            let s = try zmq.socket(.push)
+            try s.setSendHWM(1000)
+            try s.connect(i.returnEndpoint)
+            inIndex[i.lane] = inLanes.count
+            inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from, loopBack: i.loopBack),
+                                  maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000)))
+        }
+        if a.usesStore {
+            kv = try SQLiteKeyValueStore(path: a.runDirectory + "/state/\(a.stage).kv.sqlite")
+        }
+    }
+
+    static func prepareIPC(_ endpoint: String) throws {
+        guard endpoint.hasPrefix("ipc://") else { return }
+        let path = String(endpoint.dropFirst(6))
+        let dir = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+        mkdir(dir, 0o700)
+        unlink(path)
+    }
+    /// ipc socket files: mode 0600 (the run directory is 0700 too).
+    static func restrict(_ endpoint: String) {
+        guard endpoint.hasPrefix("ipc://") else { return }
+        chmod(String(endpoint.dropFirst(6)), 0o600)
+    }
+
+    // MARK: StageContext
+
+    var stageID: String { a.stage }
+    var logger: Logger { log }
+    var now: UInt64 { monotonicNs() }
+    var wallClockNs: UInt64 { wallNs() }
+    var auditLevel: AuditLevel { a.audit }
+    var runDirectory: String { a.runDirectory }
+    var store: (any KeyValueStore)? { kv }
+
+    func output(_ name: String) throws(StageError) -> OutputHandle {
+        guard let i = outputNames.firstIndex(of: name) else {
+            throw StageError.halt("stage '\(a.stage)' has no output '\(name)' (outputs: \(outputNames.joined(separator: ", ")))")
+        }
+        return OutputHandle(index: i, name: name)
+    }
+
+    func emit(_ envelope: Envelope, to output: OutputHandle) {
+        guard output.index >= 0, output.index < outputLanes.count else { return }
+        if output.index != deadLetterHandle.index {
+            do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
+                deadLetter(envelope, reason: "cannot emit on '\(output.name)': \(error.reason)")
+                return
+            }
+            emitted += 1
+        }
+        for li in outputLanes[output.index] {
+            switch outLanes[li].whenFull {
+            case .dropNewest where !outLanes[li].loopBack && outLanes[li].inFlight >= outLanes[li].bound:
+                outLanes[li].dropped += 1
+                audit(.about(envelope, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_newest)"))
+                continue
+            case .dropOldest where !outLanes[li].loopBack && outLanes[li].inFlight >= outLanes[li].bound && !outLanes[li].queue.isEmpty:
+                let old = outLanes[li].queue.peek(0)
+                outLanes[li].queue.removeFirst()
+                outLanes[li].dropped += 1
+                audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
+            default: break
+            }
+            outLanes[li].queue.append(envelope)
+        }
+        if a.audit == .all {
+            audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
+        }
+    }
+
+    func isWritable(_ output: OutputHandle) -> Bool {
+        guard output.index >= 0, output.index < outputLanes.count else { return false }
+        return outputLanes[output.index].allSatisfy { outLanes[$0].writable || outLanes[$0].loopBack }
+    }
+
+    func deadLetter(_ envelope: Envelope, reason: String) {
+        var e = envelope
+        e.attrs["dead_letter_reason"] = .string(String(reason.utf8.prefix(4096)) ?? reason)
+        e.attrs["dead_letter_stage"] = .string(a.stage)
+        deadLettered += 1
+        audit(.about(envelope, decision: "dead-letter", reason: reason))
+        if deadLetterHandle.index >= 0 {
+            // A dead letter that itself breaks the limits is cut down to its header.
+            if (try? EnvelopeCodec.check(e, limits: limits)) == nil { e.payload = []; e.attrs = ["dead_letter_reason": .string(String(reason.prefix(1000)))] }
+            emit(e, to: deadLetterHandle)
+        } else {
+            log.warning("dead letter (no destination): \(reason)")
+        }
+    }
+
+    func audit(_ record: AuditRecord) {
+        if record.routine && a.audit != .all { return }
+        var r = record
+        if r.stage.isEmpty { r.stage = a.stage }
+        if r.location.isEmpty { r.location = location }
+        if r.timeNs == 0 { r.timeNs = wallNs() }
+        controlSeq += 1
+        _ = try? control.send(FrameEncoder.text(.audit, seq: controlSeq, JSON.serialize(r.json)))
+    }
+
+    func report(_ key: String, _ value: AttrValue) {
+        if let i = status.firstIndex(where: { $0.0 == key }) { status[i].1 = value } else { status.append((key, value)) }
+    }
+
+    func count(_ metric: String, by amount: Int) { metrics[metric, default: 0] += amount }
+
+    // MARK: loop
+
+    var canAccept: Bool {
+        for l in outLanes where !l.loopBack && l.whenFull == .block && !l.writable { return false }
+        return true
+    }
+    var queuesEmpty: Bool { outLanes.allSatisfy { $0.queue.isEmpty } }
+    var idle: Bool { queuesEmpty && stage.heldCount == 0 }
+    var inputsClosed: Bool {
+        if source != nil { return exhausted }
+        let nonLoop = inLanes.filter { !$0.arrival.loopBack }
+        let hasLoop = inLanes.contains { $0.arrival.loopBack }
+        return nonLoop.allSatisfy(\.eos) && (!hasLoop || loopClosed)
+    }
+    var awaitingLoopClose: Bool {
+        source == nil && !loopClosed && inLanes.contains { $0.arrival.loopBack } && inLanes.filter { !$0.arrival.loopBack }.allSatisfy(\.eos)
+    }
+
+    func run() -> Int32 {
+        defer { teardown() }
+        do { try stage.start(context: self) } catch {
+            fail("start failed: \(error)")
+        }
+        if let t = stage.tickInterval { nextTick = monotonicNs() + t }
+        // Announce ourselves on every output lane (producer incarnation) and grant initial credits.
+        for i in outLanes.indices {
+            outLanes[i].seq += 1
+            _ = try? outLanes[i].socket.send(FrameEncoder.heartbeat(lane: outLanes[i].id, seq: outLanes[i].seq, timeNs: incarnation), dontWait: true)
+        }
+        for i in inLanes.indices { grantCredits(i, force: true) }
+
+        var poller = ZMQPoller()
+        poller.add(control)
+        let pr = retSocket.map { poller.add($0) } ?? -1
+        let pi = inSocket.map { poller.add($0) } ?? -1
+        var exitCode: Int32 = 0
+        loop: while true {
+            let t = monotonicNs()
+            // How long may we sleep?
+            var wait: UInt64 = 100_000_000
+            if failed == nil && !finished {
+                if let _ = source, !exhausted, canAccept { wait = nextProduce > t ? min(wait, nextProduce - t) : 0 }
+                if nextTick != .max { wait = nextTick > t ? min(wait, nextTick - t) : 0 }
+                if inputsClosed && !drained { wait = 0 }
+            }
+            if nextStats > t { wait = min(wait, nextStats - t) } else { wait = 0 }
+            if pi >= 0 { poller.setEvents(pi, canAccept && failed == nil ? .readable : []) }
+            do { _ = try poller.poll(timeoutMs: Int((wait + 999_999) / 1_000_000)) } catch {
+                if error.isTerminated { break loop }
+                log.debug("poll: \(error)")
+            }
+
+            // Control (always drained: commands must get through while the stage is blocked).
+            do {
+                while let msg = try? control.receiveMessage(dontWait: true) {
+                    lastHostContact = monotonicNs()
+                    let cmd: RunnerCommand? = msg.withBytes { raw in
+                        guard let f = try? FrameView(raw), f.header.type == .command else { return nil }
+                        return try? f.command()
+                    }
+                    guard let cmd else { continue }
+                    switch cmd.code {
+                    case .loopClosed: loopClosed = true; statsDirty = true
+                    case .stop: stopRequested = true; source?.requestStop(); statsDirty = true
+                    case .finish: sendStats(); break loop
+                    case .abort: exitCode = failed == nil ? 0 : 1; sendStats(); break loop
+                    }
+                }
+            }
+            // Credits back from consumers.
+            if pr >= 0, let ret = retSocket {
+                while let msg = try? ret.receiveMessage(dontWait: true) { handleReturn(msg) }
+            }
+            flushAll()
+            if failed == nil {
+                // Input.
+                if let inS = inSocket {
+                    var frames = 0
+                    while frames < 64, canAccept, let msg = try? inS.receiveMessage(dontWait: true) {
+                        frames += 1
+                        handleInput(msg)
+                        if frames % 8 == 0 { flushAll() }
+                    }
+                    if frames > 0 { for i in inLanes.indices { grantCredits(i, force: false) } }
+                }
+                // Source.
+                if let src = source, !exhausted, canAccept, monotonicNs() >= nextProduce {
+                    let budget = max(1, min(limits.maxBatchEnvelopes, outLanes.filter { !$0.loopBack }.map { max(0, $0.credits - $0.queue.count) }.min() ?? 256))
+                    do {
+                        switch try src.produce(budget: min(budget, 1024), context: self) {
+                        case .active: break
+                        case .idle(let after): nextProduce = monotonicNs() + after
+                        case .exhausted: exhausted = true; statsDirty = true
+                        }
+                    } catch let e as StageError where e.action != .halt {
+                        errors += 1; log.warning("source error: \(e.reason)")
+                    } catch { fail("source failed: \(error)") }
+                    if stopRequested { exhausted = true }
+                }
+                // Tick.
+                if nextTick != .max, monotonicNs() >= nextTick {
+                    do { try stage.tick(context: self) } catch { handleStageError(error, envelope: nil) }
+                    nextTick = monotonicNs() + (stage.tickInterval ?? 1_000_000_000)
+                }
+                flushAll()
+                // End of stream.
+                if inputsClosed && !drained {
+                    drained = true
+                    do { try stage.drain(context: self) } catch { handleStageError(error, envelope: nil) }
+                    statsDirty = true
+                }
+                if drained && !finished {
+                    flushAll()
+                    if queuesEmpty {
+                        for i in outLanes.indices { sendEOS(i) }
+                        finished = true; statsDirty = true
+                    }
+                }
+            }
+            if statsDirty || monotonicNs() >= nextStats { sendStats() }
+            if let pp = parentPid, getppid() != pp {
+                log.error("host process \(pp) is gone; stopping")
+                exitCode = 1
+                break loop
+            }
+            if monotonicNs() - lastHostContact > 15_000_000_000 {
+                log.error("no word from the host for 15 s; stopping")
+                exitCode = 1
+                break loop
+            }
+        }
+        return failed == nil ? exitCode : 1
+    }
+
+    func fail(_ reason: String) {
+        failed = reason
+        report("error", .string(reason))
+        log.error("\(reason)")
+        statsDirty = true
+    }
+
+    func handleStageError(_ error: any Error, envelope: Envelope?) {
+        errors += 1
+        if let se = error as? StageError {
+            switch se.action {
+            case .halt: fail(se.reason)
+            case .deadLetter, .retry: if let e = envelope { deadLetter(e, reason: se.reason) }
+            }
+        } else if let e = envelope {
+            deadLetter(e, reason: "\(error)")
+        } else {
+            log.warning("stage error: \(error)")
+        }
+    }
+
+    func handleReturn(_ msg: ZMQMessage) {
+        msg.withBytes { raw in
+            guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else { errors += 1; return }
+            if f.header.type == .credit, let (epoch, limit) = try? f.credit() {
+                if epoch != outLanes[li].epoch {
+                    // The consumer (re)started: count from zero in its new epoch; resend EOS if we had ended.
+                    outLanes[li].epoch = epoch
+                    outLanes[li].sentInEpoch = 0
+                    outLanes[li].limit = limit
+                    if outLanes[li].eosSent { outLanes[li].eosSent = false; sendEOS(li) }
+                } else if limit > outLanes[li].limit {
+                    outLanes[li].limit = limit
+                }
+            } else if f.header.type == .ack {
+                // Reserved for at-least-once delivery (a later issue).
+            } else { errors += 1 }
+        }
+    }
+
+    func handleInput(_ msg: ZMQMessage) {
+        msg.withBytes { raw in
+            let f: FrameView
+            do { f = try FrameView(raw) } catch {
+                errors += 1
+                deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))), reason: "malformed frame: \(error)")
+                return
+            }
+            guard let li = inIndex[f.header.lane] else {
+                errors += 1
+                deadLetter(Envelope(intent: "lane.unknown-lane", payload: Array(raw.prefix(65536))), reason: "frame for unknown lane \(f.header.lane)")
+                return
+            }
+            switch f.header.type {
+            case .data:
+                do {
+                    try f.forEachEnvelope(limits: limits) { result, bytes in
+                        inLanes[li].received += 1; inLanes[li].receivedInEpoch += 1; received += 1
+                        switch result {
+                        case .success(let e): deliver(e, lane: li)
+                        case .failure(let err):
+                            errors += 1
+                            deadLetter(Envelope(intent: "lane.malformed-envelope", payload: Array(bytes.prefix(65536))),
+                                       reason: "malformed envelope on lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(err)")
+                        }
+                    }
+                } catch {
+                    errors += 1
+                    deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))),
+                               reason: "malformed DATA frame on lane \(inLanes[li].id): \(error)")
+                }
+            case .endOfStream:
+                inLanes[li].eos = true; statsDirty = true
+            case .heartbeat:
+                // A producer announcing itself: a new incarnation starts a new credit epoch.
+                if let inc = try? f.heartbeatTime() {
+                    if let known = inLanes[li].producerIncarnation, known != inc {
+                        inLanes[li].epoch &+= 1; inLanes[li].receivedInEpoch = 0; inLanes[li].eos = false
+                        grantCredits(li, force: true)
+                    }
+                    inLanes[li].producerIncarnation = inc
+                }
+            default:
+                errors += 1
+            }
+        }
+    }
+
+    func deliver(_ e: Envelope, lane li: Int) {
+        if let max = inLanes[li].maxHops, e.hops > UInt32(clamping: max) {
+            deadLetter(e, reason: "hop-limit: hops \(e.hops) > max_hops \(max) on loop-back lane from \(inLanes[li].arrival.from)")
+            return
+        }
+        var attempt = 0
+        while true {
+            do { try stage.process(e, from: inLanes[li].arrival, context: self); return } catch let se as StageError where se.action == .retry && attempt < 3 {
+                attempt += 1
+            } catch {
+                handleStageError(error, envelope: e); return
+            }
+        }
+    }
+
+    /// Sends a CREDIT when enough was consumed (or `force`): limit = received in epoch + bound.
+    func grantCredits(_ i: Int, force: Bool) {
+        let limit = inLanes[i].receivedInEpoch + UInt64(inLanes[i].bound)
+        guard force || limit > inLanes[i].limitSent else { return }
+        inLanes[i].limitSent = limit
+        inLanes[i].seq += 1
+        _ = try? inLanes[i].ret.send(FrameEncoder.credit(lane: inLanes[i].id, seq: inLanes[i].seq, epoch: inLanes[i].epoch, limit: limit), dontWait: true)
+    }
+
+    func flushAll() {
+        let t = monotonicNs()
+        for i in outLanes.indices {
+            flush(i)
+            // Blocked time: the lane has work queued but no credit.
+            let blocked = !outLanes[i].queue.isEmpty && outLanes[i].credits <= 0
+            if blocked, outLanes[i].blockedSince == nil { outLanes[i].blockedSince = t }
+            if !blocked, let s = outLanes[i].blockedSince { outLanes[i].blockedNs += t - s; outLanes[i].blockedSince = nil }
+        }
+    }
+
+    func flush(_ i: Int) {
+        while !outLanes[i].queue.isEmpty && outLanes[i].credits > 0 {
+            let n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
+            var b = DataFrameBuilder(lane: outLanes[i].id, seq: outLanes[i].seq + 1, capacity: 64 + n * 160)
+            var taken = 0
+            while taken < n {
+                b.append(outLanes[i].queue.peek(taken))
+                taken += 1
+                if b.byteCount > 1 << 20 { break }
+            }
+            let frame = b.finish()
+            let ok = (try? outLanes[i].socket.send(frame, dontWait: true)) ?? false
+            guard ok else { return }
+            outLanes[i].seq += 1
+            outLanes[i].queue.removeFirst(taken)
+            outLanes[i].sentInEpoch += UInt64(taken)
+            outLanes[i].transmitted += UInt64(taken)
+        }
+    }
+
+    func sendEOS(_ i: Int) {
+        guard !outLanes[i].eosSent else { return }
+        outLanes[i].seq += 1
+        if (try? outLanes[i].socket.send(FrameEncoder.endOfStream(lane: outLanes[i].id, seq: outLanes[i].seq, total: outLanes[i].transmitted), dontWait: true)) == true {
+            outLanes[i].eosSent = true
+        }
+    }
+
+    func sendStats() {
+        statsDirty = false
+        nextStats = monotonicNs() + 100_000_000
+        var flags: StatsReport.Flags = []
+        if idle && failed == nil { flags.insert(.idle) }
+        if exhausted { flags.insert(.exhausted) }
+        if finished { flags.insert(.finished) }
+        if awaitingLoopClose { flags.insert(.awaitingLoopClose) }
+        if failed != nil { flags.insert(.failed) }
+        let t = monotonicNs()
+        var lanes: [LaneEndStats] = []
+        for l in outLanes {
+            let blocked = l.blockedNs + (l.blockedSince.map { t - $0 } ?? 0)
+            lanes.append(LaneEndStats(lane: l.id, role: .producer, count: l.transmitted, credits: UInt32(clamping: max(0, l.credits)),
+                                      queued: UInt32(clamping: l.queue.count), endOfStream: l.eosSent, blockedNs: blocked))
+        }
+        for l in inLanes {
+            lanes.append(LaneEndStats(lane: l.id, role: .consumer, count: l.received,
+                                      credits: UInt32(clamping: max(0, Int64(l.limitSent) - Int64(l.receivedInEpoch))), queued: 0, endOfStream: l.eos))
+        }
+        var st = status
+        for (k, v) in metrics.sorted(by: { $0.key < $1.key }) { st.append(("metric.\(k)", .int(Int64(v)))) }
+        for l in outLanes where l.dropped > 0 { st.append(("dropped.lane\(l.id)", .int(Int64(l.dropped)))) }
+        st.append(("pid", .int(Int64(getpid()))))
+        let r = StatsReport(stage: a.stage, timeNs: wallNs(), flags: flags, received: received, emitted: emitted, deadLettered: deadLettered,
+                            errors: errors, held: UInt32(clamping: stage.heldCount), lanes: lanes, status: st)
+        controlSeq += 1
+        _ = try? control.send(r.encode(seq: controlSeq))
+    }
+
+    func teardown() {
+        stage.stop()
+        for l in outLanes { l.socket.close() }
+        for l in inLanes { l.ret.close() }
+        inSocket?.close(); retSocket?.close()
+        kv = nil
+    }
+}
+
+typealias PipeConfigWhenFull = WhenFull

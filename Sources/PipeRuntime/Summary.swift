@@ -1,0 +1,50 @@
+import PipeKit
+
+/// Renders a finished run's summary: per stage and per lane, envelopes in/out, elapsed, rate.
+public enum SummaryFormatter {
+    public static func table(_ header: [String], _ rows: [[String]]) -> String {
+        var widths = header.map(\.count)
+        for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in
+                let pad = String(repeating: " ", count: max(0, widths[i] - c.count))
+                return i == cells.count - 1 ? c : c + pad
+            }.joined(separator: "  ")
+        }
+        return ([line(header)] + rows.map(line)).joined(separator: "\n")
+    }
+
+    static func rate(_ n: UInt64, _ s: Double) -> String {
+        guard s > 0 else { return "-" }
+        let r = Double(n) / s
+        if r >= 1e6 { return String(format2(r / 1e6)) + "M/s" }
+        if r >= 1e3 { return String(format2(r / 1e3)) + "k/s" }
+        return String(format2(r)) + "/s"
+    }
+    static func format2(_ d: Double) -> String {
+        let x = (d * 100).rounded() / 100
+        return x == x.rounded() ? String(Int(x)) : String(x)
+    }
+
+    public static func text(_ s: RunSummary, runDir: String) -> String {
+        var out = "pipeline \(s.pipeline) \(s.failure == nil ? "finished" : "FAILED") in \(format2(s.elapsedSeconds)) s (run dir \(runDir))\n\nstages\n"
+        out += table(["stage", "kind", "placement", "pid", "in", "out", "dead", "errors", "restarts", "rate in", "rate out"],
+                     s.stages.map { v in
+                         [v.id, v.kind, v.placement, v.pid.map(String.init) ?? "-", String(v.received), String(v.emitted), String(v.deadLettered),
+                          String(v.errors), String(v.restarts), rate(v.received, s.elapsedSeconds), rate(v.emitted, s.elapsedSeconds)]
+                     })
+        out += "\n\nlanes\n"
+        out += table(["lane", "from", "to", "transport", "bound", "sent", "received", "depth", "blocked ms", "rate"],
+                     s.lanes.map { l in
+                         [String(l.id), l.from, l.to + (l.loopBack ? " (loop)" : ""), l.transport, String(l.bound), String(l.sent), String(l.received),
+                          String(l.depth), format2(Double(l.blockedNs) / 1e6), rate(l.received, s.elapsedSeconds)]
+                     })
+        if let f = s.failure { out += "\n\nfailure: \(f)" }
+        return out
+    }
+
+    public static func json(_ s: RunSummary) -> ConfigValue {
+        .object([("pipeline", .string(s.pipeline)), ("elapsed_s", .double(s.elapsedSeconds)), ("failure", s.failure.map(ConfigValue.string) ?? .null),
+                 ("stages", .list(s.stages.map(\.json))), ("lanes", .list(s.lanes.map(\.json)))])
+    }
+}

@@ -1,0 +1,116 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import PipeConfig
+import PipeKit
+import PipeRegistry
+import PipeRuntime
+import PipeSeal
+import PipeZMQ
+
+@main
+struct PipeHostCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pipehost",
+        abstract: "Runs declarative stream-processing pipelines whose stages are connected by ZeroMQ lanes.",
+        subcommands: [Run.self, Keygen.self, Worker.self])
+}
+
+/// Prints `message` to stderr and exits with `code`.
+func die(_ message: String, code: Int32 = 1) -> Never {
+    FileHandle.standardError.write(Data((message + "\n").utf8))
+    exit(code)
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run a pipeline file to completion (or until stopped), then print a summary.")
+
+    @Argument(help: "The pipeline YAML file.") var file: String
+    @Option(name: .customLong("run-dir"), help: "Run directory (control socket, audit and dead-letter files). Default: see docs/operations.md.")
+    var runDir: String?
+    @Option(name: .customLong("until-idle"), help: "Stop sources after this many seconds without lane activity.") var untilIdle: Double?
+    @Option(name: .customLong("max-envelopes"), help: "Stop sources once they have emitted this many envelopes.") var maxEnvelopes: UInt64?
+    @Option(name: .customLong("summary-json"), help: "Also write the final summary as JSON to this file.") var summaryJSON: String?
+    @Flag(name: .customLong("quiet"), help: "Do not print the summary table.") var quiet = false
+
+    func validate() throws {
+        if let u = untilIdle, !(u > 0) { throw ValidationError("--until-idle must be a positive number of seconds") }
+        if let m = maxEnvelopes, m == 0 { throw ValidationError("--max-envelopes must be at least 1") }
+    }
+
+    func run() throws {
+        let (spec, diags) = PipelineLoader.load(path: file, registry: builtInStages)
+        if !diags.isEmpty || spec == nil {
+            for d in diags { FileHandle.standardError.write(Data((d.description + "\n").utf8)) }
+            die("\(file): \(diags.count) problem(s); not started (`pipectl validate \(file)` lists them too)")
+        }
+        guard let spec else { return }
+        let v = PipelineValidator(spec: spec, registry: builtInStages)
+        let plan: PipelinePlan
+        do { plan = try PipelinePlan.make(spec: spec, edges: v.edges, registry: builtInStages) } catch { die("\(file): \(error)") }
+        let dir = RunDirectory.forPipeline(spec.name, explicit: runDir)
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let options = HostOptions(runDirectory: dir, untilIdleSeconds: untilIdle, maxEnvelopes: maxEnvelopes,
+                                  workerExecutable: ProcessInfo.processInfo.environment["PIPEHOST_WORKER_EXE"] ?? exe)
+        let summary: RunSummary
+        do {
+            let host = try PipelineHost(plan: plan, registry: builtInStages, options: options)
+            summary = try host.run()
+        } catch { die("pipehost: \(error)") }
+        if !quiet { print(SummaryFormatter.text(summary, runDir: dir)) }
+        if let path = summaryJSON {
+            do { try (JSON.serialize(SummaryFormatter.json(summary)) + "\n").write(toFile: path, atomically: true, encoding: .utf8) }
+            catch { die("cannot write \(path): \(error.localizedDescription)") }
+        }
+        if let f = summary.failure { die("pipehost: \(f)") }
+    }
+}
+
+struct Keygen: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write an Ed25519 signing key pair and a CURVE key pair (files with mode 0600).",
+        discussion: "Files: signing.key (hex secret), signing.pub (hex public), curve.key (Z85 secret), curve.pub (Z85 public).")
+    @Option(name: .shortAndLong, help: "Directory to write the key files into (created if missing).") var output: String
+    @Flag(help: "Overwrite existing key files.") var force = false
+
+    func run() throws {
+        do { try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) }
+        catch { die("cannot create \(output): \(error.localizedDescription)") }
+        let names = ["signing.key", "signing.pub", "curve.key", "curve.pub"]
+        if !force, let existing = names.first(where: { FileManager.default.fileExists(atPath: output + "/" + $0) }) {
+            die("\(output)/\(existing) exists; pass --force to overwrite", code: 1)
+        }
+        do {
+            let sk = try SigningKey.generate()
+            let curve = try ZMQCurve.keyPair()
+            try KeyFiles.writeSecret(KeyFiles.hex(of: sk), to: output + "/signing.key")
+            try KeyFiles.writeSecret(Hex.encode(sk.publicKey), to: output + "/signing.pub")
+            try KeyFiles.writeSecret(curve.secretKey, to: output + "/curve.key")
+            try KeyFiles.writeSecret(curve.publicKey, to: output + "/curve.pub")
+            print("wrote \(names.map { output + "/" + $0 }.joined(separator: ", ")) (mode 0600); key id \(Hex.encode(sk.keyID))")
+        } catch { die("keygen: \(error)") }
+    }
+}
+
+struct Worker: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "(internal) Run one stage as a worker process; the host spawns this for `placement: process`.")
+    @Option(help: "The host's runner endpoint (ipc://...).") var connect: String
+    @Option(help: "The stage id to ask for.") var stage: String
+
+    func run() throws {
+        // The host drains us in order, so ignore the terminal's Ctrl-C; the runner exits when the
+        // host goes away (reparented, or silent for 15 s).
+        signal(SIGINT, SIG_IGN)
+        guard connect.hasPrefix("ipc://") || connect.hasPrefix("inproc://") else {
+            throw ValidationError("--connect must be an ipc:// endpoint (remote tcp workers come with the distributed issue)")
+        }
+        let ctx: ZMQContext
+        do { ctx = try ZMQContext() } catch { die("worker: \(error)") }
+        let runner = StageRunner(context: ctx, controlEndpoint: connect, stageID: stage, registry: builtInStages,
+                                 location: "worker:\(getpid())", parentPid: getppid())
+        let rc = runner.run()
+        ctx.terminate()
+        Glibc.exit(rc)
+    }
+}
