@@ -58,7 +58,7 @@ let package = Package(
         .testTarget(name: "PipeTests", dependencies: [
             "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff",
             "PipeRuntime", "PipeRegistry", "CoreStages",
-        ]),
+        ], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -158,7 +158,7 @@ public struct PipelineLoader {
 
     mutating func stage(_ n: Node) -> StageSpec? {
         guard let m = n.mapping else { error(pos(n), "a stage must be a mapping with `id` and `kind`"); return nil }
-        var s = StageSpec(id: "", kind: "", pos: pos(n))
+        var s = StageSpec(id: "", kind: "", pos: pos(n), kindPos: pos(n), configPos: pos(n))
         var inputsNode: Node?
         for (k, v) in m {
             switch k.string {
