@@ -1,0 +1,109 @@
+import Testing
+import Foundation
+import PipeConfig
+import PipeKit
+import PipeRegistry
+
+@Suite("Pipeline YAML")
+struct ConfigTests {
+    func messages(_ text: String) -> [String] {
+        PipelineLoader.load(text: text, file: "p.yaml", registry: builtInStages).1.map(\.description)
+    }
+
+    @Test func brokenFixture_reportsEveryProblemWithItsPosition() throws {
+        let (_, diags) = PipelineLoader.load(path: Paths.fixture("broken.yaml"), registry: builtInStages)
+        let f = Paths.fixture("broken.yaml")
+        let got = diags.map(\.description)
+        let expected = [
+            "\(f):5:11: unknown stage kind 'generater' (did you mean 'generator'?); `pipectl stages` lists the kinds",
+            "\(f):9:14: stage 'src' is a source (generator) and takes no inputs",
+            "\(f):10:15: stage 'src': config field 'count' expected integer, got string",
+            "\(f):10:30: stage 'src': unknown config key 'colour'; known keys: count, rate, payload_size, payload, seed, actor, intent, authority, attrs",
+            "\(f):13:14: stage 'pass' references unknown stage 'nosuch'",
+            "\(f):13:22: stage 'src' has no output 'nope'; its outputs: out, dead_letter",
+            "\(f):14:9: duplicate stage id 'pass' (first defined at line 11)",
+            "\(f):16:22: stage 'pass' (passthrough) has no input port 'side'; its ports: in",
+            "\(f):19:14: cycle a -> b -> a has no loop-back edge; declare one of its inputs as { from: ..., loop_back: { max_hops: N } }",
+            "\(f):23:5: stage 'sink': missing required config field 'path' (string): Output file; relative paths are resolved against the run directory.",
+        ]
+        #expect(got == expected)
+    }
+
+    @Test func syntaxError_namesLineAndColumn() {
+        let (_, diags) = PipelineLoader.load(path: Paths.fixture("syntax.yaml"), registry: builtInStages)
+        #expect(diags.count == 1)
+        #expect(diags.first?.pos == SourcePos(line: 4, column: 1))
+        #expect(diags.first?.message.hasPrefix("YAML syntax error:") == true)
+    }
+
+    @Test func missingFile_isOneClearDiagnostic() {
+        let (_, diags) = PipelineLoader.load(path: "/nonexistent/x.yaml", registry: builtInStages)
+        #expect(diags.map(\.description) == ["/nonexistent/x.yaml:1:1: cannot read file (missing or not readable)"])
+    }
+
+    @Test func loopBack_withHopLimitMakesACycleLegal() {
+        let ok = """
+        stages:
+          - { id: g, kind: generator }
+          - id: p
+            kind: passthrough
+            inputs: [g, { from: h.again, loop_back: { max_hops: 2 } }]
+          - { id: h, kind: hop, inputs: [p] }
+          - { id: s, kind: null-sink, inputs: [h] }
+        """
+        #expect(messages(ok) == [])
+        let noLimit = ok.replacingOccurrences(of: "loop_back: { max_hops: 2 }", with: "loop_back: {}")
+        #expect(messages(noLimit).contains { $0.contains("loop_back must be { max_hops: N }") })
+        let undeclared = ok.replacingOccurrences(of: "{ from: h.again, loop_back: { max_hops: 2 } }", with: "h.again")
+        #expect(messages(undeclared).contains { $0.contains("cycle p -> h -> p has no loop-back edge") })
+    }
+
+    @Test func loopBack_intoAPortThatRefusesItIsAnError() {
+        let text = """
+        stages:
+          - { id: g, kind: generator }
+          - { id: h, kind: hop, inputs: [g] }
+          - id: s
+            kind: null-sink
+            inputs: [h, { from: h.again, loop_back: { max_hops: 2 } }]
+        """
+        #expect(messages(text).contains { $0.contains("input port 's.in' does not accept a loop-back edge") })
+    }
+
+    @Test func placement_isOneTypeWithThreeForms() {
+        let base = "stages:\n  - { id: g, kind: generator, placement: PLACE }\n  - { id: s, kind: null-sink, inputs: [g] }\n"
+        #expect(messages(base.replacingOccurrences(of: "PLACE", with: "in-process")) == [])
+        #expect(messages(base.replacingOccurrences(of: "PLACE", with: "process")) == [])
+        #expect(messages(base.replacingOccurrences(of: "PLACE", with: "{ worker: w1 }")) == [])
+        #expect(messages(base.replacingOccurrences(of: "PLACE", with: "elsewhere")).first?.contains("placement must be") == true)
+    }
+
+    @Test func unknownKeys_atEveryLevelAreErrors() {
+        let text = """
+        stagez: []
+        defaults: { lane: { bound: 0, colour: 1 } }
+        stages:
+          - { id: g, kind: generator, colour: 1 }
+          - { id: S, kind: null-sink, inputs: [g] }
+        lanes:
+          - { from: g, to: nowhere }
+        """
+        let m = messages(text)
+        #expect(m.contains { $0.hasPrefix("p.yaml:1:1: unknown top-level key 'stagez' (did you mean 'stages'?)") })
+        #expect(m.contains { $0.contains("bound must be an integer from 1 to 1000000") })
+        #expect(m.contains { $0.contains("unknown lane key 'colour'") })
+        #expect(m.contains { $0.contains("unknown stage key 'colour'") })
+        #expect(m.contains { $0.contains("stage id 'S' must match [a-z0-9_-]+") })
+        #expect(m.contains { $0.contains("lane override from 'g' to 'nowhere' matches no lane") })
+    }
+
+    @Test func everyExamplePipeline_isValid() throws {
+        let dir = Paths.root + "/pipelines"
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".yaml") }
+        #expect(files.count >= 2)
+        for f in files {
+            let (_, diags) = PipelineLoader.load(path: dir + "/" + f, registry: builtInStages)
+            #expect(diags.isEmpty, "\(f): \(diags)")
+        }
+    }
+}
