@@ -7,8 +7,18 @@ import Yams
 public struct PipelineLoader {
     public let file: String
     var diags: [Diagnostic] = []
+    /// Variables for `${NAME}` in config strings: the environment, plus PIPELINE_DIR (the
+    /// directory of the pipeline file).
+    let variables: [String: String]
 
-    public init(file: String) { self.file = file }
+    public init(file: String) {
+        self.file = file
+        var v = ProcessInfo.processInfo.environment
+        var dir = (file as NSString).deletingLastPathComponent
+        if !dir.hasPrefix("/") { dir = FileManager.default.currentDirectoryPath + (dir.isEmpty ? "" : "/" + dir) }
+        v["PIPELINE_DIR"] = dir
+        variables = v
+    }
 
     /// Loads and validates a file; returns the spec and every diagnostic (empty when valid).
     public static func load(path: String, registry: StageRegistry) -> (PipelineSpec?, [Diagnostic]) {
@@ -172,7 +182,7 @@ public struct PipelineLoader {
             case "config":
                 s.configPos = pos(v)
                 if v.scalar?.string == "" || v.null != nil { continue }
-                s.config = configValue(v)
+                s.config = expand(configValue(v), at: pos(v))
                 if let cm = v.mapping { for (ck, _) in cm { if let name = ck.string { s.configKeyPos[name] = pos(ck) } } }
             case "inputs": inputsNode = v
             case "placement": s.placement = placement(v)
@@ -263,6 +273,26 @@ public struct PipelineLoader {
         o.bound = settings.bound > 0 ? settings.bound : nil
         o.whenFull = sawWhen ? settings.whenFull : nil
         return o
+    }
+
+    /// Replaces `${NAME}` in every string of a config; an unknown name is a diagnostic.
+    mutating func expand(_ v: ConfigValue, at p: SourcePos) -> ConfigValue {
+        switch v {
+        case .string(let s) where s.contains("${"):
+            var out = "", rest = Substring(s)
+            while let open = rest.range(of: "${") {
+                out += rest[rest.startIndex..<open.lowerBound]
+                let after = rest[open.upperBound...]
+                guard let close = after.firstIndex(of: "}") else { error(p, "unterminated ${ in '\(s)'"); return v }
+                let name = String(after[after.startIndex..<close])
+                if let value = variables[name] { out += value } else { error(p, "unknown variable ${\(name)} in '\(s)' (set it in the environment; PIPELINE_DIR is built in)") }
+                rest = after[after.index(after: close)...]
+            }
+            return .string(out + rest)
+        case .list(let l): return .list(l.map { expand($0, at: p) })
+        case .map(let m): return .map(m.map { ConfigEntry(key: $0.key, value: expand($0.value, at: p)) })
+        default: return v
+        }
     }
 
     /// YAML node -> ConfigValue, resolving plain scalars by YAML 1.1 core tags.

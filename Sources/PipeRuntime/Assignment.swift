@@ -42,12 +42,15 @@ public struct Assignment: Sendable, Equatable {
     public var inputs: [Input]
     public var outputs: [Output]
     public var usesStore: Bool
+    /// A source stops after emitting this many envelopes (`pipehost run --max-envelopes`).
+    public var maxEmit: UInt64?
 
     public var json: ConfigValue {
         .object([
             ("stage", .string(stage)), ("kind", .string(kind)), ("config", config ?? .null), ("audit", .string(audit.rawValue)),
             ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
             ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
+            ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null),
             ("bind_in", .list(bindInput.map(ConfigValue.string))), ("bind_ret", .list(bindReturn.map(ConfigValue.string))),
             ("inputs", .list(inputs.map { i in
                 .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
@@ -69,6 +72,7 @@ public struct Assignment: Sendable, Equatable {
         self.stage = stage; self.kind = kind; self.config = config; self.audit = audit; self.runDirectory = runDirectory
         self.maxEnvelopeBytes = maxEnvelopeBytes; self.maxBatchEnvelopes = maxBatchEnvelopes; self.bindInput = bindInput
         self.bindReturn = bindReturn; self.inputs = inputs; self.outputs = outputs; self.usesStore = usesStore
+        self.maxEmit = nil
     }
 
     public init(json v: ConfigValue) throws(RuntimeError) {
@@ -86,6 +90,7 @@ public struct Assignment: Sendable, Equatable {
         maxEnvelopeBytes = try i(v["max_envelope_bytes"], "max_envelope_bytes")
         maxBatchEnvelopes = try i(v["max_batch_envelopes"], "max_batch_envelopes")
         usesStore = v["uses_store"]?.boolValue ?? false
+        maxEmit = v["max_emit"]?.intValue.map { UInt64(max(0, $0)) }
         bindInput = (v["bind_in"]?.listValue ?? []).compactMap(\.stringValue)
         bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
         var ins: [Input] = []

@@ -14,7 +14,7 @@ public struct HostOptions: Sendable {
     public var runDirectory: String
     /// Stop sources after this many seconds without lane activity (nil: never).
     public var untilIdleSeconds: Double?
-    /// Stop sources once they have emitted this many envelopes in total (nil: never).
+    /// Each source stops after emitting this many envelopes (nil: never); enforced by its runner, exactly.
     public var maxEnvelopes: UInt64?
     /// The executable spawned for `placement: process` workers (`pipehost worker ...`).
     public var workerExecutable: String
@@ -67,7 +67,9 @@ public struct LaneView: Sendable {
     public var endOfStream: Bool
     public var blockedNs: UInt64
     /// Envelopes sent and not yet received, plus those waiting in the sender queue.
-    public var depth: Int64 { Int64(clamping: sent) - Int64(clamping: received) + Int64(clamping: queued) }
+    /// (Producer and consumer counts come from reports taken at slightly different times; a
+    /// momentary negative difference is shown as 0.)
+    public var depth: Int64 { max(0, Int64(clamping: sent) - Int64(clamping: received)) + Int64(clamping: queued) }
 }
 
 /// The host: plans a pipeline, runs its stages as threads and worker processes, supervises them,
@@ -101,6 +103,7 @@ public final class PipelineHost: @unchecked Sendable {
     var auditCount = 0
     var startNs: UInt64 = 0
     var stopping = false
+    var shuttingDown = false
     var stopReason = ""
     var failure: String?
     var loopChecks: [String: (vector: [UInt64], time: UInt64)] = [:]
@@ -186,8 +189,13 @@ public final class PipelineHost: @unchecked Sendable {
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
         // Own process group: a terminal's Ctrl-C reaches the host, which drains the workers in order.
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP))
+        // A clean signal mask and default dispositions for the worker.
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         posix_spawnattr_setpgroup(&attr, 0)
+        var empty = sigset_t(); sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var defaults = sigset_t(); sigemptyset(&defaults); sigaddset(&defaults, SIGTERM); sigaddset(&defaults, SIGPIPE)
+        posix_spawnattr_setsigdefault(&attr, &defaults)
         var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { for p in cargs { free(p) } }
         var pid: pid_t = 0
@@ -258,7 +266,13 @@ public final class PipelineHost: @unchecked Sendable {
                     log.error("runner '\(id)' speaks another protocol version"); return
                 }
                 if stages[id]?.plan.placement == .process { stages[id]?.pid = Int32(bitPattern: h.pid) }
-                guard let a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory) else { return }
+                if failure != nil || shuttingDown {
+                    controlSeq += 1
+                    send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort)))
+                    return
+                }
+                guard var a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory) else { return }
+                if stages[id]?.plan.role == .source { a.maxEmit = options.maxEnvelopes }
                 controlSeq += 1
                 send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
                 stages[id]?.assigned = true
@@ -359,13 +373,6 @@ public final class PipelineHost: @unchecked Sendable {
 
     func checkBounds(_ now: UInt64) {
         guard !stopping else { return }
-        if let max = options.maxEnvelopes {
-            let emitted = order.compactMap { id -> UInt64? in
-                guard stages[id]?.plan.role == .source else { return nil }
-                return stages[id]?.stats?.emitted
-            }.reduce(0, +)
-            if emitted >= max { beginStop(reason: "--max-envelopes \(max) reached"); return }
-        }
         if let idle = options.untilIdleSeconds {
             let vector = lanes().map { $0.sent &+ $0.received }
             if vector != lastActivity.vector { lastActivity = (vector, now) }
@@ -410,6 +417,7 @@ public final class PipelineHost: @unchecked Sendable {
     // MARK: shutdown
 
     func shutdown() {
+        shuttingDown = true
         // Wait for in-process runners (they exit on FINISH/ABORT) and worker processes.
         let deadline = monotonicNs() + 10_000_000_000
         while threadsDone.value.load(ordering: .sequentiallyConsistent) < threads.count && monotonicNs() < deadline {
@@ -439,6 +447,11 @@ public final class PipelineHost: @unchecked Sendable {
 
     func installSignalHandlers() {
         signalStop.store(0, ordering: .relaxed)
+        // A parent may hand us a blocked signal mask (Foundation's Process does): unblock what we
+        // handle, before any runner thread inherits the mask.
+        var set = sigset_t()
+        sigemptyset(&set); sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGCHLD)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         signal(SIGINT) { _ in signalStop.store(1, ordering: .relaxed) }
         signal(SIGTERM) { _ in signalStop.store(1, ordering: .relaxed) }
         signal(SIGPIPE, SIG_IGN)

@@ -382,8 +382,10 @@ final class RunnerCore: StageContext {
                     if frames > 0 { for i in inLanes.indices { grantCredits(i, force: false) } }
                 }
                 // Source.
+                if let max = a.maxEmit, emitted >= max, !exhausted { exhausted = true; statsDirty = true }
                 if let src = source, !exhausted, canAccept, monotonicNs() >= nextProduce {
-                    let budget = max(1, min(limits.maxBatchEnvelopes, outLanes.filter { !$0.loopBack }.map { max(0, $0.credits - $0.queue.count) }.min() ?? 256))
+                    var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, outLanes.filter { !$0.loopBack }.map { Swift.max(0, $0.credits - $0.queue.count) }.min() ?? 256))
+                    if let max = a.maxEmit { budget = Int(Swift.min(UInt64(budget), max - emitted)) }
                     do {
                         switch try src.produce(budget: min(budget, 1024), context: self) {
                         case .active: break

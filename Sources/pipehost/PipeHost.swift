@@ -29,7 +29,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("run-dir"), help: "Run directory (control socket, audit and dead-letter files). Default: see docs/operations.md.")
     var runDir: String?
     @Option(name: .customLong("until-idle"), help: "Stop sources after this many seconds without lane activity.") var untilIdle: Double?
-    @Option(name: .customLong("max-envelopes"), help: "Stop sources once they have emitted this many envelopes.") var maxEnvelopes: UInt64?
+    @Option(name: .customLong("max-envelopes"), help: "Each source stops after emitting exactly this many envelopes.") var maxEnvelopes: UInt64?
     @Option(name: .customLong("summary-json"), help: "Also write the final summary as JSON to this file.") var summaryJSON: String?
     @Flag(name: .customLong("quiet"), help: "Do not print the summary table.") var quiet = false
 

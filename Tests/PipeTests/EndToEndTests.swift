@@ -1,0 +1,333 @@
+import Testing
+import Foundation
+import PipeKit
+
+/// Runs `pipehost run` and returns the parsed summary JSON.
+func runPipeline(_ file: String, runDir: String, extra: [String] = [], timeout: Double = 120) throws -> (ProcResult, ConfigValue) {
+    let summaryPath = runDir + "/summary.json"
+    let r = try runProcess(Paths.pipehost, ["run", file, "--run-dir", runDir, "--summary-json", summaryPath, "--quiet"] + extra, timeout: timeout)
+    let text = (try? String(contentsOfFile: summaryPath, encoding: .utf8)) ?? "null"
+    return (r, try JSON.parse(text))
+}
+
+func lanes(_ s: ConfigValue) -> [ConfigValue] { s["lanes"]?.listValue ?? [] }
+func stage(_ s: ConfigValue, _ id: String) -> ConfigValue? { s["stages"]?.listValue?.first { $0["id"]?.stringValue == id } }
+func lane(_ s: ConfigValue, from: String, to: String) -> ConfigValue? {
+    lanes(s).first { $0["from"]?.stringValue == from && $0["to"]?.stringValue == to }
+}
+/// JSONL lines of a file, with `ingest_ns` removed (timestamps aside).
+func linesWithoutIngest(_ path: String) throws -> [String] {
+    try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map { line in
+        line.replacingOccurrences(of: #","ingest_ns":[0-9]+"#, with: "", options: .regularExpression)
+    }
+}
+
+/// Starts `pipehost run` in the background; the caller stops it.
+func startPipeline(_ file: String, runDir: String, extra: [String] = []) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: Paths.pipehost)
+    p.arguments = ["run", file, "--run-dir", runDir, "--summary-json", runDir + "/summary.json", "--quiet"] + extra
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+    try p.run()
+    // Wait for the control socket.
+    let deadline = Date().addingTimeInterval(30)
+    while !FileManager.default.fileExists(atPath: runDir + "/control.sock") && Date() < deadline && p.isRunning { usleep(20_000) }
+    return p
+}
+
+func pipectlJSON(_ args: [String]) throws -> ConfigValue {
+    let r = try runProcess(Paths.pipectl, args + ["--json"], timeout: 30)
+    guard r.status == 0 else { throw StageError.halt("pipectl \(args) failed: \(r.stderr)") }
+    return try JSON.parse(r.stdout)
+}
+
+func writeTemp(_ text: String, _ name: String) -> String {
+    let dir = Paths.tempDir("yaml")
+    let path = dir + "/" + name
+    try? text.write(toFile: path, atomically: true, encoding: .utf8)
+    return path
+}
+
+@Suite("End to end: pipehost and pipectl", .serialized)
+struct EndToEndTests {
+    @Test func everyExamplePipeline_runsToCompletionWithBalancedLanes() throws {
+        let dir = Paths.root + "/pipelines"
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".yaml") }.sorted()
+        #expect(files.count >= 4)
+        for f in files {
+            let (r, s) = try runPipeline(dir + "/" + f, runDir: Paths.tempDir("example"))
+            #expect(r.status == 0, "\(f): \(r.stderr)")
+            #expect(s["failure"] == .null, "\(f)")
+            for l in lanes(s) {
+                #expect(l["sent"] == l["received"], "\(f): lane \(l["from"]?.stringValue ?? "") -> \(l["to"]?.stringValue ?? "")")
+                #expect(l["eos"] == .bool(true), "\(f): lane \(l["id"]?.intValue ?? 0) never ended")
+            }
+            let total = lanes(s).compactMap { $0["received"]?.intValue }.reduce(0, +)
+            #expect(total > 0, "\(f): nothing flowed")
+        }
+    }
+
+    @Test func hello_countsAndOutput() throws {
+        let run = Paths.tempDir("hello")
+        let (r, s) = try runPipeline(Paths.root + "/pipelines/hello.yaml", runDir: run)
+        #expect(r.status == 0)
+        #expect(lane(s, from: "gen.out", to: "pass.in")?["received"]?.intValue == 10_000)
+        #expect(lane(s, from: "pass.out", to: "out.in")?["transport"]?.stringValue == "inproc")
+        #expect(try linesWithoutIngest(run + "/hello.jsonl").count == 10_000)
+    }
+
+    @Test func processPlacement_givesTheSameOutputEnvelopeForEnvelope() throws {
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/hello.yaml", encoding: .utf8)
+        let proc = writeTemp(text.replacingOccurrences(of: "    inputs: [gen]\n", with: "    inputs: [gen]\n    placement: process\n"), "hello-proc.yaml")
+        let a = Paths.tempDir("inproc"), b = Paths.tempDir("proc")
+        let (ra, sa) = try runPipeline(Paths.root + "/pipelines/hello.yaml", runDir: a)
+        let (rb, sb) = try runPipeline(proc, runDir: b)
+        #expect(ra.status == 0 && rb.status == 0, "\(rb.stderr)")
+        // Another pid, ipc lanes.
+        let passA = try #require(stage(sa, "pass")), passB = try #require(stage(sb, "pass"))
+        #expect(passB["placement"]?.stringValue == "process")
+        #expect(passB["pid"] != passA["pid"] && passB["pid"] != stage(sb, "gen")?["pid"])
+        #expect(lane(sb, from: "gen.out", to: "pass.in")?["transport"]?.stringValue == "ipc")
+        let la = try linesWithoutIngest(a + "/hello.jsonl"), lb = try linesWithoutIngest(b + "/hello.jsonl")
+        #expect(la.count == 10_000)
+        #expect(la == lb)
+    }
+
+    @Test func loop_underBlockWithSmallBounds_endsByItself() throws {
+        let run = Paths.tempDir("loop")
+        let (r, s) = try runPipeline(Paths.root + "/pipelines/loop.yaml", runDir: run, timeout: 90)
+        #expect(r.status == 0, "\(r.stderr)")
+        // 2000 roots, each going round 3 more times: 8000 through `hop`, 6000 back on the loop.
+        #expect(lane(s, from: "hop.out", to: "out.in")?["received"]?.intValue == 8000)
+        #expect(lane(s, from: "hop.again", to: "relay.in")?["received"]?.intValue == 6000)
+        #expect(lane(s, from: "hop.again", to: "relay.in")?["loop_back"] == .bool(true))
+    }
+
+    @Test func loop_hopLimitDeadLettersTheExcessAndTheLoopStillEnds() throws {
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/loop.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "times: 3", with: "times: 5").replacingOccurrences(of: "count: 2000", with: "count: 100")
+        let run = Paths.tempDir("hoplimit")
+        let (r, s) = try runPipeline(writeTemp(text, "loop5.yaml"), runDir: run, timeout: 90)
+        #expect(r.status == 0, "\(r.stderr)")
+        // Follow-ups with hops 4 exceed max_hops 3: one dead letter per root, none go further.
+        #expect(stage(s, "relay")?["dead_lettered"]?.intValue == 100)
+        #expect(lane(s, from: "hop.out", to: "out.in")?["received"]?.intValue == 400)
+        let dl = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
+        #expect(dl.split(separator: "\n").count == 100)
+        #expect(dl.contains("hop-limit: hops 4 > max_hops 3"))
+        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
+        #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 100)
+    }
+
+    @Test func sigterm_withASlowSink_drainsEveryLaneAndExitsZero() throws {
+        let yaml = """
+        pipeline: slow
+        defaults: { lane: { bound: 64 } }
+        stages:
+          - { id: gen, kind: generator, config: { count: 0 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: process }
+          - { id: sink, kind: null-sink, inputs: [pass], config: { delay_us: 200 } }
+        """
+        let run = Paths.tempDir("sigterm")
+        let p = try startPipeline(writeTemp(yaml, "slow.yaml"), runDir: run)
+        sleep(2)
+        #expect(p.isRunning)
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        let s = try JSON.parse(String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        let all = lanes(s)
+        #expect(!all.isEmpty)
+        for l in all { #expect(l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        let delivered = lane(s, from: "pass.out", to: "sink.in")?["received"]?.intValue ?? 0
+        #expect(delivered > 100)
+        // Bounded lanes: the endless generator was held back by the slow sink.
+        #expect((stage(s, "gen")?["emitted"]?.intValue ?? 0) == delivered)
+    }
+
+    @Test func pipectl_lanesAndStatus_againstARunningHost() throws {
+        let yaml = """
+        pipeline: watched
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, rate: 2000 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: process }
+          - { id: sink, kind: null-sink, inputs: [pass] }
+        """
+        let run = Paths.tempDir("pipectl")
+        let p = try startPipeline(writeTemp(yaml, "watched.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(1)
+        let l1 = try pipectlJSON(["lanes", "--run-dir", run])
+        usleep(600_000)
+        let l2 = try pipectlJSON(["lanes", "--control", "ipc://\(run)/control.sock"])
+        let a = try #require(l1.listValue?.first { $0["from"]?.stringValue == "pass.out" })
+        let b = try #require(l2.listValue?.first { $0["from"]?.stringValue == "pass.out" })
+        #expect(a["transport"]?.stringValue == "ipc")
+        #expect(a["bound"]?.intValue == 1024)
+        // Counts from the worker process arrive as stats frames and keep growing.
+        #expect((b["sent"]?.intValue ?? 0) > (a["sent"]?.intValue ?? 0))
+        #expect((b["received"]?.intValue ?? 0) > 0)
+        let st = try pipectlJSON(["status", "--run-dir", run])
+        #expect(st["host"]?["pipeline"]?.stringValue == "watched")
+        let pass = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass" })
+        #expect(pass["placement"]?.stringValue == "process")
+        #expect(pass["pid"]?.intValue != st["host"]?["pid"]?.intValue)
+        // The control socket is private.
+        var sb = stat()
+        #expect(stat(run + "/control.sock", &sb) == 0 && (sb.st_mode & 0o777) == 0o600)
+        let text = try runProcess(Paths.pipectl, ["lanes", "--run-dir", run])
+        #expect(text.stdout.contains("pass.out") && text.stdout.contains("credits"))
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+    }
+
+    @Test func killedWorker_isRestartedLoggedAndCounted() throws {
+        let yaml = """
+        pipeline: crashy
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, rate: 1000 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: process }
+          - { id: sink, kind: null-sink, inputs: [pass] }
+        """
+        let run = Paths.tempDir("crash")
+        let p = try startPipeline(writeTemp(yaml, "crashy.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(1)
+        let st = try pipectlJSON(["status", "--run-dir", run])
+        let pid = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass" }?["pid"]?.intValue)
+        kill(Int32(pid), SIGKILL)
+        // The host restarts it; its lanes carry envelopes again.
+        var restarted: ConfigValue?
+        for _ in 0..<50 {
+            usleep(200_000)
+            let s = try pipectlJSON(["status", "--run-dir", run])
+            if let pass = s["stages"]?.listValue?.first(where: { $0["id"]?.stringValue == "pass" }),
+               pass["restarts"]?.intValue == 1, pass["pid"]?.intValue != pid, (pass["received"]?.intValue ?? 0) > 0 { restarted = pass; break }
+        }
+        #expect(restarted != nil)
+        let before = try pipectlJSON(["lanes", "--run-dir", run]).listValue?.first { $0["from"]?.stringValue == "pass.out" }?["received"]?.intValue ?? 0
+        usleep(500_000)
+        let after = try pipectlJSON(["lanes", "--run-dir", run]).listValue?.first { $0["from"]?.stringValue == "pass.out" }?["received"]?.intValue ?? 0
+        #expect(after > before)
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+    }
+
+    @Test func maxEnvelopesAndUntilIdle_boundEndlessRuns() throws {
+        let yaml = """
+        pipeline: endless
+        stages:
+          - { id: gen, kind: generator, config: { count: 0 } }
+          - { id: sink, kind: null-sink, inputs: [gen] }
+        """
+        let f = writeTemp(yaml, "endless.yaml")
+        let (r1, s1) = try runPipeline(f, runDir: Paths.tempDir("max"), extra: ["--max-envelopes", "5000"], timeout: 60)
+        #expect(r1.status == 0)
+        let n = stage(s1, "gen")?["emitted"]?.intValue ?? 0
+        #expect(n == 5000)
+        #expect(lane(s1, from: "gen.out", to: "sink.in")?["received"]?.intValue == 5000)
+        let idle = """
+        pipeline: idle
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, rate: 1000 } }
+          - { id: sink, kind: null-sink, inputs: [gen] }
+        """
+        // A source that stops producing (rate 0.5/s after the first) lets --until-idle end the run.
+        let slow = writeTemp(idle.replacingOccurrences(of: "rate: 1000", with: "rate: 0.2"), "idle.yaml")
+        let start = Date()
+        let (r2, _) = try runPipeline(slow, runDir: Paths.tempDir("idle"), extra: ["--until-idle", "1"], timeout: 60)
+        #expect(r2.status == 0)
+        #expect(Date().timeIntervalSince(start) < 20)
+    }
+
+    @Test func garbageOnALane_isDeadLetteredCountedAuditedAndThePipelineGoesOn() throws {
+        let yaml = """
+        pipeline: garbage
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, rate: 500 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: process }
+          - { id: sink, kind: null-sink, inputs: [pass] }
+        """
+        let run = Paths.tempDir("garbage")
+        let p = try startPipeline(writeTemp(yaml, "garbage.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(1)
+        // Speak to the worker's input socket directly: a garbage frame, a DATA frame for lane 1
+        // with a malformed envelope, and one with an oversized envelope length.
+        let inject = """
+        import zmq, struct, sys
+        s = zmq.Context().socket(zmq.PUSH); s.connect(sys.argv[1])
+        hdr = lambda t, lane, seq: b"PL" + bytes([1, t]) + struct.pack("<IQ", lane, seq)
+        s.send(b"garbage!" * 4)
+        s.send(hdr(1, 1, 999) + struct.pack("<I", 1) + struct.pack("<I", 3) + b"\\x01\\x80\\x00")
+        s.send(hdr(1, 1, 1000) + struct.pack("<I", 1) + struct.pack("<I", 2000000) + b"\\x00" * 2000000)
+        s.close(linger=2000)
+        """
+        let py = try runProcess("/usr/bin/python3", ["-c", inject, "ipc://\(run)/sock/pass.in"], timeout: 30)
+        #expect(py.status == 0, "\(py.stderr)")
+        usleep(800_000)
+        let st = try pipectlJSON(["status", "--run-dir", run])
+        let pass = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass" })
+        #expect(pass["dead_lettered"]?.intValue == 3)
+        #expect(pass["state"]?.stringValue != "failed")
+        let before = pass["received"]?.intValue ?? 0
+        usleep(500_000)
+        let later = try pipectlJSON(["status", "--run-dir", run]).listValue
+        _ = later
+        let pass2 = try pipectlJSON(["status", "--run-dir", run])["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass" }
+        #expect((pass2?["received"]?.intValue ?? 0) > before)
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        let dl = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
+        #expect(dl.contains("malformed frame: bad frame magic"))
+        #expect(dl.contains("malformed envelope on lane 1"))
+        #expect(dl.contains("envelope too large: 2000000 > limit 1048576"))
+        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
+        #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 3)
+    }
+
+    @Test func pipectl_withoutAHost_isAOneLineError() throws {
+        let r = try runProcess(Paths.pipectl, ["lanes", "--run-dir", "/nonexistent/run"], timeout: 30)
+        #expect(r.status == 1)
+        #expect(r.stderr == "pipectl: no pipehost is running at ipc:///nonexistent/run/control.sock (socket file missing)\n")
+        let usage = try runProcess(Paths.pipectl, ["lanes", "--bogus"], timeout: 30)
+        #expect(usage.status == 64)
+        #expect(usage.stderr.contains("Usage:"))
+    }
+
+    @Test func pipectl_validateAndStages() throws {
+        let ok = try runProcess(Paths.pipectl, ["validate", Paths.root + "/pipelines/hello.yaml"])
+        #expect(ok.status == 0)
+        let bad = try runProcess(Paths.pipectl, ["validate", Paths.fixture("broken.yaml")])
+        #expect(bad.status == 1)
+        #expect(bad.stdout.split(separator: "\n").count == 10)
+        let stages = try pipectlJSON(["stages"])
+        let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
+        #expect(kinds == ["file-sink", "file-source", "generator", "hop", "null-sink", "passthrough", "stdout-sink"])
+        let hop = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "hop" })
+        #expect(hop["outputs"] == .list([.string("out"), .string("again"), .string("dead_letter")]))
+        let gen = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "generator" })
+        #expect(gen["config"]?.listValue?.first { $0["name"]?.stringValue == "count" }?["default"] == .int(1000))
+        let badRun = try runProcess(Paths.pipehost, ["run", Paths.fixture("broken.yaml")])
+        #expect(badRun.status == 1)
+        #expect(badRun.stderr.contains("broken.yaml:5:11: unknown stage kind 'generater'"))
+    }
+
+    @Test func keygen_writesKeyFilesWithMode0600() throws {
+        let dir = Paths.tempDir("keys") + "/k"
+        let r = try runProcess(Paths.pipehost, ["keygen", "-o", dir])
+        #expect(r.status == 0, "\(r.stderr)")
+        for f in ["signing.key", "signing.pub", "curve.key", "curve.pub"] {
+            var sb = stat()
+            #expect(stat(dir + "/" + f, &sb) == 0)
+            #expect(sb.st_mode & 0o777 == 0o600, "\(f)")
+        }
+        #expect(try String(contentsOfFile: dir + "/signing.key", encoding: .utf8).count == 129)
+        #expect(try String(contentsOfFile: dir + "/curve.pub", encoding: .utf8).count == 41)
+        let again = try runProcess(Paths.pipehost, ["keygen", "-o", dir])
+        #expect(again.status == 1 && again.stderr.contains("--force"))
+    }
+}
