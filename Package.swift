@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "pipehost", targets: ["pipehost"]),
         .executable(name: "pipectl", targets: ["pipectl"]),
+        .executable(name: "bench", targets: ["bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),

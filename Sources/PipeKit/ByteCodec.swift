@@ -15,10 +15,48 @@ public struct ByteWriter: Sendable {
             buffer.append(contentsOf: p)
         }
     }
+    /// Appends exactly `count` bytes written by `body` through a ``RawWriter``.
+    public mutating func appendRaw(count: Int, _ body: (inout RawWriter) -> Void) {
+        let start = buffer.count
+        buffer.append(contentsOf: repeatElement(0, count: count))
+        buffer.withUnsafeMutableBytes { raw in
+            guard let base = raw.baseAddress else { return }
+            var w = RawWriter(base + start)
+            body(&w)
+        }
+    }
     /// Overwrites a u32 written earlier at `offset`.
     public mutating func patchU32(at offset: Int, _ v: UInt32) {
         let le = v.littleEndian
         for i in 0..<4 { buffer[offset + i] = UInt8(truncatingIfNeeded: le >> (8 * UInt32(i))) }
+    }
+}
+
+/// Writes little-endian values straight into memory the caller has sized exactly (the hot
+/// path of frame encoding: one allocation per frame, no bounds checks per field).
+public struct RawWriter {
+    public private(set) var p: UnsafeMutableRawPointer
+    public init(_ p: UnsafeMutableRawPointer) { self.p = p }
+    @inline(__always) public mutating func u8(_ v: UInt8) { p.storeBytes(of: v, as: UInt8.self); p += 1 }
+    @inline(__always) public mutating func u16(_ v: UInt16) { p.storeBytes(of: v.littleEndian, as: UInt16.self); p += 2 }
+    @inline(__always) public mutating func u32(_ v: UInt32) { p.storeBytes(of: v.littleEndian, as: UInt32.self); p += 4 }
+    @inline(__always) public mutating func u64(_ v: UInt64) { p.storeBytes(of: v.littleEndian, as: UInt64.self); p += 8 }
+    @inline(__always) public mutating func bytes(_ b: UnsafeRawBufferPointer) {
+        if let base = b.baseAddress, b.count > 0 { p.copyMemory(from: base, byteCount: b.count) }
+        p += b.count
+    }
+    @inline(__always) public mutating func bytes(_ b: [UInt8]) { b.withUnsafeBytes { bytes($0) } }
+    /// u16 length + UTF-8 bytes (callers have checked the length).
+    @inline(__always) public mutating func str16(_ s: String) {
+        var s = s
+        s.withUTF8 { u in
+            u16(UInt16(truncatingIfNeeded: u.count))
+            bytes(UnsafeRawBufferPointer(u))
+        }
+    }
+    /// 16 bytes, big-endian `hi` then `lo` (the id's canonical byte order).
+    @inline(__always) public mutating func id(_ id: EnvelopeID) {
+        p.storeBytes(of: id.hi.bigEndian, as: UInt64.self); p.storeBytes(of: id.lo.bigEndian, toByteOffset: 8, as: UInt64.self); p += 16
     }
 }
 
@@ -67,7 +105,12 @@ public struct ByteReader {
     }
     public mutating func bytes(_ n: Int, _ f: String) throws(DecodeError) -> [UInt8] {
         try need(n, f); defer { offset += n }
-        return Array(UnsafeRawBufferPointer(rebasing: base[offset..<(offset + n)]))
+        if n == 0 { return [] }
+        let src = base.baseAddress! + offset  // n > 0 and need() passed, so base is non-nil
+        return [UInt8](unsafeUninitializedCapacity: n) { buf, count in
+            buf.baseAddress?.initialize(from: src.assumingMemoryBound(to: UInt8.self), count: n)
+            count = n
+        }
     }
     public mutating func slice(_ n: Int, _ f: String) throws(DecodeError) -> UnsafeRawBufferPointer {
         try need(n, f); defer { offset += n }
@@ -81,7 +124,12 @@ public struct ByteReader {
         let p = UnsafeRawBufferPointer(rebasing: base[offset..<(offset + n)])
         offset += n
         if n == 0 { return "" }
-        guard let s = String(validating: p, as: UTF8.self) else {
+        // ASCII (the common case) needs no validation; anything else is validated, never repaired.
+        let u = p.assumingMemoryBound(to: UInt8.self)
+        var acc: UInt8 = 0
+        for b in u { acc |= b }
+        if acc < 0x80 { return String(decoding: u, as: UTF8.self) }
+        guard let s = String(validating: u, as: UTF8.self) else {
             throw .invalid(field: f, reason: "not UTF-8")
         }
         return s

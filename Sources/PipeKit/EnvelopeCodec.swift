@@ -36,33 +36,37 @@ public enum EnvelopeCodec {
 
     /// Checks the limits that the decoder enforces, so that we never send what a peer must refuse.
     public static func check(_ e: Envelope, limits: WireLimits = .standard) throws(EncodeError) {
-        for (name, s) in [("actor", e.actor), ("intent", e.intent), ("authority", e.authority), ("lane", e.lane)]
-        where s.utf8.count > limits.maxHeaderString {
-            throw EncodeError(reason: "\(name) is \(s.utf8.count) bytes, limit \(limits.maxHeaderString)")
-        }
+        let h = limits.maxHeaderString
+        if e.actor.utf8.count > h { throw EncodeError(reason: "actor is \(e.actor.utf8.count) bytes, limit \(h)") }
+        if e.intent.utf8.count > h { throw EncodeError(reason: "intent is \(e.intent.utf8.count) bytes, limit \(h)") }
+        if e.authority.utf8.count > h { throw EncodeError(reason: "authority is \(e.authority.utf8.count) bytes, limit \(h)") }
+        if e.lane.utf8.count > h { throw EncodeError(reason: "lane is \(e.lane.utf8.count) bytes, limit \(h)") }
         if e.attrs.count > limits.maxAttrs { throw EncodeError(reason: "\(e.attrs.count) attrs, limit \(limits.maxAttrs)") }
         if e.clock.count > limits.maxClockEntries { throw EncodeError(reason: "\(e.clock.count) clock entries, limit \(limits.maxClockEntries)") }
-        for (k, v) in e.attrs {
-            if k.utf8.count > limits.maxAttrKey { throw EncodeError(reason: "attr key '\(k.prefix(40))' over \(limits.maxAttrKey) bytes") }
-            if case .string(let s) = v, s.utf8.count > 65535 { throw EncodeError(reason: "attr '\(k)' value over 65535 bytes") }
+        if !e.attrs.isEmpty {
+            for (k, v) in e.attrs {
+                if k.utf8.count > limits.maxAttrKey { throw EncodeError(reason: "attr key '\(k.prefix(40))' over \(limits.maxAttrKey) bytes") }
+                if case .string(let s) = v, s.utf8.count > 65535 { throw EncodeError(reason: "attr '\(k)' value over 65535 bytes") }
+            }
         }
-        for (k, _) in e.clock where k.utf8.count > limits.maxHeaderString {
-            throw EncodeError(reason: "clock actor over \(limits.maxHeaderString) bytes")
-        }
+        if !e.clock.isEmpty { for (k, _) in e.clock where k.utf8.count > h { throw EncodeError(reason: "clock actor over \(h) bytes") } }
         if let s = e.sig, s.keyID.count != 8 || s.signature.count != 64 {
             throw EncodeError(reason: "signature must be 8-byte key id + 64-byte signature")
         }
-        let size = encodedSizeEstimate(e)
+        let size = encodedSize(e)
         if size > limits.maxEnvelopeBytes { throw EncodeError(reason: "envelope is \(size) bytes, limit \(limits.maxEnvelopeBytes)") }
     }
 
-    static func encodedSizeEstimate(_ e: Envelope) -> Int {
+    /// The exact size of the encoding of `e`.
+    @inline(__always) public static func encodedSize(_ e: Envelope) -> Int {
         var n = 2 + 16 + 24 + 8 + e.actor.utf8.count + e.intent.utf8.count + e.authority.utf8.count + e.lane.utf8.count + 2 + 4 + e.payload.count
         if e.parent != nil { n += 16 }
         if !e.clock.isEmpty { n += 2; for (k, _) in e.clock { n += 10 + k.utf8.count } }
-        for (k, v) in e.attrs {
-            n += 3 + k.utf8.count
-            if case .string(let s) = v { n += 2 + s.utf8.count } else { n += 8 }
+        if !e.attrs.isEmpty {
+            for (k, v) in e.attrs {
+                n += 3 + k.utf8.count
+                switch v { case .string(let s): n += 2 + s.utf8.count; case .int, .double: n += 8; case .bool: n += 1 }
+            }
         }
         if e.sig != nil { n += 72 }
         return n
@@ -71,14 +75,19 @@ public enum EnvelopeCodec {
     /// Appends the encoding of `e` (no length prefix). Attrs and clock entries are written in
     /// ascending key order (byte-wise UTF-8), so the encoding is canonical.
     public static func encode(_ e: Envelope, into w: inout ByteWriter) {
+        w.appendRaw(count: encodedSize(e)) { encode(e, raw: &$0) }
+    }
+
+    /// Writes the encoding into memory sized with ``encodedSize(_:)``.
+    @inline(__always) public static func encode(_ e: Envelope, raw w: inout RawWriter) {
         var flags: UInt8 = 0
         if e.parent != nil { flags |= flagParent }
         if !e.clock.isEmpty { flags |= flagClock }
         if e.sig != nil { flags |= flagSig }
         w.u8(version)
         w.u8(flags)
-        w.bytes(e.id.bytes)
-        if let p = e.parent { w.bytes(p.bytes) }
+        w.id(e.id)
+        if let p = e.parent { w.id(p) }
         w.u64(e.rank); w.u32(e.hops); w.u32(e.attempt); w.u64(e.ingestNs)
         w.str16(e.actor); w.str16(e.intent); w.str16(e.authority); w.str16(e.lane)
         if !e.clock.isEmpty {
@@ -103,7 +112,7 @@ public enum EnvelopeCodec {
     }
 
     public static func encode(_ e: Envelope) -> [UInt8] {
-        var w = ByteWriter(capacity: 96 + e.payload.count)
+        var w = ByteWriter(capacity: encodedSize(e))
         encode(e, into: &w)
         return w.buffer
     }

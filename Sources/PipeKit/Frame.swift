@@ -191,6 +191,24 @@ public struct DataFrameBuilder {
         writer.patchU32(at: at, UInt32(writer.buffer.count - at - 4))
         count += 1
     }
+    /// A whole DATA frame for `envelopes` in one exactly sized allocation (the lanes' hot path).
+    public static func build(lane: UInt32, seq: UInt64, envelopes: UnsafeBufferPointer<Envelope>) -> [UInt8] {
+        var total = FrameHeader.size + 4
+        for e in envelopes { total += 4 + EnvelopeCodec.encodedSize(e) }
+        return [UInt8](unsafeUninitializedCapacity: total) { buf, count in
+            guard let base = buf.baseAddress else { count = 0; return }
+            var w = RawWriter(UnsafeMutableRawPointer(base))
+            w.u8(FrameHeader.magic.0); w.u8(FrameHeader.magic.1); w.u8(FrameHeader.version); w.u8(FrameType.data.rawValue)
+            w.u32(lane); w.u64(seq)
+            w.u32(UInt32(envelopes.count))
+            for e in envelopes {
+                w.u32(UInt32(EnvelopeCodec.encodedSize(e)))
+                EnvelopeCodec.encode(e, raw: &w)
+            }
+            count = total
+        }
+    }
+
     /// Appends an already encoded envelope.
     public mutating func append(encoded: some Collection<UInt8>) {
         writer.u32(UInt32(encoded.count)); writer.bytes(encoded); count += 1

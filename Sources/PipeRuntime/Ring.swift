@@ -6,6 +6,10 @@ struct Ring<T> {
     var isEmpty: Bool { head == items.count }
     mutating func append(_ x: T) { items.append(x) }
     func peek(_ i: Int) -> T { items[head + i] }
+    /// The first `n` items, contiguous, borrowed for `body`.
+    func withFirst<R>(_ n: Int, _ body: (UnsafeBufferPointer<T>) -> R) -> R {
+        items.withUnsafeBufferPointer { body(UnsafeBufferPointer(rebasing: $0[head..<(head + n)])) }
+    }
     mutating func removeFirst(_ n: Int = 1) {
         head += n
         if head == items.count { items.removeAll(keepingCapacity: true); head = 0 }

@@ -557,15 +557,14 @@ final class RunnerCore: StageContext {
 
     func flush(_ i: Int) {
         while !outLanes[i].queue.isEmpty && outLanes[i].credits > 0 {
-            let n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
-            var b = DataFrameBuilder(lane: outLanes[i].id, seq: outLanes[i].seq + 1, capacity: 64 + n * 160)
-            var taken = 0
-            while taken < n {
-                b.append(outLanes[i].queue.peek(taken))
-                taken += 1
-                if b.byteCount > 1 << 20 { break }
-            }
-            let frame = b.finish()
+            var n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
+            // Keep frames near 1 MiB at most: big envelopes travel in smaller batches.
+            var bytes = 0, fit = 0
+            while fit < n { bytes += outLanes[i].queue.peek(fit).payload.count + 64; fit += 1; if bytes > 1 << 20 { break } }
+            n = max(1, fit)
+            let taken = n
+            let lane = outLanes[i].id, seq = outLanes[i].seq + 1
+            let frame = outLanes[i].queue.withFirst(n) { DataFrameBuilder.build(lane: lane, seq: seq, envelopes: $0) }
             let ok = (try? outLanes[i].socket.send(frame, dontWait: true)) ?? false
             guard ok else { return }
             outLanes[i].seq += 1

@@ -62,3 +62,26 @@ struct HarnessTests {
         #expect(throws: StageError.self) { try StageHarness(GeneratorStage.descriptor, config: .object([("colour", .int(1))])) }
     }
 }
+
+@Suite("Latency histogram")
+struct LatencyHistogramTests {
+    @Test func percentiles_areWithinBucketResolution() {
+        var h = LatencyHistogram()
+        for v in 1...10_000 { h.record(UInt64(v) * 1000) }  // 1 us .. 10 ms uniformly
+        let p50 = Double(h.percentile(0.5)), p99 = Double(h.percentile(0.99))
+        #expect(abs(p50 - 5_000_000) / 5_000_000 < 0.04)
+        #expect(abs(p99 - 9_900_000) / 9_900_000 < 0.04)
+        #expect(h.max == 10_000_000)
+        #expect(h.percentile(1.0) == 10_000_000)
+    }
+
+    @Test func nullSink_reportsLatencyFromIngestTime() throws {
+        let h = try StageHarness(NullSinkStage.descriptor)
+        var e = Envelope(); e.ingestNs = h.wallClockNs - 2_000_000  // 2 ms ago
+        try h.feed(e)
+        _ = try h.finish()
+        let p99 = h.statusReport["latency_p99_us"]?.doubleValue ?? 0
+        #expect(p99 >= 1900 && p99 <= 2100)
+        #expect(h.statusReport["discarded"] == .int(1))
+    }
+}

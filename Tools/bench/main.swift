@@ -1,1 +1,101 @@
-print("wip")
+// Tools/bench: throughput and latency of lanes and pipelines, with ratios against raw libzmq
+// measured in the same run. Build and run: `Tools/bench.sh` (release build).
+import Foundation
+import PipeConfig
+import PipeKit
+import PipeRegistry
+import PipeRuntime
+import PipeZMQ
+
+let args = CommandLine.arguments
+let quick = args.contains("--quick")
+let N = quick ? 300_000 : 2_000_000
+
+func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+/// Raw libzmq PUSH/PULL over inproc: one sender thread, one receiver thread, 100-byte messages.
+func rawInproc(messages: Int) throws -> Double {
+    let ctx = try ZMQContext()
+    let ep = "inproc://bench-raw-\(UInt32.random(in: 0...UInt32.max))"
+    let pull = try ctx.socket(.pull)
+    try pull.bind(ep)
+    let push = try ctx.socket(.push)
+    try push.connect(ep)
+    let payload = [UInt8](repeating: 0x61, count: 100)
+    let sender = Thread {
+        for _ in 0..<messages { _ = try? push.send(payload) }
+    }
+    let t0 = now()
+    sender.start()
+    var got = 0
+    while got < messages { if (try? pull.receiveMessage()) != nil { got += 1 } }
+    let dt = now() - t0
+    push.close(); pull.close(); ctx.terminate()
+    return Double(messages) / dt
+}
+
+struct PipelineResult { var rate: Double; var summary: RunSummary }
+
+func runPipeline(_ yaml: String, name: String) throws -> PipelineResult {
+    let (spec, diags) = PipelineLoader.load(text: yaml, file: "\(name).yaml", registry: builtInStages)
+    guard let spec, diags.isEmpty else { throw RuntimeError.plan(diags.map(\.description).joined(separator: "\n")) }
+    let edges = PipelineValidator(spec: spec, registry: builtInStages).edges
+    let plan = try PipelinePlan.make(spec: spec, edges: edges, registry: builtInStages)
+    let dir = NSTemporaryDirectory() + "bench-\(name)-\(getpid())"
+    let exeDir = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? args[0]).deletingLastPathComponent().path
+    let host = try PipelineHost(plan: plan, registry: builtInStages,
+                                options: HostOptions(runDirectory: dir, workerExecutable: exeDir + "/pipehost"))
+    let s = try host.run()
+    if let f = s.failure { throw RuntimeError.plan(f) }
+    let sink = s.lanes.first { $0.to == "sink.in" }?.received ?? 0
+    return PipelineResult(rate: Double(sink) / s.elapsedSeconds, summary: s)
+}
+
+func threeStage(count: Int, placement: String, rate: Double = 0) -> String {
+    """
+    pipeline: bench
+    stages:
+      - { id: gen, kind: generator, config: { count: \(count), payload_size: 100, seed: 1, rate: \(rate) } }
+      - { id: pass, kind: passthrough, inputs: [gen], placement: \(placement) }
+      - { id: sink, kind: null-sink, inputs: [pass] }
+    """
+}
+
+func fmt(_ r: Double) -> String { String(format: "%.2f M/s", r / 1e6) }
+
+do {
+    print("bench: \(N) envelopes of 100 bytes per run, \(ProcessInfo.processInfo.activeProcessorCount) cores, libzmq \(ZMQContext.version)")
+    var raws: [Double] = []
+    for _ in 0..<3 { raws.append(try rawInproc(messages: N)) }
+    let raw = raws.sorted()[1]
+    print("raw libzmq PUSH/PULL inproc, 1 msg per send (median of 3):  \(fmt(raw))")
+
+    var inprocs: [PipelineResult] = []
+    for _ in 0..<3 { inprocs.append(try runPipeline(threeStage(count: N, placement: "in-process"), name: "inproc")) }
+    let inproc = inprocs.sorted { $0.rate < $1.rate }[1]
+    let l1 = inproc.summary.lanes.filter { $0.from == "gen.out" || $0.from == "pass.out" }
+    print("pipeline generator -> passthrough -> null-sink, in-process:  \(fmt(inproc.rate))  (lanes: " +
+          l1.map { "\($0.from)->\($0.to) \($0.transport) sent \($0.sent) received \($0.received)" }.joined(separator: "; ") + ")")
+
+    var procs: [PipelineResult] = []
+    for _ in 0..<3 { procs.append(try runPipeline(threeStage(count: N, placement: "process"), name: "process")) }
+    let proc = procs.sorted { $0.rate < $1.rate }[1]
+    let l2 = proc.summary.lanes.filter { $0.from == "gen.out" || $0.from == "pass.out" }
+    print("same, passthrough in a worker process (ipc lanes):          \(fmt(proc.rate))  (lanes: " +
+          l2.map { "\($0.from)->\($0.to) \($0.transport) received \($0.received)" }.joined(separator: "; ") + ")")
+
+    let lowRate = (inproc.rate * 0.10).rounded()
+    let lowCount = Int(min(lowRate * 3, 600_000))
+    let low = try runPipeline(threeStage(count: lowCount, placement: "in-process", rate: lowRate), name: "latency")
+    let st = low.summary.stages.first { $0.id == "sink" }?.status ?? []
+    func stat(_ k: String) -> Double { st.first { $0.0 == k }?.1.doubleValue ?? -1 }
+    print("latency at \(Int(lowRate))/s (10% of in-process max), ingest -> sink: p50 \(stat("latency_p50_us")) us, p99 \(stat("latency_p99_us")) us, max \(stat("latency_max_us")) us")
+
+    print("")
+    print(String(format: "ratio in-process / raw inproc:  %.2f x  (target >= 1.0)", inproc.rate / raw))
+    print(String(format: "ratio process / in-process:     %.2f x  (target >= 0.3)", proc.rate / inproc.rate))
+    print(String(format: "p99 latency at 10%% load:        %.0f us (target < 1000)", stat("latency_p99_us")))
+} catch {
+    FileHandle.standardError.write(Data("bench: \(error)\n".utf8))
+    exit(1)
+}
