@@ -1,6 +1,10 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// The envelope hot path (codec, lanes, runner) reads class-backed storage per field; dynamic
+// exclusivity checks there cost ~18% of CPU (perf, docs/decisions.md). Static checks remain.
+let hotPath: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
+
 // Layering (see docs/architecture.md): C shims are imported by exactly one wrapper module each;
 // plugins import PipeKit plus capability modules, never a shim and never PipeRuntime.
 let package = Package(
@@ -24,7 +28,7 @@ let package = Package(
         .systemLibrary(name: "CSQLite", path: "Sources/CSQLite"),
 
         // The stage SDK.
-        .target(name: "PipeKit", dependencies: [.product(name: "Logging", package: "swift-log")]),
+        .target(name: "PipeKit", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: hotPath),
         .target(name: "PipeKitTesting", dependencies: ["PipeKit"]),
 
         // Capability wrappers, one per C library.
@@ -35,7 +39,7 @@ let package = Package(
         .target(name: "PipeConfig", dependencies: ["PipeKit", "Yams"]),
 
         // Stage plugins: PipeKit + capability modules only.
-        .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core"),
+        .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
 
         // The one stage registry.
         .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages"]),
@@ -43,7 +47,7 @@ let package = Package(
         .target(name: "PipeRuntime", dependencies: [
             "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeRegistry",
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], swiftSettings: hotPath),
 
         .executableTarget(name: "pipehost", dependencies: [
             "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeSeal",

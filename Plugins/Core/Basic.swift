@@ -9,7 +9,7 @@ public final class PassthroughStage: Stage {
         make: { _ in PassthroughStage() })
     var out = OutputHandle(index: 0, name: "out")
     public func start(context: any StageContext) throws { out = try context.output("out") }
-    public func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws {
+    public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
         context.emit(envelope, to: out)
     }
 }

@@ -28,6 +28,12 @@ public struct EnvelopeID: Hashable, Sendable, Comparable, CustomStringConvertibl
         return out
     }
 
+    /// From 16 big-endian bytes in memory.
+    @inline(__always) public init(raw: UnsafeRawBufferPointer) {
+        hi = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+        lo = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+    }
+
     public init?(bytes: some Collection<UInt8>) {
         guard bytes.count == 16 else { return nil }
         var hi: UInt64 = 0, lo: UInt64 = 0
@@ -93,34 +99,83 @@ public struct EnvelopeSignature: Sendable, Hashable {
 
 /// Everything that flows is an envelope: a small typed header plus opaque payload bytes.
 /// Field meanings are in CONCEPTS.md ("The envelope"); the binary form is in docs/wire-format.md.
+///
+/// Value semantics over one copy-on-write storage box: copying an envelope (into a lane's
+/// sender queue, to each branch of a fan-out) costs one reference count, not one per field.
 public struct Envelope: Sendable, Hashable {
-    public var id: EnvelopeID
-    public var parent: EnvelopeID?
-    public var actor: String
-    public var intent: String
-    public var authority: String
+    final class Storage: @unchecked Sendable {
+        // @unchecked: copy-on-write. A Storage is mutated only through an Envelope that holds
+        // the only reference (checked with isKnownUniquelyReferenced), so it is never shared mutably.
+        var id: EnvelopeID
+        var parent: EnvelopeID?
+        var actor: String
+        var intent: String
+        var authority: String
+        var rank: UInt64
+        var clock: [String: UInt64]
+        var lane: String
+        var hops: UInt32
+        var attempt: UInt32
+        var ingestNs: UInt64
+        var attrs: [String: AttrValue]
+        var sig: EnvelopeSignature?
+        var payload: [UInt8]
+        init(id: EnvelopeID, parent: EnvelopeID?, actor: String, intent: String, authority: String, rank: UInt64,
+             clock: [String: UInt64], lane: String, hops: UInt32, attempt: UInt32, ingestNs: UInt64,
+             attrs: [String: AttrValue], sig: EnvelopeSignature?, payload: [UInt8]) {
+            self.id = id; self.parent = parent; self.actor = actor; self.intent = intent; self.authority = authority
+            self.rank = rank; self.clock = clock; self.lane = lane; self.hops = hops; self.attempt = attempt
+            self.ingestNs = ingestNs; self.attrs = attrs; self.sig = sig; self.payload = payload
+        }
+        func copy() -> Storage {
+            Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
+                    hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: payload)
+        }
+    }
+    var s: Storage
+
+    @inline(__always) mutating func unique() { if !isKnownUniquelyReferenced(&s) { s = s.copy() } }
+
+    public var id: EnvelopeID { get { s.id } set { unique(); s.id = newValue } }
+    public var parent: EnvelopeID? { get { s.parent } set { unique(); s.parent = newValue } }
+    /// Who sent it (e.g. `codex.aint`).
+    public var actor: String { get { s.actor } set { unique(); s.actor = newValue } }
+    /// Dotted verb (e.g. `agent.tool.high`).
+    public var intent: String { get { s.intent } set { unique(); s.intent = newValue } }
+    public var authority: String { get { s.authority } set { unique(); s.authority = newValue } }
     /// Lamport rank; 0 = unplaced.
-    public var rank: UInt64
+    public var rank: UInt64 { get { s.rank } set { unique(); s.rank = newValue } }
     /// Optional vector clock, actor -> counter.
-    public var clock: [String: UInt64]
+    public var clock: [String: UInt64] { get { s.clock } _modify { unique(); yield &s.clock } }
     /// Lane it travels on (set by the mux).
-    public var lane: String
-    public var hops: UInt32
+    public var lane: String { get { s.lane } set { unique(); s.lane = newValue } }
+    public var hops: UInt32 { get { s.hops } set { unique(); s.hops = newValue } }
     /// Delivery attempt, 1 on first delivery.
-    public var attempt: UInt32
+    public var attempt: UInt32 { get { s.attempt } set { unique(); s.attempt = newValue } }
     /// Wall-clock ingest time in ns since the Unix epoch.
-    public var ingestNs: UInt64
-    public var attrs: [String: AttrValue]
-    public var sig: EnvelopeSignature?
-    public var payload: [UInt8]
+    public var ingestNs: UInt64 { get { s.ingestNs } set { unique(); s.ingestNs = newValue } }
+    public var attrs: [String: AttrValue] { get { s.attrs } _modify { unique(); yield &s.attrs } }
+    public var sig: EnvelopeSignature? { get { s.sig } set { unique(); s.sig = newValue } }
+    public var payload: [UInt8] { get { s.payload } _modify { unique(); yield &s.payload } }
 
     public init(id: EnvelopeID = .random(), parent: EnvelopeID? = nil, actor: String = "", intent: String = "",
                 authority: String = "", rank: UInt64 = 0, clock: [String: UInt64] = [:], lane: String = "",
                 hops: UInt32 = 0, attempt: UInt32 = 1, ingestNs: UInt64 = 0, attrs: [String: AttrValue] = [:],
                 sig: EnvelopeSignature? = nil, payload: [UInt8] = []) {
-        self.id = id; self.parent = parent; self.actor = actor; self.intent = intent; self.authority = authority
-        self.rank = rank; self.clock = clock; self.lane = lane; self.hops = hops; self.attempt = attempt
-        self.ingestNs = ingestNs; self.attrs = attrs; self.sig = sig; self.payload = payload
+        s = Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
+                    hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: payload)
+    }
+
+    public static func == (a: Envelope, b: Envelope) -> Bool {
+        if a.s === b.s { return true }
+        let x = a.s, y = b.s
+        return x.id == y.id && x.parent == y.parent && x.actor == y.actor && x.intent == y.intent && x.authority == y.authority
+            && x.rank == y.rank && x.clock == y.clock && x.lane == y.lane && x.hops == y.hops && x.attempt == y.attempt
+            && x.ingestNs == y.ingestNs && x.attrs == y.attrs && x.sig == y.sig && x.payload == y.payload
+    }
+
+    public func hash(into h: inout Hasher) {
+        h.combine(s.id); h.combine(s.parent); h.combine(s.actor); h.combine(s.intent); h.combine(s.rank); h.combine(s.payload)
     }
 
     /// A new envelope derived from this one: deterministic id, `parent` set, header copied, no signature.

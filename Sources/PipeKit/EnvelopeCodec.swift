@@ -127,9 +127,9 @@ public enum EnvelopeCodec {
         guard v == version else { throw .unsupportedVersion(v) }
         let flags = try r.u8("envelope.flags")
         if flags & ~(flagParent | flagClock | flagSig) != 0 { throw .invalid(field: "envelope.flags", reason: "unknown bits 0x\(String(flags, radix: 16))") }
-        guard let id = EnvelopeID(bytes: try r.slice(16, "envelope.id")) else { throw .invalid(field: "id", reason: "length") }
+        let id = EnvelopeID(raw: try r.slice(16, "envelope.id"))
         var parent: EnvelopeID? = nil
-        if flags & flagParent != 0 { parent = EnvelopeID(bytes: try r.slice(16, "envelope.parent")) }
+        if flags & flagParent != 0 { parent = EnvelopeID(raw: try r.slice(16, "envelope.parent")) }
         let rank = try r.u64("envelope.rank"), hops = try r.u32("envelope.hops")
         let attempt = try r.u32("envelope.attempt"), ingest = try r.u64("envelope.ingest_ns")
         let actor = try r.str16("envelope.actor", limit: limits.maxHeaderString)

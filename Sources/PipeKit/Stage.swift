@@ -62,7 +62,7 @@ public protocol StageContext: AnyObject {
     func output(_ name: String) throws(StageError) -> OutputHandle
     /// Emits to an output. Never blocks: the runner stops feeding the stage while a blocking
     /// output is not writable.
-    func emit(_ envelope: Envelope, to output: OutputHandle)
+    func emit(_ envelope: consuming Envelope, to output: OutputHandle)
     /// False while the output's lanes have no room (credits); a stage may choose to hold or shed.
     func isWritable(_ output: OutputHandle) -> Bool
     /// Sends the envelope to `dead_letter` with its reason (counted and audited).
@@ -117,7 +117,7 @@ public protocol Stage: AnyObject {
     /// Called once on the stage's thread before anything else.
     func start(context: any StageContext) throws
     /// Handles one envelope.
-    func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws
+    func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws
     /// How often `tick` is wanted, in ns; nil for never.
     var tickInterval: UInt64? { get }
     func tick(context: any StageContext) throws
@@ -131,7 +131,7 @@ public protocol Stage: AnyObject {
 
 extension Stage {
     public func start(context: any StageContext) throws {}
-    public func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws {}
+    public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {}
     public var tickInterval: UInt64? { nil }
     public func tick(context: any StageContext) throws {}
     public func drain(context: any StageContext) throws {}

@@ -60,7 +60,7 @@ public final class StageHarness: StageContext {
         guard let i = outputNames.firstIndex(of: name) else { throw StageError.halt("no output '\(name)'") }
         return OutputHandle(index: i, name: name)
     }
-    public func emit(_ envelope: Envelope, to output: OutputHandle) { outputs[output.name, default: []].append(envelope) }
+    public func emit(_ envelope: consuming Envelope, to output: OutputHandle) { outputs[output.name, default: []].append(envelope) }
     public func isWritable(_ output: OutputHandle) -> Bool { !blockedOutputs.contains(output.name) }
     public func deadLetter(_ envelope: Envelope, reason: String) {
         deadLetters.append((envelope, reason))

@@ -231,7 +231,7 @@ final class RunnerCore: StageContext {
         return OutputHandle(index: i, name: name)
     }
 
-    func emit(_ envelope: Envelope, to output: OutputHandle) {
+    func emit(_ envelope: consuming Envelope, to output: OutputHandle) {
         guard output.index >= 0, output.index < outputLanes.count else { return }
         if output.index != deadLetterHandle.index {
             do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
@@ -240,7 +240,11 @@ final class RunnerCore: StageContext {
             }
             emitted += 1
         }
-        for li in outputLanes[output.index] {
+        if a.audit == .all {
+            audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
+        }
+        let targets = outputLanes[output.index]
+        for (n, li) in targets.enumerated() {
             switch outLanes[li].whenFull {
             case .dropNewest where !outLanes[li].loopBack && outLanes[li].inFlight >= outLanes[li].bound:
                 outLanes[li].dropped += 1
@@ -253,10 +257,9 @@ final class RunnerCore: StageContext {
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
             default: break
             }
-            outLanes[li].queue.append(envelope)
-        }
-        if a.audit == .all {
-            audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
+            // Fan-out copies to every lane but the last, which takes the envelope itself.
+            if n == targets.count - 1 { outLanes[li].queue.append(consume envelope); return }
+            outLanes[li].queue.append(copy envelope)
         }
     }
 
@@ -525,13 +528,13 @@ final class RunnerCore: StageContext {
             deadLetter(e, reason: "hop-limit: hops \(e.hops) > max_hops \(max) on loop-back lane from \(inLanes[li].arrival.from)")
             return
         }
+        // The stage takes the envelope; a copy is kept only for the rare retry or dead letter,
+        // which the stage may need once it has given the envelope away (COW: no bytes copied).
         var attempt = 0
         while true {
-            do { try stage.process(e, from: inLanes[li].arrival, context: self); return } catch let se as StageError where se.action == .retry && attempt < 3 {
-                attempt += 1
-            } catch {
-                handleStageError(error, envelope: e); return
-            }
+            do { try stage.process(e, from: inLanes[li].arrival, context: self); return }
+            catch let se as StageError where se.action == .retry && attempt < 3 { attempt += 1 }
+            catch { handleStageError(error, envelope: e); return }
         }
     }
 
