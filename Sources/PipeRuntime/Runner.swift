@@ -506,6 +506,10 @@ final class RunnerCore: StageContext {
                     deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))),
                                reason: "malformed DATA frame on lane \(inLanes[li].id): \(error)")
                 }
+                // Return credits at half a window, so the producer refills while we work.
+                if inLanes[li].receivedInEpoch + UInt64(inLanes[li].bound) >= inLanes[li].limitSent + UInt64(max(1, inLanes[li].bound / 2)) {
+                    grantCredits(li, force: false)
+                }
             case .endOfStream:
                 inLanes[li].eos = true; statsDirty = true
             case .heartbeat:
