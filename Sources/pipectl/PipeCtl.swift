@@ -77,6 +77,7 @@ struct Validate: ParsableCommand {
 struct Stages: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List every registered stage kind: summary, inputs, outputs and config fields.")
     @Flag(help: "Print as JSON.") var json = false
+    @Flag(help: "Print the Markdown stage reference (the generated part of docs/pipeline-reference.md).") var markdown = false
     @Argument(help: "Only these kinds.") var kinds: [String] = []
 
     func run() throws {
@@ -85,6 +86,7 @@ struct Stages: ParsableCommand {
         }
         let list = builtInStages.descriptors.filter { kinds.isEmpty || kinds.contains($0.kind) }
         if json { printJSON(.list(list.map(StageDocs.json))); return }
+        if markdown { print(StageDocs.markdown(StageRegistry(list)), terminator: ""); return }
         for d in list { print(StageDocs.text(d)) }
     }
 }

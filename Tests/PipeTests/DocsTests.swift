@@ -1,0 +1,37 @@
+import Testing
+import Foundation
+import PipeKit
+import PipeRegistry
+import PipeRuntime
+
+@Suite("Docs stay true")
+struct DocsTests {
+    /// docs/wire-format.md with all white space removed, for hex look-ups.
+    static func compactDoc(_ name: String) throws -> String {
+        try String(contentsOfFile: Paths.root + "/docs/" + name, encoding: .utf8).filter { !$0.isWhitespace }
+    }
+
+    @Test func wireFormatDoc_printsTheVectorsTheEncoderProduces() throws {
+        let doc = try Self.compactDoc("wire-format.md")
+        let vectors: [[UInt8]] = [
+            EnvelopeCodec.encode(vectorEnvelope()),
+            FrameEncoder.endOfStream(lane: 3, seq: 9, total: 1000),
+            FrameEncoder.credit(lane: 3, seq: 1, epoch: 2, limit: 64),
+            FrameEncoder.heartbeat(lane: 0, seq: 1, timeNs: 1),
+            FrameEncoder.command(seq: 4, RunnerCommand(code: .stop)),
+            FrameEncoder.ack(lane: 1, seq: 1, ids: [EnvelopeID(hi: 1, lo: 2)]),
+            Hello(pid: 16, worker: "w").encode(seq: 1),
+        ]
+        for v in vectors { #expect(doc.contains(Hex.encode(v)), "missing vector \(Hex.encode(v))") }
+        var b = DataFrameBuilder(lane: 7, seq: 2)
+        b.append(vectorEnvelope())
+        #expect(doc.contains(Hex.encode(b.finish().prefix(24)).prefix(48)))
+        #expect(doc.contains(EnvelopeID.derived(from: EnvelopeID(hi: 1, lo: 2), output: "out", index: 0).description))
+    }
+
+    @Test func pipelineReference_containsTheGeneratedStageSection() throws {
+        let doc = try String(contentsOfFile: Paths.root + "/docs/pipeline-reference.md", encoding: .utf8)
+        let generated = StageDocs.markdown(builtInStages)
+        #expect(doc.contains(generated), "docs/pipeline-reference.md is stale: regenerate with `pipectl stages --markdown`")
+    }
+}
