@@ -105,8 +105,8 @@ public struct ByteReader {
     }
     public mutating func bytes(_ n: Int, _ f: String) throws(DecodeError) -> [UInt8] {
         try need(n, f); defer { offset += n }
-        if n == 0 { return [] }
-        let src = base.baseAddress! + offset  // n > 0 and need() passed, so base is non-nil
+        guard n > 0, let start = base.baseAddress else { return [] }
+        let src = start + offset
         return [UInt8](unsafeUninitializedCapacity: n) { buf, count in
             buf.baseAddress?.initialize(from: src.assumingMemoryBound(to: UInt8.self), count: n)
             count = n

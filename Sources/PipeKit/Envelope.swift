@@ -61,7 +61,7 @@ public struct EnvelopeID: Hashable, Sendable, Comparable, CustomStringConvertibl
         w.str16(output)
         w.u32(index)
         let digest = SHA256.hash(w.buffer)
-        return EnvelopeID(bytes: digest[0..<16])!  // 16 bytes by construction
+        return digest.withUnsafeBytes { EnvelopeID(raw: $0) }  // the first 16 of 32 bytes
     }
 
     public static func < (a: EnvelopeID, b: EnvelopeID) -> Bool { (a.hi, a.lo) < (b.hi, b.lo) }

@@ -191,20 +191,32 @@ public struct DataFrameBuilder {
         writer.patchU32(at: at, UInt32(writer.buffer.count - at - 4))
         count += 1
     }
-    /// A whole DATA frame for `envelopes` in one exactly sized allocation (the lanes' hot path).
-    public static func build(lane: UInt32, seq: UInt64, envelopes: UnsafeBufferPointer<Envelope>) -> [UInt8] {
+    /// The exact size of a DATA frame carrying `envelopes`.
+    public static func size(of envelopes: UnsafeBufferPointer<Envelope>) -> Int {
         var total = FrameHeader.size + 4
         for e in envelopes { total += 4 + EnvelopeCodec.encodedSize(e) }
+        return total
+    }
+
+    /// Writes a whole DATA frame into memory of exactly ``size(of:)`` bytes (the lanes' hot
+    /// path writes straight into a ZeroMQ message buffer).
+    public static func write(lane: UInt32, seq: UInt64, envelopes: UnsafeBufferPointer<Envelope>, into base: UnsafeMutableRawPointer) {
+        var w = RawWriter(base)
+        w.u8(FrameHeader.magic.0); w.u8(FrameHeader.magic.1); w.u8(FrameHeader.version); w.u8(FrameType.data.rawValue)
+        w.u32(lane); w.u64(seq)
+        w.u32(UInt32(envelopes.count))
+        for e in envelopes {
+            w.u32(UInt32(EnvelopeCodec.encodedSize(e)))
+            EnvelopeCodec.encode(e, raw: &w)
+        }
+    }
+
+    /// A whole DATA frame for `envelopes` as an array.
+    public static func build(lane: UInt32, seq: UInt64, envelopes: UnsafeBufferPointer<Envelope>) -> [UInt8] {
+        let total = size(of: envelopes)
         return [UInt8](unsafeUninitializedCapacity: total) { buf, count in
             guard let base = buf.baseAddress else { count = 0; return }
-            var w = RawWriter(UnsafeMutableRawPointer(base))
-            w.u8(FrameHeader.magic.0); w.u8(FrameHeader.magic.1); w.u8(FrameHeader.version); w.u8(FrameType.data.rawValue)
-            w.u32(lane); w.u64(seq)
-            w.u32(UInt32(envelopes.count))
-            for e in envelopes {
-                w.u32(UInt32(EnvelopeCodec.encodedSize(e)))
-                EnvelopeCodec.encode(e, raw: &w)
-            }
+            write(lane: lane, seq: seq, envelopes: envelopes, into: UnsafeMutableRawPointer(base))
             count = total
         }
     }

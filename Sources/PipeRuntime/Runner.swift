@@ -571,8 +571,12 @@ final class RunnerCore: StageContext {
             n = max(1, fit)
             let taken = n
             let lane = outLanes[i].id, seq = outLanes[i].seq + 1
-            let frame = outLanes[i].queue.withFirst(n) { DataFrameBuilder.build(lane: lane, seq: seq, envelopes: $0) }
-            let ok = (try? outLanes[i].socket.send(frame, dontWait: true)) ?? false
+            let socket = outLanes[i].socket
+            let ok = outLanes[i].queue.withFirst(n) { envs in
+                (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
+                    if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, envelopes: envs, into: base) }
+                }) ?? false
+            }
             guard ok else { return }
             outLanes[i].seq += 1
             outLanes[i].queue.removeFirst(taken)

@@ -169,6 +169,25 @@ public final class ZMQSocket: @unchecked Sendable {
         }
     }
 
+    /// Sends one message of `count` bytes written in place by `fill` into libzmq's own buffer
+    /// (zero-copy: no intermediate array). Returns false when `dontWait` and it could not be queued.
+    @discardableResult
+    public func send(count: Int, dontWait: Bool = false, fill: (UnsafeMutableRawBufferPointer) -> Void) throws(ZMQError) -> Bool {
+        let s = try h("send")
+        let m = UnsafeMutablePointer<zmq_msg_t>.allocate(capacity: 1)
+        defer { m.deallocate() }
+        guard zmq_msg_init_size(m, count) == 0 else { throw .last("zmq_msg_init_size") }
+        fill(UnsafeMutableRawBufferPointer(start: zmq_msg_data(m), count: count))
+        while true {
+            if zmq_msg_send(m, s, dontWait ? ZMQ_DONTWAIT : 0) >= 0 { return true }  // libzmq owns the data now
+            let e = zmq_errno()
+            if e == EINTR { continue }
+            zmq_msg_close(m)
+            if e == EAGAIN && dontWait { return false }
+            throw ZMQError(code: e, operation: "send")
+        }
+    }
+
     /// Sends a multipart message.
     @discardableResult
     public func send(parts: [[UInt8]], dontWait: Bool = false) throws(ZMQError) -> Bool {
