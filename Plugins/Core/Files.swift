@@ -79,7 +79,7 @@ public final class StdoutSinkStage: Stage {
     public func start(context: any StageContext) throws { writer = try LineWriter(fd: 1) }
     public func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws {
         if text {
-            try writer?.write(Array("\(envelope.id) \(envelope.actor) \(envelope.intent) rank=\(envelope.rank) hops=\(envelope.hops) \(envelope.payload.count)B".utf8))
+            try writer?.write(Array("\(envelope.id) \(envelope.actor) \(envelope.intent) rank=\(envelope.rank) hops=\(envelope.hops) \(envelope.payloadCount)B".utf8))
         } else {
             try writer?.write(EnvelopeJSONL.encode(envelope))
         }

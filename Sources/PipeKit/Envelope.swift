@@ -119,17 +119,44 @@ public struct Envelope: Sendable, Hashable {
         var ingestNs: UInt64
         var attrs: [String: AttrValue]
         var sig: EnvelopeSignature?
-        var payload: [UInt8]
+        /// The payload, when it is held as an array (made by a stage, or asked for by one).
+        var payloadArray: [UInt8]
+        /// The payload as decoded off the wire: plain malloc'd bytes, so forwarding an envelope
+        /// never builds an array for bytes no stage looks at. nil when `payloadArray` holds it.
+        var raw: UnsafeMutableRawPointer?
+        var rawCount = 0
         init(id: EnvelopeID, parent: EnvelopeID?, actor: String, intent: String, authority: String, rank: UInt64,
              clock: [String: UInt64], lane: String, hops: UInt32, attempt: UInt32, ingestNs: UInt64,
              attrs: [String: AttrValue], sig: EnvelopeSignature?, payload: [UInt8]) {
             self.id = id; self.parent = parent; self.actor = actor; self.intent = intent; self.authority = authority
             self.rank = rank; self.clock = clock; self.lane = lane; self.hops = hops; self.attempt = attempt
-            self.ingestNs = ingestNs; self.attrs = attrs; self.sig = sig; self.payload = payload
+            self.ingestNs = ingestNs; self.attrs = attrs; self.sig = sig; self.payloadArray = payload
         }
+        deinit { free(raw) }
         func copy() -> Storage {
-            Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
-                    hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: payload)
+            let c = Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
+                            hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: payloadArray)
+            if let raw { c.setRaw(UnsafeRawBufferPointer(start: raw, count: rawCount)) }
+            return c
+        }
+        /// Takes a copy of `bytes` as the payload.
+        func setRaw(_ bytes: UnsafeRawBufferPointer) {
+            free(raw); raw = nil; rawCount = 0
+            payloadArray = []
+            guard bytes.count > 0, let src = bytes.baseAddress, let p = malloc(bytes.count) else { return }
+            p.copyMemory(from: src, byteCount: bytes.count)
+            raw = p; rawCount = bytes.count
+        }
+        /// Moves raw bytes into `payloadArray` (before a stage mutates the payload).
+        func materialize() {
+            guard let r = raw else { return }
+            payloadArray = Array(UnsafeRawBufferPointer(start: r, count: rawCount))
+            free(r); raw = nil; rawCount = 0
+        }
+        var payloadCount: Int { raw != nil ? rawCount : payloadArray.count }
+        func withPayload<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+            if let raw { return try body(UnsafeRawBufferPointer(start: raw, count: rawCount)) }
+            return try payloadArray.withUnsafeBytes(body)
         }
     }
     var s: Storage
@@ -156,7 +183,25 @@ public struct Envelope: Sendable, Hashable {
     public var ingestNs: UInt64 { get { s.ingestNs } set { unique(); s.ingestNs = newValue } }
     public var attrs: [String: AttrValue] { get { s.attrs } _modify { unique(); yield &s.attrs } }
     public var sig: EnvelopeSignature? { get { s.sig } set { unique(); s.sig = newValue } }
-    public var payload: [UInt8] { get { s.payload } _modify { unique(); yield &s.payload } }
+    /// The payload bytes. Reading builds an array when the envelope came off the wire; stages that
+    /// only measure or copy it should prefer ``payloadCount`` and ``withPayloadBytes(_:)``.
+    public var payload: [UInt8] {
+        get { s.raw == nil ? s.payloadArray : Array(UnsafeRawBufferPointer(start: s.raw, count: s.rawCount)) }
+        _modify { unique(); s.materialize(); yield &s.payloadArray }
+    }
+    /// The payload's length in bytes.
+    public var payloadCount: Int { s.payloadCount }
+    /// Borrowed view of the payload bytes, valid only inside `body`.
+    public func withPayloadBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R { try s.withPayload(body) }
+
+    /// Decoder's initialiser: the payload is copied from `rawPayload`.
+    init(id: EnvelopeID, parent: EnvelopeID?, actor: String, intent: String, authority: String, rank: UInt64, clock: [String: UInt64],
+         lane: String, hops: UInt32, attempt: UInt32, ingestNs: UInt64, attrs: [String: AttrValue], sig: EnvelopeSignature?,
+         rawPayload: UnsafeRawBufferPointer) {
+        s = Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
+                    hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: [])
+        s.setRaw(rawPayload)
+    }
 
     public init(id: EnvelopeID = .random(), parent: EnvelopeID? = nil, actor: String = "", intent: String = "",
                 authority: String = "", rank: UInt64 = 0, clock: [String: UInt64] = [:], lane: String = "",
@@ -171,11 +216,12 @@ public struct Envelope: Sendable, Hashable {
         let x = a.s, y = b.s
         return x.id == y.id && x.parent == y.parent && x.actor == y.actor && x.intent == y.intent && x.authority == y.authority
             && x.rank == y.rank && x.clock == y.clock && x.lane == y.lane && x.hops == y.hops && x.attempt == y.attempt
-            && x.ingestNs == y.ingestNs && x.attrs == y.attrs && x.sig == y.sig && x.payload == y.payload
+            && x.ingestNs == y.ingestNs && x.attrs == y.attrs && x.sig == y.sig && x.payloadCount == y.payloadCount
+            && x.withPayload { p in y.withPayload { q in p.elementsEqual(q) } }
     }
 
     public func hash(into h: inout Hasher) {
-        h.combine(s.id); h.combine(s.parent); h.combine(s.actor); h.combine(s.intent); h.combine(s.rank); h.combine(s.payload)
+        h.combine(s.id); h.combine(s.parent); h.combine(s.actor); h.combine(s.intent); h.combine(s.rank); s.withPayload { h.combine(bytes: $0) }
     }
 
     /// A new envelope derived from this one: deterministic id, `parent` set, header copied, no signature.

@@ -1,3 +1,4 @@
+import Foundation
 /// Limits enforced by every decoder (and checked before encoding), from docs/wire-format.md.
 public struct WireLimits: Sendable, Hashable {
     /// Largest encoded envelope, header and payload included.
@@ -59,7 +60,7 @@ public enum EnvelopeCodec {
 
     /// The exact size of the encoding of `e`.
     @inline(__always) public static func encodedSize(_ e: Envelope) -> Int {
-        var n = 2 + 16 + 24 + 8 + e.actor.utf8.count + e.intent.utf8.count + e.authority.utf8.count + e.lane.utf8.count + 2 + 4 + e.payload.count
+        var n = 2 + 16 + 24 + 8 + e.actor.utf8.count + e.intent.utf8.count + e.authority.utf8.count + e.lane.utf8.count + 2 + 4 + e.payloadCount
         if e.parent != nil { n += 16 }
         if !e.clock.isEmpty { n += 2; for (k, _) in e.clock { n += 10 + k.utf8.count } }
         if !e.attrs.isEmpty {
@@ -107,8 +108,8 @@ public enum EnvelopeCodec {
             }
         }
         if let s = e.sig { w.bytes(s.keyID); w.bytes(s.signature) }
-        w.u32(UInt32(truncatingIfNeeded: e.payload.count))
-        w.bytes(e.payload)
+        w.u32(UInt32(truncatingIfNeeded: e.payloadCount))
+        e.withPayloadBytes { w.bytes($0) }
     }
 
     public static func encode(_ e: Envelope) -> [UInt8] {
@@ -117,10 +118,46 @@ public enum EnvelopeCodec {
         return w.buffer
     }
 
+    // Shared empty maps: most envelopes carry none, and a literal `[:]` per envelope costs a
+    // generic metadata lookup.
+    static let noAttrs: [String: AttrValue] = [:]
+    static let noClock: [String: UInt64] = [:]
+
     @inline(__always) static func utf8Less(_ a: String, _ b: String) -> Bool { a.utf8.lexicographicallyPrecedes(b.utf8) }
+
+    /// Header strings repeat from envelope to envelope (the same actor, intent, lane): a decoder
+    /// reuses the last String made for each field when the bytes are the same, instead of
+    /// building and validating a new one.
+    public struct StringCache {
+        var last: [(bytes: [UInt8], string: String)] = Array(repeating: ([], ""), count: 4)
+        public init() {}
+        @inline(__always) mutating func string(_ field: Int, _ r: inout ByteReader, _ name: String, limit: Int) throws(DecodeError) -> String {
+            let start = r.offset
+            let n = Int(try r.u16(name))
+            if n == 0 { return "" }
+            if n <= limit, r.remaining >= n, last[field].bytes.count == n {
+                let p = UnsafeRawBufferPointer(rebasing: r.base[(start + 2)..<(start + 2 + n)])
+                let same = last[field].bytes.withUnsafeBytes { q in
+                    guard let a = q.baseAddress, let b = p.baseAddress else { return false }
+                    return memcmp(a, b, n) == 0
+                }
+                if same { r.offset += n; return last[field].string }
+            }
+            r.offset = start
+            let s = try r.str16(name, limit: limit)
+            last[field] = (Array(UnsafeRawBufferPointer(rebasing: r.base[(start + 2)..<(start + 2 + n)])), s)
+            return s
+        }
+    }
 
     /// Decodes exactly one envelope occupying all of `bytes`.
     public static func decode(_ bytes: UnsafeRawBufferPointer, limits: WireLimits = .standard) throws(DecodeError) -> Envelope {
+        var cache = StringCache()
+        return try decode(bytes, limits: limits, cache: &cache)
+    }
+
+    /// Decodes one envelope, reusing header strings from `cache` (see ``StringCache``).
+    public static func decode(_ bytes: UnsafeRawBufferPointer, limits: WireLimits, cache: inout StringCache) throws(DecodeError) -> Envelope {
         if bytes.count > limits.maxEnvelopeBytes { throw .tooLarge(field: "envelope", size: bytes.count, limit: limits.maxEnvelopeBytes) }
         var r = ByteReader(bytes)
         let v = try r.u8("envelope.version")
@@ -132,11 +169,11 @@ public enum EnvelopeCodec {
         if flags & flagParent != 0 { parent = EnvelopeID(raw: try r.slice(16, "envelope.parent")) }
         let rank = try r.u64("envelope.rank"), hops = try r.u32("envelope.hops")
         let attempt = try r.u32("envelope.attempt"), ingest = try r.u64("envelope.ingest_ns")
-        let actor = try r.str16("envelope.actor", limit: limits.maxHeaderString)
-        let intent = try r.str16("envelope.intent", limit: limits.maxHeaderString)
-        let authority = try r.str16("envelope.authority", limit: limits.maxHeaderString)
-        let lane = try r.str16("envelope.lane", limit: limits.maxHeaderString)
-        var clock: [String: UInt64] = [:]
+        let actor = try cache.string(0, &r, "envelope.actor", limit: limits.maxHeaderString)
+        let intent = try cache.string(1, &r, "envelope.intent", limit: limits.maxHeaderString)
+        let authority = try cache.string(2, &r, "envelope.authority", limit: limits.maxHeaderString)
+        let lane = try cache.string(3, &r, "envelope.lane", limit: limits.maxHeaderString)
+        var clock = Self.noClock
         if flags & flagClock != 0 {
             let n = Int(try r.u16("envelope.clock.count"))
             if n > limits.maxClockEntries { throw .tooLarge(field: "envelope.clock", size: n, limit: limits.maxClockEntries) }
@@ -147,7 +184,7 @@ public enum EnvelopeCodec {
         }
         let na = Int(try r.u16("envelope.attrs.count"))
         if na > limits.maxAttrs { throw .tooLarge(field: "envelope.attrs", size: na, limit: limits.maxAttrs) }
-        var attrs: [String: AttrValue] = [:]
+        var attrs = Self.noAttrs
         if na > 0 {
             attrs.reserveCapacity(na)
             for _ in 0..<na {
@@ -171,11 +208,11 @@ public enum EnvelopeCodec {
         }
         let plen = Int(try r.u32("envelope.payload.length"))
         if plen > limits.maxEnvelopeBytes { throw .tooLarge(field: "envelope.payload", size: plen, limit: limits.maxEnvelopeBytes) }
-        let payload = try r.bytes(plen, "envelope.payload")
+        let payload = try r.slice(plen, "envelope.payload")
         if r.remaining != 0 { throw .invalid(field: "envelope", reason: "\(r.remaining) trailing bytes") }
         return Envelope(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank,
                         clock: clock, lane: lane, hops: hops, attempt: attempt, ingestNs: ingest, attrs: attrs,
-                        sig: sig, payload: payload)
+                        sig: sig, rawPayload: payload)
     }
 
     public static func decode(_ bytes: [UInt8], limits: WireLimits = .standard) throws(DecodeError) -> Envelope {

@@ -71,6 +71,7 @@ public struct FrameView {
         if n > limits.maxBatchEnvelopes { throw .tooLarge(field: "data.count", size: n, limit: limits.maxBatchEnvelopes) }
         // Every envelope needs at least its 4-byte length: refuse counts the body cannot hold.
         if n * 4 > r.remaining { throw .truncated(field: "data.envelopes", need: n * 4, have: r.remaining) }
+        var cache = EnvelopeCodec.StringCache()
         for _ in 0..<n {
             let len = Int(try r.u32("data.envelope.length"))
             let raw = try r.slice(len, "data.envelope")
@@ -78,7 +79,7 @@ public struct FrameView {
                 each(.failure(.tooLarge(field: "envelope", size: len, limit: limits.maxEnvelopeBytes)), raw)
                 continue
             }
-            do { each(.success(try EnvelopeCodec.decode(raw, limits: limits)), raw) }
+            do { each(.success(try EnvelopeCodec.decode(raw, limits: limits, cache: &cache)), raw) }
             catch { each(.failure(error), raw) }
         }
         if r.remaining != 0 { throw .invalid(field: "data", reason: "\(r.remaining) trailing bytes") }

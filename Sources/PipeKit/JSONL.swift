@@ -11,7 +11,8 @@ public enum EnvelopeJSONL {
     /// One line (without the newline). A payload that is valid JSON text is written as `payload`,
     /// anything else as `payload_b64`. `ingest_ns` is omitted when `includeIngest` is false.
     public static func encode(_ e: Envelope, includeIngest: Bool = true) -> [UInt8] {
-        var o = [UInt8](); o.reserveCapacity(160 + e.payload.count)
+        let payload = e.payload
+        var o = [UInt8](); o.reserveCapacity(160 + payload.count)
         func key(_ k: String, first: Bool = false) {
             if !first { o.append(UInt8(ascii: ",")) }
             JSON.writeString(k, into: &o); o.append(UInt8(ascii: ":"))
@@ -46,10 +47,10 @@ public enum EnvelopeJSONL {
         if let s = e.sig {
             key("sig"); JSON.write(.object([("key_id", .string(Hex.encode(s.keyID))), ("sig", .string(Hex.encode(s.signature)))]), into: &o)
         }
-        if let text = jsonText(e.payload) {
+        if let text = jsonText(payload) {
             key("payload"); o.append(contentsOf: text)
         } else {
-            key("payload_b64"); JSON.writeString(Data(e.payload).base64EncodedString(), into: &o)
+            key("payload_b64"); JSON.writeString(Data(payload).base64EncodedString(), into: &o)
         }
         o.append(UInt8(ascii: "}"))
         return o

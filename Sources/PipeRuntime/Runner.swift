@@ -567,7 +567,7 @@ final class RunnerCore: StageContext {
             var n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
             // Keep frames near 1 MiB at most: big envelopes travel in smaller batches.
             var bytes = 0, fit = 0
-            while fit < n { bytes += outLanes[i].queue.peek(fit).payload.count + 64; fit += 1; if bytes > 1 << 20 { break } }
+            while fit < n { bytes += outLanes[i].queue.peek(fit).payloadCount + 64; fit += 1; if bytes > 1 << 20 { break } }
             n = max(1, fit)
             let taken = n
             let lane = outLanes[i].id, seq = outLanes[i].seq + 1

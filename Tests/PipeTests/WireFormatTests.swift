@@ -189,3 +189,23 @@ struct WireFormatTests {
                 == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
     }
 }
+
+@Suite("Envelope value semantics")
+struct EnvelopeValueTests {
+    @Test func decodedPayload_isCopyOnWriteAndEqualToItsArrayForm() throws {
+        var e = vectorEnvelope(); e.payload = Array(repeating: 7, count: 300)
+        let decoded = try EnvelopeCodec.decode(EnvelopeCodec.encode(e))
+        #expect(decoded == e)
+        #expect(decoded.payloadCount == 300)
+        var copy = decoded
+        copy.payload[0] = 9                      // mutating the copy leaves the original alone
+        #expect(decoded.payload[0] == 7 && copy.payload[0] == 9)
+        #expect(copy != decoded)
+        var header = decoded
+        header.rank = 99                          // a header change keeps the raw payload intact
+        #expect(header.payload == decoded.payload && decoded.rank == 5)
+        #expect(try EnvelopeCodec.decode(EnvelopeCodec.encode(header)).payload == e.payload)
+        let empty = try EnvelopeCodec.decode(EnvelopeCodec.encode(Envelope(id: EnvelopeID(hi: 1, lo: 1))))
+        #expect(empty.payload.isEmpty && empty.payloadCount == 0)
+    }
+}

@@ -34,6 +34,30 @@ func rawInproc(messages: Int) throws -> Double {
     return Double(messages) / dt
 }
 
+/// Single-thread codec cost: DATA frames of 256 envelopes encoded and decoded.
+func codec(envelopes: Int) -> (encode: Double, decode: Double) {
+    let batch = (0..<256).map { i in
+        Envelope(id: EnvelopeID(hi: 1, lo: UInt64(i)), actor: "generator", intent: "demo.tick", ingestNs: 1,
+                 payload: [UInt8](repeating: 0x61, count: 100))
+    }
+    let rounds = envelopes / 256
+    var frame: [UInt8] = []
+    let t0 = now()
+    for r in 0..<rounds { frame = batch.withUnsafeBufferPointer { DataFrameBuilder.build(lane: 1, seq: UInt64(r), envelopes: $0) } }
+    let enc = Double(rounds * 256) / (now() - t0)
+    var n = 0
+    let t1 = now()
+    for _ in 0..<rounds {
+        frame.withUnsafeBytes { raw in
+            guard let f = try? FrameView(raw) else { return }
+            try? f.forEachEnvelope(limits: .standard) { r, _ in if case .success(let e) = r { n &+= Int(e.hops) + 1 } }
+        }
+    }
+    let dec = Double(rounds * 256) / (now() - t1)
+    precondition(n == rounds * 256)
+    return (enc, dec)
+}
+
 struct PipelineResult { var rate: Double; var summary: RunSummary }
 
 func runPipeline(_ yaml: String, name: String) throws -> PipelineResult {
@@ -64,11 +88,19 @@ func threeStage(count: Int, placement: String, rate: Double = 0) -> String {
 func fmt(_ r: Double) -> String { String(format: "%.2f M/s", r / 1e6) }
 
 do {
+    if args.contains("--codec-only") {
+        let c = codec(envelopes: 256 * 200)
+        print("codec: encode \(fmt(c.encode)), decode \(fmt(c.decode))")
+        exit(0)
+    }
     print("bench: \(N) envelopes of 100 bytes per run, \(ProcessInfo.processInfo.activeProcessorCount) cores, libzmq \(ZMQContext.version)")
     var raws: [Double] = []
     for _ in 0..<3 { raws.append(try rawInproc(messages: N)) }
     let raw = raws.sorted()[1]
     print("raw libzmq PUSH/PULL inproc, 1 msg per send (median of 3):  \(fmt(raw))")
+
+    let c = codec(envelopes: N)
+    print("codec, one thread, 100-byte payloads in frames of 256:        encode \(fmt(c.encode)), decode \(fmt(c.decode))")
 
     var inprocs: [PipelineResult] = []
     for _ in 0..<3 { inprocs.append(try runPipeline(threeStage(count: N, placement: "in-process"), name: "inproc")) }
