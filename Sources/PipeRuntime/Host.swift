@@ -222,6 +222,10 @@ public final class PipelineHost: @unchecked Sendable {
                 beginStop(reason: "signal")
             }
             reapChildren()
+            if failure == nil, now - startNs > 30_000_000_000,
+               let silent = order.first(where: { stages[$0]?.stats == nil && stages[$0]?.childExited != true }) {
+                failure = "stage '\(silent)' did not start within 30 s (no report from its runner)"
+            }
             if failure != nil { broadcast(.abort); break }
             checkLoops()
             checkBounds(now)

@@ -58,7 +58,18 @@ public final class StageRunner: @unchecked Sendable {
                 case .failure(let e): log.error("\(e)"); return 1
                 case .success(nil): continue
                 case .success(let a?):
-                    let core = try RunnerCore(assignment: a, zmq: zmq, control: control, registry: registry, location: location, log: log)
+                    let core: RunnerCore
+                    do {
+                        core = try RunnerCore(assignment: a, zmq: zmq, control: control, registry: registry, location: location, log: log)
+                    } catch {
+                        // Tell the host, or it would wait for a stage that will never report.
+                        let reason = "cannot start: \(error)"
+                        log.error("\(reason)")
+                        let r = StatsReport(stage: stageID, timeNs: wallNs(), flags: [.failed], received: 0, emitted: 0, deadLettered: 0,
+                                            errors: 1, held: 0, lanes: [], status: [("error", .string(reason))])
+                        _ = try? control.send(r.encode(seq: 2))
+                        return 1
+                    }
                     core.parentPid = parentPid
                     return core.run()
                 }
@@ -197,6 +208,7 @@ final class RunnerCore: StageContext {
                                   maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000)))
         }
         if a.usesStore {
+            mkdir(a.runDirectory + "/state", 0o700)
             kv = try SQLiteKeyValueStore(path: a.runDirectory + "/state/\(a.stage).kv.sqlite")
         }
     }
