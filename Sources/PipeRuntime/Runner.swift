@@ -119,7 +119,6 @@ final class RunnerCore: StageContext {
         var seq: UInt64 = 0
         var eos = false
         var producerIncarnation: UInt64?
-        var lastSeq: UInt64 = 0
     }
 
     let a: Assignment
