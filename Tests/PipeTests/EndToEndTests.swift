@@ -1,6 +1,7 @@
 import Testing
 import Foundation
 import PipeKit
+import PipeRuntime
 
 /// Runs `pipehost run` and returns the parsed summary JSON.
 func runPipeline(_ file: String, runDir: String, extra: [String] = [], timeout: Double = 120) throws -> (ProcResult, ConfigValue) {
@@ -178,6 +179,17 @@ struct EndToEndTests {
         #expect(stat(run + "/control.sock", &sb) == 0 && (sb.st_mode & 0o777) == 0o600)
         let text = try runProcess(Paths.pipectl, ["lanes", "--run-dir", run])
         #expect(text.stdout.contains("pass.out") && text.stdout.contains("credits"))
+        // The control protocol: registry-listed commands, versioned replies, subscriptions.
+        let client = try ControlClient(endpoint: "ipc://\(run)/control.sock")
+        let help = try client.call("help")
+        #expect(help.listValue?.compactMap { $0["name"]?.stringValue } == ["ping", "help", "status", "lanes", "stop", "subscribe", "unsubscribe"])
+        #expect(try client.call("subscribe", args: .object([("interval_ms", .int(100))]))["interval_ms"] == .int(100))
+        let e1 = try #require(client.nextEvent(timeoutMs: 2000)), e2 = try #require(client.nextEvent(timeoutMs: 2000))
+        #expect(e1["event"]?.stringValue == "stats" && e1["result"]?["lanes"]?.listValue?.isEmpty == false)
+        let sent = { (e: ConfigValue) in e["result"]?["lanes"]?.listValue?.first?["sent"]?.intValue ?? 0 }
+        #expect(sent(e2) >= sent(e1))
+        #expect(throws: RuntimeError.self) { try client.call("no-such-command") }
+        _ = try client.call("unsubscribe")
         kill(p.processIdentifier, SIGTERM)
         p.waitUntilExit()
         #expect(p.terminationStatus == 0)
