@@ -89,7 +89,7 @@ public final class GeneratorStage: SourceStage {
             if startNs == nil { startNs = now }
             let elapsed = Double(now - (startNs ?? now)) / 1e9
             let due = UInt64(elapsed * rate) + 1
-            if due <= emitted { return .idle(afterNs: UInt64(1e9 / rate)) }
+            if due <= emitted { return .idle(afterNs: UInt64(min(1e9 / rate, 1e10))) }
             allowed = min(allowed, Int(due - emitted))
         }
         if count > 0 { allowed = min(allowed, Int(count - emitted)) }

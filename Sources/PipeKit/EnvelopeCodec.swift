@@ -107,7 +107,11 @@ public enum EnvelopeCodec {
                 }
             }
         }
-        if let s = e.sig { w.bytes(s.keyID); w.bytes(s.signature) }
+        if let s = e.sig {
+            // Exactly 8 + 64 bytes whatever the arrays hold (check() refuses other sizes before sending).
+            for i in 0..<8 { w.u8(i < s.keyID.count ? s.keyID[i] : 0) }
+            for i in 0..<64 { w.u8(i < s.signature.count ? s.signature[i] : 0) }
+        }
         w.u32(UInt32(truncatingIfNeeded: e.payloadCount))
         e.withPayloadBytes { w.bytes($0) }
     }

@@ -95,7 +95,8 @@ public struct Assignment: Sendable, Equatable {
         bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
         var ins: [Input] = []
         for x in v["inputs"]?.listValue ?? [] {
-            ins.append(Input(lane: UInt32(try i(x["lane"], "lane")), port: try s(x["port"], "port"), portIndex: try i(x["port_index"], "port_index"),
+            guard let inLane = UInt32(exactly: try i(x["lane"], "lane")) else { throw .protocolError("ASSIGN: bad lane id") }
+            ins.append(Input(lane: inLane, port: try s(x["port"], "port"), portIndex: try i(x["port_index"], "port_index"),
                              laneIndex: try i(x["lane_index"], "lane_index"), from: try s(x["from"], "from"),
                              loopBack: x["loop_back"]?.boolValue ?? false, maxHops: x["max_hops"]?.intValue.map(Int.init),
                              bound: try i(x["bound"], "bound"), returnEndpoint: try s(x["ret"], "ret")))
@@ -106,7 +107,8 @@ public struct Assignment: Sendable, Equatable {
             var lanes: [OutputLane] = []
             for l in x["lanes"]?.listValue ?? [] {
                 guard let wf = WhenFull(rawValue: try s(l["when_full"], "when_full")) else { throw .protocolError("ASSIGN: bad when_full") }
-                lanes.append(OutputLane(lane: UInt32(try i(l["lane"], "lane")), to: try s(l["to"], "to"), endpoint: try s(l["connect"], "connect"),
+                guard let outLane = UInt32(exactly: try i(l["lane"], "lane")) else { throw .protocolError("ASSIGN: bad lane id") }
+                lanes.append(OutputLane(lane: outLane, to: try s(l["to"], "to"), endpoint: try s(l["connect"], "connect"),
                                         bound: try i(l["bound"], "bound"), whenFull: wf, loopBack: l["loop_back"]?.boolValue ?? false))
             }
             outs.append(Output(name: try s(x["name"], "name"), lanes: lanes))

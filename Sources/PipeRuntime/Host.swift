@@ -85,6 +85,8 @@ public final class PipelineHost: @unchecked Sendable {
         var restarts = 0
         var assigned = false
         var childExited = false
+        /// When this incarnation was started (thread start or spawn), for the 30 s start rule.
+        var startedNs: UInt64 = 0
     }
 
     public let plan: PipelinePlan
@@ -170,6 +172,7 @@ public final class PipelineHost: @unchecked Sendable {
     // MARK: starting runners
 
     func startThread(_ id: String) {
+        stages[id]?.startedNs = monotonicNs()
         let runner = StageRunner(context: zmq, controlEndpoint: runnerEndpointInproc, stageID: id, registry: registry,
                                  location: "host:\(getpid())")
         let done = threadsDone
@@ -204,6 +207,7 @@ public final class PipelineHost: @unchecked Sendable {
         stages[id]?.pid = pid
         stages[id]?.childExited = false
         stages[id]?.assigned = false
+        stages[id]?.startedNs = monotonicNs()
         log.info("stage '\(id)' started in worker process \(pid)")
     }
 
@@ -222,8 +226,10 @@ public final class PipelineHost: @unchecked Sendable {
                 beginStop(reason: "signal")
             }
             reapChildren()
-            if failure == nil, now - startNs > 30_000_000_000,
-               let silent = order.first(where: { stages[$0]?.stats == nil && stages[$0]?.childExited != true }) {
+            if failure == nil, let silent = order.first(where: {
+                guard let st = stages[$0] else { return false }
+                return st.stats == nil && !st.childExited && now > st.startedNs && now - st.startedNs > 30_000_000_000
+            }) {
                 failure = "stage '\(silent)' did not start within 30 s (no report from its runner)"
             }
             if failure != nil { broadcast(.abort); break }
@@ -269,7 +275,7 @@ public final class PipelineHost: @unchecked Sendable {
                 guard let h = try? Hello.decode(f), h.protocolVersion == Hello.protocolVersion else {
                     log.error("runner '\(id)' speaks another protocol version"); return
                 }
-                if stages[id]?.plan.placement == .process { stages[id]?.pid = Int32(bitPattern: h.pid) }
+                _ = h.pid  // informational: for child workers the pid from posix_spawn is the one we wait for
                 if failure != nil || shuttingDown {
                     controlSeq += 1
                     send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort)))
@@ -302,10 +308,10 @@ public final class PipelineHost: @unchecked Sendable {
     /// A restarted worker counts from zero; its predecessors' counts are kept as a base.
     static func add(base b: StatsReport, to r: StatsReport) -> StatsReport {
         var r = r
-        r.received += b.received; r.emitted += b.emitted; r.deadLettered += b.deadLettered; r.errors += b.errors
+        r.received &+= b.received; r.emitted &+= b.emitted; r.deadLettered &+= b.deadLettered; r.errors &+= b.errors
         for i in r.lanes.indices {
             if let old = b.lanes.first(where: { $0.lane == r.lanes[i].lane && $0.role == r.lanes[i].role }) {
-                r.lanes[i].count += old.count; r.lanes[i].blockedNs += old.blockedNs
+                r.lanes[i].count &+= old.count; r.lanes[i].blockedNs &+= old.blockedNs
             }
         }
         return r
@@ -344,10 +350,11 @@ public final class PipelineHost: @unchecked Sendable {
         for id in order {
             guard let st = stages[id], let s = st.stats, s.flags.contains(.awaitingLoopClose) else { loopChecks[id] = nil; continue }
             guard let comp = plan.component[id] else { continue }
-            let members = Set(order.filter { plan.component[$0] == comp })
+            let memberList = order.filter { plan.component[$0] == comp }
+            let members = Set(memberList)
             var ok = true
             var vector: [UInt64] = []
-            for m in members {
+            for m in memberList {
                 guard let ms = stages[m]?.stats, ms.flags.contains(.idle) || ms.flags.contains(.finished) else { ok = false; break }
                 for l in plan.lanes where l.to == m {
                     let consumer = ms.lanes.first { $0.lane == l.id && $0.role == .consumer }

@@ -32,6 +32,9 @@ public final class StageRunner: @unchecked Sendable {
         do {
             let control = try zmq.socket(.dealer)
             try control.setIdentity(Array(stageID.utf8))
+            // Unbounded queue + non-blocking sends: a dead host must never wedge the runner
+            // (the parent and silence checks then end it).
+            try control.setSendHWM(0)
             try control.connect(controlEndpoint)
             defer { control.close() }
             try control.send(Hello(pid: UInt32(getpid()), worker: stageID).encode(seq: 1))
@@ -102,7 +105,9 @@ final class RunnerCore: StageContext {
         var dropped: UInt64 = 0
         var blockedSince: UInt64?
         var blockedNs: UInt64 = 0
-        var credits: Int { Int(clamping: Int64(limit) - Int64(sentInEpoch)) }
+        /// Whether any CREDIT has arrived (drop policies apply only once the consumer is there).
+        var hasCredit = false
+        var credits: Int { Int(clamping: Int64(clamping: limit) - Int64(clamping: sentInEpoch)) }
         var inFlight: Int { bound - credits + queue.count }
         var writable: Bool { queue.count < credits }
     }
@@ -204,7 +209,7 @@ final class RunnerCore: StageContext {
             try s.connect(i.returnEndpoint)
             inIndex[i.lane] = inLanes.count
             inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from, loopBack: i.loopBack),
-                                  maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000)))
+                                  maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1))
         }
         if a.usesStore {
             mkdir(a.runDirectory + "/state", 0o700)
@@ -257,11 +262,11 @@ final class RunnerCore: StageContext {
         let targets = outputLanes[output.index]
         for (n, li) in targets.enumerated() {
             switch outLanes[li].whenFull {
-            case .dropNewest where !outLanes[li].loopBack && outLanes[li].inFlight >= outLanes[li].bound:
+            case .dropNewest where !outLanes[li].loopBack && outLanes[li].hasCredit && outLanes[li].inFlight >= outLanes[li].bound:
                 outLanes[li].dropped += 1
                 audit(.about(envelope, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_newest)"))
                 continue
-            case .dropOldest where !outLanes[li].loopBack && outLanes[li].inFlight >= outLanes[li].bound && !outLanes[li].queue.isEmpty:
+            case .dropOldest where !outLanes[li].loopBack && outLanes[li].hasCredit && outLanes[li].inFlight >= outLanes[li].bound && !outLanes[li].queue.isEmpty:
                 let old = outLanes[li].queue.peek(0)
                 outLanes[li].queue.removeFirst()
                 outLanes[li].dropped += 1
@@ -286,8 +291,13 @@ final class RunnerCore: StageContext {
         deadLettered += 1
         audit(.about(envelope, decision: "dead-letter", reason: reason))
         if deadLetterHandle.index >= 0 {
-            // A dead letter that itself breaks the limits is cut down to its header.
-            if (try? EnvelopeCodec.check(e, limits: limits)) == nil { e.payload = []; e.attrs = ["dead_letter_reason": .string(String(reason.prefix(1000)))] }
+            // A dead letter that itself breaks the limits is cut down to what surely fits.
+            if (try? EnvelopeCodec.check(e, limits: limits)) == nil {
+                e = Envelope(id: envelope.id, parent: envelope.parent, actor: String(envelope.actor.prefix(256)),
+                             intent: String(envelope.intent.prefix(256)), authority: String(envelope.authority.prefix(256)),
+                             rank: envelope.rank, hops: envelope.hops, attempt: envelope.attempt, ingestNs: envelope.ingestNs,
+                             attrs: ["dead_letter_reason": .string(String(reason.prefix(1000))), "dead_letter_stage": .string(String(a.stage.prefix(256)))])
+            }
             emit(e, to: deadLetterHandle)
         } else {
             log.warning("dead letter (no destination): \(reason)")
@@ -301,7 +311,7 @@ final class RunnerCore: StageContext {
         if r.location.isEmpty { r.location = location }
         if r.timeNs == 0 { r.timeNs = wallNs() }
         controlSeq += 1
-        _ = try? control.send(FrameEncoder.text(.audit, seq: controlSeq, JSON.serialize(r.json)))
+        _ = try? control.send(FrameEncoder.text(.audit, seq: controlSeq, JSON.serialize(r.json)), dontWait: true)
     }
 
     func report(_ key: String, _ value: AttrValue) {
@@ -373,7 +383,9 @@ final class RunnerCore: StageContext {
                     guard let cmd else { continue }
                     switch cmd.code {
                     case .loopClosed: loopClosed = true; statsDirty = true
-                    case .stop: stopRequested = true; source?.requestStop(); statsDirty = true
+                    case .stop:
+                        stopRequested = true; statsDirty = true
+                        if let src = source { src.requestStop(); exhausted = true }
                     case .finish: sendStats(); break loop
                     case .abort: exitCode = failed == nil ? 0 : 1; sendStats(); break loop
                     }
@@ -403,7 +415,7 @@ final class RunnerCore: StageContext {
                     do {
                         switch try src.produce(budget: min(budget, 1024), context: self) {
                         case .active: break
-                        case .idle(let after): nextProduce = monotonicNs() + after
+                        case .idle(let after): nextProduce = monotonicNs() &+ min(after, 60_000_000_000)
                         case .exhausted: exhausted = true; statsDirty = true
                         }
                     } catch let e as StageError where e.action != .halt {
@@ -427,7 +439,7 @@ final class RunnerCore: StageContext {
                     flushAll()
                     if queuesEmpty {
                         for i in outLanes.indices { sendEOS(i) }
-                        finished = true; statsDirty = true
+                        if outLanes.allSatisfy(\.eosSent) { finished = true; statsDirty = true }
                     }
                 }
             }
@@ -470,7 +482,11 @@ final class RunnerCore: StageContext {
     func handleReturn(_ msg: ZMQMessage) {
         msg.withBytes { raw in
             guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else { errors += 1; return }
-            if f.header.type == .credit, let (epoch, limit) = try? f.credit() {
+            if f.header.type == .credit, let (epoch, claimed) = try? f.credit() {
+                outLanes[li].hasCredit = true
+                // An honest consumer never grants past what we sent in its epoch plus the bound.
+                let ceiling = epoch == outLanes[li].epoch ? outLanes[li].sentInEpoch &+ UInt64(outLanes[li].bound) : UInt64(outLanes[li].bound)
+                let limit = min(claimed, ceiling)
                 if epoch != outLanes[li].epoch {
                     // The consumer (re)started: count from zero in its new epoch; resend EOS if we had ended.
                     outLanes[li].epoch = epoch
@@ -501,8 +517,13 @@ final class RunnerCore: StageContext {
             }
             switch f.header.type {
             case .data:
+                // The producer counted every envelope the frame declares; if the frame is broken
+                // part-way, the rest are counted as received too, so its credits do not leak.
+                let declared = f.body.count >= 4 ? Int(f.body.loadUnaligned(as: UInt32.self).littleEndian) : 0
+                var visited = 0
                 do {
                     try f.forEachEnvelope(limits: limits) { result, bytes in
+                        visited += 1
                         inLanes[li].received += 1; inLanes[li].receivedInEpoch += 1; received += 1
                         switch result {
                         case .success(let e): deliver(e, lane: li)
@@ -514,6 +535,8 @@ final class RunnerCore: StageContext {
                     }
                 } catch {
                     errors += 1
+                    let missing = UInt64(max(0, min(declared, limits.maxBatchEnvelopes) - visited))
+                    inLanes[li].received &+= missing; inLanes[li].receivedInEpoch &+= missing; received &+= missing
                     deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))),
                                reason: "malformed DATA frame on lane \(inLanes[li].id): \(error)")
                 }
@@ -525,12 +548,15 @@ final class RunnerCore: StageContext {
                 inLanes[li].eos = true; statsDirty = true
             case .heartbeat:
                 // A producer announcing itself: a new incarnation starts a new credit epoch.
-                if let inc = try? f.heartbeatTime() {
-                    if let known = inLanes[li].producerIncarnation, known != inc {
-                        inLanes[li].epoch &+= 1; inLanes[li].receivedInEpoch = 0; inLanes[li].eos = false
-                        grantCredits(li, force: true)
+                if let inc = try? f.heartbeatTime(), inLanes[li].producerIncarnation != inc {
+                    // A producer we have not seen: if this epoch already carried data (from an earlier
+                    // producer incarnation), start a new epoch; either way, grant to it now.
+                    if inLanes[li].producerIncarnation != nil || inLanes[li].receivedInEpoch > 0 {
+                        inLanes[li].epoch &+= 1; if inLanes[li].epoch == 0 { inLanes[li].epoch = 1 }
+                        inLanes[li].receivedInEpoch = 0; inLanes[li].eos = false
                     }
                     inLanes[li].producerIncarnation = inc
+                    grantCredits(li, force: true)
                 }
             default:
                 errors += 1
@@ -578,7 +604,11 @@ final class RunnerCore: StageContext {
             var n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
             // Keep frames near 1 MiB at most: big envelopes travel in smaller batches.
             var bytes = 0, fit = 0
-            while fit < n { bytes += outLanes[i].queue.peek(fit).payloadCount + 64; fit += 1; if bytes > 1 << 20 { break } }
+            while fit < n {
+                let size = EnvelopeCodec.encodedSize(outLanes[i].queue.peek(fit)) + 4
+                if fit > 0 && bytes + size > 1 << 20 { break }
+                bytes += size; fit += 1
+            }
             n = max(1, fit)
             let taken = n
             let lane = outLanes[i].id, seq = outLanes[i].seq + 1
@@ -631,7 +661,7 @@ final class RunnerCore: StageContext {
         let r = StatsReport(stage: a.stage, timeNs: wallNs(), flags: flags, received: received, emitted: emitted, deadLettered: deadLettered,
                             errors: errors, held: UInt32(clamping: stage.heldCount), lanes: lanes, status: st)
         controlSeq += 1
-        _ = try? control.send(r.encode(seq: controlSeq))
+        _ = try? control.send(r.encode(seq: controlSeq), dontWait: true)
     }
 
     func teardown() {

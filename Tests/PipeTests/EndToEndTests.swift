@@ -277,8 +277,12 @@ struct EndToEndTests {
         s.send(hdr(1, 1, 999) + struct.pack("<I", 1) + struct.pack("<I", 3) + b"\\x01\\x80\\x00")
         s.send(hdr(1, 1, 1000) + struct.pack("<I", 1) + struct.pack("<I", 2000000) + b"\\x00" * 2000000)
         s.close(linger=2000)
+        # A hostile CREDIT to the generator's return path: a limit near 2^64 must not crash it.
+        r = zmq.Context().socket(zmq.PUSH); r.connect(sys.argv[2])
+        r.send(hdr(3, 1, 1) + struct.pack("<IQ", 7, 0xFFFFFFFFFFFFFFF0))
+        r.close(linger=2000)
         """
-        let py = try runProcess("/usr/bin/python3", ["-c", inject, "ipc://\(run)/sock/pass.in"], timeout: 30)
+        let py = try runProcess("/usr/bin/python3", ["-c", inject, "ipc://\(run)/sock/pass.in", "ipc://\(run)/sock/gen.ret"], timeout: 30)
         #expect(py.status == 0, "\(py.stderr)")
         usleep(800_000)
         let st = try pipectlJSON(["status", "--run-dir", run])
@@ -299,6 +303,25 @@ struct EndToEndTests {
         #expect(dl.contains("envelope too large: 2000000 > limit 1048576"))
         let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
         #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 3)
+    }
+
+    @Test func sigterm_endsAnIdleRateLimitedSourcePromptly() throws {
+        let yaml = """
+        pipeline: sleepy
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, rate: 0.05 } }
+          - { id: sink, kind: null-sink, inputs: [gen] }
+        """
+        let run = Paths.tempDir("sleepy")
+        let p = try startPipeline(writeTemp(yaml, "sleepy.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(1)
+        let t0 = Date()
+        kill(p.processIdentifier, SIGTERM)
+        while p.isRunning && Date().timeIntervalSince(t0) < 10 { usleep(20_000) }
+        #expect(!p.isRunning)
+        #expect(Date().timeIntervalSince(t0) < 5)
+        #expect(p.terminationStatus == 0)
     }
 
     @Test func pipectl_withoutAHost_isAOneLineError() throws {
