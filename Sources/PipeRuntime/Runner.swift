@@ -107,6 +107,8 @@ final class RunnerCore: StageContext {
         var blockedNs: UInt64 = 0
         /// Whether any CREDIT has arrived (drop policies apply only once the consumer is there).
         var hasCredit = false
+        /// DATA frames sent (transmitted / frames = the average batch).
+        var frames: UInt64 = 0
         var credits: Int { Int(clamping: Int64(clamping: limit) - Int64(clamping: sentInEpoch)) }
         var inFlight: Int { bound - credits + queue.count }
         var writable: Bool { queue.count < credits }
@@ -620,6 +622,7 @@ final class RunnerCore: StageContext {
             }
             guard ok else { return }
             outLanes[i].seq += 1
+            outLanes[i].frames += 1
             outLanes[i].queue.removeFirst(taken)
             outLanes[i].sentInEpoch += UInt64(taken)
             outLanes[i].transmitted += UInt64(taken)
@@ -657,6 +660,7 @@ final class RunnerCore: StageContext {
         var st = status
         for (k, v) in metrics.sorted(by: { $0.key < $1.key }) { st.append(("metric.\(k)", .int(Int64(v)))) }
         for l in outLanes where l.dropped > 0 { st.append(("dropped.lane\(l.id)", .int(Int64(l.dropped)))) }
+        for l in outLanes where l.frames > 0 { st.append(("batch.lane\(l.id)", .double((Double(l.transmitted) / Double(l.frames) * 10).rounded() / 10))) }
         st.append(("pid", .int(Int64(getpid()))))
         let r = StatsReport(stage: a.stage, timeNs: wallNs(), flags: flags, received: received, emitted: emitted, deadLettered: deadLettered,
                             errors: errors, held: UInt32(clamping: stage.heldCount), lanes: lanes, status: st)
