@@ -121,10 +121,14 @@ public struct Envelope: Sendable, Hashable {
         var sig: EnvelopeSignature?
         /// The payload, when it is held as an array (made by a stage, or asked for by one).
         var payloadArray: [UInt8]
-        /// The payload as decoded off the wire: plain malloc'd bytes, so forwarding an envelope
-        /// never builds an array for bytes no stage looks at. nil when `payloadArray` holds it.
-        var raw: UnsafeMutableRawPointer?
-        var rawCount = 0
+        /// The envelope as it came off the wire (malloc'd), its payload being the tail from
+        /// `payloadOffset`. nil when `payloadArray` holds the payload.
+        var wire: UnsafeMutableRawPointer?
+        var wireCount = 0
+        var payloadOffset = 0
+        /// True while nothing was changed since decoding: the wire bytes are then the encoding,
+        /// so forwarding copies them instead of encoding field by field.
+        var pristine = false
         init(id: EnvelopeID, parent: EnvelopeID?, actor: String, intent: String, authority: String, rank: UInt64,
              clock: [String: UInt64], lane: String, hops: UInt32, attempt: UInt32, ingestNs: UInt64,
              attrs: [String: AttrValue], sig: EnvelopeSignature?, payload: [UInt8]) {
@@ -132,30 +136,32 @@ public struct Envelope: Sendable, Hashable {
             self.rank = rank; self.clock = clock; self.lane = lane; self.hops = hops; self.attempt = attempt
             self.ingestNs = ingestNs; self.attrs = attrs; self.sig = sig; self.payloadArray = payload
         }
-        deinit { free(raw) }
+        deinit { free(wire) }
         func copy() -> Storage {
             let c = Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
                             hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: payloadArray)
-            if let raw { c.setRaw(UnsafeRawBufferPointer(start: raw, count: rawCount)) }
+            if let wire { c.setWire(UnsafeRawBufferPointer(start: wire, count: wireCount), payloadOffset: payloadOffset) }
+            c.pristine = pristine
             return c
         }
-        /// Takes a copy of `bytes` as the payload.
-        func setRaw(_ bytes: UnsafeRawBufferPointer) {
-            free(raw); raw = nil; rawCount = 0
+        /// Takes a copy of an encoded envelope whose payload starts at `payloadOffset`.
+        func setWire(_ bytes: UnsafeRawBufferPointer, payloadOffset: Int) {
+            free(wire); wire = nil; wireCount = 0; self.payloadOffset = 0
             payloadArray = []
-            guard bytes.count > 0, let src = bytes.baseAddress, let p = malloc(bytes.count) else { return }
+            guard bytes.count > 0, payloadOffset <= bytes.count, let src = bytes.baseAddress, let p = malloc(bytes.count) else { return }
             p.copyMemory(from: src, byteCount: bytes.count)
-            raw = p; rawCount = bytes.count
+            wire = p; wireCount = bytes.count; self.payloadOffset = payloadOffset
         }
-        /// Moves raw bytes into `payloadArray` (before a stage mutates the payload).
+        /// Moves the payload into `payloadArray` (before a stage mutates it).
         func materialize() {
-            guard let r = raw else { return }
-            payloadArray = Array(UnsafeRawBufferPointer(start: r, count: rawCount))
-            free(r); raw = nil; rawCount = 0
+            guard let w = wire else { return }
+            payloadArray = Array(UnsafeRawBufferPointer(start: w + payloadOffset, count: wireCount - payloadOffset))
+            free(w); wire = nil; wireCount = 0; payloadOffset = 0
+            pristine = false
         }
-        var payloadCount: Int { raw != nil ? rawCount : payloadArray.count }
+        var payloadCount: Int { wire != nil ? wireCount - payloadOffset : payloadArray.count }
         func withPayload<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-            if let raw { return try body(UnsafeRawBufferPointer(start: raw, count: rawCount)) }
+            if let wire { return try body(UnsafeRawBufferPointer(start: wire + payloadOffset, count: wireCount - payloadOffset)) }
             return try payloadArray.withUnsafeBytes(body)
         }
     }
@@ -163,30 +169,30 @@ public struct Envelope: Sendable, Hashable {
 
     @inline(__always) mutating func unique() { if !isKnownUniquelyReferenced(&s) { s = s.copy() } }
 
-    public var id: EnvelopeID { get { s.id } set { unique(); s.id = newValue } }
-    public var parent: EnvelopeID? { get { s.parent } set { unique(); s.parent = newValue } }
+    public var id: EnvelopeID { get { s.id } set { unique(); s.pristine = false; s.id = newValue } }
+    public var parent: EnvelopeID? { get { s.parent } set { unique(); s.pristine = false; s.parent = newValue } }
     /// Who sent it (e.g. `codex.aint`).
-    public var actor: String { get { s.actor } set { unique(); s.actor = newValue } }
+    public var actor: String { get { s.actor } set { unique(); s.pristine = false; s.actor = newValue } }
     /// Dotted verb (e.g. `agent.tool.high`).
-    public var intent: String { get { s.intent } set { unique(); s.intent = newValue } }
-    public var authority: String { get { s.authority } set { unique(); s.authority = newValue } }
+    public var intent: String { get { s.intent } set { unique(); s.pristine = false; s.intent = newValue } }
+    public var authority: String { get { s.authority } set { unique(); s.pristine = false; s.authority = newValue } }
     /// Lamport rank; 0 = unplaced.
-    public var rank: UInt64 { get { s.rank } set { unique(); s.rank = newValue } }
+    public var rank: UInt64 { get { s.rank } set { unique(); s.pristine = false; s.rank = newValue } }
     /// Optional vector clock, actor -> counter.
-    public var clock: [String: UInt64] { get { s.clock } _modify { unique(); yield &s.clock } }
+    public var clock: [String: UInt64] { get { s.clock } _modify { unique(); s.pristine = false; yield &s.clock } }
     /// Lane it travels on (set by the mux).
-    public var lane: String { get { s.lane } set { unique(); s.lane = newValue } }
-    public var hops: UInt32 { get { s.hops } set { unique(); s.hops = newValue } }
+    public var lane: String { get { s.lane } set { unique(); s.pristine = false; s.lane = newValue } }
+    public var hops: UInt32 { get { s.hops } set { unique(); s.pristine = false; s.hops = newValue } }
     /// Delivery attempt, 1 on first delivery.
-    public var attempt: UInt32 { get { s.attempt } set { unique(); s.attempt = newValue } }
+    public var attempt: UInt32 { get { s.attempt } set { unique(); s.pristine = false; s.attempt = newValue } }
     /// Wall-clock ingest time in ns since the Unix epoch.
-    public var ingestNs: UInt64 { get { s.ingestNs } set { unique(); s.ingestNs = newValue } }
-    public var attrs: [String: AttrValue] { get { s.attrs } _modify { unique(); yield &s.attrs } }
-    public var sig: EnvelopeSignature? { get { s.sig } set { unique(); s.sig = newValue } }
+    public var ingestNs: UInt64 { get { s.ingestNs } set { unique(); s.pristine = false; s.ingestNs = newValue } }
+    public var attrs: [String: AttrValue] { get { s.attrs } _modify { unique(); s.pristine = false; yield &s.attrs } }
+    public var sig: EnvelopeSignature? { get { s.sig } set { unique(); s.pristine = false; s.sig = newValue } }
     /// The payload bytes. Reading builds an array when the envelope came off the wire; stages that
     /// only measure or copy it should prefer ``payloadCount`` and ``withPayloadBytes(_:)``.
     public var payload: [UInt8] {
-        get { s.raw == nil ? s.payloadArray : Array(UnsafeRawBufferPointer(start: s.raw, count: s.rawCount)) }
+        get { s.wire == nil ? s.payloadArray : s.withPayload { Array($0) } }
         _modify { unique(); s.materialize(); yield &s.payloadArray }
     }
     /// The payload's length in bytes.
@@ -194,14 +200,22 @@ public struct Envelope: Sendable, Hashable {
     /// Borrowed view of the payload bytes, valid only inside `body`.
     public func withPayloadBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R { try s.withPayload(body) }
 
-    /// Decoder's initialiser: the payload is copied from `rawPayload`.
+    /// Decoder's initialiser: keeps a copy of the whole encoding (`wire`, payload from `payloadOffset`).
     init(id: EnvelopeID, parent: EnvelopeID?, actor: String, intent: String, authority: String, rank: UInt64, clock: [String: UInt64],
          lane: String, hops: UInt32, attempt: UInt32, ingestNs: UInt64, attrs: [String: AttrValue], sig: EnvelopeSignature?,
-         rawPayload: UnsafeRawBufferPointer) {
+         wire: UnsafeRawBufferPointer, payloadOffset: Int) {
         s = Storage(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank, clock: clock, lane: lane,
                     hops: hops, attempt: attempt, ingestNs: ingestNs, attrs: attrs, sig: sig, payload: [])
-        s.setRaw(rawPayload)
+        s.setWire(wire, payloadOffset: payloadOffset)
+        s.pristine = true
     }
+
+    /// The bytes this envelope was decoded from, while nothing has changed since (else nil).
+    @inline(__always) func withPristineWire<R>(_ body: (UnsafeRawBufferPointer) -> R) -> R? {
+        guard s.pristine, let w = s.wire else { return nil }
+        return body(UnsafeRawBufferPointer(start: w, count: s.wireCount))
+    }
+    @inline(__always) var pristineWireCount: Int? { s.pristine && s.wire != nil ? s.wireCount : nil }
 
     public init(id: EnvelopeID = .random(), parent: EnvelopeID? = nil, actor: String = "", intent: String = "",
                 authority: String = "", rank: UInt64 = 0, clock: [String: UInt64] = [:], lane: String = "",

@@ -37,6 +37,8 @@ public enum EnvelopeCodec {
 
     /// Checks the limits that the decoder enforces, so that we never send what a peer must refuse.
     public static func check(_ e: Envelope, limits: WireLimits = .standard) throws(EncodeError) {
+        // Unchanged since it was decoded: the decoder checked these same limits on these bytes.
+        if let n = e.pristineWireCount, n <= limits.maxEnvelopeBytes { return }
         let h = limits.maxHeaderString
         if e.actor.utf8.count > h { throw EncodeError(reason: "actor is \(e.actor.utf8.count) bytes, limit \(h)") }
         if e.intent.utf8.count > h { throw EncodeError(reason: "intent is \(e.intent.utf8.count) bytes, limit \(h)") }
@@ -60,6 +62,7 @@ public enum EnvelopeCodec {
 
     /// The exact size of the encoding of `e`.
     @inline(__always) public static func encodedSize(_ e: Envelope) -> Int {
+        if let n = e.pristineWireCount { return n }
         var n = 2 + 16 + 24 + 8 + e.actor.utf8.count + e.intent.utf8.count + e.authority.utf8.count + e.lane.utf8.count + 2 + 4 + e.payloadCount
         if e.parent != nil { n += 16 }
         if !e.clock.isEmpty { n += 2; for (k, _) in e.clock { n += 10 + k.utf8.count } }
@@ -81,6 +84,7 @@ public enum EnvelopeCodec {
 
     /// Writes the encoding into memory sized with ``encodedSize(_:)``.
     @inline(__always) public static func encode(_ e: Envelope, raw w: inout RawWriter) {
+        if e.withPristineWire({ w.bytes($0) }) != nil { return }
         var flags: UInt8 = 0
         if e.parent != nil { flags |= flagParent }
         if !e.clock.isEmpty { flags |= flagClock }
@@ -212,11 +216,12 @@ public enum EnvelopeCodec {
         }
         let plen = Int(try r.u32("envelope.payload.length"))
         if plen > limits.maxEnvelopeBytes { throw .tooLarge(field: "envelope.payload", size: plen, limit: limits.maxEnvelopeBytes) }
-        let payload = try r.slice(plen, "envelope.payload")
+        let payloadOffset = r.offset
+        _ = try r.slice(plen, "envelope.payload")
         if r.remaining != 0 { throw .invalid(field: "envelope", reason: "\(r.remaining) trailing bytes") }
         return Envelope(id: id, parent: parent, actor: actor, intent: intent, authority: authority, rank: rank,
                         clock: clock, lane: lane, hops: hops, attempt: attempt, ingestNs: ingest, attrs: attrs,
-                        sig: sig, rawPayload: payload)
+                        sig: sig, wire: bytes, payloadOffset: payloadOffset)
     }
 
     public static func decode(_ bytes: [UInt8], limits: WireLimits = .standard) throws(DecodeError) -> Envelope {

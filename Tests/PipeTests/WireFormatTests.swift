@@ -205,6 +205,14 @@ struct EnvelopeValueTests {
         header.rank = 99                          // a header change keeps the raw payload intact
         #expect(header.payload == decoded.payload && decoded.rank == 5)
         #expect(try EnvelopeCodec.decode(EnvelopeCodec.encode(header)).payload == e.payload)
+        #expect(try EnvelopeCodec.decode(EnvelopeCodec.encode(header)).rank == 99)   // not the stale wire bytes
+        // Unchanged since decoding: forwarded byte for byte.
+        #expect(EnvelopeCodec.encode(decoded) == EnvelopeCodec.encode(e))
+        var attrs = decoded; attrs.attrs["x"] = .bool(true)
+        #expect(try EnvelopeCodec.decode(EnvelopeCodec.encode(attrs)).attrs["x"] == .bool(true))
+        var hop = decoded; hop.hops += 1
+        #expect(try EnvelopeCodec.decode(EnvelopeCodec.encode(hop)).hops == 2)
+        #expect(try EnvelopeCodec.decode(EnvelopeCodec.encode(decoded.derived(output: "o", index: 0))).parent == e.id)
         let empty = try EnvelopeCodec.decode(EnvelopeCodec.encode(Envelope(id: EnvelopeID(hi: 1, lo: 1))))
         #expect(empty.payload.isEmpty && empty.payloadCount == 0)
     }
