@@ -369,6 +369,13 @@ final class RunnerCore: StageContext {
             }
             if nextStats > t { wait = min(wait, nextStats - t) } else { wait = 0 }
             if pi >= 0 { poller.setEvents(pi, canAccept && failed == nil ? .readable : []) }
+            // zmq_poll counts in milliseconds: a source due again sooner (a rate limit) sleeps
+            // exactly instead, rather than a whole millisecond and then a burst.
+            if source != nil, wait > 0, wait < 1_000_000 {
+                var ts = timespec(tv_sec: 0, tv_nsec: Int(wait))
+                nanosleep(&ts, nil)
+                wait = 0
+            }
             do { _ = try poller.poll(timeoutMs: Int((wait + 999_999) / 1_000_000)) } catch {
                 if error.isTerminated { break loop }
                 log.debug("poll: \(error)")
