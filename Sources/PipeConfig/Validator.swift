@@ -42,6 +42,9 @@ public struct PipelineValidator {
                 error(s.kindPos, m)
                 continue
             }
+            if s.replicas > 1 && d.role != .transform {
+                error(s.pos, "stage '\(s.id)': replicas > 1 is for transform stages; a \(d.role.rawValue) instance would duplicate or interleave its output")
+            }
             let issues = validateConfig(s.config, fields: d.fields)
             for i in issues { error(i.key.flatMap { s.configKeyPos[$0] } ?? s.configPos, "stage '\(s.id)': \(i.message)") }
             let reader = ConfigReader(s.config, fields: d.fields)

@@ -21,6 +21,8 @@ public struct PipelinePlan: Sendable {
         public var usesStore: Bool
         /// Whether this stage is the implicit dead-letter sink.
         public var implicit: Bool
+        /// The stage id in the file (instances of `replicas: N` are `<spec>.0` ... `<spec>.N-1`).
+        public var spec: String
     }
     public struct PlannedLane: Sendable {
         public var id: UInt32
@@ -34,6 +36,9 @@ public struct PipelinePlan: Sendable {
         public var maxHops: Int?
         public var settings: LaneSettings
         public var transport: String
+        /// Lanes of one output with the same group share its envelopes round-robin (the replicas
+        /// of one consuming stage); different groups each get every envelope (fan-out).
+        public var group: Int
         public var fromRef: String { "\(from).\(output)" }
         public var toRef: String { "\(to).\(port)" }
     }
@@ -51,34 +56,48 @@ public struct PipelinePlan: Sendable {
     /// Builds the plan, or explains why this spec cannot run yet.
     public static func make(spec: PipelineSpec, edges: [Edge], registry: StageRegistry) throws(RuntimeError) -> PipelinePlan {
         var stages: [PlannedStage] = []
+        var instances: [String: [String]] = [:]
         for s in spec.stages {
             guard let d = registry[s.kind] else { throw .plan("unknown stage kind '\(s.kind)'") }
-            if s.replicas > 1 { throw .plan("stage '\(s.id)': replicas > 1 is not yet supported by this host") }
             let placement = s.placement ?? spec.defaultPlacement
             if case .worker(let name) = placement {
                 throw .plan("stage '\(s.id)': placement { worker: \(name) } (remote workers over tcp) is not yet supported; use `process` or `in-process`")
             }
             let reader = ConfigReader(s.config, fields: d.fields)
-            stages.append(PlannedStage(id: s.id, kind: s.kind, role: d.role, config: s.config, placement: placement,
-                                       ports: d.inputs.map(\.name), outputs: d.allOutputs(reader), usesStore: d.usesStore, implicit: false))
+            let ids = s.replicas > 1 ? (0..<s.replicas).map { "\(s.id).\($0)" } : [s.id]
+            instances[s.id] = ids
+            for id in ids {
+                stages.append(PlannedStage(id: id, kind: s.kind, role: d.role, config: s.config, placement: placement,
+                                           ports: d.inputs.map(\.name), outputs: d.allOutputs(reader), usesStore: d.usesStore, implicit: false,
+                                           spec: s.id))
+            }
         }
-        var allEdges = edges
+        // Expand every edge between stages into lanes between their instances.
+        var allEdges: [(edge: Edge, from: String, to: String)] = []
+        for e in edges {
+            for f in instances[e.from] ?? [e.from] { for t in instances[e.to] ?? [e.to] { allEdges.append((e, f, t)) } }
+        }
         // Every dead_letter output nobody reads goes to the implicit dead-letter sink.
         let consumedDL = Set(edges.filter { $0.output == deadLetterOutput }.map(\.from))
-        let needsDL = stages.filter { !consumedDL.contains($0.id) }.map(\.id)
+        let needsDL = stages.filter { !consumedDL.contains($0.spec) }.map(\.id)
         if !needsDL.isEmpty {
             stages.append(PlannedStage(id: deadLetterStage, kind: "file-sink", role: .sink,
                                        config: .object([("path", .string(spec.deadLetterPath)), ("append", .bool(true))]),
-                                       placement: .inProcess, ports: ["in"], outputs: [deadLetterOutput], usesStore: false, implicit: true))
+                                       placement: .inProcess, ports: ["in"], outputs: [deadLetterOutput], usesStore: false, implicit: true,
+                                       spec: deadLetterStage))
             for id in needsDL {
-                allEdges.append(Edge(from: id, output: deadLetterOutput, to: deadLetterStage, port: "in", loopBack: false, maxHops: nil, pos: .start))
+                let e = Edge(from: id, output: deadLetterOutput, to: deadLetterStage, port: "in", loopBack: false, maxHops: nil, pos: .start)
+                allEdges.append((e, id, deadLetterStage))
             }
         }
         let placementOf = Dictionary(uniqueKeysWithValues: stages.map { ($0.id, $0.placement) })
         var lanes: [PlannedLane] = []
         var perPort: [String: Int] = [:]
-        for (i, e) in allEdges.enumerated() {
-            guard let target = stages.first(where: { $0.id == e.to }) else { continue }
+        var groups: [String: Int] = [:]  // "<producer instance>.<output>|<consumer spec>.<port>" -> group
+        var nextGroup: [String: Int] = [:]
+        for (i, x) in allEdges.enumerated() {
+            let e = x.edge
+            guard let target = stages.first(where: { $0.id == x.to }) else { continue }
             var settings = spec.defaultLane
             for o in spec.lanes where PipelineValidator.matches(o, e) {
                 if let b = o.bound { settings.bound = b }
@@ -87,13 +106,17 @@ public struct PipelinePlan: Sendable {
             if settings.whenFull == .spill {
                 throw .plan("lane \(e.fromRef) -> \(e.toRef): when_full: spill is not yet supported by this host; use block, drop_newest or drop_oldest")
             }
-            let same = placementOf[e.from] == .inProcess && placementOf[e.to] == .inProcess
-            let key = "\(e.to).\(e.port)"
+            let same = placementOf[x.from] == .inProcess && placementOf[x.to] == .inProcess
+            let key = "\(x.to).\(e.port)"
             let li = perPort[key, default: 0]
             perPort[key] = li + 1
-            lanes.append(PlannedLane(id: UInt32(i + 1), from: e.from, output: e.output, to: e.to, port: e.port,
+            let out = "\(x.from).\(e.output)"
+            let gkey = "\(out)|\(e.to).\(e.port)"
+            let group: Int
+            if let g = groups[gkey] { group = g } else { group = nextGroup[out, default: 0]; nextGroup[out] = group + 1; groups[gkey] = group }
+            lanes.append(PlannedLane(id: UInt32(i + 1), from: x.from, output: e.output, to: x.to, port: e.port,
                                      portIndex: target.ports.firstIndex(of: e.port) ?? 0, laneIndex: li, loopBack: e.loopBack,
-                                     maxHops: e.maxHops, settings: settings, transport: same ? "inproc" : "ipc"))
+                                     maxHops: e.maxHops, settings: settings, transport: same ? "inproc" : "ipc", group: group))
         }
         return PipelinePlan(spec: spec, stages: stages, lanes: lanes, component: Self.components(stages.map(\.id), lanes))
     }

@@ -142,8 +142,14 @@ final class RunnerCore: StageContext {
     var inLanes: [InLane] = []
     var inIndex: [UInt32: Int] = [:]
     var outIndex: [UInt32: Int] = [:]
-    /// Output index -> lane indices (fan-out copies to each).
+    /// Output index -> lane indices (every lane of every group).
     var outputLanes: [[Int]] = []
+    /// Output index -> groups -> lane indices: each group gets every envelope (fan-out); inside a
+    /// group (the replicas of one consumer) envelopes go round-robin.
+    var outputGroups: [[[Int]]] = []
+    var roundRobin: [[Int]] = []
+    /// Every group of every output, for the backpressure test.
+    var allGroups: [[Int]] = []
     var outputNames: [String] = []
     var deadLetterHandle: OutputHandle
     var kv: (any KeyValueStore)?
@@ -195,7 +201,9 @@ final class RunnerCore: StageContext {
         }
         for o in a.outputs {
             var idx: [Int] = []
+            var byGroup: [Int: [Int]] = [:]
             for l in o.lanes {
+                byGroup[l.group, default: []].append(outLanes.count)
                 let s = try zmq.socket(.push)
                 try s.setSendHWM(Int32(clamping: l.bound + 64))
                 try s.connect(l.endpoint)
@@ -204,6 +212,10 @@ final class RunnerCore: StageContext {
                 outLanes.append(OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack))
             }
             outputLanes.append(idx)
+            let groups = byGroup.keys.sorted().compactMap { byGroup[$0] }
+            outputGroups.append(groups)
+            roundRobin.append(Array(repeating: 0, count: groups.count))
+            allGroups += groups
         }
         for i in a.inputs {
             let s = try zmq.socket(.push)
@@ -261,8 +273,9 @@ final class RunnerCore: StageContext {
         if a.audit == .all {
             audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
         }
-        let targets = outputLanes[output.index]
-        for (n, li) in targets.enumerated() {
+        let groups = outputGroups[output.index]
+        for (n, group) in groups.enumerated() {
+            let li = pick(output.index, n, group)
             switch outLanes[li].whenFull {
             case .dropNewest where !outLanes[li].loopBack && outLanes[li].hasCredit && outLanes[li].inFlight >= outLanes[li].bound:
                 outLanes[li].dropped += 1
@@ -275,15 +288,30 @@ final class RunnerCore: StageContext {
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
             default: break
             }
-            // Fan-out copies to every lane but the last, which takes the envelope itself.
-            if n == targets.count - 1 { outLanes[li].queue.append(consume envelope); return }
+            // Fan-out copies to every group but the last, which takes the envelope itself.
+            if n == groups.count - 1 { outLanes[li].queue.append(consume envelope); return }
             outLanes[li].queue.append(copy envelope)
         }
     }
 
+    /// The lane of `group` that takes the next envelope: round-robin, skipping lanes without room
+    /// (the least loaded when all are full).
+    @inline(__always) func pick(_ output: Int, _ g: Int, _ group: [Int]) -> Int {
+        if group.count == 1 { return group[0] }
+        let start = roundRobin[output][g]
+        var best = group[start % group.count]
+        for k in 0..<group.count {
+            let li = group[(start + k) % group.count]
+            if outLanes[li].writable { best = li; break }
+            if outLanes[li].queue.count < outLanes[best].queue.count { best = li }
+        }
+        roundRobin[output][g] = (start + 1) % group.count
+        return best
+    }
+
     func isWritable(_ output: OutputHandle) -> Bool {
         guard output.index >= 0, output.index < outputLanes.count else { return false }
-        return outputLanes[output.index].allSatisfy { outLanes[$0].writable || outLanes[$0].loopBack }
+        return outputGroups[output.index].allSatisfy { g in g.contains { outLanes[$0].writable || outLanes[$0].loopBack } }
     }
 
     func deadLetter(_ envelope: Envelope, reason: String) {
@@ -324,8 +352,18 @@ final class RunnerCore: StageContext {
 
     // MARK: loop
 
+    /// False while some blocking group has no lane with room: then the stage takes no input.
     var canAccept: Bool {
-        for l in outLanes where !l.loopBack && l.whenFull == .block && !l.writable { return false }
+        for g in allGroups {
+            var blocking = false, room = false
+            for li in g {
+                let l = outLanes[li]
+                if l.loopBack || l.whenFull != .block { room = true; break }
+                blocking = true
+                if l.writable { room = true; break }
+            }
+            if blocking && !room { return false }
+        }
         return true
     }
     var queuesEmpty: Bool { outLanes.allSatisfy { $0.queue.isEmpty } }
@@ -419,7 +457,8 @@ final class RunnerCore: StageContext {
                 // Source.
                 if let max = a.maxEmit, emitted >= max, !exhausted { exhausted = true; statsDirty = true }
                 if let src = source, !exhausted, canAccept, monotonicNs() >= nextProduce {
-                    var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, outLanes.filter { !$0.loopBack }.map { Swift.max(0, $0.credits - $0.queue.count) }.min() ?? 256))
+                    let room = allGroups.map { g in g.reduce(0) { $0 + (outLanes[$1].loopBack ? 256 : Swift.max(0, outLanes[$1].credits - outLanes[$1].queue.count)) } }
+                    var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, room.min() ?? 256))
                     if let max = a.maxEmit { budget = Int(Swift.min(UInt64(budget), max - emitted)) }
                     do {
                         switch try src.produce(budget: min(budget, 1024), context: self) {

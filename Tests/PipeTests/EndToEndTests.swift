@@ -305,6 +305,43 @@ struct EndToEndTests {
         #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 3)
     }
 
+    @Test func replicas_spreadRoundRobinAndLoseNothing() throws {
+        let run = Paths.tempDir("replicas")
+        let (r, s) = try runPipeline(Paths.root + "/pipelines/replicas.yaml", runDir: run)
+        #expect(r.status == 0, "\(r.stderr)")
+        var total: Int64 = 0
+        for i in 0..<3 {
+            let w = try #require(stage(s, "work.\(i)"))
+            let n = w["received"]?.intValue ?? 0
+            #expect(n > 3000, "replica \(i) took \(n)")   // round-robin: each does a real share
+            #expect(w["placement"]?.stringValue == "process")
+            total += n
+        }
+        #expect(total == 30_000)
+        let lines = try linesWithoutIngest(run + "/replicas.jsonl")
+        #expect(lines.count == 30_000)
+        let ids = Set(lines.map { $0.prefix(45) })
+        #expect(ids.count == 30_000)
+        // The same envelopes as without replicas (order aside).
+        let single = writeTemp(try String(contentsOfFile: Paths.root + "/pipelines/replicas.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "replicas: 3", with: "replicas: 1"), "single.yaml")
+        let run1 = Paths.tempDir("single")
+        let (r1, _) = try runPipeline(single, runDir: run1)
+        #expect(r1.status == 0)
+        #expect(Set(try linesWithoutIngest(run1 + "/replicas.jsonl")) == Set(lines))
+    }
+
+    @Test func replicas_onASink_areRefused() throws {
+        let yaml = """
+        stages:
+          - { id: gen, kind: generator }
+          - { id: out, kind: file-sink, inputs: [gen], replicas: 2, config: { path: x.jsonl } }
+        """
+        let r = try runProcess(Paths.pipectl, ["validate", writeTemp(yaml, "badrep.yaml")])
+        #expect(r.status == 1)
+        #expect(r.stdout.contains(":3:11: stage 'out': replicas > 1 is for transform stages"))
+    }
+
     @Test func sigterm_endsAnIdleRateLimitedSourcePromptly() throws {
         let yaml = """
         pipeline: sleepy
