@@ -39,6 +39,11 @@ public enum SummaryFormatter {
                          [String(l.id), l.from, l.to + (l.loopBack ? " (loop)" : ""), l.transport, String(l.bound), String(l.sent), String(l.received),
                           String(l.depth), format2(Double(l.blockedNs) / 1e6), rate(l.received, s.elapsedSeconds)]
                      })
+        let files = s.stages.compactMap { v -> String? in
+            guard let p = v.status.first(where: { $0.0 == "path" })?.1 else { return nil }
+            return "  \(v.id): \(p)"
+        }
+        if !files.isEmpty { out += "\n\nfiles\n" + files.joined(separator: "\n") }
         if let f = s.failure { out += "\n\nfailure: \(f)" }
         return out
     }
