@@ -100,7 +100,7 @@ final class RunnerCore: StageContext {
         let to: String
         let socket: ZMQSocket
         let bound: Int
-        let whenFull: PipeConfigWhenFull
+        let whenFull: WhenFull
         let loopBack: Bool
         var epoch: UInt32 = 0
         var limit: UInt64 = 0
@@ -733,4 +733,3 @@ final class RunnerCore: StageContext {
     }
 }
 
-typealias PipeConfigWhenFull = WhenFull
