@@ -1,3 +1,4 @@
+import Foundation
 import PipeKit
 
 /// SplitMix64: a small, well-known seeded generator, so a seeded generator gives the same ids
@@ -100,35 +101,10 @@ public final class GeneratorStage: SourceStage {
             if var g = rng { id = .random(using: &g); rng = g } else { id = .random() }
             var payload = fixedPayload
             if let t = template {
-                payload = Array(t.replacingAll("{n}", with: String(emitted)).replacingAll("{id}", with: id.description).utf8)
+                payload = Array(t.replacingOccurrences(of: "{n}", with: String(emitted)).replacingOccurrences(of: "{id}", with: id.description).utf8)
             }
             context.emit(Envelope(id: id, actor: actor, intent: intent, authority: authority, ingestNs: wall, attrs: attrs, payload: payload), to: out)
         }
         return (count > 0 && emitted >= count) ? .exhausted : .active
-    }
-}
-
-extension String {
-    func replacingAll(_ target: String, with replacement: String) -> String {
-        guard !target.isEmpty, self.contains(target) else { return self }
-        var out = ""
-        var rest = Substring(self)
-        while let r = rest.range(of: target) {
-            out += rest[rest.startIndex..<r.lowerBound]; out += replacement
-            rest = rest[r.upperBound...]
-        }
-        return out + rest
-    }
-}
-
-extension Substring {
-    func range(of target: String) -> Range<Substring.Index>? {
-        guard let first = target.first else { return nil }
-        var i = startIndex
-        while i < endIndex {
-            if self[i] == first, self[i...].hasPrefix(target) { return i..<index(i, offsetBy: target.count) }
-            i = index(after: i)
-        }
-        return nil
     }
 }

@@ -157,13 +157,11 @@ public enum RuntimeError: Error, Sendable, CustomStringConvertible {
     case plan(String)
     case io(String)
     case protocolError(String)
-    case stageFailed(stage: String, reason: String)
     public var description: String {
         switch self {
         case .plan(let m): return m
         case .io(let m): return m
         case .protocolError(let m): return "protocol error: \(m)"
-        case .stageFailed(let s, let r): return "stage '\(s)' failed: \(r)"
         }
     }
 }

@@ -375,15 +375,14 @@ final class RunnerCore: StageContext {
     }
     var queuesEmpty: Bool { outLanes.allSatisfy { $0.queue.isEmpty } }
     var idle: Bool { queuesEmpty && stage.heldCount == 0 }
+    /// Every non-loop input has ended (checked on every loop pass: no allocation).
+    var nonLoopInputsEnded: Bool { inLanes.allSatisfy { $0.arrival.loopBack || $0.eos } }
+    var hasLoopInputs: Bool { inLanes.contains { $0.arrival.loopBack } }
     var inputsClosed: Bool {
         if source != nil { return exhausted }
-        let nonLoop = inLanes.filter { !$0.arrival.loopBack }
-        let hasLoop = inLanes.contains { $0.arrival.loopBack }
-        return nonLoop.allSatisfy(\.eos) && (!hasLoop || loopClosed)
+        return nonLoopInputsEnded && (loopClosed || !hasLoopInputs)
     }
-    var awaitingLoopClose: Bool {
-        source == nil && !loopClosed && inLanes.contains { $0.arrival.loopBack } && inLanes.filter { !$0.arrival.loopBack }.allSatisfy(\.eos)
-    }
+    var awaitingLoopClose: Bool { source == nil && !loopClosed && hasLoopInputs && nonLoopInputsEnded }
 
     func run() -> Int32 {
         defer { teardown() }

@@ -1,3 +1,4 @@
+import Foundation
 import PipeKit
 
 /// Renders stage descriptors from the registry (for `pipectl stages` and docs/pipeline-reference.md).
@@ -44,15 +45,11 @@ public enum StageDocs {
             if !d.fields.isEmpty {
                 s += "| field | type | default | doc |\n|---|---|---|---|\n"
                 for f in d.fields {
-                    s += "| `\(f.name)` | \(f.type.description.replacingOccurrences("|", "\\|")) | \(f.required ? "required" : f.defaultValue.map { "`\(JSON.serialize($0))`" } ?? "optional") | \(f.doc) |\n"
+                    s += "| `\(f.name)` | \(f.type.description.replacingOccurrences(of: "|", with: "\\|")) | \(f.required ? "required" : f.defaultValue.map { "`\(JSON.serialize($0))`" } ?? "optional") | \(f.doc) |\n"
                 }
                 s += "\n"
             }
         }
         return s
     }
-}
-
-extension String {
-    func replacingOccurrences(_ a: String, _ b: String) -> String { split(separator: Character(a), omittingEmptySubsequences: false).joined(separator: b) }
 }

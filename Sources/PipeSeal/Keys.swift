@@ -1,5 +1,5 @@
 import CSodium
-import Glibc
+import Foundation
 import PipeKit
 
 /// A libsodium or key-file error.
@@ -68,7 +68,7 @@ public enum KeyFiles {
         defer { fclose(f) }
         var buf = [UInt8](repeating: 0, count: 4096)
         let n = fread(&buf, 1, buf.count, f)
-        return String(decoding: buf.prefix(n), as: UTF8.self).trimmingCharacters(in: " \n\r\t")
+        return String(decoding: buf.prefix(n), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// Loads an Ed25519 secret key file written by `pipehost keygen`.
@@ -80,14 +80,4 @@ public enum KeyFiles {
 
     /// The secret key as hex (the file format).
     public static func hex(of key: SigningKey) -> String { Hex.encode(key.secretKey) }
-}
-
-extension String {
-    func trimmingCharacters(in set: String) -> String {
-        let chars = Set(set)
-        var s = Substring(self)
-        while let f = s.first, chars.contains(f) { s.removeFirst() }
-        while let l = s.last, chars.contains(l) { s.removeLast() }
-        return String(s)
-    }
 }
