@@ -40,9 +40,10 @@ let package = Package(
 
         // Stage plugins: PipeKit + capability modules only.
         .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
+        .target(name: "TwinStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Twin"),
 
         // The one stage registry.
-        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages"]),
+        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages"]),
 
         .target(name: "PipeRuntime", dependencies: [
             "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeRegistry",
@@ -57,12 +58,12 @@ let package = Package(
             "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit"],
+        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "TwinStages"],
                           path: "Tools/bench"),
 
         .testTarget(name: "PipeTests", dependencies: [
             "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff",
-            "PipeRuntime", "PipeRegistry", "CoreStages",
+            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages",
         ], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]

@@ -1,19 +1,6 @@
 import Foundation
 import PipeKit
 
-/// SplitMix64: a small, well-known seeded generator, so a seeded generator gives the same ids
-/// on every run and every placement.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// `generator`: emits `count` envelopes (0 = endless), optionally rate-limited, with a fixed-size
 /// or templated payload; with `seed`, ids are deterministic.
 public final class GeneratorStage: SourceStage {

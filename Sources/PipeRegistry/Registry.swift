@@ -1,5 +1,6 @@
 import CoreStages
 import PipeKit
+import TwinStages
 
 /// Every built-in stage kind, registered in this one place. `pipectl stages`, validation, the
 /// JSON Schema and docs/pipeline-reference.md all read this list.
@@ -11,4 +12,6 @@ public let builtInStages = StageRegistry([
     FileSinkStage.descriptor,
     NullSinkStage.descriptor,
     StdoutSinkStage.descriptor,
+    TwinStage.descriptor,
+    TwinSimulatorStage.descriptor,
 ])

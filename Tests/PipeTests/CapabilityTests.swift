@@ -34,6 +34,28 @@ struct CapabilityTests {
         #expect(reloaded.publicKey == k.publicKey)
     }
 
+    /// The vector of docs/wire-format.md ("Envelope signature"), produced with Python's `cryptography`.
+    @Test func envelopeSignature_matchesDocumentedVector() throws {
+        let key = try SigningKey(seed: Array(0..<32))
+        #expect(Hex.encode(key.publicKey) == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8")
+        var e = Envelope(id: try #require(EnvelopeID(hex: "00112233445566778899aabbccddeeff")),
+                         parent: EnvelopeID(hex: "0102030405060708090a0b0c0d0e0f10"),
+                         actor: "crane-01", intent: "twin.state", payload: Array(#"{"a":1}"#.utf8))
+        #expect(Hex.encode(e.signingBytes) == "706970652e7369672e763100112233445566778899aabbccddeeff010102030405060708090a0b0c0d0e0f10080000006372616e652d30310a0000007477696e2e737461746500000000070000007b2261223a317d")
+        key.sign(&e)
+        #expect(Hex.encode(try #require(e.sig).signature) == "4ad60d2c38259246857d787317a1f3fe431baf9d752de8a1b4892669d01c261c1393d359cf9cf33416fe22212d8638935d0fe26ab69d3365900863e0db4ecf04")
+        #expect(e.verifySignature(publicKey: key.publicKey) == .valid)
+        // Uncovered fields may change on the way; covered ones may not.
+        var routed = e; routed.lane = "fast"; routed.hops = 3; routed.attrs["x"] = .int(1)
+        #expect(routed.verifySignature(publicKey: key.publicKey) == .valid)
+        var tampered = e; tampered.payload = Array(#"{"a":2}"#.utf8)
+        #expect(tampered.verifySignature(publicKey: key.publicKey) == .invalid)
+        let other = try SigningKey.generate()
+        #expect(e.verifySignature(publicKey: other.publicKey) == .wrongKey(keyID: "03a107bff3ce10be"))
+        var unsigned = e; unsigned.sig = nil
+        #expect(unsigned.verifySignature(publicKey: key.publicKey) == .unsigned)
+    }
+
     @Test func libmagic_classifiesContent() throws {
         let m = try MagicDetector()
         #expect(m.describe(Array("%PDF-1.4\n".utf8)) == "application/pdf")

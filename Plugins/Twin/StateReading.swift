@@ -1,0 +1,397 @@
+import PipeKit
+
+/// One sensor value of a state. `value` is nil when the sensor cannot be evaluated (NaN, an
+/// infinity, a string, null...), with `problem` saying what was there instead.
+struct SensorValue: Sendable, Equatable {
+    var name: String
+    var value: Double?
+    var problem: String?
+}
+
+/// A device state as the twin stage reads it from a payload (CONCEPTS.md, "The twin comparator"):
+/// `{"device_id": "...", "timestamp": RFC 3339 with offset | Unix ns, "values": {sensor: number},
+/// "status": "..."}`. Other keys are ignored (devices may add their own).
+struct StateReading: Sendable, Equatable {
+    var deviceID: String
+    var timestampNs: Int64
+    var values: [SensorValue]
+    var status: String
+
+    func value(_ sensor: String) -> SensorValue? {
+        for v in values where v.name == sensor { return v }
+        return nil
+    }
+}
+
+/// Why a state payload was refused; the text is the dead-letter reason.
+struct StateError: Error, Sendable, Equatable, CustomStringConvertible {
+    let message: String
+    init(_ message: String) { self.message = message }
+    var description: String { message }
+}
+
+/// A strict single-pass reader of the state object. It accepts the tokens `NaN`, `Infinity` and
+/// `-Infinity` (what Python's json module writes) inside `values` only, so that such a sensor is
+/// "cannot be evaluated" rather than the whole state being unreadable. Duplicate keys are refused:
+/// two parsers that disagree on which `status` counts are how checks get bypassed.
+struct StateParser {
+    private let p: UnsafeRawBufferPointer
+    private var i = 0
+    private static let maxSensors = 1024
+
+    private init(_ p: UnsafeRawBufferPointer) { self.p = p }
+
+    static func parse(_ bytes: UnsafeRawBufferPointer) throws(StateError) -> StateReading {
+        var s = StateParser(bytes)
+        return try s.object()
+    }
+
+    static func parse(_ bytes: [UInt8]) throws(StateError) -> StateReading {
+        try bytes.withUnsafeBytes { b in Result { () throws(StateError) -> StateReading in try parse(b) } }.get()
+    }
+
+    // MARK: structure
+
+    private mutating func object() throws(StateError) -> StateReading {
+        ws()
+        guard peek == UInt8(ascii: "{") else { throw StateError("state payload is not a JSON object") }
+        i += 1
+        var deviceID: String?, timestamp: Int64?, values: [SensorValue]?, status: String?
+        var first = true
+        while true {
+            ws()
+            if peek == UInt8(ascii: "}") { i += 1; break }
+            if !first { try expect(UInt8(ascii: ","), "',' or '}' in the state object") ; ws() }
+            first = false
+            let key = try string("a key in the state object")
+            ws(); try expect(UInt8(ascii: ":"), "':' after \"\(key)\""); ws()
+            switch key {
+            case "device_id":
+                guard deviceID == nil else { throw StateError("duplicate key 'device_id'") }
+                guard peek == UInt8(ascii: "\"") else { throw StateError("device_id must be a string") }
+                deviceID = try string("device_id")
+            case "timestamp":
+                guard timestamp == nil else { throw StateError("duplicate key 'timestamp'") }
+                timestamp = try timestampValue()
+            case "values":
+                guard values == nil else { throw StateError("duplicate key 'values'") }
+                values = try sensorValues()
+            case "status":
+                guard status == nil else { throw StateError("duplicate key 'status'") }
+                guard peek == UInt8(ascii: "\"") else { throw StateError("status must be a string") }
+                status = try string("status")
+            default:
+                try skipValue(depth: 0)
+            }
+        }
+        ws()
+        guard i == p.count else { throw StateError("unexpected data after the state object at byte \(i)") }
+        guard let deviceID else { throw StateError("state has no device_id") }
+        guard let timestamp else { throw StateError("state has no timestamp") }
+        guard let values else { throw StateError("state has no values") }
+        guard let status else { throw StateError("state has no status") }
+        return StateReading(deviceID: deviceID, timestampNs: timestamp, values: values, status: status)
+    }
+
+    private mutating func timestampValue() throws(StateError) -> Int64 {
+        if peek == UInt8(ascii: "\"") {
+            let start = i + 1
+            let text = try string("timestamp")
+            let end = i - 1
+            do { return try RFC3339.parse(UnsafeRawBufferPointer(rebasing: p[start..<end])) }
+            catch { throw StateError("timestamp '\(text)': \(error.message)") }
+        }
+        let start = i
+        while i < p.count, isNumberByte(p[i]) { i += 1 }
+        guard i > start else { throw StateError("timestamp must be an RFC 3339 string or integer Unix nanoseconds") }
+        let token = UnsafeRawBufferPointer(rebasing: p[start..<i])
+        guard token.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), token.count <= 19,
+              let ns = Int64(String(decoding: token, as: UTF8.self)) else {
+            throw StateError("timestamp \(String(decoding: token, as: UTF8.self)) is not a non-negative integer of Unix nanoseconds")
+        }
+        return ns
+    }
+
+    private mutating func sensorValues() throws(StateError) -> [SensorValue] {
+        guard peek == UInt8(ascii: "{") else { throw StateError("values must be an object of sensor: number") }
+        i += 1
+        var out: [SensorValue] = []
+        out.reserveCapacity(8)
+        var first = true
+        while true {
+            ws()
+            if peek == UInt8(ascii: "}") { i += 1; return out }
+            if !first { try expect(UInt8(ascii: ","), "',' or '}' in values"); ws() }
+            first = false
+            let name = try string("a sensor name")
+            ws(); try expect(UInt8(ascii: ":"), "':' after sensor \"\(name)\""); ws()
+            if out.contains(where: { $0.name == name }) { throw StateError("values has sensor '\(name)' twice") }
+            if out.count >= Self.maxSensors { throw StateError("more than \(Self.maxSensors) sensors in values") }
+            out.append(try sensor(name))
+        }
+    }
+
+    private mutating func sensor(_ name: String) throws(StateError) -> SensorValue {
+        let c = peek
+        if c == UInt8(ascii: "-") || (c >= 0x30 && c <= 0x39) || c == UInt8(ascii: "N") || c == UInt8(ascii: "I") {
+            let start = i
+            if c == UInt8(ascii: "-") { i += 1 }
+            if word("Infinity") { return SensorValue(name: name, value: nil, problem: c == UInt8(ascii: "-") ? "-Infinity" : "Infinity") }
+            if c == UInt8(ascii: "N"), word("NaN") { return SensorValue(name: name, value: nil, problem: "NaN") }
+            while i < p.count, isNumberByte(p[i]) { i += 1 }
+            let token = UnsafeRawBufferPointer(rebasing: p[start..<i])
+            guard let d = Self.double(token) else {
+                throw StateError("sensor '\(name)': '\(String(decoding: token, as: UTF8.self))' is not a number")
+            }
+            return d.isFinite ? SensorValue(name: name, value: d, problem: nil)
+                              : SensorValue(name: name, value: nil, problem: "\(String(decoding: token, as: UTF8.self)) (out of range)")
+        }
+        let what: String
+        switch c {
+        case UInt8(ascii: "\""): what = "a string"
+        case UInt8(ascii: "n"): what = "null"
+        case UInt8(ascii: "t"), UInt8(ascii: "f"): what = "a boolean"
+        case UInt8(ascii: "{"): what = "an object"
+        case UInt8(ascii: "["): what = "a list"
+        default: throw StateError("sensor '\(name)': expected a value at byte \(i)")
+        }
+        try skipValue(depth: 0)
+        return SensorValue(name: name, value: nil, problem: what)
+    }
+
+    // MARK: tokens
+
+    private var peek: UInt8 { i < p.count ? p[i] : 0 }
+
+    private mutating func ws() {
+        while i < p.count, p[i] == 0x20 || p[i] == 0x0A || p[i] == 0x0D || p[i] == 0x09 { i += 1 }
+    }
+
+    private mutating func expect(_ c: UInt8, _ what: String) throws(StateError) {
+        guard peek == c else { throw StateError("expected \(what) at byte \(i)") }
+        i += 1
+    }
+
+    private mutating func word(_ w: StaticString) -> Bool {
+        let n = w.utf8CodeUnitCount
+        guard i + n <= p.count else { return false }
+        let base = w.utf8Start
+        for k in 0..<n where p[i + k] != base[k] { return false }
+        i += n
+        return true
+    }
+
+    private func isNumberByte(_ c: UInt8) -> Bool {
+        (c >= 0x30 && c <= 0x39) || c == UInt8(ascii: "-") || c == UInt8(ascii: "+") || c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E")
+    }
+
+    /// A JSON number token (strict grammar) as a Double.
+    private static func double(_ t: UnsafeRawBufferPointer) -> Double? {
+        var k = 0
+        func digits() -> Int { let s = k; while k < t.count, t[k] >= 0x30, t[k] <= 0x39 { k += 1 }; return k - s }
+        if k < t.count, t[k] == UInt8(ascii: "-") { k += 1 }
+        let intStart = k
+        let n = digits()
+        guard n > 0, !(n > 1 && t[intStart] == 0x30) else { return nil }
+        if k < t.count, t[k] == UInt8(ascii: ".") { k += 1; guard digits() > 0 else { return nil } }
+        if k < t.count, t[k] == UInt8(ascii: "e") || t[k] == UInt8(ascii: "E") {
+            k += 1
+            if k < t.count, t[k] == UInt8(ascii: "+") || t[k] == UInt8(ascii: "-") { k += 1 }
+            guard digits() > 0 else { return nil }
+        }
+        guard k == t.count else { return nil }
+        return Double(String(decoding: t, as: UTF8.self))
+    }
+
+    /// A JSON string; escapes are decoded (a `\u` escape must form valid UTF-16).
+    private mutating func string(_ what: String) throws(StateError) -> String {
+        guard peek == UInt8(ascii: "\"") else { throw StateError("expected \(what) (a string) at byte \(i)") }
+        i += 1
+        let start = i
+        while i < p.count, p[i] != UInt8(ascii: "\""), p[i] != UInt8(ascii: "\\"), p[i] >= 0x20 { i += 1 }
+        if i < p.count, p[i] == UInt8(ascii: "\"") {
+            defer { i += 1 }
+            return String(decoding: UnsafeRawBufferPointer(rebasing: p[start..<i]), as: UTF8.self)
+        }
+        var bytes = Array(UnsafeRawBufferPointer(rebasing: p[start..<i]))
+        while true {
+            guard i < p.count else { throw StateError("unterminated string (\(what))") }
+            let c = p[i]
+            if c == UInt8(ascii: "\"") { i += 1; return String(decoding: bytes, as: UTF8.self) }
+            if c < 0x20 { throw StateError("control character in a string (\(what)) at byte \(i)") }
+            if c != UInt8(ascii: "\\") { bytes.append(c); i += 1; continue }
+            i += 1
+            guard i < p.count else { throw StateError("unterminated escape (\(what))") }
+            let e = p[i]; i += 1
+            switch e {
+            case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): bytes.append(e)
+            case UInt8(ascii: "b"): bytes.append(0x08)
+            case UInt8(ascii: "f"): bytes.append(0x0C)
+            case UInt8(ascii: "n"): bytes.append(0x0A)
+            case UInt8(ascii: "r"): bytes.append(0x0D)
+            case UInt8(ascii: "t"): bytes.append(0x09)
+            case UInt8(ascii: "u"):
+                var scalar = try hex4(what)
+                if (0xD800..<0xDC00).contains(scalar) {
+                    guard word("\\u") else { throw StateError("unpaired surrogate in a string (\(what))") }
+                    let low = try hex4(what)
+                    guard (0xDC00..<0xE000).contains(low) else { throw StateError("unpaired surrogate in a string (\(what))") }
+                    scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
+                } else if (0xDC00..<0xE000).contains(scalar) {
+                    throw StateError("unpaired surrogate in a string (\(what))")
+                }
+                guard let u = Unicode.Scalar(scalar) else { throw StateError("bad \\u escape (\(what))") }
+                bytes.append(contentsOf: Array(String(Character(u)).utf8))
+            default: throw StateError("bad escape '\\\(Character(Unicode.Scalar(e)))' in a string (\(what))")
+            }
+        }
+    }
+
+    private mutating func hex4(_ what: String) throws(StateError) -> UInt32 {
+        guard i + 4 <= p.count else { throw StateError("short \\u escape (\(what))") }
+        var v: UInt32 = 0
+        for _ in 0..<4 {
+            let c = p[i]; i += 1
+            let d: UInt32
+            switch c {
+            case 0x30...0x39: d = UInt32(c - 0x30)
+            case 0x41...0x46: d = UInt32(c - 0x41 + 10)
+            case 0x61...0x66: d = UInt32(c - 0x61 + 10)
+            default: throw StateError("bad \\u escape (\(what))")
+            }
+            v = v << 4 | d
+        }
+        return v
+    }
+
+    /// Skips one JSON value (keys the state does not use), bounded in depth.
+    private mutating func skipValue(depth: Int) throws(StateError) {
+        guard depth < 32 else { throw StateError("state nested deeper than 32 levels") }
+        ws()
+        switch peek {
+        case UInt8(ascii: "\""): _ = try string("a string")
+        case UInt8(ascii: "{"), UInt8(ascii: "["):
+            let close = peek == UInt8(ascii: "{") ? UInt8(ascii: "}") : UInt8(ascii: "]")
+            let isObject = peek == UInt8(ascii: "{")
+            i += 1; ws()
+            if peek == close { i += 1; return }
+            while true {
+                if isObject { ws(); _ = try string("a key"); ws(); try expect(UInt8(ascii: ":"), "':'") }
+                try skipValue(depth: depth + 1)
+                ws()
+                if peek == close { i += 1; return }
+                try expect(UInt8(ascii: ","), "',' or '\(Character(Unicode.Scalar(close)))'")
+            }
+        case UInt8(ascii: "t"): guard word("true") else { throw StateError("bad literal at byte \(i)") }
+        case UInt8(ascii: "f"): guard word("false") else { throw StateError("bad literal at byte \(i)") }
+        case UInt8(ascii: "n"): guard word("null") else { throw StateError("bad literal at byte \(i)") }
+        default:
+            let start = i
+            while i < p.count, isNumberByte(p[i]) { i += 1 }
+            guard i > start, Self.double(UnsafeRawBufferPointer(rebasing: p[start..<i])) != nil else {
+                throw StateError("expected a JSON value at byte \(start)")
+            }
+        }
+    }
+}
+
+/// RFC 3339 date-times with a required UTC offset (`Z` or `±hh:mm`), to Unix nanoseconds.
+/// An offset-less time is refused: compared with an offset time it has no defined order.
+enum RFC3339 {
+    struct Failure: Error { let message: String }
+
+    static func parse(_ s: UnsafeRawBufferPointer) throws(Failure) -> Int64 {
+        var k = 0
+        func num(_ n: Int, _ field: String) throws(Failure) -> Int64 {
+            guard k + n <= s.count else { throw Failure(message: "too short (expected YYYY-MM-DDThh:mm:ss[.frac](Z|±hh:mm))") }
+            var v: Int64 = 0
+            for _ in 0..<n {
+                let c = s[k]
+                guard c >= 0x30, c <= 0x39 else { throw Failure(message: "bad \(field) at character \(k + 1)") }
+                v = v * 10 + Int64(c - 0x30); k += 1
+            }
+            return v
+        }
+        func sep(_ allowed: [UInt8], _ what: String) throws(Failure) {
+            guard k < s.count, allowed.contains(s[k]) else { throw Failure(message: "expected \(what) at character \(k + 1)") }
+            k += 1
+        }
+        let year = try num(4, "year"); try sep([0x2D], "'-'")
+        let month = try num(2, "month"); try sep([0x2D], "'-'")
+        let day = try num(2, "day"); try sep([0x54, 0x74, 0x20], "'T'")
+        let hour = try num(2, "hour"); try sep([0x3A], "':'")
+        let minute = try num(2, "minute"); try sep([0x3A], "':'")
+        let second = try num(2, "second")
+        guard (1...12).contains(month) else { throw Failure(message: "month \(month) out of range") }
+        guard day >= 1, day <= daysIn(month: month, year: year) else { throw Failure(message: "day \(day) out of range") }
+        guard hour <= 23, minute <= 59, second <= 60 else { throw Failure(message: "time of day out of range") }
+        var nanos: Int64 = 0
+        if k < s.count, s[k] == UInt8(ascii: ".") {
+            k += 1
+            var digits = 0
+            while k < s.count, s[k] >= 0x30, s[k] <= 0x39 {
+                if digits < 9 { nanos = nanos * 10 + Int64(s[k] - 0x30) }
+                digits += 1; k += 1
+            }
+            guard digits > 0 else { throw Failure(message: "empty fraction of a second") }
+            for _ in digits..<max(digits, 9) { nanos *= 10 }
+        }
+        guard k < s.count else { throw Failure(message: "has no UTC offset (RFC 3339 needs Z or ±hh:mm; offset-less times are refused)") }
+        var offsetSeconds: Int64 = 0
+        switch s[k] {
+        case UInt8(ascii: "Z"), UInt8(ascii: "z"): k += 1
+        case UInt8(ascii: "+"), UInt8(ascii: "-"):
+            let sign: Int64 = s[k] == UInt8(ascii: "-") ? -1 : 1
+            k += 1
+            let oh = try num(2, "offset hour"); try sep([0x3A], "':' in the offset")
+            let om = try num(2, "offset minute")
+            guard oh <= 23, om <= 59 else { throw Failure(message: "offset out of range") }
+            offsetSeconds = sign * (oh * 3600 + om * 60)
+        default: throw Failure(message: "expected Z or ±hh:mm at character \(k + 1)")
+        }
+        guard k == s.count else { throw Failure(message: "unexpected text after the offset") }
+        let days = daysFromCivil(year: year, month: month, day: day)
+        let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offsetSeconds
+        guard seconds >= 0, seconds < Int64.max / 1_000_000_000 - 1 else { throw Failure(message: "outside the range of Unix nanoseconds") }
+        return seconds * 1_000_000_000 + nanos
+    }
+
+    static func daysIn(month: Int64, year: Int64) -> Int64 {
+        switch month {
+        case 2: return (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 ? 29 : 28
+        case 4, 6, 9, 11: return 30
+        default: return 31
+        }
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    static func daysFromCivil(year: Int64, month: Int64, day: Int64) -> Int64 {
+        let y = month <= 2 ? year - 1 : year
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let mp = (month + 9) % 12
+        let doy = (153 * mp + 2) / 5 + day - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        return era * 146_097 + doe - 719_468
+    }
+
+    /// Unix nanoseconds as RFC 3339 UTC with milliseconds (for simulators and messages).
+    static func format(ns: Int64) -> String {
+        let ms = ns / 1_000_000
+        var secs = ms / 1000
+        let milli = ms % 1000
+        let days = secs / 86_400; secs %= 86_400
+        // civil_from_days
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        let y = yoe + era * 400 + (m <= 2 ? 1 : 0)
+        func pad(_ v: Int64, _ n: Int) -> String { let t = String(v); return String(repeating: "0", count: max(0, n - t.count)) + t }
+        return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(secs / 3600, 2)):\(pad(secs / 60 % 60, 2)):\(pad(secs % 60, 2)).\(pad(milli, 3))Z"
+    }
+}
