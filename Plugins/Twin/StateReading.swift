@@ -96,10 +96,15 @@ struct StateParser {
     private mutating func timestampValue() throws(StateError) -> Int64 {
         if peek == UInt8(ascii: "\"") {
             let start = i + 1
+            var end = start
+            while end < p.count, p[end] != UInt8(ascii: "\""), p[end] != UInt8(ascii: "\\"), p[end] >= 0x20 { end += 1 }
+            if end < p.count, p[end] == UInt8(ascii: "\"") {
+                i = end + 1
+                do { return try RFC3339.parse(UnsafeRawBufferPointer(rebasing: p[start..<end])) }
+                catch { throw StateError("timestamp '\(String(decoding: UnsafeRawBufferPointer(rebasing: p[start..<end]), as: UTF8.self))': \(error.message)") }
+            }
             let text = try string("timestamp")
-            let end = i - 1
-            do { return try RFC3339.parse(UnsafeRawBufferPointer(rebasing: p[start..<end])) }
-            catch { throw StateError("timestamp '\(text)': \(error.message)") }
+            throw StateError("timestamp '\(text)': escapes are not allowed in a timestamp")
         }
         let start = i
         while i < p.count, isNumberByte(p[i]) { i += 1 }
@@ -167,8 +172,8 @@ struct StateParser {
         while i < p.count, p[i] == 0x20 || p[i] == 0x0A || p[i] == 0x0D || p[i] == 0x09 { i += 1 }
     }
 
-    private mutating func expect(_ c: UInt8, _ what: String) throws(StateError) {
-        guard peek == c else { throw StateError("expected \(what) at byte \(i)") }
+    private mutating func expect(_ c: UInt8, _ what: @autoclosure () -> String) throws(StateError) {
+        guard peek == c else { throw StateError("expected \(what()) at byte \(i)") }
         i += 1
     }
 
@@ -200,12 +205,37 @@ struct StateParser {
             guard digits() > 0 else { return nil }
         }
         guard k == t.count else { return nil }
-        return Double(String(decoding: t, as: UTF8.self))
+        return fastDouble(t) ?? Double(String(decoding: t, as: UTF8.self))
+    }
+
+    private static let powersOf10: [Double] = (0...22).map { e in (0..<e).reduce(1.0) { x, _ in x * 10 } }
+
+    /// Clinger's fast path: a decimal with at most 15 significant digits and a power of ten within
+    /// 10^22 converts exactly with one multiplication or division (both operands are exact).
+    /// Anything else returns nil and goes to the full conversion.
+    private static func fastDouble(_ t: UnsafeRawBufferPointer) -> Double? {
+        var k = 0, negative = false, mantissa: UInt64 = 0, digits = 0, exp10 = 0
+        if t[k] == UInt8(ascii: "-") { negative = true; k += 1 }
+        while k < t.count, t[k] >= 0x30, t[k] <= 0x39 {
+            if mantissa != 0 || t[k] != 0x30 { digits += 1 }
+            mantissa = mantissa &* 10 &+ UInt64(t[k] - 0x30); k += 1
+        }
+        if k < t.count, t[k] == UInt8(ascii: ".") {
+            k += 1
+            while k < t.count, t[k] >= 0x30, t[k] <= 0x39 {
+                if mantissa != 0 || t[k] != 0x30 { digits += 1 }
+                mantissa = mantissa &* 10 &+ UInt64(t[k] - 0x30); exp10 -= 1; k += 1
+            }
+        }
+        guard k == t.count, digits <= 15, exp10 >= -22 else { return nil }
+        let m = Double(mantissa)
+        let v = exp10 == 0 ? m : m / powersOf10[-exp10]
+        return negative ? -v : v
     }
 
     /// A JSON string; escapes are decoded (a `\u` escape must form valid UTF-16).
-    private mutating func string(_ what: String) throws(StateError) -> String {
-        guard peek == UInt8(ascii: "\"") else { throw StateError("expected \(what) (a string) at byte \(i)") }
+    private mutating func string(_ what: @autoclosure () -> String) throws(StateError) -> String {
+        guard peek == UInt8(ascii: "\"") else { throw StateError("expected \(what()) (a string) at byte \(i)") }
         i += 1
         let start = i
         while i < p.count, p[i] != UInt8(ascii: "\""), p[i] != UInt8(ascii: "\\"), p[i] >= 0x20 { i += 1 }
@@ -215,13 +245,13 @@ struct StateParser {
         }
         var bytes = Array(UnsafeRawBufferPointer(rebasing: p[start..<i]))
         while true {
-            guard i < p.count else { throw StateError("unterminated string (\(what))") }
+            guard i < p.count else { throw StateError("unterminated string (\(what()))") }
             let c = p[i]
             if c == UInt8(ascii: "\"") { i += 1; return String(decoding: bytes, as: UTF8.self) }
-            if c < 0x20 { throw StateError("control character in a string (\(what)) at byte \(i)") }
+            if c < 0x20 { throw StateError("control character in a string (\(what())) at byte \(i)") }
             if c != UInt8(ascii: "\\") { bytes.append(c); i += 1; continue }
             i += 1
-            guard i < p.count else { throw StateError("unterminated escape (\(what))") }
+            guard i < p.count else { throw StateError("unterminated escape (\(what()))") }
             let e = p[i]; i += 1
             switch e {
             case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): bytes.append(e)
@@ -231,18 +261,18 @@ struct StateParser {
             case UInt8(ascii: "r"): bytes.append(0x0D)
             case UInt8(ascii: "t"): bytes.append(0x09)
             case UInt8(ascii: "u"):
-                var scalar = try hex4(what)
+                var scalar = try hex4(what())
                 if (0xD800..<0xDC00).contains(scalar) {
-                    guard word("\\u") else { throw StateError("unpaired surrogate in a string (\(what))") }
-                    let low = try hex4(what)
-                    guard (0xDC00..<0xE000).contains(low) else { throw StateError("unpaired surrogate in a string (\(what))") }
+                    guard word("\\u") else { throw StateError("unpaired surrogate in a string (\(what()))") }
+                    let low = try hex4(what())
+                    guard (0xDC00..<0xE000).contains(low) else { throw StateError("unpaired surrogate in a string (\(what()))") }
                     scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
                 } else if (0xDC00..<0xE000).contains(scalar) {
-                    throw StateError("unpaired surrogate in a string (\(what))")
+                    throw StateError("unpaired surrogate in a string (\(what()))")
                 }
-                guard let u = Unicode.Scalar(scalar) else { throw StateError("bad \\u escape (\(what))") }
+                guard let u = Unicode.Scalar(scalar) else { throw StateError("bad \\u escape (\(what()))") }
                 bytes.append(contentsOf: Array(String(Character(u)).utf8))
-            default: throw StateError("bad escape '\\\(Character(Unicode.Scalar(e)))' in a string (\(what))")
+            default: throw StateError("bad escape '\\\(Character(Unicode.Scalar(e)))' in a string (\(what()))")
             }
         }
     }
@@ -312,15 +342,17 @@ enum RFC3339 {
             }
             return v
         }
-        func sep(_ allowed: [UInt8], _ what: String) throws(Failure) {
-            guard k < s.count, allowed.contains(s[k]) else { throw Failure(message: "expected \(what) at character \(k + 1)") }
+        func sep(_ a: UInt8, _ b: UInt8 = 0, _ c: UInt8 = 0, what: StaticString) throws(Failure) {
+            guard k < s.count, s[k] == a || (b != 0 && s[k] == b) || (c != 0 && s[k] == c) else {
+                throw Failure(message: "expected \(what) at character \(k + 1)")
+            }
             k += 1
         }
-        let year = try num(4, "year"); try sep([0x2D], "'-'")
-        let month = try num(2, "month"); try sep([0x2D], "'-'")
-        let day = try num(2, "day"); try sep([0x54, 0x74, 0x20], "'T'")
-        let hour = try num(2, "hour"); try sep([0x3A], "':'")
-        let minute = try num(2, "minute"); try sep([0x3A], "':'")
+        let year = try num(4, "year"); try sep(0x2D, what: "'-'")
+        let month = try num(2, "month"); try sep(0x2D, what: "'-'")
+        let day = try num(2, "day"); try sep(0x54, 0x74, 0x20, what: "'T'")
+        let hour = try num(2, "hour"); try sep(0x3A, what: "':'")
+        let minute = try num(2, "minute"); try sep(0x3A, what: "':'")
         let second = try num(2, "second")
         guard (1...12).contains(month) else { throw Failure(message: "month \(month) out of range") }
         guard day >= 1, day <= daysIn(month: month, year: year) else { throw Failure(message: "day \(day) out of range") }
@@ -343,7 +375,7 @@ enum RFC3339 {
         case UInt8(ascii: "+"), UInt8(ascii: "-"):
             let sign: Int64 = s[k] == UInt8(ascii: "-") ? -1 : 1
             k += 1
-            let oh = try num(2, "offset hour"); try sep([0x3A], "':' in the offset")
+            let oh = try num(2, "offset hour"); try sep(0x3A, what: "':' in the offset")
             let om = try num(2, "offset minute")
             guard oh <= 23, om <= 59 else { throw Failure(message: "offset out of range") }
             offsetSeconds = sign * (oh * 3600 + om * 60)

@@ -71,9 +71,9 @@ public final class TwinStage: Stage {
         fields: [
             ConfigField("profile", .enumeration(TwinProfile.names), default: .string("port"),
                         doc: "Industry profile: max drift and safety-criticality (port 200 ms, manufacturing 100, energy 500, steel 300, semiconductor 50: safety-critical; building 5000: not)."),
-            ConfigField("max_drift_ms", .int(min: 0), optional: true, doc: "Overrides the profile's maximum |physical.timestamp - twin.timestamp|."),
+            ConfigField("max_drift_ms", .int(min: 0), optional: true, doc: "Overrides the profile's largest allowed gap between the physical and the twin timestamp."),
             ConfigField("max_age_ms", .int(min: 1), optional: true, doc: "How old (or how far in the future) a state may be against the clock; default: max drift x 10."),
-            ConfigField("tolerances", .map(.double(min: 0)), optional: true, doc: "Sensor -> largest allowed |physical - twin|, for every device; sensors without one are not compared."),
+            ConfigField("tolerances", .map(.double(min: 0)), optional: true, doc: "Sensor -> largest allowed difference between physical and twin value, for every device; sensors without one are not compared."),
             ConfigField("devices", .map(.any), optional: true,
                         doc: "Device -> overrides (`profile`, `max_drift_ms`, `max_age_ms`, `tolerances`, and `public_key` (hex) or `public_key_file` to require signed states). When given, it is the closed set of devices: others are refused."),
             ConfigField("clock", .enumeration(["stage", "intent"]), default: .string("stage"),
@@ -239,19 +239,10 @@ public final class TwinStage: Stage {
         var j = TwinJudgement()
         let policy = device.policy
         // 1. Both states exist (a refused latest state counts as none: fail closed).
-        var physical: HeldState?, twin: HeldState?
-        for (name, slot) in [("physical", device.physical), ("twin", device.twin)] {
-            switch slot {
-            case .none: j.fail("presence", "no \(name) state")
-            case .rejected(let reason, let id):
-                j.fail("presence", "latest \(name) state was refused (\(reason))")
-                if name == "physical" { j.physicalState = id } else { j.twinState = id }
-            case .held(let h):
-                if name == "physical" { physical = h; j.physicalState = h.envelope } else { twin = h; j.twinState = h.envelope }
-            }
-        }
+        let physical = present(device.physical, "physical", &j, isPhysical: true)
+        let twin = present(device.twin, "twin", &j, isPhysical: false)
         // 2. Identity, and signatures when a key is configured.
-        for h in [physical, twin] {
+        for h in [physical, twin] where h?.identityProblem != nil || h?.signatureProblem != nil {
             if let p = h?.identityProblem { j.fail("identity", p) }
             if let p = h?.signatureProblem { j.fail("identity", p) }
         }
@@ -263,15 +254,8 @@ public final class TwinStage: Stage {
                 j.fail("temporal", "drift \(ms(drift)) ms > \(ms(policy.maxDriftNs)) ms (\(policy.profile.name))")
             }
         }
-        for (name, h) in [("physical", physical), ("twin", twin)] {
-            guard let h else { continue }
-            let age = nowNs - h.reading.timestampNs
-            if age > policy.maxAgeNs {
-                j.fail("temporal", "\(name) state stale: \(ms(age)) ms old > \(ms(policy.maxAgeNs)) ms")
-            } else if -age > policy.maxAgeNs {
-                j.fail("temporal", "\(name) state timestamp \(ms(-age)) ms in the future > \(ms(policy.maxAgeNs)) ms")
-            }
-        }
+        if let p = physical { checkAge(p, "physical", nowNs: nowNs, policy: policy, &j) }
+        if let t = twin { checkAge(t, "twin", nowNs: nowNs, policy: policy, &j) }
         guard let p = physical?.reading, let t = twin?.reading else { return j }
         // 4. Equal status.
         if p.status != t.status { j.fail("status", "status mismatch: physical=\(p.status), twin=\(t.status)") }
@@ -297,37 +281,63 @@ public final class TwinStage: Stage {
         return j
     }
 
+    private func present(_ slot: StateSlot, _ name: String, _ j: inout TwinJudgement, isPhysical: Bool) -> HeldState? {
+        var id: EnvelopeID?
+        var held: HeldState?
+        switch slot {
+        case .none: j.fail("presence", "no \(name) state")
+        case .rejected(let reason, let rid): j.fail("presence", "latest \(name) state was refused (\(reason))"); id = rid
+        case .held(let h): id = h.envelope; held = h
+        }
+        if isPhysical { j.physicalState = id } else { j.twinState = id }
+        return held
+    }
+
+    private func checkAge(_ h: HeldState, _ name: String, nowNs: Int64, policy: DevicePolicy, _ j: inout TwinJudgement) {
+        let age = nowNs - h.reading.timestampNs
+        if age > policy.maxAgeNs {
+            j.fail("temporal", "\(name) state stale: \(ms(age)) ms old > \(ms(policy.maxAgeNs)) ms")
+        } else if -age > policy.maxAgeNs {
+            j.fail("temporal", "\(name) state timestamp \(ms(-age)) ms in the future > \(ms(policy.maxAgeNs)) ms")
+        }
+    }
+
     func decide(_ intent: Envelope, deviceName: String, context: any StageContext) {
         let now = clockFromIntent ? Int64(clamping: intent.ingestNs) : Int64(clamping: context.wallClockNs)
         var j: TwinJudgement
         let policy: DevicePolicy
-        if let device = devices[deviceName] {
+        if let device = device(deviceName) {
             j = judge(device, nowNs: now)
             policy = device.policy
             device.checks += 1
             if j.blocked { device.blocked += 1 } else { device.allowed += 1 }
-            device.last = j.blocked ? "blocked: " + j.failures.joined(separator: "; ") : "allowed"
         } else {
             j = TwinJudgement()
-            j.fail("presence", closedSet ? "unknown device '\(deviceName)' (not in this stage's devices)" : "no state for device '\(deviceName)'")
+            j.fail("presence", closedSet ? "unknown device '\(deviceName)' (not in this stage's devices)"
+                                         : "device '\(deviceName)' not tracked: already tracking max_devices (\(maxDevices)) devices")
             policy = defaultPolicy
         }
         checks += 1
         if j.blocked { blocked += 1 } else { allowed += 1 }
         let reason = j.blocked ? "blocked: " + j.failures.joined(separator: "; ")
-                               : "allowed: in sync" + (j.driftMs.map { ", drift \(num($0)) ms" } ?? "")
+                               : (j.driftMs.map { "allowed: in sync, drift \(num($0)) ms" } ?? "allowed: in sync")
+        if let device = device(deviceName) { device.last = reason }
+        let failed = j.blocked ? j.failedChecks.joined(separator: ",") : ""
         var out = intent
+        out.attrs.reserveCapacity(out.attrs.count + 6)
         out.attrs["twin_decision"] = .string(j.blocked ? "blocked" : "allowed")
         out.attrs["twin_reason"] = .string(reason)
         out.attrs["twin_profile"] = .string(policy.profile.name)
         if let d = j.driftMs { out.attrs["twin_drift_ms"] = .double(d) }
-        if j.blocked { out.attrs["twin_checks_failed"] = .string(j.failedChecks.joined(separator: ",")) }
+        if j.blocked { out.attrs["twin_checks_failed"] = .string(failed) }
         if !j.warnings.isEmpty { out.attrs["twin_warnings"] = .string(j.warnings.joined(separator: "; ")) }
 
-        var details: [String: AttrValue] = ["device": .string(deviceName), "profile": .string(policy.profile.name),
-                                            "safety_critical": .bool(policy.profile.safetyCritical)]
+        var details: [String: AttrValue] = [:]
+        details.reserveCapacity(7)
+        details["device"] = .string(deviceName)
+        details["profile"] = .string(policy.profile.name)
         if let d = j.driftMs { details["drift_ms"] = .double(d) }
-        if j.blocked { details["checks_failed"] = .string(j.failedChecks.joined(separator: ",")) }
+        if j.blocked { details["checks_failed"] = .string(failed) }
         if !j.warnings.isEmpty { details["warnings"] = .string(j.warnings.joined(separator: "; ")) }
         if let s = j.physicalState { details["physical_state"] = .string(s.description) }
         if let s = j.twinState { details["twin_state"] = .string(s.description) }

@@ -54,6 +54,38 @@ public struct AuditRecord: Sendable, Hashable {
         ])
     }
 
+    /// Appends the JSON form (byte-for-byte what `JSON.serialize(json)` gives) without building
+    /// the tree: audit records are written per decision, so this is on the hot path.
+    public func writeJSON(into o: inout [UInt8]) {
+        func lit(_ s: StaticString) { o.append(contentsOf: UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount)) }
+        func id(_ e: EnvelopeID) { o.append(0x22); o.append(contentsOf: e.description.utf8); o.append(0x22) }
+        lit(#"{"erin":{"decision":"#); JSON.writeString(decision, into: &o)
+        lit(#","envelope":"#); if let e = envelope { id(e) } else { lit("null") }
+        lit(#","routine":"#); lit(routine ? "true" : "false")
+        lit(#"},"eraan":{"actor":"#); JSON.writeString(actor, into: &o)
+        lit(#","parents":["#)
+        for (n, p) in parents.enumerated() { if n > 0 { o.append(0x2C) }; id(p) }
+        lit(#"]},"eromheen":{"stage":"#); JSON.writeString(stage, into: &o)
+        lit(#","location":"#); JSON.writeString(location, into: &o)
+        lit(#","time_ns":"#); o.append(contentsOf: String(Int64(clamping: timeNs)).utf8)
+        lit(#"},"erachter":{"intent":"#); JSON.writeString(intent, into: &o)
+        lit(#","reason":"#); JSON.writeString(reason, into: &o)
+        lit(#"},"details":{"#)
+        if !details.isEmpty {
+            for (n, k) in details.keys.sorted().enumerated() {
+                if n > 0 { o.append(0x2C) }
+                JSON.writeString(k, into: &o); o.append(0x3A)
+                switch details[k] ?? .bool(false) {
+                case .string(let s): JSON.writeString(s, into: &o)
+                case .int(let i): JSON.write(.int(i), into: &o)
+                case .double(let d): JSON.write(.double(d), into: &o)
+                case .bool(let b): lit(b ? "true" : "false")
+                }
+            }
+        }
+        lit("}}")
+    }
+
     public init?(json v: ConfigValue) {
         guard let erin = v["erin"], let eraan = v["eraan"], let where_ = v["eromheen"], let why = v["erachter"],
               let decision = erin["decision"]?.stringValue else { return nil }

@@ -44,7 +44,15 @@ public struct EnvelopeID: Hashable, Sendable, Comparable, CustomStringConvertibl
     }
 
     /// 32 lower-case hex digits.
-    public var description: String { Hex.encode(bytes) }
+    public var description: String {
+        String(unsafeUninitializedCapacity: 32) { buf in
+            for i in 0..<16 {
+                let b = UInt8(truncatingIfNeeded: (i < 8 ? hi : lo) >> (56 - 8 * UInt64(i & 7)))
+                buf[2 * i] = Hex.digit(b >> 4); buf[2 * i + 1] = Hex.digit(b & 15)
+            }
+            return 32
+        }
+    }
 
     public init?(hex: String) {
         guard hex.utf8.count == 32, let b = Hex.decode(hex) else { return nil }
@@ -252,10 +260,13 @@ public struct Envelope: Sendable, Hashable {
 /// Lower-case hex helpers.
 public enum Hex {
     private static let digits = Array("0123456789abcdef".utf8)
-    public static func encode(_ bytes: some Sequence<UInt8>) -> String {
-        var out = [UInt8]()
-        for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
-        return String(decoding: out, as: UTF8.self)
+    @inline(__always) static func digit(_ v: UInt8) -> UInt8 { v < 10 ? 0x30 + v : 0x57 + v }
+    public static func encode(_ bytes: some Collection<UInt8>) -> String {
+        String(unsafeUninitializedCapacity: bytes.count * 2) { buf in
+            var i = 0
+            for b in bytes { buf[i] = digits[Int(b >> 4)]; buf[i + 1] = digits[Int(b & 15)]; i += 2 }
+            return i
+        }
     }
     public static func decode(_ s: String) -> [UInt8]? {
         let u = Array(s.utf8)

@@ -33,6 +33,11 @@ public struct FrameHeader: Sendable, Equatable {
     public var lane: UInt32
     public var seq: UInt64
     public init(type: FrameType, lane: UInt32, seq: UInt64) { self.type = type; self.lane = lane; self.seq = seq }
+    /// Overwrites the sequence number of an encoded header (bytes 8..<16).
+    public static func patchSeq(in frame: UnsafeMutableRawBufferPointer, _ seq: UInt64) {
+        guard frame.count >= size else { return }
+        frame.storeBytes(of: seq.littleEndian, toByteOffset: 8, as: UInt64.self)
+    }
 
     public func write(into w: inout ByteWriter) {
         w.u8(Self.magic.0); w.u8(Self.magic.1); w.u8(Self.version); w.u8(type.rawValue)

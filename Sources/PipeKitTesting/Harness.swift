@@ -112,6 +112,12 @@ public final class StageHarness: StageContext {
     public func advance(byMs ms: UInt64) throws { try advance(byNs: ms * 1_000_000) }
 
     /// Takes (and clears) what the stage emitted on `output`.
+    /// Returns and forgets the audit records captured so far.
+    public func takeAudits() -> [AuditRecord] {
+        defer { audits.removeAll(keepingCapacity: true) }
+        return audits
+    }
+
     public func take(_ output: String = "out") -> [Envelope] {
         defer { outputs[output] = [] }
         return outputs[output] ?? []

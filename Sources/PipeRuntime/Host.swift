@@ -296,9 +296,16 @@ public final class PipelineHost: @unchecked Sendable {
                 }
                 stages[id]?.stats = r
             case .audit:
-                if let text = try? f.utf8Body(), let fh = auditFile {
-                    fputs(text, fh); fputc(0x0A, fh); auditCount += 1
+                // One or more records, one JSON object per line (runners batch them).
+                guard f.body.count <= 4 << 20, String(validating: f.body, as: UTF8.self) != nil else {
+                    log.error("stage '\(id)': AUDIT frame refused (\(f.body.count) bytes, not UTF-8 or over 4 MiB)")
+                    return
                 }
+                if let fh = auditFile {
+                    _ = fwrite(f.body.baseAddress, 1, f.body.count, fh)
+                    fputc(0x0A, fh)
+                }
+                auditCount += 1 + f.body.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
             default:
                 log.warning("unexpected \(f.header.type) frame from runner '\(id)'")
             }

@@ -167,6 +167,8 @@ final class RunnerCore: StageContext {
     var status: [(String, AttrValue)] = []
     var metrics: [String: Int] = [:]
     var controlSeq: UInt64 = 1
+    /// An AUDIT frame being filled (header, then records separated by newlines).
+    var auditBuffer: [UInt8] = []
 
     // State.
     var exhausted = false
@@ -347,8 +349,29 @@ final class RunnerCore: StageContext {
         if r.stage.isEmpty { r.stage = a.stage }
         if r.location.isEmpty { r.location = location }
         if r.timeNs == 0 { r.timeNs = wallNs() }
+        // Batched: records leave as JSON lines in one AUDIT frame per loop pass (flushAudit),
+        // not one frame (and one wake-up of the host) per decision.
+        if auditBuffer.isEmpty {
+            auditBuffer.reserveCapacity(64 << 10)
+            let h = FrameEncoder.text(.audit, seq: 0, "")
+            auditBuffer.append(contentsOf: h)
+        } else {
+            auditBuffer.append(0x0A)
+        }
+        r.writeJSON(into: &auditBuffer)
+        if auditBuffer.count >= Self.auditFlushBytes { flushAudit() }
+    }
+
+    static let auditFlushBytes = 256 << 10
+
+    /// Sends the buffered audit records. The control socket has no send limit (HWM 0), so a
+    /// record is never dropped here; the host writes them in arrival order.
+    func flushAudit() {
+        guard !auditBuffer.isEmpty else { return }
         controlSeq += 1
-        _ = try? control.send(FrameEncoder.text(.audit, seq: controlSeq, JSON.serialize(r.json)), dontWait: true)
+        auditBuffer.withUnsafeMutableBytes { FrameHeader.patchSeq(in: $0, controlSeq) }
+        _ = try? control.send(auditBuffer)
+        auditBuffer.removeAll(keepingCapacity: true)
     }
 
     func report(_ key: String, _ value: AttrValue) {
@@ -646,6 +669,7 @@ final class RunnerCore: StageContext {
     }
 
     func flushAll() {
+        flushAudit()
         let t = monotonicNs()
         for i in outLanes.indices {
             flush(i)
@@ -693,6 +717,7 @@ final class RunnerCore: StageContext {
     }
 
     func sendStats() {
+        flushAudit()
         statsDirty = false
         nextStats = monotonicNs() + 100_000_000
         var flags: StatsReport.Flags = []

@@ -120,12 +120,23 @@ struct Status: ParsableCommand {
         if json { printJSON(v); return }
         let h = v["host"] ?? .null
         print("pipeline \(h["pipeline"]?.stringValue ?? "?") (\(h["file"]?.stringValue ?? "")) pid \(h["pid"]?.intValue ?? 0): \(h["state"]?.stringValue ?? "?"), up \(String(format: "%.1f", h["uptime_s"]?.doubleValue ?? 0)) s, run dir \(h["run_dir"]?.stringValue ?? "")")
-        let rows = (v["stages"]?.listValue ?? []).map { s -> [String] in
-            let st = (s["status"]?.mapEntries ?? []).map { "\($0.key)=\(JSON.serialize($0.value))" }.joined(separator: " ")
-            return [s["id"]?.stringValue ?? "", s["kind"]?.stringValue ?? "", s["placement"]?.stringValue ?? "", s["pid"]?.intValue.map { String($0) } ?? "-",
-                    s["state"]?.stringValue ?? "", String(s["received"]?.intValue ?? 0), String(s["emitted"]?.intValue ?? 0),
-                    String(s["dead_lettered"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0), String(s["restarts"]?.intValue ?? 0), st]
+        let stages = v["stages"]?.listValue ?? []
+        let rows = stages.map { s -> [String] in
+            [s["id"]?.stringValue ?? "", s["kind"]?.stringValue ?? "", s["placement"]?.stringValue ?? "", s["pid"]?.intValue.map { String($0) } ?? "-",
+             s["state"]?.stringValue ?? "", String(s["received"]?.intValue ?? 0), String(s["emitted"]?.intValue ?? 0),
+             String(s["dead_lettered"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0), String(s["restarts"]?.intValue ?? 0)]
         }
-        print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "in", "out", "dead", "errors", "restarts", "report"], rows))
+        print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "in", "out", "dead", "errors", "restarts"], rows))
+        // Each stage's own report, one figure per line (a twin stage lists its devices here).
+        for s in stages {
+            let entries = s["status"]?.mapEntries ?? []
+            if entries.isEmpty { continue }
+            print("\n\(s["id"]?.stringValue ?? "") (\(s["kind"]?.stringValue ?? ""))")
+            let width = entries.map(\.key.count).max() ?? 0
+            for e in entries {
+                let value = e.value.stringValue ?? JSON.serialize(e.value)
+                print("  " + e.key.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value)
+            }
+        }
     }
 }

@@ -378,7 +378,7 @@ struct EndToEndTests {
         #expect(bad.stdout.split(separator: "\n").count == 10)
         let stages = try pipectlJSON(["stages"])
         let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
-        #expect(kinds == ["file-sink", "file-source", "generator", "hop", "null-sink", "passthrough", "stdout-sink"])
+        #expect(kinds == ["file-sink", "file-source", "generator", "hop", "null-sink", "passthrough", "stdout-sink", "twin", "twin-sim"])
         let hop = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "hop" })
         #expect(hop["outputs"] == .list([.string("out"), .string("again"), .string("dead_letter")]))
         let gen = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "generator" })

@@ -48,4 +48,18 @@ struct JSONTests {
         do { _ = try EnvelopeJSONL.decode(#"{"payload":1,"payload_b64":"AA=="}"#); Issue.record("accepted two payloads") }
         catch { #expect(error.message.contains("both")) }
     }
+    @Test func auditRecord_directWriter_matchesTheTreeSerializer() {
+        let records = [
+            AuditRecord(decision: "block", envelope: EnvelopeID(hi: 1, lo: 2), actor: "op \"q\"", parents: [EnvelopeID(hi: 3, lo: 4), EnvelopeID(hi: 5, lo: 6)],
+                        stage: "guard", location: "host:1", timeNs: 42, intent: "x.y", reason: "line\nbreak; tab\t",
+                        details: ["b": .bool(true), "a": .double(503), "c": .int(-7), "d": .string("é\u{1}")]),
+            AuditRecord(decision: "allow"),
+        ]
+        for r in records {
+            var out = [UInt8]()
+            r.writeJSON(into: &out)
+            #expect(String(decoding: out, as: UTF8.self) == JSON.serialize(r.json))
+            #expect(AuditRecord(json: (try? JSON.parse(bytes: out)) ?? .null) == r)
+        }
+    }
 }

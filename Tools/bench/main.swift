@@ -88,6 +88,11 @@ func threeStage(count: Int, placement: String, rate: Double = 0) -> String {
 func fmt(_ r: Double) -> String { String(format: "%.2f M/s", r / 1e6) }
 
 do {
+    if args.contains("--twin") {
+        let e = try TwinBench.embedded(seconds: quick ? 1 : 3)
+        print(String(format: "twin embedded: %.0f ops/s (block rate %.1f%%)", e.rate, e.blockRate * 100))
+        exit(0)
+    }
     if args.contains("--codec-only") {
         let c = codec(envelopes: 256 * 200)
         print("codec: encode \(fmt(c.encode)), decode \(fmt(c.decode))")
