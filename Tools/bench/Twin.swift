@@ -2,6 +2,7 @@ import Foundation
 import PipeKit
 import PipeKitTesting
 import TwinStages
+import PipeRuntime
 
 /// The twin comparator's benchmark, shaped like the peer's (`bench_twin.py`, case A): one device,
 /// tolerances on position_x and load_kg, a ring of 1024 prebuilt physical/twin state pairs of
@@ -58,6 +59,68 @@ enum TwinBench {
         }
         precondition(audits == ops && h.deadLetters.isEmpty, "every decision must be audited (\(audits) of \(ops))")
         return (Double(ops) / (Double(now - start) / 1e9), Double(blocked) / Double(ops))
+    }
+}
+
+extension TwinBench {
+    /// Decisions per second through a running pipeline: twin-sim -> twin -> null sinks, every
+    /// decision audited to the run directory's audit log. Each decision costs the twin stage two
+    /// state updates and one check, as in the peer's op.
+    static func pipeline(intents: Int) throws -> (rate: Double, audited: Int, summary: RunSummary) {
+        let yaml = """
+        pipeline: twin-bench
+        audit: decisions
+        stages:
+          - { id: sim, kind: twin-sim, config: { count: \(intents), seed: 1, devices: 1, fault_rate: 0.125, lag_spike_rate: 0.125, divergence_rate: 0.125 } }
+          - { id: guard, kind: twin, inputs: [sim], config: { profile: port, tolerances: { position_x: 0.5, load_kg: 100 } } }
+          - { id: ok, kind: null-sink, inputs: [guard.allowed] }
+          - { id: no, kind: null-sink, inputs: [guard.blocked] }
+        """
+        let r = try runPipeline(yaml, name: "twin")
+        let decided = r.summary.stages.first { $0.id == "guard" }?.emitted ?? 0
+        let auditPath = r.runDirectory + "/audit.jsonl"
+        let audited = (try? String(contentsOfFile: auditPath, encoding: .utf8))?.utf8.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) } ?? 0
+        return (Double(decided) / r.summary.elapsedSeconds, audited, r.summary)
+    }
+
+    /// The peer's figure, measured now: `bench_twin.py` case A in the peer virtualenv when present.
+    static func peer() -> (rate: Double, measured: Bool) {
+        let env = ProcessInfo.processInfo.environment
+        let python = env["PEER_PYTHON"] ?? FileManager.default.currentDirectoryPath + "/.build/peers-venv/bin/python"
+        let script = env["PEER_BENCH_DIR"].map { $0 + "/bench_twin.py" } ?? FileManager.default.currentDirectoryPath + "/../shared/peer-bench/bench_twin.py"
+        guard FileManager.default.isExecutableFile(atPath: python), FileManager.default.fileExists(atPath: script) else { return (23_500, false) }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: python)
+        p.arguments = [script]
+        var e = env; e["PEER_BENCH_SECONDS"] = e["PEER_BENCH_SECONDS"] ?? "3"; p.environment = e
+        let pipe = Pipe(); p.standardOutput = pipe; p.standardError = FileHandle.nullDevice
+        guard (try? p.run()) != nil else { return (23_500, false) }
+        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        // "A twin update(prebuilt)+check ... 23,512 ops/s"
+        for line in out.split(separator: "\n") where line.contains("A twin update") {
+            let words = line.split(separator: " ").map(String.init)
+            if let i = words.firstIndex(where: { $0.hasPrefix("ops/s") }), i > 0,
+               let rate = Double(words[i - 1].replacingOccurrences(of: ",", with: "")), rate > 0 { return (rate, true) }
+        }
+        return (23_500, false)
+    }
+
+    static func report(quick: Bool) throws {
+        let peer = peer()
+        print(String(format: "peer: tibet-twin SyncGuard update+update+check (bench_twin.py case A): %.0f ops/s %@", peer.rate,
+                     peer.measured ? "(measured now)" : "(not installed here: the documented figure)"))
+        let e = try embedded(seconds: quick ? 1 : 3)
+        print(String(format: "twin embedded (harness, every decision audited): %.0f ops/s, block rate %.1f%%", e.rate, e.blockRate * 100))
+        let n = quick ? 100_000 : 600_000
+        var runs: [(rate: Double, audited: Int, summary: RunSummary)] = []
+        for _ in 0..<3 { runs.append(try pipeline(intents: n)) }
+        let p = runs.sorted { $0.rate < $1.rate }[1]
+        print(String(format: "twin pipeline twin-sim -> twin -> null sinks, in-process, audit log on: %.0f decisions/s (%d audited of %d; median of 3)",
+                     p.rate, p.audited, n))
+        print("")
+        print(String(format: "ratio embedded / peer:  %.1f x  (target >= 100)", e.rate / peer.rate))
+        print(String(format: "ratio pipeline / peer:  %.1f x  (target >= 10)", p.rate / peer.rate))
     }
 }
 

@@ -58,7 +58,7 @@ func codec(envelopes: Int) -> (encode: Double, decode: Double) {
     return (enc, dec)
 }
 
-struct PipelineResult { var rate: Double; var summary: RunSummary }
+struct PipelineResult { var rate: Double; var summary: RunSummary; var runDirectory: String }
 
 func runPipeline(_ yaml: String, name: String) throws -> PipelineResult {
     let (spec, diags) = PipelineLoader.load(text: yaml, file: "\(name).yaml", registry: builtInStages)
@@ -66,13 +66,14 @@ func runPipeline(_ yaml: String, name: String) throws -> PipelineResult {
     let edges = PipelineValidator(spec: spec, registry: builtInStages).edges
     let plan = try PipelinePlan.make(spec: spec, edges: edges, registry: builtInStages)
     let dir = NSTemporaryDirectory() + "bench-\(name)-\(getpid())"
+    try? FileManager.default.removeItem(atPath: dir)
     let exeDir = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? args[0]).deletingLastPathComponent().path
     let host = try PipelineHost(plan: plan, registry: builtInStages,
                                 options: HostOptions(runDirectory: dir, workerExecutable: exeDir + "/pipehost"))
     let s = try host.run()
     if let f = s.failure { throw RuntimeError.plan(f) }
     let sink = s.lanes.first { $0.to == "sink.in" }?.received ?? 0
-    return PipelineResult(rate: Double(sink) / s.elapsedSeconds, summary: s)
+    return PipelineResult(rate: Double(sink) / s.elapsedSeconds, summary: s, runDirectory: dir)
 }
 
 func threeStage(count: Int, placement: String, rate: Double = 0) -> String {
@@ -89,8 +90,7 @@ func fmt(_ r: Double) -> String { String(format: "%.2f M/s", r / 1e6) }
 
 do {
     if args.contains("--twin") {
-        let e = try TwinBench.embedded(seconds: quick ? 1 : 3)
-        print(String(format: "twin embedded: %.0f ops/s (block rate %.1f%%)", e.rate, e.blockRate * 100))
+        try TwinBench.report(quick: quick)
         exit(0)
     }
     if args.contains("--codec-only") {
