@@ -409,11 +409,17 @@ enum RFC3339 {
 
     /// Unix nanoseconds as RFC 3339 UTC with milliseconds (for simulators and messages).
     static func format(ns: Int64) -> String {
+        var out: [UInt8] = []
+        append(ns: ns, into: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Appends `YYYY-MM-DDThh:mm:ss.mmmZ` (H. Hinnant's civil_from_days), without allocating.
+    static func append(ns: Int64, into out: inout [UInt8]) {
         let ms = ns / 1_000_000
         var secs = ms / 1000
         let milli = ms % 1000
         let days = secs / 86_400; secs %= 86_400
-        // civil_from_days
         let z = days + 719_468
         let era = (z >= 0 ? z : z - 146_096) / 146_097
         let doe = z - era * 146_097
@@ -423,7 +429,14 @@ enum RFC3339 {
         let d = doy - (153 * mp + 2) / 5 + 1
         let m = mp < 10 ? mp + 3 : mp - 9
         let y = yoe + era * 400 + (m <= 2 ? 1 : 0)
-        func pad(_ v: Int64, _ n: Int) -> String { let t = String(v); return String(repeating: "0", count: max(0, n - t.count)) + t }
-        return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(secs / 3600, 2)):\(pad(secs / 60 % 60, 2)):\(pad(secs % 60, 2)).\(pad(milli, 3))Z"
+        func digits(_ v: Int64, _ n: Int) {
+            var div: Int64 = 1
+            for _ in 1..<n { div *= 10 }
+            var v = v
+            for _ in 0..<n { out.append(UInt8(0x30 + (v / div) % 10)); v %= div; div /= 10 }
+        }
+        digits(y, 4); out.append(0x2D); digits(m, 2); out.append(0x2D); digits(d, 2); out.append(0x54)
+        digits(secs / 3600, 2); out.append(0x3A); digits(secs / 60 % 60, 2); out.append(0x3A); digits(secs % 60, 2)
+        out.append(0x2E); digits(milli, 3); out.append(0x5A)
     }
 }

@@ -101,10 +101,12 @@ public final class TwinSimulatorStage: SourceStage {
         if u < faultRate { physicalStatus = "fault" }
         else if u < faultRate + spikeRate { twinNs = physicalNs - spikeNs }
         else if u < faultRate + spikeRate + divergenceRate { twinLoad = divergenceKg }
-        let x = 12.5 + Double(n % 7) / 100, load = 2500.0 + Double(n % 37) * 10, wind = Double(rng.next() % 150) / 10
+        // Fixed-point values (hundredths of a metre, tenths of a kg and of a m/s), so the payloads
+        // are the same bytes on every run and cost no float formatting.
+        let x = 1250 + Int64(n % 7), load = 25_000 + Int64(n % 37) * 100, wind = Int64(rng.next() % 150)
         let physical = state(device, ns: physicalNs, x: x, load: load, wind: wind, status: physicalStatus)
         // The twin rounds position and has an older wind reading: untoleranced sensors may differ.
-        let twin = state(device, ns: twinNs, x: (x * 10).rounded() / 10, load: load + twinLoad, wind: wind + 2.5, status: "operational")
+        let twin = state(device, ns: twinNs, x: (x + 5) / 10 * 10, load: load + Int64((twinLoad * 10).rounded()), wind: wind + 25, status: "operational")
         emitState(physical, kind: "physical", device: device, actor: device + ".plc", ingest: wall, context)
         emitState(twin, kind: "twin", device: device, actor: device + ".twin", ingest: wall, context)
         let moves = ["factory.crane.move_left", "factory.crane.move_right", "factory.crane.hoist", "factory.crane.lower"]
@@ -114,9 +116,31 @@ public final class TwinSimulatorStage: SourceStage {
         context.emit(intent, to: out)
     }
 
-    func state(_ device: String, ns: Int64, x: Double, load: Double, wind: Double, status: String) -> [UInt8] {
-        let ts = unixTimestamps ? String(ns) : "\"" + RFC3339.format(ns: ns) + "\""
-        return Array(#"{"device_id":"\#(device)","timestamp":\#(ts),"values":{"position_x":\#(x),"position_y":8.3,"load_kg":\#(load),"wind_ms":\#(wind)},"status":"\#(status)"}"#.utf8)
+    /// `{"device_id":..,"timestamp":..,"values":{"position_x":x/100,"position_y":8.3,"load_kg":load/10,"wind_ms":wind/10},"status":..}`
+    func state(_ device: String, ns: Int64, x: Int64, load: Int64, wind: Int64, status: String) -> [UInt8] {
+        var o: [UInt8] = []
+        o.reserveCapacity(160)
+        func lit(_ s: StaticString) { o.append(contentsOf: UnsafeBufferPointer(start: s.utf8Start, count: s.utf8CodeUnitCount)) }
+        func fixed(_ v: Int64, _ decimals: Int) {
+            var div: Int64 = 1
+            for _ in 0..<decimals { div *= 10 }
+            if v < 0 { o.append(0x2D) }
+            let a = abs(v)
+            o.append(contentsOf: String(a / div).utf8)
+            if decimals > 0 {
+                o.append(0x2E)
+                var frac = a % div, d = div / 10
+                for _ in 0..<decimals { o.append(UInt8(0x30 + frac / d)); frac %= d; d = max(1, d / 10) }
+            }
+        }
+        lit(#"{"device_id":""#); o.append(contentsOf: device.utf8)
+        lit(#"","timestamp":"#)
+        if unixTimestamps { o.append(contentsOf: String(ns).utf8) } else { o.append(0x22); RFC3339.append(ns: ns, into: &o); o.append(0x22) }
+        lit(#","values":{"position_x":"#); fixed(x, 2)
+        lit(#","position_y":8.3,"load_kg":"#); fixed(load, 1)
+        lit(#","wind_ms":"#); fixed(wind, 1)
+        lit(#"},"status":""#); o.append(contentsOf: status.utf8); lit(#""}"#)
+        return o
     }
 
     func emitState(_ payload: [UInt8], kind: String, device: String, actor: String, ingest: UInt64, _ context: any StageContext) {

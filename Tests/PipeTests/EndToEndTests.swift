@@ -195,6 +195,46 @@ struct EndToEndTests {
         #expect(p.terminationStatus == 0)
     }
 
+    @Test func twinGuard_decidesEveryIntent_auditsEach_andReportsLiveStatus() throws {
+        let run = Paths.tempDir("twin-guard")
+        let (r, s) = try runPipeline(Paths.root + "/pipelines/twin-guard.yaml", runDir: run)
+        #expect(r.status == 0, "\(r.stderr)")
+        let allowed = try linesWithoutIngest(run + "/allowed.jsonl"), blocked = try linesWithoutIngest(run + "/blocked.jsonl")
+        #expect(allowed.count + blocked.count == 2000)
+        #expect(allowed.count > 1000 && blocked.count > 100, "\(allowed.count) allowed, \(blocked.count) blocked")
+        let reasons = try blocked.map { try JSON.parse($0)["attrs"]?["twin_reason"]?.stringValue ?? "" }
+        #expect(reasons.allSatisfy { $0.hasPrefix("blocked: ") })
+        #expect(reasons.contains { $0.contains("drift 503 ms > 200 ms (port)") })
+        #expect(reasons.contains { $0.contains("drift 503 ms > 150 ms (port)") })
+        #expect(reasons.contains { $0.contains("status mismatch: physical=fault, twin=operational") })
+        #expect(reasons.contains { $0.contains("load_kg deviates by 700 > tolerance 100") })
+        // Every decision is one audit record, batched or not.
+        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8).split(separator: "\n")
+        let decisions = try audit.map { try JSON.parse(String($0))["erin"]?["decision"]?.stringValue ?? "" }
+        #expect(decisions.filter { $0 == "allow" }.count == allowed.count)
+        #expect(decisions.filter { $0 == "block" }.count == blocked.count)
+        #expect(stage(s, "guard")?["status"]?["checks"]?.intValue == 2000)
+
+        // Live: an endless, rate-limited run shows the guard's figures through pipectl status.
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/twin-guard.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "count: 2000", with: "count: 0\n      rate: 500")
+        let live = Paths.tempDir("twin-live")
+        let p = try startPipeline(writeTemp(text, "twin-live.yaml"), runDir: live)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(2)
+        let st = try pipectlJSON(["status", "--run-dir", live])
+        let guardStatus = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "guard" }?["status"])
+        #expect((guardStatus["checks"]?.intValue ?? 0) > 0)
+        #expect(guardStatus["devices"]?.intValue == 3)
+        #expect(guardStatus["device.crane-02"]?.stringValue?.contains("checks") == true)
+        let shown = try runProcess(Paths.pipectl, ["status", "--run-dir", live])
+        #expect(shown.stdout.contains("guard (twin)") && shown.stdout.contains("block_rate_pct") && shown.stdout.contains("device.crane-03"))
+        #expect((st["host"]?["audit_records"]?.intValue ?? 0) > 0)
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+    }
+
     @Test func killedWorker_isRestartedLoggedAndCounted() throws {
         let yaml = """
         pipeline: crashy

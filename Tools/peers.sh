@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up the peer baselines (../shared/peer-bench: the Python packages our stages grow from) in
+# .build/peers-venv, from PyPI, so that Tools/bench can print ratios measured in the same run.
+# Without network or without ../shared/peer-bench the benchmark falls back to documented figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.build/peers-venv
+if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import tibet_twin" 2>/dev/null; then exit 0; fi
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q tibet-core==0.5.0 typer cbor2
+"$venv/bin/pip" install -q --no-deps tibet-cap-bus==0.1.6 tibet-twin==0.1.1
