@@ -30,22 +30,18 @@ public final class GeneratorStage: SourceStage {
         },
         make: { GeneratorStage(config: $0) })
 
-    let count: UInt64
-    let rate: Double
+    var pacer: SourcePacer
     let payloadSize: Int
     let template: String?
     var rng: SplitMix64?
     let actor: String, intent: String, authority: String
     var attrs: [String: AttrValue] = [:]
-    var emitted: UInt64 = 0
-    var startNs: UInt64?
     var stopped = false
     var out = OutputHandle(index: 0, name: "out")
     let fixedPayload: [UInt8]
 
     init(config c: ConfigReader) {
-        count = UInt64(c.int("count") ?? 1000)
-        rate = c.double("rate") ?? 0
+        pacer = SourcePacer(count: UInt64(c.int("count") ?? 1000), rate: c.double("rate") ?? 0)
         payloadSize = Int(c.int("payload_size") ?? 100)
         template = c.string("payload")
         rng = c.int("seed").map { SplitMix64(state: UInt64(bitPattern: $0)) }
@@ -70,20 +66,13 @@ public final class GeneratorStage: SourceStage {
     public func requestStop() { stopped = true }
 
     public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
-        if stopped || (count > 0 && emitted >= count) { return .exhausted }
-        var allowed = budget
-        if rate > 0 {
-            let now = context.now
-            if startNs == nil { startNs = now }
-            let elapsed = Double(now - (startNs ?? now)) / 1e9
-            let due = UInt64(elapsed * rate) + 1
-            if due <= emitted { return .idle(afterNs: UInt64(min(1e9 / rate, 1e10))) }
-            allowed = min(allowed, Int(due - emitted))
-        }
-        if count > 0 { allowed = min(allowed, Int(count - emitted)) }
+        if stopped || pacer.finished { return .exhausted }
+        let (allowed, waitNs) = pacer.allowance(now: context.now, budget: budget)
+        if allowed == 0 { return .idle(afterNs: waitNs) }
         let wall = context.wallClockNs
         for _ in 0..<allowed {
-            emitted += 1
+            pacer.sent()
+            let emitted = pacer.done
             let id: EnvelopeID
             if var g = rng { id = .random(using: &g); rng = g } else { id = .random() }
             var payload = fixedPayload
@@ -92,6 +81,6 @@ public final class GeneratorStage: SourceStage {
             }
             context.emit(Envelope(id: id, actor: actor, intent: intent, authority: authority, ingestNs: wall, attrs: attrs, payload: payload), to: out)
         }
-        return (count > 0 && emitted >= count) ? .exhausted : .active
+        return pacer.finished ? .exhausted : .active
     }
 }

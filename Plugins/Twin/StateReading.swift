@@ -281,15 +281,9 @@ struct StateParser {
         guard i + 4 <= p.count else { throw StateError("short \\u escape (\(what))") }
         var v: UInt32 = 0
         for _ in 0..<4 {
-            let c = p[i]; i += 1
-            let d: UInt32
-            switch c {
-            case 0x30...0x39: d = UInt32(c - 0x30)
-            case 0x41...0x46: d = UInt32(c - 0x41 + 10)
-            case 0x61...0x66: d = UInt32(c - 0x61 + 10)
-            default: throw StateError("bad \\u escape (\(what))")
-            }
-            v = v << 4 | d
+            guard let d = Hex.nibble(p[i]) else { throw StateError("bad \\u escape (\(what))") }
+            i += 1
+            v = v << 4 | UInt32(d)
         }
         return v
     }

@@ -31,22 +31,20 @@ public final class TwinSimulatorStage: SourceStage {
         },
         make: { TwinSimulatorStage(config: $0) })
 
-    let count: UInt64, rate: Double, deviceCount: Int
+    var pacer: SourcePacer
+    let deviceCount: Int
     let lagNs: Int64, spikeNs: Int64
     let faultRate: Double, spikeRate: Double, divergenceRate: Double, divergenceKg: Double
     let unixTimestamps: Bool
     let keyPath: String?
     var key: SigningKey?
     var rng: SplitMix64
-    var steps: UInt64 = 0
-    var startNs: UInt64?
     var stopped = false
     var out = OutputHandle(index: 0, name: "out")
     let names: [String]
 
     init(config c: ConfigReader) {
-        count = UInt64(c.int("count") ?? 1000)
-        rate = c.double("rate") ?? 0
+        pacer = SourcePacer(count: UInt64(c.int("count") ?? 1000), rate: c.double("rate") ?? 0)
         deviceCount = Int(c.int("devices") ?? 1)
         rng = SplitMix64(state: UInt64(bitPattern: c.int("seed") ?? 1))
         lagNs = (c.int("twin_lag_ms") ?? 50) * 1_000_000
@@ -72,25 +70,18 @@ public final class TwinSimulatorStage: SourceStage {
     public func requestStop() { stopped = true }
 
     public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
-        if stopped || (count > 0 && steps >= count) { return .exhausted }
-        var allowed = max(1, budget / 3)
-        if rate > 0 {
-            let now = context.now
-            if startNs == nil { startNs = now }
-            let due = UInt64(Double(now - (startNs ?? now)) / 1e9 * rate) + 1
-            if due <= steps { return .idle(afterNs: UInt64(min(1e9 / rate, 1e10))) }
-            allowed = min(allowed, Int(due - steps))
-        }
-        if count > 0 { allowed = min(allowed, Int(count - steps)) }
+        if stopped || pacer.finished { return .exhausted }
+        let (allowed, waitNs) = pacer.allowance(now: context.now, budget: max(1, budget / 3))
+        if allowed == 0 { return .idle(afterNs: waitNs) }
         for _ in 0..<allowed { step(context) }
-        return (count > 0 && steps >= count) ? .exhausted : .active
+        return pacer.finished ? .exhausted : .active
     }
 
     func uniform() -> Double { Double(rng.next() >> 11) / Double(1 << 53) }
 
     func step(_ context: any StageContext) {
-        let n = steps
-        steps += 1
+        let n = pacer.done
+        pacer.sent()
         let device = names[Int(n % UInt64(deviceCount))]
         let wall = context.wallClockNs
         let physicalNs = Int64(clamping: wall)

@@ -268,17 +268,19 @@ public enum Hex {
             return i
         }
     }
+    /// The value of one hex digit (either case), or nil.
+    @inline(__always) public static func nibble(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 48...57: return c - 48
+        case 97...102: return c - 87
+        case 65...70: return c - 55
+        default: return nil
+        }
+    }
     public static func decode(_ s: String) -> [UInt8]? {
         let u = Array(s.utf8)
         guard u.count % 2 == 0 else { return nil }
-        func v(_ c: UInt8) -> UInt8? {
-            switch c {
-            case 48...57: return c - 48
-            case 97...102: return c - 87
-            case 65...70: return c - 55
-            default: return nil
-            }
-        }
+        let v = nibble
         var out = [UInt8](); out.reserveCapacity(u.count / 2)
         var i = 0
         while i < u.count {

@@ -99,15 +99,9 @@ public enum JSON {
             guard i + 4 <= u.count else { throw err("truncated \\u escape") }
             var v: UInt32 = 0
             for _ in 0..<4 {
-                let c = u[i]; i += 1
-                let d: UInt32
-                switch c {
-                case 48...57: d = UInt32(c - 48)
-                case 97...102: d = UInt32(c - 87)
-                case 65...70: d = UInt32(c - 55)
-                default: throw err("bad \\u escape")
-                }
-                v = v << 4 | d
+                guard let d = Hex.nibble(u[i]) else { throw err("bad \\u escape") }
+                i += 1
+                v = v << 4 | UInt32(d)
             }
             return v
         }
