@@ -110,7 +110,9 @@ public struct PipelineLoader {
                 for (dk, dv) in m {
                     switch dk.string {
                     case "placement": if let p = placement(dv) { spec.defaultPlacement = p }
-                    case "lane": spec.defaultLane = laneSettings(dv, base: spec.defaultLane)
+                    case "lane":
+                        spec.defaultLane = laneSettings(dv, base: spec.defaultLane)
+                        if let p = spec.defaultLane.problem { error(pos(dv), "defaults.lane: \(p)") }
                     default: error(pos(dk), "unknown defaults key '\(dk.string ?? "?")' (expected placement, lane)")
                     }
                 }
@@ -118,12 +120,22 @@ public struct PipelineLoader {
                 sawStages = true
                 guard let seq = v.sequence else { error(pos(v), "stages must be a list"); continue }
                 for item in seq { if let s = stage(item) { spec.stages.append(s) } }
+            case "metrics":
+                guard let m = v.mapping else { error(pos(v), "metrics must be a mapping like { listen: 127.0.0.1:9464 }"); continue }
+                for (mk, mv) in m {
+                    guard mk.string == "listen" else { error(pos(mk), "unknown metrics key '\(mk.string ?? "?")' (expected listen)"); continue }
+                    guard let s = mv.scalar?.string, let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]),
+                          port >= 0, port <= 65535, !s[..<colon].isEmpty else {
+                        error(pos(mv), "metrics.listen must be HOST:PORT, e.g. 127.0.0.1:9464"); continue
+                    }
+                    spec.metrics = MetricsSpec(listen: s, host: String(s[..<colon]), port: port)
+                }
             case "lanes":
                 guard let seq = v.sequence else { error(pos(v), "lanes must be a list of overrides"); continue }
                 for item in seq { if let o = laneOverride(item) { spec.lanes.append(o) } }
             default:
                 var m = "unknown top-level key '\(key)'"
-                let known = ["pipeline", "version", "audit", "dead_letter", "limits", "defaults", "stages", "lanes"]
+                let known = ["pipeline", "version", "audit", "dead_letter", "limits", "defaults", "stages", "lanes", "metrics"]
                 if let s = didYouMean(key, among: known) { m += " (did you mean '\(s)'?)" }
                 error(pos(k), m)
             }
@@ -151,19 +163,36 @@ public struct PipelineLoader {
     }
 
     mutating func laneSettings(_ n: Node, base: LaneSettings) -> LaneSettings {
-        var s = base
-        guard let m = n.mapping else { error(pos(n), "lane settings must be a mapping like { bound: 1024, when_full: block }"); return s }
+        base.applying(lanePatch(n, allowing: []))
+    }
+
+    /// Lane settings keys of a mapping (plus `extra` keys the caller reads itself).
+    mutating func lanePatch(_ n: Node, allowing extra: [String]) -> LanePatch {
+        var p = LanePatch()
+        guard let m = n.mapping else { error(pos(n), "lane settings must be a mapping like { bound: 1024, when_full: block }"); return p }
+        func count(_ v: Node, _ name: String, min lo: Int, max hi: Int) -> Int? {
+            if let b = v.int, b >= lo, b <= hi { return b }
+            error(pos(v), "\(name) must be an integer from \(lo) to \(hi)"); return nil
+        }
         for (k, v) in m {
             switch k.string {
-            case "bound":
-                if let b = v.int, b >= 1, b <= 1_000_000 { s.bound = b } else { error(pos(v), "bound must be an integer from 1 to 1000000") }
+            case "bound": p.bound = count(v, "bound", min: 1, max: 1_000_000)
             case "when_full":
-                if let w = v.scalar.flatMap({ WhenFull(rawValue: $0.string) }) { s.whenFull = w }
+                if let w = v.scalar.flatMap({ WhenFull(rawValue: $0.string) }) { p.whenFull = w }
                 else { error(pos(v), "when_full must be one of \(WhenFull.allCases.map(\.rawValue).joined(separator: ", "))") }
-            default: error(pos(k), "unknown lane key '\(k.string ?? "?")' (expected bound, when_full)")
+            case "bytes": p.bytes = count(v, "bytes", min: 1024, max: 1 << 40)
+            case "low": p.low = count(v, "low", min: 0, max: 1_000_000)
+            case "high": p.high = count(v, "high", min: 1, max: 1_000_000)
+            case "release": p.release = count(v, "release", min: 0, max: 1_000_000)
+            case let key? where extra.contains(key): continue
+            default:
+                let known = extra + LanePatch.keys
+                var msg = "unknown lane key '\(k.string ?? "?")'"
+                if let s = didYouMean(k.string ?? "", among: known) { msg += " (did you mean '\(s)'?)" }
+                error(pos(k), msg + " (expected \(known.joined(separator: ", ")))")
             }
         }
-        return s
+        return p
     }
 
     mutating func stage(_ n: Node) -> StageSpec? {
@@ -253,25 +282,16 @@ public struct PipelineLoader {
     }
 
     mutating func laneOverride(_ n: Node) -> LaneOverride? {
-        guard let m = n.mapping else { error(pos(n), "a lane override must be a mapping { from, to, bound, when_full }"); return nil }
-        var o = LaneOverride(from: "", to: "", pos: pos(n))
-        var settings = LaneSettings(bound: -1, whenFull: .block)
-        var sawWhen = false
+        guard let m = n.mapping else { error(pos(n), "a lane override must be a mapping { from, to, bound, when_full, ... }"); return nil }
+        var o = LaneOverride(from: "", to: "", patch: lanePatch(n, allowing: ["from", "to"]), pos: pos(n))
         for (k, v) in m {
             switch k.string {
             case "from": o.from = v.scalar?.string ?? ""
             case "to": o.to = v.scalar?.string ?? ""
-            case "bound", "when_full":
-                let one = Node.mapping(Node.Mapping([(k, v)]))
-                let before = settings
-                settings = laneSettings(one, base: settings)
-                if k.string == "when_full" { sawWhen = settings.whenFull != before.whenFull || v.scalar?.string == "block" }
-            default: error(pos(k), "unknown lane override key '\(k.string ?? "?")' (expected from, to, bound, when_full)")
+            default: continue
             }
         }
         if o.from.isEmpty || o.to.isEmpty { error(pos(n), "a lane override needs `from` (stage[.output]) and `to` (stage[.port])"); return nil }
-        o.bound = settings.bound > 0 ? settings.bound : nil
-        o.whenFull = sawWhen ? settings.whenFull : nil
         return o
     }
 

@@ -40,12 +40,61 @@ public enum WhenFull: String, Sendable, Hashable, CaseIterable {
     case spill
 }
 
-/// Bound and policy of a lane.
+/// Bound, policy and watermarks of a lane.
 public struct LaneSettings: Sendable, Hashable {
     /// Most envelopes in flight on the lane (credits).
     public var bound: Int
     public var whenFull: WhenFull
-    public init(bound: Int = 1024, whenFull: WhenFull = .block) { self.bound = bound; self.whenFull = whenFull }
+    /// Most bytes (encoded envelopes) in flight, when set.
+    public var bytes: Int?
+    /// Watermarks in envelopes of depth (CONCEPTS.md, "backpressure watermarks"); nil: derived
+    /// from the bound (low 50%, high 80%, release midway).
+    public var low: Int?
+    public var high: Int?
+    public var release: Int?
+    public init(bound: Int = 1024, whenFull: WhenFull = .block, bytes: Int? = nil, low: Int? = nil, high: Int? = nil, release: Int? = nil) {
+        self.bound = bound; self.whenFull = whenFull; self.bytes = bytes; self.low = low; self.high = high; self.release = release
+    }
+    /// The watermarks in force: given ones, else derived from the bound.
+    public var marks: (low: Int, high: Int, release: Int) {
+        let h = high ?? max(1, bound * 8 / 10)
+        let l = min(low ?? max(0, bound / 2), max(0, h - 1))
+        return (l, h, release ?? (l + h + 1) / 2)
+    }
+    /// Why these settings are inconsistent, or nil.
+    public var problem: String? {
+        if let b = bytes, b < 1 { return "bytes must be at least 1" }
+        let m = marks
+        if let h = high, h > bound { return "high watermark \(h) is above the bound \(bound)" }
+        if let l = low, l >= m.high { return "low watermark \(l) must be below the high watermark \(m.high)" }
+        if let r = release, r < m.low || r > m.high { return "release mark \(r) must lie between low \(m.low) and high \(m.high)" }
+        return nil
+    }
+    /// These settings with the fields `patch` sets replaced.
+    public func applying(_ patch: LanePatch) -> LaneSettings {
+        var s = self
+        if let v = patch.bound { s.bound = v }
+        if let v = patch.whenFull { s.whenFull = v }
+        if let v = patch.bytes { s.bytes = v }
+        if let v = patch.low { s.low = v }
+        if let v = patch.high { s.high = v }
+        if let v = patch.release { s.release = v }
+        return s
+    }
+}
+
+/// Lane settings as written (every field optional): `defaults.lane` and `lanes:` overrides.
+public struct LanePatch: Sendable, Hashable {
+    public var bound: Int?
+    public var whenFull: WhenFull?
+    public var bytes: Int?
+    public var low: Int?
+    public var high: Int?
+    public var release: Int?
+    public init(bound: Int? = nil, whenFull: WhenFull? = nil, bytes: Int? = nil, low: Int? = nil, high: Int? = nil, release: Int? = nil) {
+        self.bound = bound; self.whenFull = whenFull; self.bytes = bytes; self.low = low; self.high = high; self.release = release
+    }
+    public static let keys = ["bound", "when_full", "bytes", "low", "high", "release"]
 }
 
 /// One input reference: `stage` or `stage.output`, feeding `port`.
@@ -90,9 +139,18 @@ public struct StageSpec: Sendable, Hashable {
 public struct LaneOverride: Sendable, Hashable {
     public var from: String
     public var to: String
-    public var bound: Int?
-    public var whenFull: WhenFull?
+    public var patch: LanePatch
     public var pos: SourcePos
+    public var bound: Int? { patch.bound }
+    public var whenFull: WhenFull? { patch.whenFull }
+}
+
+/// `metrics:`: the optional Prometheus endpoint.
+public struct MetricsSpec: Sendable, Hashable {
+    /// `HOST:PORT` to listen on (loopback unless the operator says otherwise).
+    public var listen: String
+    public var host: String
+    public var port: Int
 }
 
 /// A parsed pipeline file.
@@ -107,6 +165,7 @@ public struct PipelineSpec: Sendable, Hashable {
     public var limits: WireLimits
     public var stages: [StageSpec]
     public var lanes: [LaneOverride]
+    public var metrics: MetricsSpec?
     public init(file: String, name: String, audit: AuditLevel = .decisions, deadLetterPath: String = "dead-letters.jsonl",
                 defaultPlacement: Placement = .inProcess, defaultLane: LaneSettings = LaneSettings(),
                 limits: WireLimits = .standard, stages: [StageSpec] = [], lanes: [LaneOverride] = []) {

@@ -152,7 +152,17 @@ public struct PipelineValidator {
         for o in spec.lanes {
             let matches = all.filter { Self.matches(o, $0) }
             if matches.isEmpty { error(o.pos, "lane override from '\(o.from)' to '\(o.to)' matches no lane") }
+            for e in matches {
+                if let p = Self.settings(for: e, in: spec).problem { error(o.pos, "lane \(e.fromRef) -> \(e.toRef): \(p)") ; break }
+            }
         }
+    }
+
+    /// The settings of the lane along `e`: the defaults, then every matching override in order.
+    public static func settings(for e: Edge, in spec: PipelineSpec) -> LaneSettings {
+        var s = spec.defaultLane
+        for o in spec.lanes where matches(o, e) { s = s.applying(o.patch) }
+        return s
     }
 
     /// Whether a `lanes:` override applies to an edge (`from`: stage or stage.output; `to`: stage or stage.port).

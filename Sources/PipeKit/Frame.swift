@@ -68,10 +68,16 @@ public struct FrameView {
     /// Iterates the envelopes of a DATA frame. A frame whose structure is broken throws; an
     /// envelope that is individually malformed or oversized is reported to `each` as a failure
     /// with its raw bytes, so that the runner can dead-letter it and go on with the batch.
+    /// A DATA frame's send time (wall clock ns), or nil when the body is too short.
+    public var dataSentNs: UInt64? { body.count >= 8 ? UInt64(littleEndian: body.loadUnaligned(as: UInt64.self)) : nil }
+    /// The envelope count a DATA frame declares, or 0 when the body is too short.
+    public var dataDeclaredCount: Int { body.count >= 12 ? Int(UInt32(littleEndian: body.loadUnaligned(fromByteOffset: 8, as: UInt32.self))) : 0 }
+
     public func forEachEnvelope(limits: WireLimits,
                                 _ each: (Result<Envelope, DecodeError>, UnsafeRawBufferPointer) -> Void) throws(DecodeError) {
         guard header.type == .data else { throw .invalid(field: "frame.type", reason: "not DATA") }
         var r = ByteReader(body)
+        _ = try r.u64("data.sent_ns")
         let n = Int(try r.u32("data.count"))
         if n > limits.maxBatchEnvelopes { throw .tooLarge(field: "data.count", size: n, limit: limits.maxBatchEnvelopes) }
         // Every envelope needs at least its 4-byte length: refuse counts the body cannot hold.
@@ -184,9 +190,10 @@ public enum FrameEncoder {
 public struct DataFrameBuilder {
     public private(set) var writer: ByteWriter
     public private(set) var count: Int = 0
-    public init(lane: UInt32, seq: UInt64, capacity: Int = 4096) {
+    public init(lane: UInt32, seq: UInt64, sentNs: UInt64 = 0, capacity: Int = 4096) {
         writer = ByteWriter(capacity: capacity)
         FrameHeader(type: .data, lane: lane, seq: seq).write(into: &writer)
+        writer.u64(sentNs)
         writer.u32(0)
     }
     public var byteCount: Int { writer.buffer.count }
@@ -199,17 +206,18 @@ public struct DataFrameBuilder {
     }
     /// The exact size of a DATA frame carrying `envelopes`.
     public static func size(of envelopes: UnsafeBufferPointer<Envelope>) -> Int {
-        var total = FrameHeader.size + 4
+        var total = FrameHeader.size + 12
         for e in envelopes { total += 4 + EnvelopeCodec.encodedSize(e) }
         return total
     }
 
     /// Writes a whole DATA frame into memory of exactly ``size(of:)`` bytes (the lanes' hot
     /// path writes straight into a ZeroMQ message buffer).
-    public static func write(lane: UInt32, seq: UInt64, envelopes: UnsafeBufferPointer<Envelope>, into base: UnsafeMutableRawPointer) {
+    public static func write(lane: UInt32, seq: UInt64, sentNs: UInt64 = 0, envelopes: UnsafeBufferPointer<Envelope>, into base: UnsafeMutableRawPointer) {
         var w = RawWriter(base)
         w.u8(FrameHeader.magic.0); w.u8(FrameHeader.magic.1); w.u8(FrameHeader.version); w.u8(FrameType.data.rawValue)
         w.u32(lane); w.u64(seq)
+        w.u64(sentNs)
         w.u32(UInt32(envelopes.count))
         for e in envelopes {
             w.u32(UInt32(EnvelopeCodec.encodedSize(e)))
@@ -218,11 +226,11 @@ public struct DataFrameBuilder {
     }
 
     /// A whole DATA frame for `envelopes` as an array.
-    public static func build(lane: UInt32, seq: UInt64, envelopes: UnsafeBufferPointer<Envelope>) -> [UInt8] {
+    public static func build(lane: UInt32, seq: UInt64, sentNs: UInt64 = 0, envelopes: UnsafeBufferPointer<Envelope>) -> [UInt8] {
         let total = size(of: envelopes)
         return [UInt8](unsafeUninitializedCapacity: total) { buf, count in
             guard let base = buf.baseAddress else { count = 0; return }
-            write(lane: lane, seq: seq, envelopes: envelopes, into: UnsafeMutableRawPointer(base))
+            write(lane: lane, seq: seq, sentNs: sentNs, envelopes: envelopes, into: UnsafeMutableRawPointer(base))
             count = total
         }
     }
@@ -232,7 +240,7 @@ public struct DataFrameBuilder {
         writer.u32(UInt32(encoded.count)); writer.bytes(encoded); count += 1
     }
     public mutating func finish() -> [UInt8] {
-        writer.patchU32(at: FrameHeader.size, UInt32(count))
+        writer.patchU32(at: FrameHeader.size + 8, UInt32(count))
         return writer.buffer
     }
 }

@@ -13,9 +13,18 @@ public struct LaneEndStats: Sendable, Equatable {
     public var endOfStream: Bool
     /// Producer: nanoseconds spent blocked on this lane (no credit while the stage wanted to send).
     public var blockedNs: UInt64
-    public init(lane: UInt32, role: Role, count: UInt64, credits: UInt32, queued: UInt32, endOfStream: Bool, blockedNs: UInt64 = 0) {
+    /// Producer: envelopes dropped by `drop_newest` / `drop_oldest`.
+    public var dropped: UInt64
+    /// Producer: envelopes written to the spill queue in total, and how many are on disk now.
+    public var spilled: UInt64
+    public var spillDepth: UInt32
+    /// Consumer: time from the producer sending a DATA frame to this end taking it, per envelope.
+    public var latency: DurationHistogram
+    public init(lane: UInt32, role: Role, count: UInt64, credits: UInt32, queued: UInt32, endOfStream: Bool, blockedNs: UInt64 = 0,
+                dropped: UInt64 = 0, spilled: UInt64 = 0, spillDepth: UInt32 = 0, latency: DurationHistogram = DurationHistogram()) {
         self.lane = lane; self.role = role; self.count = count; self.credits = credits; self.queued = queued
-        self.endOfStream = endOfStream; self.blockedNs = blockedNs
+        self.endOfStream = endOfStream; self.blockedNs = blockedNs; self.dropped = dropped; self.spilled = spilled
+        self.spillDepth = spillDepth; self.latency = latency
     }
 }
 
@@ -43,20 +52,27 @@ public struct StatsReport: Sendable, Equatable {
     public var deadLettered: UInt64
     public var errors: UInt64
     public var held: UInt32
+    /// Nanoseconds spent in stage code (process, produce, tick, drain) since the runner started.
+    public var busyNs: UInt64
+    /// Time per envelope in stage code: each input batch (or produce call) contributes its mean
+    /// per envelope, once per envelope.
+    public var processing: DurationHistogram
     public var lanes: [LaneEndStats]
     /// The stage's own status report (figures `pipectl status` shows).
     public var status: [(String, AttrValue)]
 
     public init(stage: String, timeNs: UInt64, flags: Flags, received: UInt64, emitted: UInt64, deadLettered: UInt64,
-                errors: UInt64, held: UInt32, lanes: [LaneEndStats], status: [(String, AttrValue)]) {
+                errors: UInt64, held: UInt32, busyNs: UInt64 = 0, processing: DurationHistogram = DurationHistogram(),
+                lanes: [LaneEndStats], status: [(String, AttrValue)]) {
         self.stage = stage; self.timeNs = timeNs; self.flags = flags; self.received = received; self.emitted = emitted
-        self.deadLettered = deadLettered; self.errors = errors; self.held = held; self.lanes = lanes; self.status = status
+        self.deadLettered = deadLettered; self.errors = errors; self.held = held; self.busyNs = busyNs; self.processing = processing
+        self.lanes = lanes; self.status = status
     }
 
     public static func == (a: StatsReport, b: StatsReport) -> Bool {
         a.stage == b.stage && a.timeNs == b.timeNs && a.flags == b.flags && a.received == b.received
             && a.emitted == b.emitted && a.deadLettered == b.deadLettered && a.errors == b.errors && a.held == b.held
-            && a.lanes == b.lanes && a.status.map(\.0) == b.status.map(\.0) && a.status.map(\.1) == b.status.map(\.1)
+            && a.busyNs == b.busyNs && a.processing == b.processing && a.lanes == b.lanes && a.status.map(\.0) == b.status.map(\.0) && a.status.map(\.1) == b.status.map(\.1)
     }
 
     public func encode(seq: UInt64) -> [UInt8] {
@@ -64,10 +80,12 @@ public struct StatsReport: Sendable, Equatable {
         FrameHeader(type: .stats, lane: FrameHeader.controlLane, seq: seq).write(into: &w)
         w.str16(stage); w.u64(timeNs); w.u8(flags.rawValue)
         w.u64(received); w.u64(emitted); w.u64(deadLettered); w.u64(errors); w.u32(held)
+        w.u64(busyNs); w.histogram(processing)
         w.u16(UInt16(truncatingIfNeeded: lanes.count))
         for l in lanes {
             w.u32(l.lane); w.u8(l.role.rawValue); w.u64(l.count); w.u32(l.credits); w.u32(l.queued)
             w.u8(l.endOfStream ? 1 : 0); w.u64(l.blockedNs)
+            w.u64(l.dropped); w.u64(l.spilled); w.u32(l.spillDepth); w.histogram(l.latency)
         }
         w.u16(UInt16(truncatingIfNeeded: status.count))
         for (k, v) in status { w.str16(k); w.attr(v) }
@@ -81,8 +99,9 @@ public struct StatsReport: Sendable, Equatable {
         let t = try r.u64("stats.time"), flags = Flags(rawValue: try r.u8("stats.flags"))
         let rc = try r.u64("stats.received"), em = try r.u64("stats.emitted"), dl = try r.u64("stats.dead_lettered")
         let er = try r.u64("stats.errors"), held = try r.u32("stats.held")
+        let busy = try r.u64("stats.busy_ns"), processing = try r.histogram("stats.processing")
         let nl = Int(try r.u16("stats.lanes.count"))
-        if nl * 30 > r.remaining { throw .truncated(field: "stats.lanes", need: nl * 30, have: r.remaining) }
+        if nl * 51 > r.remaining { throw .truncated(field: "stats.lanes", need: nl * 51, have: r.remaining) }
         var lanes = [LaneEndStats]()
         for _ in 0..<nl {
             let lane = try r.u32("stats.lane.id")
@@ -90,14 +109,17 @@ public struct StatsReport: Sendable, Equatable {
             guard let role = LaneEndStats.Role(rawValue: roleRaw) else { throw .invalid(field: "stats.lane.role", reason: "\(roleRaw)") }
             let count = try r.u64("stats.lane.count"), credits = try r.u32("stats.lane.credits"), q = try r.u32("stats.lane.queued")
             let eos = try r.u8("stats.lane.eos"), blocked = try r.u64("stats.lane.blocked_ns")
-            lanes.append(LaneEndStats(lane: lane, role: role, count: count, credits: credits, queued: q, endOfStream: eos != 0, blockedNs: blocked))
+            let dropped = try r.u64("stats.lane.dropped"), spilled = try r.u64("stats.lane.spilled"), depth = try r.u32("stats.lane.spill_depth")
+            let latency = try r.histogram("stats.lane.latency")
+            lanes.append(LaneEndStats(lane: lane, role: role, count: count, credits: credits, queued: q, endOfStream: eos != 0, blockedNs: blocked,
+                                      dropped: dropped, spilled: spilled, spillDepth: depth, latency: latency))
         }
         let ns = Int(try r.u16("stats.status.count"))
         var status = [(String, AttrValue)]()
         for _ in 0..<ns { status.append((try r.str16("stats.status.key", limit: 256), try r.attr("stats.status.value"))) }
         if r.remaining != 0 { throw .invalid(field: "stats", reason: "\(r.remaining) trailing bytes") }
         return StatsReport(stage: stage, timeNs: t, flags: flags, received: rc, emitted: em, deadLettered: dl, errors: er,
-                           held: held, lanes: lanes, status: status)
+                           held: held, busyNs: busy, processing: processing, lanes: lanes, status: status)
     }
 }
 
@@ -129,5 +151,28 @@ public struct Hello: Sendable, Equatable {
         let grant = try r.bytes(gl, "hello.grant")
         if r.remaining != 0 { throw .invalid(field: "hello", reason: "\(r.remaining) trailing bytes") }
         return Hello(protocolVersion: v, pid: pid, worker: name, grant: grant)
+    }
+}
+
+extension ByteWriter {
+    /// `u8 n` (0 when empty), then n x `u64` bucket counts and `u64` sum of nanoseconds.
+    public mutating func histogram(_ h: DurationHistogram) {
+        u8(UInt8(truncatingIfNeeded: h.counts.count))
+        if h.counts.isEmpty { return }
+        for c in h.counts { u64(c) }
+        u64(h.sumNs)
+    }
+}
+
+extension ByteReader {
+    public mutating func histogram(_ field: String) throws(DecodeError) -> DurationHistogram {
+        let n = Int(try u8(field + ".count"))
+        if n == 0 { return DurationHistogram() }
+        guard n == DurationHistogram.bucketCount else {
+            throw .invalid(field: field, reason: "\(n) buckets, expected \(DurationHistogram.bucketCount)")
+        }
+        var counts = [UInt64](); counts.reserveCapacity(n)
+        for _ in 0..<n { counts.append(try u64(field + ".bucket")) }
+        return DurationHistogram(counts: counts, sumNs: try u64(field + ".sum_ns"))
     }
 }

@@ -122,11 +122,19 @@ extension StageView {
 
 extension LaneView {
     public var json: ConfigValue {
-        .object([("id", .int(Int64(id))), ("from", .string(from)), ("to", .string(to)), ("transport", .string(transport)),
-                 ("bound", .int(Int64(bound))), ("when_full", .string(whenFull)), ("loop_back", .bool(loopBack)),
-                 ("sent", .int(Int64(clamping: sent))), ("received", .int(Int64(clamping: received))), ("depth", .int(depth)),
-                 ("queued", .int(Int64(clamping: queued))), ("credits", .int(Int64(clamping: credits))), ("eos", .bool(endOfStream)),
-                 ("blocked_ms", .double(Double(blockedNs) / 1e6))])
+        func us(_ q: Double) -> ConfigValue { latency.quantileMicros(q).map { .double(($0 * 10).rounded() / 10) } ?? .null }
+        return .object([
+            ("id", .int(Int64(id))), ("from", .string(from)), ("to", .string(to)), ("transport", .string(transport)),
+            ("bound", .int(Int64(bound))), ("bytes", bytesBound.map { .int(Int64($0)) } ?? .null), ("when_full", .string(whenFull)),
+            ("loop_back", .bool(loopBack)), ("state", .string(state.rawValue)),
+            ("low", .int(Int64(low))), ("high", .int(Int64(high))), ("release", .int(Int64(release))),
+            ("sent", .int(Int64(clamping: sent))), ("received", .int(Int64(clamping: received))), ("depth", .int(depth)),
+            ("queued", .int(Int64(clamping: queued))), ("credits", .int(Int64(clamping: credits))), ("eos", .bool(endOfStream)),
+            ("rate_in", .double((rateIn * 10).rounded() / 10)), ("rate_out", .double((rateOut * 10).rounded() / 10)),
+            ("dropped", .int(Int64(clamping: dropped))), ("spilled", .int(Int64(clamping: spilled))),
+            ("spill_depth", .int(Int64(clamping: spillDepth))),
+            ("blocked_ms", .double(Double(blockedNs) / 1e6)), ("latency_p50_us", us(0.5)), ("latency_p99_us", us(0.99)),
+        ])
     }
 }
 

@@ -58,6 +58,7 @@ public struct LaneView: Sendable {
     public var to: String
     public var transport: String
     public var bound: Int
+    public var bytesBound: Int?
     public var whenFull: String
     public var loopBack: Bool
     public var sent: UInt64
@@ -66,10 +67,27 @@ public struct LaneView: Sendable {
     public var credits: UInt64
     public var endOfStream: Bool
     public var blockedNs: UInt64
-    /// Envelopes sent and not yet received, plus those waiting in the sender queue.
-    /// (Producer and consumer counts come from reports taken at slightly different times; a
-    /// momentary negative difference is shown as 0.)
-    public var depth: Int64 { max(0, Int64(clamping: sent) - Int64(clamping: received)) + Int64(clamping: queued) }
+    public var dropped: UInt64 = 0
+    public var spilled: UInt64 = 0
+    public var spillDepth: UInt64 = 0
+    /// Watermark state and marks (CONCEPTS.md, "backpressure watermarks").
+    public var state: PressureState = .normal
+    public var low: Int = 0
+    public var high: Int = 0
+    public var release: Int = 0
+    /// Envelopes per second into the lane (producer) and out of it (consumer), over the last second.
+    public var rateIn: Double = 0
+    public var rateOut: Double = 0
+    /// Lane latency (DATA frame sent -> taken by the consumer).
+    public var latency = DurationHistogram()
+    /// The host's estimate (see LaneMonitor), when both ends have reported.
+    public var estimatedDepth: Int64?
+    /// Envelopes in flight (sent, not yet taken, at most the bound) plus those waiting in the
+    /// sender queue. The two ends report at different moments; the estimate carries each count to
+    /// the newer report's time (see LaneMonitor). Before both reported: the raw difference.
+    public var depth: Int64 {
+        estimatedDepth ?? (min(Int64(bound), max(0, Int64(clamping: sent) - Int64(clamping: received))) + Int64(clamping: queued))
+    }
 }
 
 /// The host: plans a pipeline, runs its stages as threads and worker processes, supervises them,
@@ -111,6 +129,8 @@ public final class PipelineHost: @unchecked Sendable {
     var loopChecks: [String: (vector: [UInt64], time: UInt64)] = [:]
     var lastActivity: (vector: [UInt64], time: UInt64) = ([], 0)
     var subscribers: [[UInt8]: (interval: UInt64, next: UInt64, lastSeen: UInt64)] = [:]
+    var laneMonitors: [UInt32: LaneMonitor] = [:]
+    var stageRates: [String: (RateMeter, RateMeter)] = [:]
     var lastHeartbeat: UInt64 = 0
     var controlSeq: UInt64 = 0
 
@@ -119,6 +139,7 @@ public final class PipelineHost: @unchecked Sendable {
         do { zmq = try ZMQContext(ioThreads: 1) } catch { throw .io("cannot create ZeroMQ context: \(error)") }
         runTag = "pipe-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         for s in plan.stages { stages[s.id] = StageState(plan: s); order.append(s.id) }
+        for l in plan.lanes { laneMonitors[l.id] = LaneMonitor(settings: l.settings) }
     }
 
     var runnerEndpointIPC: String { "ipc://\(options.runDirectory)/runners.sock" }
@@ -295,6 +316,7 @@ public final class PipelineHost: @unchecked Sendable {
                     failure = "stage '\(id)' failed: \(reason)"
                 }
                 stages[id]?.stats = r
+                observeLanes(of: id)
             case .audit:
                 // One or more records, one JSON object per line (runners batch them).
                 guard f.body.count <= 4 << 20, String(validating: f.body, as: UTF8.self) != nil else {
@@ -316,9 +338,12 @@ public final class PipelineHost: @unchecked Sendable {
     static func add(base b: StatsReport, to r: StatsReport) -> StatsReport {
         var r = r
         r.received &+= b.received; r.emitted &+= b.emitted; r.deadLettered &+= b.deadLettered; r.errors &+= b.errors
+        r.busyNs &+= b.busyNs; r.processing = r.processing.adding(b.processing)
         for i in r.lanes.indices {
             if let old = b.lanes.first(where: { $0.lane == r.lanes[i].lane && $0.role == r.lanes[i].role }) {
                 r.lanes[i].count &+= old.count; r.lanes[i].blockedNs &+= old.blockedNs
+                r.lanes[i].dropped &+= old.dropped; r.lanes[i].spilled &+= old.spilled
+                r.lanes[i].latency = r.lanes[i].latency.adding(old.latency)
             }
         }
         return r
@@ -400,15 +425,25 @@ public final class PipelineHost: @unchecked Sendable {
 
     // MARK: views
 
-    public func lanes() -> [LaneView] {
-        plan.lanes.map { l in
-            let p = stages[l.from]?.stats?.lanes.first { $0.lane == l.id && $0.role == .producer }
-            let c = stages[l.to]?.stats?.lanes.first { $0.lane == l.id && $0.role == .consumer }
-            return LaneView(id: l.id, from: l.fromRef, to: l.toRef, transport: l.transport, bound: l.settings.bound,
-                            whenFull: l.settings.whenFull.rawValue, loopBack: l.loopBack, sent: p?.count ?? 0, received: c?.count ?? 0,
-                            queued: UInt64(p?.queued ?? 0), credits: UInt64(c?.credits ?? 0), endOfStream: p?.endOfStream ?? false,
-                            blockedNs: p?.blockedNs ?? 0)
+    public func lanes() -> [LaneView] { plan.lanes.compactMap(laneView) }
+
+    func laneView(_ l: PipelinePlan.PlannedLane) -> LaneView? {
+        let p = stages[l.from]?.stats?.lanes.first { $0.lane == l.id && $0.role == .producer }
+        let c = stages[l.to]?.stats?.lanes.first { $0.lane == l.id && $0.role == .consumer }
+        var v = LaneView(id: l.id, from: l.fromRef, to: l.toRef, transport: l.transport, bound: l.settings.bound, bytesBound: l.settings.bytes,
+                         whenFull: l.settings.whenFull.rawValue, loopBack: l.loopBack, sent: p?.count ?? 0, received: c?.count ?? 0,
+                         queued: UInt64(p?.queued ?? 0), credits: UInt64(c?.credits ?? 0), endOfStream: p?.endOfStream ?? false,
+                         blockedNs: p?.blockedNs ?? 0)
+        v.dropped = p?.dropped ?? 0
+        v.spilled = p?.spilled ?? 0
+        v.spillDepth = UInt64(p?.spillDepth ?? 0)
+        v.latency = c?.latency ?? DurationHistogram()
+        if let m = laneMonitors[l.id] {
+            v.state = m.marks.state; v.low = m.marks.low; v.high = m.marks.high; v.release = m.marks.release
+            v.rateIn = m.rateIn.rate; v.rateOut = m.rateOut.rate
+            v.estimatedDepth = m.estimate
         }
+        return v
     }
 
     public func stageViews() -> [StageView] {

@@ -98,11 +98,7 @@ public struct PipelinePlan: Sendable {
         for (i, x) in allEdges.enumerated() {
             let e = x.edge
             guard let target = stages.first(where: { $0.id == x.to }) else { continue }
-            var settings = spec.defaultLane
-            for o in spec.lanes where PipelineValidator.matches(o, e) {
-                if let b = o.bound { settings.bound = b }
-                if let w = o.whenFull { settings.whenFull = w }
-            }
+            let settings = PipelineValidator.settings(for: e, in: spec)
             if settings.whenFull == .spill {
                 throw .plan("lane \(e.fromRef) -> \(e.toRef): when_full: spill is not yet supported by this host; use block, drop_newest or drop_oldest")
             }

@@ -133,6 +133,7 @@ final class RunnerCore: StageContext {
         var seq: UInt64 = 0
         var eos = false
         var producerIncarnation: UInt64?
+        var latency = DurationHistogram()
     }
 
     let a: Assignment
@@ -164,6 +165,8 @@ final class RunnerCore: StageContext {
 
     // Counters.
     var received: UInt64 = 0, emitted: UInt64 = 0, deadLettered: UInt64 = 0, errors: UInt64 = 0
+    var busyNs: UInt64 = 0
+    var processing = DurationHistogram()
     var status: [(String, AttrValue)] = []
     var metrics: [String: Int] = [:]
     var controlSeq: UInt64 = 1
@@ -492,6 +495,12 @@ final class RunnerCore: StageContext {
                     let room = allGroups.map { g in g.reduce(0) { $0 + (outLanes[$1].loopBack ? 256 : Swift.max(0, outLanes[$1].credits - outLanes[$1].queue.count)) } }
                     var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, room.min() ?? 256))
                     if let max = a.maxEmit { budget = Int(Swift.min(UInt64(budget), max - emitted)) }
+                    let t0 = monotonicNs(), before = emitted
+                    defer {
+                        let spent = monotonicNs() - t0, n = emitted - before
+                        busyNs &+= spent
+                        if n > 0 { processing.record(ns: spent / n, count: n) }
+                    }
                     do {
                         switch try src.produce(budget: min(budget, 1024), context: self) {
                         case .active: break
@@ -505,7 +514,9 @@ final class RunnerCore: StageContext {
                 }
                 // Tick.
                 if nextTick != .max, monotonicNs() >= nextTick {
+                    let t0 = monotonicNs()
                     do { try stage.tick(context: self) } catch { handleStageError(error, envelope: nil) }
+                    busyNs &+= monotonicNs() - t0
                     nextTick = monotonicNs() + (stage.tickInterval ?? 1_000_000_000)
                 }
                 flushAll()
@@ -599,8 +610,18 @@ final class RunnerCore: StageContext {
             case .data:
                 // The producer counted every envelope the frame declares; if the frame is broken
                 // part-way, the rest are counted as received too, so its credits do not leak.
-                let declared = f.body.count >= 4 ? Int(f.body.loadUnaligned(as: UInt32.self).littleEndian) : 0
+                let declared = f.dataDeclaredCount
+                let t0 = monotonicNs()
+                if let sent = f.dataSentNs, declared > 0 {
+                    let now = wallNs()
+                    inLanes[li].latency.record(ns: now > sent ? now - sent : 0, count: UInt64(declared))
+                }
                 var visited = 0
+                defer {
+                    let spent = monotonicNs() - t0
+                    busyNs &+= spent
+                    if visited > 0 { processing.record(ns: spent / UInt64(visited), count: UInt64(visited)) }
+                }
                 do {
                     try f.forEachEnvelope(limits: limits) { result, bytes in
                         visited += 1
@@ -694,9 +715,10 @@ final class RunnerCore: StageContext {
             let taken = n
             let lane = outLanes[i].id, seq = outLanes[i].seq + 1
             let socket = outLanes[i].socket
+            let sentNs = wallNs()
             let ok = outLanes[i].queue.withFirst(n) { envs in
                 (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
-                    if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, envelopes: envs, into: base) }
+                    if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, sentNs: sentNs, envelopes: envs, into: base) }
                 }) ?? false
             }
             guard ok else { return }
@@ -731,19 +753,20 @@ final class RunnerCore: StageContext {
         for l in outLanes {
             let blocked = l.blockedNs + (l.blockedSince.map { t - $0 } ?? 0)
             lanes.append(LaneEndStats(lane: l.id, role: .producer, count: l.transmitted, credits: UInt32(clamping: max(0, l.credits)),
-                                      queued: UInt32(clamping: l.queue.count), endOfStream: l.eosSent, blockedNs: blocked))
+                                      queued: UInt32(clamping: l.queue.count), endOfStream: l.eosSent, blockedNs: blocked,
+                                      dropped: l.dropped))
         }
         for l in inLanes {
             lanes.append(LaneEndStats(lane: l.id, role: .consumer, count: l.received,
-                                      credits: UInt32(clamping: max(0, Int64(l.limitSent) - Int64(l.receivedInEpoch))), queued: 0, endOfStream: l.eos))
+                                      credits: UInt32(clamping: max(0, Int64(l.limitSent) - Int64(l.receivedInEpoch))), queued: 0, endOfStream: l.eos,
+                                      latency: l.latency))
         }
         var st = status
         for (k, v) in metrics.sorted(by: { $0.key < $1.key }) { st.append(("metric.\(k)", .int(Int64(v)))) }
-        for l in outLanes where l.dropped > 0 { st.append(("dropped.lane\(l.id)", .int(Int64(l.dropped)))) }
         for l in outLanes where l.frames > 0 { st.append(("batch.lane\(l.id)", .double((Double(l.transmitted) / Double(l.frames) * 10).rounded() / 10))) }
         st.append(("pid", .int(Int64(getpid()))))
         let r = StatsReport(stage: a.stage, timeNs: wallNs(), flags: flags, received: received, emitted: emitted, deadLettered: deadLettered,
-                            errors: errors, held: UInt32(clamping: stage.heldCount), lanes: lanes, status: st)
+                            errors: errors, held: UInt32(clamping: stage.heldCount), busyNs: busyNs, processing: processing, lanes: lanes, status: st)
         controlSeq += 1
         _ = try? control.send(r.encode(seq: controlSeq), dontWait: true)
     }

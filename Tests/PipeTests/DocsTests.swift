@@ -23,9 +23,9 @@ struct DocsTests {
             Hello(pid: 16, worker: "w").encode(seq: 1),
         ]
         for v in vectors { #expect(doc.contains(Hex.encode(v)), "missing vector \(Hex.encode(v))") }
-        var b = DataFrameBuilder(lane: 7, seq: 2)
+        var b = DataFrameBuilder(lane: 7, seq: 2, sentNs: 0x1122334455667788)
         b.append(vectorEnvelope())
-        #expect(doc.contains(Hex.encode(b.finish().prefix(24)).prefix(48)))
+        #expect(doc.contains(Hex.encode(b.finish().prefix(32))))
         #expect(doc.contains(EnvelopeID.derived(from: EnvelopeID(hi: 1, lo: 2), output: "out", index: 0).description))
     }
 

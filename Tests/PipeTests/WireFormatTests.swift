@@ -24,10 +24,10 @@ struct WireFormatTests {
     }
 
     @Test func dataFrame_hasTheDocumentedHeaderAndLayout() throws {
-        var b = DataFrameBuilder(lane: 7, seq: 2)
+        var b = DataFrameBuilder(lane: 7, seq: 2, sentNs: 0x1122334455667788)
         b.append(vectorEnvelope())
         let frame = b.finish()
-        let expected = "504c" + "01" + "01" + "07000000" + "0200000000000000" + "01000000" +
+        let expected = "504c" + "01" + "01" + "07000000" + "0200000000000000" + "8877665544332211" + "01000000" +
             String(format: "%02x000000", Self.envelopeHex.count / 2) + Self.envelopeHex
         #expect(Hex.encode(frame) == expected)
         var got: [Envelope] = []
@@ -37,6 +37,8 @@ struct WireFormatTests {
         }
         #expect(header == FrameHeader(type: .data, lane: 7, seq: 2))
         #expect(got == [vectorEnvelope()])
+        #expect(try withFrame(frame) { $0.dataSentNs } == 0x1122334455667788)
+        #expect(try withFrame(frame) { $0.dataDeclaredCount } == 1)
     }
 
     @Test func controlFrames_matchTheDocumentedVectors() throws {
@@ -87,12 +89,12 @@ struct WireFormatTests {
         // A DATA frame whose count claims more envelopes than the body can hold.
         var w = ByteWriter()
         FrameHeader(type: .data, lane: 1, seq: 1).write(into: &w)
-        w.u32(1_000_000)
+        w.u64(0); w.u32(1_000_000)
         #expect(throws: DecodeError.self) { try withFrame(w.buffer) { try $0.forEachEnvelope(limits: .standard) { _, _ in } } }
         // An envelope length larger than the rest of the frame.
         var w2 = ByteWriter()
         FrameHeader(type: .data, lane: 1, seq: 1).write(into: &w2)
-        w2.u32(1); w2.u32(0xFFFF_FFF0)
+        w2.u64(0); w2.u32(1); w2.u32(0xFFFF_FFF0)
         #expect(throws: DecodeError.self) { try withFrame(w2.buffer) { try $0.forEachEnvelope(limits: .standard) { _, _ in } } }
     }
 

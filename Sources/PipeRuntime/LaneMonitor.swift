@@ -1,0 +1,138 @@
+import Glibc
+import PipeConfig
+import PipeKit
+
+/// Rates from cumulative counters: keeps a few seconds of (time, value) samples and reports the
+/// rate over the last second or so.
+struct RateMeter: Sendable {
+    private var samples: [(t: UInt64, v: UInt64)] = []
+
+    mutating func add(_ v: UInt64, at t: UInt64) {
+        if let last = samples.last, t - last.t < 200_000_000 { samples[samples.count - 1] = (last.t, v); return }
+        samples.append((t, v))
+        while samples.count > 2, let first = samples.first, t - first.t > 3_000_000_000 { samples.removeFirst() }
+    }
+
+    /// Per second over the newest window of at least one second (or all there is).
+    var rate: Double {
+        guard let last = samples.last, samples.count >= 2 else { return 0 }
+        var base = samples[0]
+        for s in samples.reversed() where last.t - s.t >= 1_000_000_000 { base = s; break }
+        let dt = Double(last.t - base.t) / 1e9
+        return dt > 0 ? Double(last.v &- base.v) / dt : 0
+    }
+}
+
+/// What the host tracks per lane between STATS frames: its depth estimate, watermark state and
+/// rates.
+///
+/// Depth needs both ends: envelopes the producer sent minus those the consumer took, plus the
+/// producer's queue. The two counts come from reports taken at different moments (up to 100 ms
+/// apart, and a fast lane moves a bound's worth in far less), so each end's count is carried
+/// forward to the newer report's time at that end's own rate before subtracting. The in-flight
+/// part is clamped to the bound (credits make more impossible), and the watermark state machine
+/// sees the median of the last three estimates, so one skewed pair cannot flip a state.
+struct LaneMonitor: Sendable {
+    var marks: Watermarks
+    let bound: Int64
+    var rateIn = RateMeter()
+    var rateOut = RateMeter()
+    /// The latest report of each end; `moving` is false once that end is idle or has ended, and
+    /// then its count is not carried forward.
+    var producer: (t: UInt64, sent: UInt64, queued: UInt64, moving: Bool)?
+    var consumer: (t: UInt64, received: UInt64, moving: Bool)?
+    var recent: [Int64] = []
+    /// The filtered depth the state machine last saw.
+    private(set) var depth: Int64 = 0
+
+    init(settings: LaneSettings) {
+        let m = settings.marks
+        marks = Watermarks(low: m.low, high: m.high, release: m.release)
+        bound = Int64(settings.bound)
+    }
+
+    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, moving: Bool) {
+        if let p = producer, t <= p.t { return }
+        producer = (t, sent, queued, moving); rateIn.add(sent, at: t)
+    }
+    mutating func consumerReport(t: UInt64, received: UInt64, moving: Bool) {
+        if let c = consumer, t <= c.t { return }
+        consumer = (t, received, moving); rateOut.add(received, at: t)
+    }
+
+    /// The current estimate (unfiltered), or nil before both ends reported.
+    var estimate: Int64? {
+        guard let p = producer else { return nil }
+        guard let c = consumer else { return min(bound, Int64(clamping: p.sent)) + Int64(clamping: p.queued) }
+        let at = max(p.t, c.t)
+        let sent = Double(p.sent) + (p.moving ? rateIn.rate * Double(at - p.t) / 1e9 : 0)
+        let received = Double(c.received) + (c.moving ? rateOut.rate * Double(at - c.t) / 1e9 : 0)
+        let inFlight = Int64(max(0, min(Double(bound), (sent - received).rounded())))
+        return inFlight + Int64(clamping: p.queued)
+    }
+
+    /// Feeds the newest estimate through the median filter and the watermarks; returns the
+    /// previous state on a transition.
+    mutating func step() -> PressureState? {
+        guard let e = estimate else { return nil }
+        recent.append(e)
+        if recent.count > 3 { recent.removeFirst() }
+        depth = recent.sorted()[recent.count / 2]
+        return marks.observe(Int(clamping: depth))
+    }
+}
+
+extension DurationHistogram {
+    /// Bucket-wise sum (a restarted runner's histogram on top of its predecessors').
+    func adding(_ other: DurationHistogram) -> DurationHistogram {
+        if other.isEmpty { return self }
+        if isEmpty { return other }
+        return DurationHistogram(counts: zip(counts, other.counts).map { $0 &+ $1 }, sumNs: sumNs &+ other.sumNs)
+    }
+}
+
+extension PipelineHost {
+    /// After a STATS frame from `stage`: feeds every lane it touches to its monitor, audits and
+    /// logs watermark transitions.
+    func observeLanes(of stage: String) {
+        if let s = stages[stage]?.stats {
+            stageRates[stage, default: (RateMeter(), RateMeter())].0.add(s.received, at: s.timeNs)
+            stageRates[stage, default: (RateMeter(), RateMeter())].1.add(s.emitted, at: s.timeNs)
+        }
+        for l in plan.lanes where l.from == stage || l.to == stage {
+            guard var m = laneMonitors[l.id] else { continue }
+            if l.from == stage, let s = stages[stage]?.stats, let p = s.lanes.first(where: { $0.lane == l.id && $0.role == .producer }) {
+                let moving = !p.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
+                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), moving: moving)
+            }
+            if l.to == stage, let s = stages[stage]?.stats, let c = s.lanes.first(where: { $0.lane == l.id && $0.role == .consumer }) {
+                let moving = !c.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
+                m.consumerReport(t: s.timeNs, received: c.count, moving: moving)
+            }
+            if let before = m.step() {
+                let after = m.marks.state
+                let reason = "lane \(l.id) \(l.fromRef) -> \(l.toRef): \(before.rawValue) -> \(after.rawValue) at depth \(m.depth) " +
+                    "(low \(m.marks.low), high \(m.marks.high), release \(m.marks.release), bound \(l.settings.bound))"
+                switch after {
+                case .overloaded: log.warning("\(reason)")
+                default: log.info("\(reason)")
+                }
+                writeAudit(AuditRecord(decision: "lane-state", actor: "pipehost", stage: l.to, location: "host:\(getpid())", timeNs: wallNs(),
+                                       intent: "lane.backpressure", reason: reason,
+                                       details: ["lane": .int(Int64(l.id)), "from": .string(l.fromRef), "to": .string(l.toRef),
+                                                 "before": .string(before.rawValue), "after": .string(after.rawValue), "depth": .int(m.depth)]))
+            }
+            laneMonitors[l.id] = m
+        }
+    }
+
+    /// Appends one record to the run's audit log (the host's own decisions).
+    func writeAudit(_ r: AuditRecord) {
+        guard let fh = auditFile else { return }
+        var line: [UInt8] = []
+        r.writeJSON(into: &line)
+        line.append(0x0A)
+        _ = line.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, fh) }
+        auditCount += 1
+    }
+}

@@ -1,0 +1,104 @@
+import ArgumentParser
+import Foundation
+import PipeConfig
+import PipeKit
+import PipeRuntime
+
+struct Lanes: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Every lane of a running host: state, depth against its watermarks, rates, drops, spills, blocked time, latency.",
+        discussion: """
+        state: normal, pressure-rising (depth >= low), overloaded (depth >= high), recovering (fell below release, not yet below low).
+        in/s and out/s: envelopes per second into the lane (producer) and out of it (consumer).
+        blocked: time the producer had envelopes but no credit. p50/p99: lane latency (frame sent -> taken), microseconds.
+        """)
+    @OptionGroup var host: HostOptions
+    @Flag(help: "Print as JSON.") var json = false
+    @Flag(name: .customLong("all"), help: "Include the dead-letter lanes.") var all = false
+
+    func run() throws {
+        let v = host.call("lanes")
+        if json { printJSON(v); return }
+        let list = (v.listValue ?? []).filter { all || !($0["to"]?.stringValue ?? "").hasPrefix("_dead_letters.") }
+        print(LaneTable.render(list))
+    }
+}
+
+/// The lanes table shared by `pipectl lanes` and `pipectl top`.
+enum LaneTable {
+    static func cell(_ l: ConfigValue, _ k: String) -> String {
+        switch l[k] {
+        case .string(let x)?: return x
+        case .int(let i)?: return String(i)
+        case .double(let d)?: return d >= 100 || d == d.rounded() ? String(Int64(d.rounded())) : String(format: "%.1f", d)
+        case .bool(let b)?: return b ? "yes" : "no"
+        default: return "-"
+        }
+    }
+    static func rate(_ d: Double?) -> String {
+        guard let d else { return "-" }
+        if d >= 1e6 { return String(format: "%.2fM", d / 1e6) }
+        if d >= 1e3 { return String(format: "%.1fk", d / 1e3) }
+        return String(format: "%.0f", d)
+    }
+    static func row(_ l: ConfigValue) -> [String] {
+        [cell(l, "id"), cell(l, "from"), cell(l, "to") + (l["loop_back"]?.boolValue == true ? " (loop)" : ""), cell(l, "transport"),
+         cell(l, "state"), "\(cell(l, "depth"))/\(cell(l, "bound"))", "\(cell(l, "low"))/\(cell(l, "high"))", cell(l, "when_full"),
+         rate(l["rate_in"]?.doubleValue), rate(l["rate_out"]?.doubleValue), cell(l, "sent"), cell(l, "received"), cell(l, "credits"),
+         cell(l, "dropped"), l["spill_depth"]?.intValue.map { "\(cell(l, "spilled")) (\($0) now)" } ?? cell(l, "spilled"),
+         cell(l, "blocked_ms"), cell(l, "latency_p50_us"), cell(l, "latency_p99_us")]
+    }
+    static let header = ["lane", "from", "to", "transport", "state", "depth/bound", "low/high", "when_full", "in/s", "out/s",
+                         "sent", "received", "credits", "dropped", "spilled", "blocked ms", "p50 us", "p99 us"]
+    static func render(_ lanes: [ConfigValue]) -> String { SummaryFormatter.table(header, lanes.map(row)) }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "The running host's status and each stage's status report.")
+    @OptionGroup var host: HostOptions
+    @Flag(help: "Print as JSON.") var json = false
+
+    func run() throws {
+        let v = host.call("status")
+        if json { printJSON(v); return }
+        let h = v["host"] ?? .null
+        print("pipeline \(h["pipeline"]?.stringValue ?? "?") (\(h["file"]?.stringValue ?? "")) pid \(h["pid"]?.intValue ?? 0): \(h["state"]?.stringValue ?? "?"), up \(String(format: "%.1f", h["uptime_s"]?.doubleValue ?? 0)) s, run dir \(h["run_dir"]?.stringValue ?? "")")
+        let stages = v["stages"]?.listValue ?? []
+        let rows = stages.map { s -> [String] in
+            [s["id"]?.stringValue ?? "", s["kind"]?.stringValue ?? "", s["placement"]?.stringValue ?? "", s["pid"]?.intValue.map { String($0) } ?? "-",
+             s["state"]?.stringValue ?? "", String(s["received"]?.intValue ?? 0), String(s["emitted"]?.intValue ?? 0),
+             String(s["dead_lettered"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0), String(s["restarts"]?.intValue ?? 0)]
+        }
+        print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "in", "out", "dead", "errors", "restarts"], rows))
+        // Each stage's own report, one figure per line (a twin stage lists its devices here).
+        for s in stages {
+            let entries = s["status"]?.mapEntries ?? []
+            if entries.isEmpty { continue }
+            print("\n\(s["id"]?.stringValue ?? "") (\(s["kind"]?.stringValue ?? ""))")
+            let width = entries.map(\.key.count).max() ?? 0
+            for e in entries {
+                let value = e.value.stringValue ?? JSON.serialize(e.value)
+                print("  " + e.key.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + value)
+            }
+        }
+    }
+}
+
+struct Workers: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "The stages running in worker processes: pid, state, restarts, counters.")
+    @OptionGroup var host: HostOptions
+    @Flag(help: "Print as JSON.") var json = false
+
+    func run() throws {
+        let v = host.call("status")
+        let workers = (v["stages"]?.listValue ?? []).filter { $0["placement"]?.stringValue != "in-process" }
+        if json { printJSON(.list(workers)); return }
+        if workers.isEmpty { print("no worker processes (every stage runs in-process)"); return }
+        let rows = workers.map { s -> [String] in
+            [s["id"]?.stringValue ?? "", s["kind"]?.stringValue ?? "", s["placement"]?.stringValue ?? "", s["pid"]?.intValue.map { String($0) } ?? "-",
+             s["state"]?.stringValue ?? "", String(s["restarts"]?.intValue ?? 0), String(s["received"]?.intValue ?? 0),
+             String(s["emitted"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0)]
+        }
+        print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "restarts", "in", "out", "errors"], rows))
+    }
+}
