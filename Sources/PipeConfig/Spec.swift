@@ -151,6 +151,7 @@ public struct MetricsSpec: Sendable, Hashable {
     public var listen: String
     public var host: String
     public var port: Int
+    public init(listen: String, host: String, port: Int) { self.listen = listen; self.host = host; self.port = port }
 }
 
 /// A parsed pipeline file.

@@ -97,6 +97,56 @@ struct ConfigTests {
         #expect(m.contains { $0.contains("lane override from 'g' to 'nowhere' matches no lane") })
     }
 
+    @Test func laneSettings_watermarksBytesAndMetrics() throws {
+        let ok = """
+        defaults: { lane: { bound: 100, low: 10, high: 60 } }
+        metrics: { listen: 127.0.0.1:9464 }
+        stages:
+          - { id: g, kind: generator }
+          - { id: s, kind: null-sink, inputs: [g] }
+        lanes:
+          - { from: g, to: s, bound: 80, bytes: 65536, release: 30 }
+        """
+        let (spec, diags) = PipelineLoader.load(text: ok, file: "p.yaml", registry: builtInStages)
+        #expect(diags.isEmpty, "\(diags)")
+        let s = try #require(spec)
+        #expect(s.metrics == MetricsSpec(listen: "127.0.0.1:9464", host: "127.0.0.1", port: 9464))
+        let edge = try #require(PipelineValidator(spec: s, registry: builtInStages).edges.first { $0.to == "s" })
+        let lane = PipelineValidator.settings(for: edge, in: s)
+        #expect(lane.bound == 80 && lane.bytes == 65536)
+        #expect(lane.marks.low == 10 && lane.marks.high == 60 && lane.marks.release == 30)
+        // Derived marks: 50% and 80% of the bound, release midway.
+        let d = LaneSettings(bound: 1000).marks
+        #expect(d.low == 500 && d.high == 800 && d.release == 650)
+
+        let bad = """
+        metrics: { listen: nowhere }
+        defaults: { lane: { bound: 10, high: 20 } }
+        stages:
+          - { id: g, kind: generator }
+          - { id: s, kind: null-sink, inputs: [g] }
+        lanes:
+          - { from: g, to: s, low: 8, high: 5, bytez: 1 }
+        """
+        let m = messages(bad)
+        #expect(m.contains { $0.contains("metrics.listen must be HOST:PORT") })
+        #expect(m.contains { $0.contains("defaults.lane: high watermark 20 is above the bound 10") })
+        #expect(m.contains { $0.contains("unknown lane key 'bytez' (did you mean 'bytes'?)") })
+        #expect(m.contains { $0.contains("lane g.out -> s.in: low watermark 8 must be below the high watermark 5") })
+    }
+
+    @Test func watermarks_haveRealHysteresis() {
+        // CONCEPTS.md: with low 2 and high 6, depths 6, 5, 6, 5 stay overloaded.
+        var w = Watermarks(low: 2, high: 6)
+        #expect(w.release == 4)
+        var states: [PressureState] = []
+        for d in [0, 2, 6, 5, 6, 5, 3, 5, 6, 3, 1, 0, 3] { w.observe(d); states.append(w.state) }
+        #expect(states == [.normal, .pressureRising, .overloaded, .overloaded, .overloaded, .overloaded, .recovering,
+                           .recovering, .overloaded, .recovering, .normal, .normal, .pressureRising])
+        var x = Watermarks(low: 2, high: 6)
+        #expect(x.observe(7) == .normal && x.observe(7) == nil && x.observe(0) == .overloaded)
+    }
+
     @Test func everyExamplePipeline_isValid() throws {
         let dir = Paths.root + "/pipelines"
         let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".yaml") }
