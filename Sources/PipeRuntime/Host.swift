@@ -130,6 +130,8 @@ public final class PipelineHost: @unchecked Sendable {
     var lastActivity: (vector: [UInt64], time: UInt64) = ([], 0)
     var subscribers: [[UInt8]: (interval: UInt64, next: UInt64, lastSeen: UInt64)] = [:]
     var laneMonitors: [UInt32: LaneMonitor] = [:]
+    var metricsServer: MetricsServer?
+    var lastMetricsRender: UInt64 = 0
     var stageRates: [String: (RateMeter, RateMeter)] = [:]
     var lastHeartbeat: UInt64 = 0
     var controlSeq: UInt64 = 0
@@ -176,6 +178,7 @@ public final class PipelineHost: @unchecked Sendable {
             throw .io("cannot bind host endpoints in \(dir): \(error)")
         }
         startNs = monotonicNs()
+        try startMetrics()
         for id in order {
             guard let st = stages[id] else { continue }
             switch st.plan.placement {
@@ -257,6 +260,7 @@ public final class PipelineHost: @unchecked Sendable {
             checkLoops()
             checkBounds(now)
             publishSubscriptions(now)
+            refreshMetrics(now)
             if now - lastHeartbeat > 1_000_000_000 { lastHeartbeat = now; heartbeat() }
             if allFinished { broadcast(.finish); break }
         }
@@ -491,6 +495,8 @@ public final class PipelineHost: @unchecked Sendable {
         }
         if let rr = runnerRouter { while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) } }
         runnerRouter?.close(); controlRouter?.close()
+        metricsServer?.stop()
+        unlink(options.runDirectory + "/metrics.addr")
         if let f = auditFile { fclose(f); auditFile = nil }
         unlink(options.runDirectory + "/control.sock")
         unlink(options.runDirectory + "/runners.sock")
