@@ -6,10 +6,15 @@ public final class PassthroughStage: Stage {
     public static let descriptor = StageDescriptor(
         kind: "passthrough", summary: "Forwards every envelope unchanged.", role: .transform,
         inputs: [InputPort("in", doc: "envelopes to forward", acceptsLoopBack: true)],
-        make: { _ in PassthroughStage() })
+        fields: [ConfigField("delay_us", .int(min: 0, max: 10_000_000), default: .int(0),
+                             doc: "Sleep this long per envelope (to simulate a slow stage in backpressure tests and demos).")],
+        make: { PassthroughStage(delayUs: UInt32(clamping: $0.int("delay_us") ?? 0)) })
     var out = OutputHandle(index: 0, name: "out")
+    let delayUs: UInt32
+    init(delayUs: UInt32 = 0) { self.delayUs = delayUs }
     public func start(context: any StageContext) throws { out = try context.output("out") }
     public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
+        if delayUs > 0 { usleep(delayUs) }
         context.emit(envelope, to: out)
     }
 }

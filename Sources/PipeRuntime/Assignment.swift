@@ -22,6 +22,8 @@ public struct Assignment: Sendable, Equatable {
         /// The consumer's input endpoint.
         public var endpoint: String
         public var bound: Int
+        /// Most bytes in flight (producer-side), when set.
+        public var bytes: Int?
         public var whenFull: WhenFull
         public var loopBack: Bool
         /// Lanes with the same group share envelopes round-robin (replicas of one consumer).
@@ -63,7 +65,8 @@ public struct Assignment: Sendable, Equatable {
             ("outputs", .list(outputs.map { o in
                 .object([("name", .string(o.name)), ("lanes", .list(o.lanes.map { l in
                     .object([("lane", .int(Int64(l.lane))), ("to", .string(l.to)), ("connect", .string(l.endpoint)),
-                             ("bound", .int(Int64(l.bound))), ("when_full", .string(l.whenFull.rawValue)), ("loop_back", .bool(l.loopBack)),
+                             ("bound", .int(Int64(l.bound))), ("bytes", l.bytes.map { .int(Int64($0)) } ?? .null),
+                             ("when_full", .string(l.whenFull.rawValue)), ("loop_back", .bool(l.loopBack)),
                              ("group", .int(Int64(l.group)))])
                 }))])
             })),
@@ -112,7 +115,7 @@ public struct Assignment: Sendable, Equatable {
                 guard let wf = WhenFull(rawValue: try s(l["when_full"], "when_full")) else { throw .protocolError("ASSIGN: bad when_full") }
                 guard let outLane = UInt32(exactly: try i(l["lane"], "lane")) else { throw .protocolError("ASSIGN: bad lane id") }
                 lanes.append(OutputLane(lane: outLane, to: try s(l["to"], "to"), endpoint: try s(l["connect"], "connect"),
-                                        bound: try i(l["bound"], "bound"), whenFull: wf, loopBack: l["loop_back"]?.boolValue ?? false,
+                                        bound: try i(l["bound"], "bound"), bytes: l["bytes"]?.intValue.map(Int.init), whenFull: wf, loopBack: l["loop_back"]?.boolValue ?? false,
                                         group: Int(l["group"]?.intValue ?? 0)))
             }
             outs.append(Output(name: try s(x["name"], "name"), lanes: lanes))
@@ -146,7 +149,8 @@ extension PipelinePlan {
         let outputs = st.outputs.map { name in
             Assignment.Output(name: name, lanes: outs.filter { $0.output == name }.map { l in
                 Assignment.OutputLane(lane: l.id, to: l.toRef, endpoint: inputEndpoint(l.to, transport: l.transport, runTag: runTag, runDir: runDir),
-                                      bound: l.settings.bound, whenFull: l.settings.whenFull, loopBack: l.loopBack, group: l.group)
+                                      bound: l.settings.bound, bytes: l.settings.bytes, whenFull: l.settings.whenFull, loopBack: l.loopBack,
+                                      group: l.group)
             })
         }
         return Assignment(stage: id, kind: st.kind, config: st.config, audit: spec.audit, runDirectory: runDir,

@@ -83,10 +83,11 @@ public struct LaneView: Sendable {
     /// The host's estimate (see LaneMonitor), when both ends have reported.
     public var estimatedDepth: Int64?
     /// Envelopes in flight (sent, not yet taken, at most the bound) plus those waiting in the
-    /// sender queue. The two ends report at different moments; the estimate carries each count to
+    /// sender queue and the spill queue. The two ends report at different moments; the estimate carries each count to
     /// the newer report's time (see LaneMonitor). Before both reported: the raw difference.
     public var depth: Int64 {
-        estimatedDepth ?? (min(Int64(bound), max(0, Int64(clamping: sent) - Int64(clamping: received))) + Int64(clamping: queued))
+        estimatedDepth ?? (min(Int64(bound), max(0, Int64(clamping: sent) - Int64(clamping: received))) + Int64(clamping: queued)
+                           + Int64(clamping: spillDepth))
     }
 }
 

@@ -39,7 +39,7 @@ struct LaneMonitor: Sendable {
     var rateOut = RateMeter()
     /// The latest report of each end; `moving` is false once that end is idle or has ended, and
     /// then its count is not carried forward.
-    var producer: (t: UInt64, sent: UInt64, queued: UInt64, moving: Bool)?
+    var producer: (t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, moving: Bool)?
     var consumer: (t: UInt64, received: UInt64, moving: Bool)?
     var recent: [Int64] = []
     /// The filtered depth the state machine last saw.
@@ -51,9 +51,9 @@ struct LaneMonitor: Sendable {
         bound = Int64(settings.bound)
     }
 
-    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, moving: Bool) {
+    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, moving: Bool) {
         if let p = producer, t <= p.t { return }
-        producer = (t, sent, queued, moving); rateIn.add(sent, at: t)
+        producer = (t, sent, queued, spilled, moving); rateIn.add(sent, at: t)
     }
     mutating func consumerReport(t: UInt64, received: UInt64, moving: Bool) {
         if let c = consumer, t <= c.t { return }
@@ -63,12 +63,15 @@ struct LaneMonitor: Sendable {
     /// The current estimate (unfiltered), or nil before both ends reported.
     var estimate: Int64? {
         guard let p = producer else { return nil }
-        guard let c = consumer else { return min(bound, Int64(clamping: p.sent)) + Int64(clamping: p.queued) }
+        let backlog = Int64(clamping: p.queued) + Int64(clamping: p.spilled)
+        // A producer holding envelopes for the lane has used its credits: the lane is full.
+        if backlog > 0 && p.moving { return bound + backlog }
+        guard let c = consumer else { return min(bound, Int64(clamping: p.sent)) + backlog }
         let at = max(p.t, c.t)
         let sent = Double(p.sent) + (p.moving ? rateIn.rate * Double(at - p.t) / 1e9 : 0)
         let received = Double(c.received) + (c.moving ? rateOut.rate * Double(at - c.t) / 1e9 : 0)
         let inFlight = Int64(max(0, min(Double(bound), (sent - received).rounded())))
-        return inFlight + Int64(clamping: p.queued)
+        return inFlight + backlog
     }
 
     /// Feeds the newest estimate through the median filter and the watermarks; returns the
@@ -103,7 +106,7 @@ extension PipelineHost {
             guard var m = laneMonitors[l.id] else { continue }
             if l.from == stage, let s = stages[stage]?.stats, let p = s.lanes.first(where: { $0.lane == l.id && $0.role == .producer }) {
                 let moving = !p.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
-                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), moving: moving)
+                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), moving: moving)
             }
             if l.to == stage, let s = stages[stage]?.stats, let c = s.lanes.first(where: { $0.lane == l.id && $0.role == .consumer }) {
                 let moving = !c.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)

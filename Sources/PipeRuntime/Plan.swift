@@ -99,9 +99,6 @@ public struct PipelinePlan: Sendable {
             let e = x.edge
             guard let target = stages.first(where: { $0.id == x.to }) else { continue }
             let settings = PipelineValidator.settings(for: e, in: spec)
-            if settings.whenFull == .spill {
-                throw .plan("lane \(e.fromRef) -> \(e.toRef): when_full: spill is not yet supported by this host; use block, drop_newest or drop_oldest")
-            }
             let same = placementOf[x.from] == .inProcess && placementOf[x.to] == .inProcess
             let key = "\(x.to).\(e.port)"
             let li = perPort[key, default: 0]

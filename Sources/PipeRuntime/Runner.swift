@@ -116,9 +116,21 @@ final class RunnerCore: StageContext {
         var hasCredit = false
         /// DATA frames sent (transmitted / frames = the average batch).
         var frames: UInt64 = 0
+        /// `when_full: spill`: the lane's disk queue.
+        var spill: SpillQueue?
+        var spillFailing = false
+        /// Byte bound (producer-side): bytes sent and not yet credited back, frame by frame
+        /// (cumulative count in the epoch after the frame, its bytes), and bytes queued here.
+        var bytesBound: Int?
+        var inFlightBytes = 0
+        var queueBytes = 0
+        var sentFrames: [(count: UInt64, bytes: Int)] = []
         var credits: Int { Int(clamping: Int64(clamping: limit) - Int64(clamping: sentInEpoch)) }
         var inFlight: Int { bound - credits + queue.count }
-        var writable: Bool { queue.count < credits }
+        var bytesRoom: Bool { bytesBound.map { inFlightBytes + queueBytes < $0 } ?? true }
+        var writable: Bool { queue.count < credits && bytesRoom }
+        /// Whether the lane may send now (credits, and room under the byte bound).
+        var canSend: Bool { credits > 0 && (bytesBound.map { inFlightBytes < $0 } ?? true) }
     }
     struct InLane {
         let id: UInt32
@@ -221,7 +233,17 @@ final class RunnerCore: StageContext {
                 try s.connect(l.endpoint)
                 outIndex[l.lane] = outLanes.count
                 idx.append(outLanes.count)
-                outLanes.append(OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack))
+                var lane = OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack)
+                lane.bytesBound = l.bytes
+                if l.whenFull == .spill && !l.loopBack {
+                    let dir = a.runDirectory + "/spill"
+                    mkdir(dir, 0o700)
+                    let name = "\(a.stage).\(o.name)--\(l.to)".map { $0.isLetter || $0.isNumber || "._-".contains($0) ? String($0) : "_" }.joined()
+                    do { lane.spill = try SpillQueue(path: "\(dir)/\(name).sqlite") }
+                    catch { throw RuntimeError.io("lane \(l.lane) to \(l.to): cannot open its spill queue: \(error)") }
+                    if let n = lane.spill?.count, n > 0 { log.info("lane \(l.lane) to \(l.to): \(n) spilled envelopes from an earlier run go first") }
+                }
+                outLanes.append(lane)
             }
             outputLanes.append(idx)
             let groups = byGroup.keys.sorted().compactMap { byGroup[$0] }
@@ -296,10 +318,18 @@ final class RunnerCore: StageContext {
             case .dropOldest where !outLanes[li].loopBack && outLanes[li].hasCredit && outLanes[li].inFlight >= outLanes[li].bound && !outLanes[li].queue.isEmpty:
                 let old = outLanes[li].queue.peek(0)
                 outLanes[li].queue.removeFirst()
+                if outLanes[li].bytesBound != nil { outLanes[li].queueBytes -= EnvelopeCodec.encodedSize(old) }
                 outLanes[li].dropped += 1
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
+            case .spill where !outLanes[li].loopBack && !outLanes[li].spillFailing:
+                // Once anything is spilled, everything after it is too: the lane keeps its order.
+                if let sp = outLanes[li].spill, !sp.isEmpty || !outLanes[li].writable {
+                    sp.append(EnvelopeCodec.encode(envelope))
+                    continue
+                }
             default: break
             }
+            if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
             // Fan-out copies to every group but the last, which takes the envelope itself.
             if n == groups.count - 1 { outLanes[li].queue.append(consume envelope); return }
             outLanes[li].queue.append(copy envelope)
@@ -391,7 +421,7 @@ final class RunnerCore: StageContext {
             var blocking = false, room = false
             for li in g {
                 let l = outLanes[li]
-                if l.loopBack || l.whenFull != .block { room = true; break }
+                if l.loopBack || (l.whenFull != .block && !l.spillFailing) { room = true; break }
                 blocking = true
                 if l.writable { room = true; break }
             }
@@ -399,7 +429,9 @@ final class RunnerCore: StageContext {
         }
         return true
     }
-    var queuesEmpty: Bool { outLanes.allSatisfy { $0.queue.isEmpty } }
+    /// Nothing waits to be sent. A spill queue left on disk counts as empty once a stop was
+    /// requested: it is sent first by the next run with this run directory.
+    var queuesEmpty: Bool { outLanes.allSatisfy { $0.queue.isEmpty && ($0.spill?.isEmpty ?? true || stopRequested) } }
     var idle: Bool { queuesEmpty && stage.heldCount == 0 }
     /// Every non-loop input has ended (checked on every loop pass: no allocation).
     var nonLoopInputsEnded: Bool { inLanes.allSatisfy { $0.arrival.loopBack || $0.eos } }
@@ -583,9 +615,19 @@ final class RunnerCore: StageContext {
                     outLanes[li].epoch = epoch
                     outLanes[li].sentInEpoch = 0
                     outLanes[li].limit = limit
+                    outLanes[li].sentFrames.removeAll(); outLanes[li].inFlightBytes = 0
                     if outLanes[li].eosSent { outLanes[li].eosSent = false; sendEOS(li) }
                 } else if limit > outLanes[li].limit {
                     outLanes[li].limit = limit
+                }
+                if outLanes[li].bytesBound != nil {
+                    // limit = received + bound: the frames up to `received` have left the lane.
+                    let consumed = limit &- UInt64(outLanes[li].bound)
+                    var k = 0
+                    while k < outLanes[li].sentFrames.count, outLanes[li].sentFrames[k].count <= consumed {
+                        outLanes[li].inFlightBytes -= outLanes[li].sentFrames[k].bytes; k += 1
+                    }
+                    if k > 0 { outLanes[li].sentFrames.removeFirst(k) }
                 }
             } else if f.header.type == .ack {
                 // Reserved for at-least-once delivery (a later issue).
@@ -694,24 +736,69 @@ final class RunnerCore: StageContext {
         let t = monotonicNs()
         for i in outLanes.indices {
             flush(i)
-            // Blocked time: the lane has work queued but no credit.
-            let blocked = !outLanes[i].queue.isEmpty && outLanes[i].credits <= 0
+            commitSpill(i)
+            // Blocked time: the lane has work queued (or spilled) but may not send.
+            let blocked = (!outLanes[i].queue.isEmpty || !(outLanes[i].spill?.isEmpty ?? true)) && !outLanes[i].canSend
             if blocked, outLanes[i].blockedSince == nil { outLanes[i].blockedSince = t }
             if !blocked, let s = outLanes[i].blockedSince { outLanes[i].blockedNs += t - s; outLanes[i].blockedSince = nil }
         }
     }
 
+    /// Writes a spill lane's buffered envelopes to disk; if that fails (disk full, permissions),
+    /// the lane holds them in memory and blocks its producer like `block` until writing works.
+    func commitSpill(_ i: Int) {
+        guard let sp = outLanes[i].spill else { return }
+        if let e = sp.commit() {
+            if !outLanes[i].spillFailing {
+                outLanes[i].spillFailing = true
+                log.error("lane \(outLanes[i].id) to \(outLanes[i].to): spill write failed (\(e)); holding envelopes in memory and blocking until it works")
+                audit(AuditRecord(decision: "spill-failed", reason: "lane \(outLanes[i].id) to \(outLanes[i].to): \(e)"))
+            }
+        } else if outLanes[i].spillFailing {
+            outLanes[i].spillFailing = false
+            log.info("lane \(outLanes[i].id) to \(outLanes[i].to): spilling works again")
+        }
+    }
+
+    /// Moves envelopes from the head of the lane's spill queue into its send queue, as many as
+    /// it may send now.
+    func refillFromSpill(_ i: Int) {
+        // After EOS (a stop left the spill for the next run) nothing more may go out on the lane.
+        guard let sp = outLanes[i].spill, !sp.isEmpty, outLanes[i].queue.isEmpty, outLanes[i].canSend, !outLanes[i].eosSent else { return }
+        let rows: [[UInt8]]
+        do { rows = try sp.take(min(outLanes[i].credits, limits.maxBatchEnvelopes)) } catch {
+            if !outLanes[i].spillFailing { log.error("lane \(outLanes[i].id): cannot read its spill queue: \(error)") }
+            outLanes[i].spillFailing = true
+            return
+        }
+        for r in rows {
+            do {
+                let e = try r.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(DecodeError) -> Envelope in try EnvelopeCodec.decode(b, limits: limits) }
+                if outLanes[i].bytesBound != nil { outLanes[i].queueBytes += r.count }
+                outLanes[i].queue.append(e)
+            } catch {
+                deadLetter(Envelope(intent: "lane.spill-corrupt", payload: Array(r.prefix(65536))),
+                           reason: "lane \(outLanes[i].id) to \(outLanes[i].to): spilled envelope does not decode: \(error)")
+            }
+        }
+    }
+
     func flush(_ i: Int) {
-        while !outLanes[i].queue.isEmpty && outLanes[i].credits > 0 {
+        refillFromSpill(i)
+        while !outLanes[i].queue.isEmpty && outLanes[i].canSend {
             var n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
-            // Keep frames near 1 MiB at most: big envelopes travel in smaller batches.
+            // Keep frames near 1 MiB at most: big envelopes travel in smaller batches; under a byte
+            // bound, only what fits (at least one envelope when nothing is in flight).
+            let byteRoom = outLanes[i].bytesBound.map { $0 - outLanes[i].inFlightBytes } ?? Int.max
             var bytes = 0, fit = 0
             while fit < n {
                 let size = EnvelopeCodec.encodedSize(outLanes[i].queue.peek(fit)) + 4
-                if fit > 0 && bytes + size > 1 << 20 { break }
+                if fit > 0 && (bytes + size > 1 << 20 || bytes + size > byteRoom) { break }
+                if fit == 0 && size > byteRoom && outLanes[i].inFlightBytes > 0 { break }
                 bytes += size; fit += 1
             }
-            n = max(1, fit)
+            if fit == 0 { return }
+            n = fit
             let taken = n
             let lane = outLanes[i].id, seq = outLanes[i].seq + 1
             let socket = outLanes[i].socket
@@ -727,6 +814,13 @@ final class RunnerCore: StageContext {
             outLanes[i].queue.removeFirst(taken)
             outLanes[i].sentInEpoch += UInt64(taken)
             outLanes[i].transmitted += UInt64(taken)
+            if outLanes[i].bytesBound != nil {
+                let payload = bytes - 4 * taken
+                outLanes[i].queueBytes -= payload
+                outLanes[i].inFlightBytes += payload
+                outLanes[i].sentFrames.append((outLanes[i].sentInEpoch, payload))
+            }
+            if outLanes[i].queue.isEmpty { refillFromSpill(i) }
         }
     }
 
@@ -754,7 +848,7 @@ final class RunnerCore: StageContext {
             let blocked = l.blockedNs + (l.blockedSince.map { t - $0 } ?? 0)
             lanes.append(LaneEndStats(lane: l.id, role: .producer, count: l.transmitted, credits: UInt32(clamping: max(0, l.credits)),
                                       queued: UInt32(clamping: l.queue.count), endOfStream: l.eosSent, blockedNs: blocked,
-                                      dropped: l.dropped))
+                                      dropped: l.dropped, spilled: l.spill?.written ?? 0, spillDepth: UInt32(clamping: l.spill?.count ?? 0)))
         }
         for l in inLanes {
             lanes.append(LaneEndStats(lane: l.id, role: .consumer, count: l.received,
@@ -772,6 +866,7 @@ final class RunnerCore: StageContext {
     }
 
     func teardown() {
+        for i in outLanes.indices { commitSpill(i) }
         stage.stop()
         for l in outLanes { l.socket.close() }
         for l in inLanes { l.ret.close() }

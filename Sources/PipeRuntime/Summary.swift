@@ -34,10 +34,11 @@ public enum SummaryFormatter {
                           String(v.errors), String(v.restarts), rate(v.received, s.elapsedSeconds), rate(v.emitted, s.elapsedSeconds)]
                      })
         out += "\n\nlanes\n"
-        out += table(["lane", "from", "to", "transport", "bound", "sent", "received", "depth", "blocked ms", "rate"],
+        out += table(["lane", "from", "to", "transport", "bound", "when_full", "sent", "received", "depth", "dropped", "spilled", "blocked ms", "rate"],
                      s.lanes.map { l in
-                         [String(l.id), l.from, l.to + (l.loopBack ? " (loop)" : ""), l.transport, String(l.bound), String(l.sent), String(l.received),
-                          String(l.depth), format2(Double(l.blockedNs) / 1e6), rate(l.received, s.elapsedSeconds)]
+                         [String(l.id), l.from, l.to + (l.loopBack ? " (loop)" : ""), l.transport, String(l.bound), l.whenFull, String(l.sent), String(l.received),
+                          String(l.depth), String(l.dropped), l.spillDepth > 0 ? "\(l.spilled) (\(l.spillDepth) left)" : String(l.spilled),
+                          format2(Double(l.blockedNs) / 1e6), rate(l.received, s.elapsedSeconds)]
                      })
         let files = s.stages.compactMap { v -> String? in
             guard let p = v.status.first(where: { $0.0 == "path" })?.1 else { return nil }
