@@ -48,13 +48,15 @@ public struct Assignment: Sendable, Equatable {
     public var usesStore: Bool
     /// A source stops after emitting this many envelopes (`pipehost run --max-envelopes`).
     public var maxEmit: UInt64?
+    /// Where the runner publishes tapped envelopes (XPUB; `pipectl tap`), or empty for none.
+    public var tapEndpoint: String = ""
 
     public var json: ConfigValue {
         .object([
             ("stage", .string(stage)), ("kind", .string(kind)), ("config", config ?? .null), ("audit", .string(audit.rawValue)),
             ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
             ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
-            ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null),
+            ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null), ("tap", .string(tapEndpoint)),
             ("bind_in", .list(bindInput.map(ConfigValue.string))), ("bind_ret", .list(bindReturn.map(ConfigValue.string))),
             ("inputs", .list(inputs.map { i in
                 .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
@@ -97,6 +99,7 @@ public struct Assignment: Sendable, Equatable {
         maxBatchEnvelopes = try i(v["max_batch_envelopes"], "max_batch_envelopes")
         usesStore = v["uses_store"]?.boolValue ?? false
         maxEmit = v["max_emit"]?.intValue.map { UInt64(max(0, $0)) }
+        tapEndpoint = v["tap"]?.stringValue ?? ""
         bindInput = (v["bind_in"]?.listValue ?? []).compactMap(\.stringValue)
         bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
         var ins: [Input] = []
@@ -153,8 +156,13 @@ extension PipelinePlan {
                                       group: l.group)
             })
         }
-        return Assignment(stage: id, kind: st.kind, config: st.config, audit: spec.audit, runDirectory: runDir,
-                          maxEnvelopeBytes: spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: spec.limits.maxBatchEnvelopes,
-                          bindInput: bindIn, bindReturn: bindRet, inputs: inputs, outputs: outputs, usesStore: st.usesStore)
+        var a = Assignment(stage: id, kind: st.kind, config: st.config, audit: spec.audit, runDirectory: runDir,
+                           maxEnvelopeBytes: spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: spec.limits.maxBatchEnvelopes,
+                           bindInput: bindIn, bindReturn: bindRet, inputs: inputs, outputs: outputs, usesStore: st.usesStore)
+        if !outs.isEmpty { a.tapEndpoint = tapEndpoint(id, runDir: runDir) }
+        return a
     }
+
+    /// Where a stage's runner publishes tapped envelopes of its output lanes.
+    public func tapEndpoint(_ stage: String, runDir: String) -> String { "ipc://\(runDir)/sock/\(stage).tap" }
 }

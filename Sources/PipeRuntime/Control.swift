@@ -116,6 +116,8 @@ extension StageView {
         .object([("id", .string(id)), ("kind", .string(kind)), ("placement", .string(placement)), ("pid", pid.map { .int(Int64($0)) } ?? .null),
                  ("state", .string(state)), ("received", .int(Int64(clamping: received))), ("emitted", .int(Int64(clamping: emitted))),
                  ("dead_lettered", .int(Int64(clamping: deadLettered))), ("errors", .int(Int64(clamping: errors))), ("restarts", .int(Int64(restarts))),
+                 ("rate_in", .double((rateIn * 10).rounded() / 10)), ("rate_out", .double((rateOut * 10).rounded() / 10)),
+                 ("busy_pct", .double((busyFraction * 1000).rounded() / 10)),
                  ("status", .map(status.map { ConfigEntry(key: $0.0, value: $0.1.json) }))])
     }
 }
@@ -134,6 +136,7 @@ extension LaneView {
             ("dropped", .int(Int64(clamping: dropped))), ("spilled", .int(Int64(clamping: spilled))),
             ("spill_depth", .int(Int64(clamping: spillDepth))),
             ("blocked_ms", .double(Double(blockedNs) / 1e6)), ("latency_p50_us", us(0.5)), ("latency_p99_us", us(0.99)),
+            ("blocked_pct", .double((blockedFraction * 1000).rounded() / 10)), ("tap", .string(tap)),
         ])
     }
 }

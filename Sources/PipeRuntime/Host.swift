@@ -49,6 +49,10 @@ public struct StageView: Sendable {
     public var errors: UInt64
     public var restarts: Int
     public var status: [(String, AttrValue)]
+    /// Envelopes per second in and out, and the share of time in stage code, over the last second.
+    public var rateIn: Double = 0
+    public var rateOut: Double = 0
+    public var busyFraction: Double = 0
 }
 
 /// One lane as the host sees it (for `pipectl lanes` and the summary).
@@ -80,6 +84,10 @@ public struct LaneView: Sendable {
     public var rateOut: Double = 0
     /// Lane latency (DATA frame sent -> taken by the consumer).
     public var latency = DurationHistogram()
+    /// The producer's tap endpoint (`pipectl tap`).
+    public var tap: String = ""
+    /// Share of the last second the producer was blocked on this lane.
+    public var blockedFraction: Double = 0
     /// The host's estimate (see LaneMonitor), when both ends have reported.
     public var estimatedDepth: Int64?
     /// Envelopes in flight (sent, not yet taken, at most the bound) plus those waiting in the
@@ -133,7 +141,8 @@ public final class PipelineHost: @unchecked Sendable {
     var laneMonitors: [UInt32: LaneMonitor] = [:]
     var metricsServer: MetricsServer?
     var lastMetricsRender: UInt64 = 0
-    var stageRates: [String: (RateMeter, RateMeter)] = [:]
+    /// Per stage: received, emitted and busy nanoseconds, as rates.
+    var stageRates: [String: (RateMeter, RateMeter, RateMeter)] = [:]
     var lastHeartbeat: UInt64 = 0
     var controlSeq: UInt64 = 0
 
@@ -443,10 +452,12 @@ public final class PipelineHost: @unchecked Sendable {
         v.spilled = p?.spilled ?? 0
         v.spillDepth = UInt64(p?.spillDepth ?? 0)
         v.latency = c?.latency ?? DurationHistogram()
+        v.tap = plan.tapEndpoint(l.from, runDir: options.runDirectory)
         if let m = laneMonitors[l.id] {
             v.state = m.marks.state; v.low = m.marks.low; v.high = m.marks.high; v.release = m.marks.release
             v.rateIn = m.rateIn.rate; v.rateOut = m.rateOut.rate
             v.estimatedDepth = m.estimate
+            v.blockedFraction = min(1, m.blocked.rate / 1e9)
         }
         return v
     }
@@ -461,9 +472,11 @@ public final class PipelineHost: @unchecked Sendable {
                     : f.contains(.exhausted) ? "exhausted" : f.contains(.idle) ? "idle" : "busy"
             } else if st.childExited { state = "down" }
             let pid: Int32? = st.plan.placement == .process ? st.pid : getpid()
-            return StageView(id: id, kind: st.plan.kind, placement: st.plan.placement.description, pid: pid, state: state,
-                             received: s?.received ?? 0, emitted: s?.emitted ?? 0, deadLettered: s?.deadLettered ?? 0, errors: s?.errors ?? 0,
-                             restarts: st.restarts, status: (s?.status ?? []).filter { $0.0 != "pid" })
+            var v = StageView(id: id, kind: st.plan.kind, placement: st.plan.placement.description, pid: pid, state: state,
+                              received: s?.received ?? 0, emitted: s?.emitted ?? 0, deadLettered: s?.deadLettered ?? 0, errors: s?.errors ?? 0,
+                              restarts: st.restarts, status: (s?.status ?? []).filter { $0.0 != "pid" })
+            if let r = stageRates[id] { v.rateIn = r.0.rate; v.rateOut = r.1.rate; v.busyFraction = min(1, r.2.rate / 1e9) }
+            return v
         }
     }
 

@@ -37,6 +37,8 @@ struct LaneMonitor: Sendable {
     let bound: Int64
     var rateIn = RateMeter()
     var rateOut = RateMeter()
+    /// Nanoseconds blocked, as a rate (ns per second).
+    var blocked = RateMeter()
     /// The latest report of each end; `moving` is false once that end is idle or has ended, and
     /// then its count is not carried forward.
     var producer: (t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, moving: Bool)?
@@ -99,14 +101,16 @@ extension PipelineHost {
     /// logs watermark transitions.
     func observeLanes(of stage: String) {
         if let s = stages[stage]?.stats {
-            stageRates[stage, default: (RateMeter(), RateMeter())].0.add(s.received, at: s.timeNs)
-            stageRates[stage, default: (RateMeter(), RateMeter())].1.add(s.emitted, at: s.timeNs)
+            var r = stageRates[stage] ?? (RateMeter(), RateMeter(), RateMeter())
+            r.0.add(s.received, at: s.timeNs); r.1.add(s.emitted, at: s.timeNs); r.2.add(s.busyNs, at: s.timeNs)
+            stageRates[stage] = r
         }
         for l in plan.lanes where l.from == stage || l.to == stage {
             guard var m = laneMonitors[l.id] else { continue }
             if l.from == stage, let s = stages[stage]?.stats, let p = s.lanes.first(where: { $0.lane == l.id && $0.role == .producer }) {
                 let moving = !p.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
                 m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), moving: moving)
+                m.blocked.add(p.blockedNs, at: s.timeNs)
             }
             if l.to == stage, let s = stages[stage]?.stats, let c = s.lanes.first(where: { $0.lane == l.id && $0.role == .consumer }) {
                 let moving = !c.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)

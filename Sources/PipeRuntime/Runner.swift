@@ -158,6 +158,12 @@ final class RunnerCore: StageContext {
     let limits: WireLimits
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
+    /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
+    /// most `tapRate` per second each, dropped (never waited for) when the reader is slow.
+    var tapSocket: ZMQSocket?
+    var tapped: Set<UInt32> = []
+    var tapWindow: [UInt32: (start: UInt64, sent: Int)] = [:]
+    static let tapRate = 1000
     var outLanes: [OutLane] = []
     var inLanes: [InLane] = []
     var inIndex: [UInt32: Int] = [:]
@@ -258,6 +264,12 @@ final class RunnerCore: StageContext {
             inIndex[i.lane] = inLanes.count
             inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from, loopBack: i.loopBack),
                                   maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1))
+        }
+        if !a.tapEndpoint.isEmpty {
+            let s = try zmq.socket(.xpub)
+            try s.setSendHWM(1000); try s.setLinger(ms: 0)
+            try Self.prepareIPC(a.tapEndpoint); try s.bind(a.tapEndpoint); Self.restrict(a.tapEndpoint)
+            tapSocket = s
         }
         if a.usesStore {
             mkdir(a.runDirectory + "/state", 0o700)
@@ -459,6 +471,7 @@ final class RunnerCore: StageContext {
         poller.add(control)
         let pr = retSocket.map { poller.add($0) } ?? -1
         let pi = inSocket.map { poller.add($0) } ?? -1
+        if let ts = tapSocket { _ = poller.add(ts) }
         var exitCode: Int32 = 0
         loop: while true {
             let t = monotonicNs()
@@ -501,6 +514,13 @@ final class RunnerCore: StageContext {
                     case .finish: sendStats(); break loop
                     case .abort: exitCode = failed == nil ? 0 : 1; sendStats(); break loop
                     }
+                }
+            }
+            // Tap subscriptions: 0x01 + lane id (4 bytes, big-endian) subscribes, 0x00 leaves.
+            if let ts = tapSocket {
+                while let m = try? ts.receive(dontWait: true), m.count == 5 {
+                    let lane = UInt32(m[1]) << 24 | UInt32(m[2]) << 16 | UInt32(m[3]) << 8 | UInt32(m[4])
+                    if m[0] == 1 { tapped.insert(lane) } else { tapped.remove(lane) }
                 }
             }
             // Credits back from consumers.
@@ -804,9 +824,11 @@ final class RunnerCore: StageContext {
             let socket = outLanes[i].socket
             let sentNs = wallNs()
             let ok = outLanes[i].queue.withFirst(n) { envs in
-                (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
+                let sent = (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
                     if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, sentNs: sentNs, envelopes: envs, into: base) }
                 }) ?? false
+                if sent && !tapped.isEmpty && tapped.contains(lane) { tap(lane, envs) }
+                return sent
             }
             guard ok else { return }
             outLanes[i].seq += 1
@@ -822,6 +844,20 @@ final class RunnerCore: StageContext {
             }
             if outLanes[i].queue.isEmpty { refillFromSpill(i) }
         }
+    }
+
+    /// Publishes copies of envelopes just sent on a tapped lane (rate-limited, never blocking).
+    func tap(_ lane: UInt32, _ envs: UnsafeBufferPointer<Envelope>) {
+        guard let ts = tapSocket else { return }
+        let now = monotonicNs()
+        var w = tapWindow[lane] ?? (now, 0)
+        if now - w.start >= 1_000_000_000 { w = (now, 0) }
+        let topic: [UInt8] = [UInt8(lane >> 24), UInt8(truncatingIfNeeded: lane >> 16), UInt8(truncatingIfNeeded: lane >> 8), UInt8(truncatingIfNeeded: lane)]
+        for e in envs where w.sent < Self.tapRate {
+            guard (try? ts.send(parts: [topic, EnvelopeCodec.encode(e)], dontWait: true)) == true else { break }
+            w.sent += 1
+        }
+        tapWindow[lane] = w
     }
 
     func sendEOS(_ i: Int) {
@@ -870,7 +906,8 @@ final class RunnerCore: StageContext {
         stage.stop()
         for l in outLanes { l.socket.close() }
         for l in inLanes { l.ret.close() }
-        inSocket?.close(); retSocket?.close()
+        inSocket?.close(); retSocket?.close(); tapSocket?.close()
+        if !a.tapEndpoint.isEmpty, a.tapEndpoint.hasPrefix("ipc://") { unlink(String(a.tapEndpoint.dropFirst(6))) }
         kv = nil
     }
 }

@@ -55,12 +55,13 @@ public final class ZMQContext: @unchecked Sendable {
 public final class ZMQSocket: @unchecked Sendable {
     // @unchecked: see the threading rule above; the owner enforces one thread at a time.
     public enum Kind: Sendable {
-        case pair, pub, sub, req, rep, dealer, router, pull, push
+        case pair, pub, sub, req, rep, dealer, router, pull, push, xpub
         var raw: Int32 {
             switch self {
             case .pair: return ZMQ_PAIR; case .pub: return ZMQ_PUB; case .sub: return ZMQ_SUB
             case .req: return ZMQ_REQ; case .rep: return ZMQ_REP; case .dealer: return ZMQ_DEALER
             case .router: return ZMQ_ROUTER; case .pull: return ZMQ_PULL; case .push: return ZMQ_PUSH
+            case .xpub: return ZMQ_XPUB
             }
         }
     }

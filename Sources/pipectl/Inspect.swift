@@ -3,6 +3,7 @@ import Foundation
 import PipeConfig
 import PipeKit
 import PipeRuntime
+import PipeZMQ
 
 struct Lanes: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -100,5 +101,87 @@ struct Workers: ParsableCommand {
              String(s["emitted"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0)]
         }
         print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "restarts", "in", "out", "errors"], rows))
+    }
+}
+
+struct Tap: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print envelopes flowing on a lane of a running host (header and payload preview).",
+        discussion: """
+        LANE is a lane id (from `pipectl lanes`), `FROM->TO` (e.g. gen.out->pass.in), or a producer output `stage.output` when it has one lane.
+        The tap samples: at most 1000 envelopes per second per lane, and copies a slow reader cannot take are dropped, so the lane never waits for the tap.
+        """)
+    @Argument(help: "The lane: id, FROM->TO, or stage.output.") var lane: String
+    @Option(help: "Stop after this many envelopes.") var limit: Int = 10
+    @Option(help: "Give up after this many seconds without an envelope.") var timeout: Double = 10
+    @Flag(help: "Print each envelope as a JSONL line (the file-sink form).") var json = false
+    @OptionGroup var host: HostOptions
+
+    func validate() throws {
+        if limit < 1 { throw ValidationError("--limit must be at least 1") }
+        if timeout <= 0 { throw ValidationError("--timeout must be positive") }
+    }
+
+    func run() throws {
+        let lanes = host.call("lanes").listValue ?? []
+        let matches = lanes.filter { l in
+            let id = l["id"]?.intValue.map(String.init) ?? ""
+            let from = l["from"]?.stringValue ?? "", to = l["to"]?.stringValue ?? ""
+            return lane == id || lane == "\(from)->\(to)" || lane == from
+        }
+        guard let l = matches.first, matches.count == 1, let id = l["id"]?.intValue, let endpoint = l["tap"]?.stringValue else {
+            let names = lanes.map { "  \($0["id"]?.intValue ?? 0)  \($0["from"]?.stringValue ?? "")->\($0["to"]?.stringValue ?? "")" }.joined(separator: "\n")
+            fail("pipectl tap: \(matches.isEmpty ? "no lane" : "several lanes") match '\(lane)'; the lanes are:\n\(names)", code: 64)
+        }
+        let ctx: ZMQContext, sub: ZMQSocket
+        do {
+            ctx = try ZMQContext()
+            sub = try ctx.socket(.sub)
+            try sub.setLinger(ms: 0)
+            try sub.setReceiveTimeout(ms: 200)
+            try sub.connect(endpoint)
+            let lid = UInt32(id)
+            try sub.subscribe([UInt8(lid >> 24), UInt8(truncatingIfNeeded: lid >> 16), UInt8(truncatingIfNeeded: lid >> 8), UInt8(truncatingIfNeeded: lid)])
+        } catch { fail("pipectl tap: cannot connect to \(endpoint): \(error)") }
+        defer { sub.close(); ctx.terminate() }
+        if !json { FileHandle.standardError.write(Data("tapping lane \(id) \(l["from"]?.stringValue ?? "") -> \(l["to"]?.stringValue ?? "") (Ctrl-C to stop)\n".utf8)) }
+        var seen = 0
+        var lastSeen = Date()
+        while seen < limit {
+            guard let parts = try? sub.receiveParts(), parts.count == 2 else {
+                if Date().timeIntervalSince(lastSeen) > timeout {
+                    fail("pipectl tap: nothing on lane \(id) for \(Int(timeout)) s (\(seen) envelope(s) shown)", code: seen > 0 ? 0 : 1)
+                }
+                continue
+            }
+            lastSeen = Date()
+            let e: Envelope
+            do { e = try parts[1].withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(DecodeError) -> Envelope in try EnvelopeCodec.decode(b) } }
+            catch { print("(undecodable envelope: \(error))"); continue }
+            seen += 1
+            if json { print(String(decoding: EnvelopeJSONL.encode(e), as: UTF8.self)); continue }
+            print(TapFormat.line(e))
+        }
+    }
+}
+
+enum TapFormat {
+    /// One readable line: id, actor, intent, lane, hops, attrs, and the first 80 characters of
+    /// the payload (as text when it is UTF-8, else hex).
+    static func line(_ e: Envelope) -> String {
+        let attrs = e.attrs.keys.sorted().map { "\($0)=\(e.attrs[$0]?.description ?? "")" }.joined(separator: " ")
+        let preview: String = e.withPayloadBytes { p in
+            let head = Array(p.prefix(80))
+            if let s = String(validating: head, as: UTF8.self), !s.contains(where: { $0.isNewline }) {
+                return "\"" + s + (p.count > 80 ? "..." : "") + "\""
+            }
+            return "0x" + Hex.encode(head.prefix(40)) + (p.count > 40 ? "..." : "")
+        }
+        var parts = [e.id.description, "actor=\(e.actor)", "intent=\(e.intent)"]
+        if !e.lane.isEmpty { parts.append("lane=\(e.lane)") }
+        if e.hops > 0 { parts.append("hops=\(e.hops)") }
+        if !attrs.isEmpty { parts.append(attrs) }
+        parts.append("payload(\(e.payloadCount)B)=\(preview)")
+        return parts.joined(separator: " ")
     }
 }

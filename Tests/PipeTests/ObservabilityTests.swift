@@ -83,4 +83,63 @@ struct ObservabilityTests {
         let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
         #expect(audit.contains(#""decision":"lane-state""#) && audit.contains("pass.out -> slow.in: normal -> "))
     }
+    /// `pipectl top --once` prints one frame; the live view runs in a terminal and quits on q.
+    @Test func top_onceAndLive() throws {
+        let run = Paths.tempDir("top")
+        let p = try startPipeline(writeTemp(Self.backedUp, "backed-up.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(2)
+        let once = try runProcess(Paths.pipectl, ["top", "--once", "--run-dir", run])
+        #expect(once.status == 0, "\(once.stderr)")
+        let lines = once.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.first?.hasPrefix("pipehost top: pipeline backed-up") == true)
+        #expect(!once.stdout.contains("\u{1B}["))   // no colour or screen control for scripts
+        let slowRow = try #require(lines.first { $0.hasPrefix("slow ") })
+        #expect(slowRow.contains("null-sink") && slowRow.contains("in-process"))
+        let laneRow = try #require(lines.first { $0.contains("pass.out -> slow.in") })
+        #expect(laneRow.contains("overloaded") || laneRow.contains("recovering"))
+        #expect(laneRow.contains("[") && laneRow.contains("/100"))
+        // Live, in a pseudo-terminal: a few refreshes, then q.
+        let live = try runProcess("/bin/sh", ["-c", "(sleep 1.5; printf q) | env -u NO_COLOR script -qfec '\(Paths.pipectl) top --interval 0.3 --run-dir \(run)' /dev/null"], timeout: 20)
+        #expect(live.status == 0, "\(live.stderr)")
+        #expect(live.stdout.components(separatedBy: "\u{1B}[H\u{1B}[2J").count >= 3, "expected several refreshes")
+        #expect(live.stdout.contains("\u{1B}[31;1moverloaded") || live.stdout.contains("\u{1B}[36mrecovering"), "\(live.stdout.suffix(600).debugDescription)")
+        let noTerminal = try runProcess(Paths.pipectl, ["top", "--run-dir", run])
+        #expect(noTerminal.status == 64 && noTerminal.stderr.contains("--once"))
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+    }
+
+    /// `pipectl tap` shows envelopes of one lane, in-process producer and worker producer alike,
+    /// and a slow or absent reader never holds the lane up.
+    @Test func tap_samplesALane_withoutSlowingIt() throws {
+        let run = Paths.tempDir("tap")
+        let p = try startPipeline(writeTemp(Self.backedUp, "backed-up.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(1)
+        let a = try runProcess(Paths.pipectl, ["tap", "gen.out->pass.in", "--limit", "3", "--run-dir", run], timeout: 30)
+        #expect(a.status == 0, "\(a.stderr)")
+        let rows = a.stdout.split(separator: "\n")
+        #expect(rows.count == 3 && rows.allSatisfy { $0.contains("actor=generator") && $0.contains("payload(") && $0.contains("{\"n\":") })
+        let b = try runProcess(Paths.pipectl, ["tap", "pass.out", "--limit", "2", "--json", "--run-dir", run], timeout: 30)
+        #expect(b.status == 0, "\(b.stderr)")
+        let envs = try b.stdout.split(separator: "\n").map { try JSON.parse(String($0)) }
+        #expect(envs.count == 2 && envs.allSatisfy { $0["payload"]?["n"]?.intValue != nil })
+        let bad = try runProcess(Paths.pipectl, ["tap", "nowhere", "--run-dir", run])
+        #expect(bad.status == 64 && bad.stderr.contains("no lane match 'nowhere'") && bad.stderr.contains("gen.out->pass.in"))
+        // A reader that subscribes and never reads: the lane keeps its pace.
+        let stuck = Process()
+        stuck.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        stuck.arguments = ["-c", "import zmq,time,sys; s=zmq.Context().socket(zmq.SUB); s.setsockopt(zmq.RCVHWM,1); s.connect(sys.argv[1]); s.setsockopt(zmq.SUBSCRIBE, bytes([0,0,0,1])); time.sleep(30)",
+                           "ipc://\(run)/sock/gen.tap"]
+        try stuck.run()
+        defer { stuck.terminate() }
+        let before = try pipectlJSON(["status", "--run-dir", run])["stages"]?.listValue?.first { $0["id"]?.stringValue == "gen" }?["emitted"]?.intValue ?? 0
+        sleep(2)
+        let after = try pipectlJSON(["status", "--run-dir", run])["stages"]?.listValue?.first { $0["id"]?.stringValue == "gen" }?["emitted"]?.intValue ?? 0
+        #expect(after - before > 1000, "the source kept emitting while a tap reader was stuck (\(after - before) in 2 s)")
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+    }
 }
