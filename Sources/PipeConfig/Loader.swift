@@ -316,19 +316,5 @@ public struct PipelineLoader {
     }
 
     /// YAML node -> ConfigValue, resolving plain scalars by YAML 1.1 core tags.
-    func configValue(_ n: Node) -> ConfigValue {
-        switch n {
-        case .scalar(let s):
-            if s.style == .plain {
-                if n.null != nil { return .null }
-                if let b = n.bool { return .bool(b) }
-                if let i = n.int { return .int(Int64(i)) }
-                if let d = n.float { return .double(d) }
-            }
-            return .string(s.string)
-        case .sequence(let seq): return .list(seq.map(configValue))
-        case .mapping(let m): return .map(m.map { ConfigEntry(key: $0.key.string ?? "", value: configValue($0.value)) })
-        case .alias: return .null
-        }
-    }
+    func configValue(_ n: Node) -> ConfigValue { PipelineTestLoader.configValue(n) }
 }

@@ -26,7 +26,7 @@ struct ToolingTests {
         schema = json.load(open(sys.argv[1]))
         jsonschema.Draft202012Validator.check_schema(schema)
         v = jsonschema.Draft202012Validator(schema)
-        for f in sorted(glob.glob(sys.argv[2] + '/*.yaml')):
+        for f in sorted(f for f in glob.glob(sys.argv[2] + '/*.yaml') if not f.endswith('.test.yaml')):
             errs = [e.message for e in v.iter_errors(yaml.safe_load(open(f)))]
             print('OK' if not errs else 'BAD', f.split('/')[-1], errs)
         for e in v.iter_errors(yaml.safe_load(open(sys.argv[3]))):
@@ -35,7 +35,7 @@ struct ToolingTests {
         let r = try runProcess("/usr/bin/python3", ["-c", script, dir + "/schema.json", Paths.root + "/pipelines", dir + "/bad.yaml"])
         #expect(r.status == 0, "\(r.stderr)")
         let lines = r.stdout.split(separator: "\n").map(String.init)
-        let examples = try FileManager.default.contentsOfDirectory(atPath: Paths.root + "/pipelines").filter { $0.hasSuffix(".yaml") }
+        let examples = try FileManager.default.contentsOfDirectory(atPath: Paths.root + "/pipelines").filter { $0.hasSuffix(".yaml") && !$0.hasSuffix(".test.yaml") }
         #expect(lines.filter { $0.hasPrefix("OK ") }.count == examples.count, "\(lines)")
         #expect(!lines.contains { $0.hasPrefix("BAD ") }, "\(lines)")
         let errors = lines.filter { $0.hasPrefix("ERR ") }
@@ -60,5 +60,60 @@ struct ToolingTests {
         #expect(json["nodes"]?.listValue?.count == 4 && json["edges"]?.listValue?.count == 4)
         let bad = try runProcess(Paths.pipectl, ["graph", file, "--format", "png"])
         #expect(bad.status != 0 && bad.stderr.contains("png"))
+    }
+    /// Every example pipeline has tests next to it, and they pass.
+    @Test func everyExamplePipeline_hasPassingTests() throws {
+        let dir = Paths.root + "/pipelines"
+        let pipelines = try FileManager.default.contentsOfDirectory(atPath: dir)
+            .filter { $0.hasSuffix(".yaml") && !$0.hasSuffix(".test.yaml") }.sorted()
+        for p in pipelines {
+            #expect(FileManager.default.fileExists(atPath: dir + "/" + p.dropLast(5) + ".test.yaml"), "\(p) has no tests")
+        }
+        let r = try runProcess(Paths.pipectl, ["test"] + pipelines.map { dir + "/" + $0 }, timeout: 120)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(r.stdout.contains(" 0 failed"))
+        #expect(!r.stdout.contains("FAIL"))
+    }
+
+    /// A failing expectation names the file, the line and the field; exit status 1.
+    @Test func pipelineTest_failuresNameFileLineAndField() throws {
+        let dir = Paths.tempDir("ptest")
+        try """
+        stages:
+          - { id: g, kind: generator, config: { count: 2, payload: '{"n":{n}}' } }
+          - { id: p, kind: passthrough, inputs: [g] }
+          - { id: s, kind: null-sink, inputs: [p] }
+        """.write(toFile: dir + "/mini.yaml", atomically: true, encoding: .utf8)
+        try """
+        tests:
+          - name: right
+            target: [g, p]
+            expect:
+              p.out:
+                - { payload: { n: 1 } }
+                - { payload: { n: 2 } }
+          - name: wrong
+            target: p
+            input:
+              - { actor: a, attrs: { k: v }, payload: { n: 1 } }
+            expect:
+              out:
+                - { actor: b, attrs: { k: w }, payload: { n: 2 } }
+          - name: a sink emits nothing
+            target: s
+            input:
+              - { payload: { n: 1 } }
+            expect:
+              out: { count: 0 }
+        """.write(toFile: dir + "/mini.test.yaml", atomically: true, encoding: .utf8)
+        let r = try runProcess(Paths.pipectl, ["test", dir + "/mini.yaml"])
+        #expect(r.status == 1)
+        #expect(r.stdout.contains("ok    right"))
+        #expect(r.stdout.contains("FAIL  wrong"))
+        #expect(r.stdout.contains("mini.test.yaml:13: p.out[0].actor: expected \"b\", got \"a\""))
+        #expect(r.stdout.contains("mini.test.yaml:13: p.out[0].attrs.k: expected \"w\", got \"v\""))
+        #expect(r.stdout.contains("mini.test.yaml:13: p.out[0].payload: expected {\"n\":2}, got {\"n\":1}"))
+        #expect(r.stdout.contains("ok    a sink emits nothing"))
+        #expect(r.stdout.contains("2 passed, 1 failed"))
     }
 }
