@@ -83,6 +83,8 @@ struct ToolingTests {
           - { id: g, kind: generator, config: { count: 2, payload: '{"n":{n}}' } }
           - { id: p, kind: passthrough, inputs: [g] }
           - { id: s, kind: null-sink, inputs: [p] }
+          - { id: t, kind: twin, inputs: [g] }
+          - { id: u, kind: null-sink, inputs: [t.allowed, t.blocked] }
         """.write(toFile: dir + "/mini.yaml", atomically: true, encoding: .utf8)
         try """
         tests:
@@ -105,6 +107,12 @@ struct ToolingTests {
               - { payload: { n: 1 } }
             expect:
               out: { count: 0 }
+          - name: a dead letter nobody expected fails the test
+            target: t
+            input:
+              - { payload: { n: 1 } }
+            expect:
+              allowed: { count: 0 }
         """.write(toFile: dir + "/mini.test.yaml", atomically: true, encoding: .utf8)
         let r = try runProcess(Paths.pipectl, ["test", dir + "/mini.yaml"])
         #expect(r.status == 1)
@@ -114,6 +122,7 @@ struct ToolingTests {
         #expect(r.stdout.contains("mini.test.yaml:13: p.out[0].attrs.k: expected \"w\", got \"v\""))
         #expect(r.stdout.contains("mini.test.yaml:13: p.out[0].payload: expected {\"n\":2}, got {\"n\":1}"))
         #expect(r.stdout.contains("ok    a sink emits nothing"))
-        #expect(r.stdout.contains("2 passed, 1 failed"))
+        #expect(r.stdout.contains("unexpected dead letters on t.dead_letter: 1 (no twin_kind attribute"))
+        #expect(r.stdout.contains("2 passed, 2 failed"))
     }
 }
