@@ -50,13 +50,15 @@ public struct Assignment: Sendable, Equatable {
     public var maxEmit: UInt64?
     /// Where the runner publishes tapped envelopes (XPUB; `pipectl tap`), or empty for none.
     public var tapEndpoint: String = ""
+    /// How often the runner reports STATS (default 100 ms).
+    public var statsIntervalMs: Int = 100
 
     public var json: ConfigValue {
         .object([
             ("stage", .string(stage)), ("kind", .string(kind)), ("config", config ?? .null), ("audit", .string(audit.rawValue)),
             ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
             ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
-            ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null), ("tap", .string(tapEndpoint)),
+            ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null), ("tap", .string(tapEndpoint)), ("stats_interval_ms", .int(Int64(statsIntervalMs))),
             ("bind_in", .list(bindInput.map(ConfigValue.string))), ("bind_ret", .list(bindReturn.map(ConfigValue.string))),
             ("inputs", .list(inputs.map { i in
                 .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
@@ -100,6 +102,7 @@ public struct Assignment: Sendable, Equatable {
         usesStore = v["uses_store"]?.boolValue ?? false
         maxEmit = v["max_emit"]?.intValue.map { UInt64(max(0, $0)) }
         tapEndpoint = v["tap"]?.stringValue ?? ""
+        statsIntervalMs = Int(max(10, min(60_000, v["stats_interval_ms"]?.intValue ?? 100)))
         bindInput = (v["bind_in"]?.listValue ?? []).compactMap(\.stringValue)
         bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
         var ins: [Input] = []

@@ -20,6 +20,8 @@ public struct HostOptions: Sendable {
     public var workerExecutable: String
     /// Most restarts of one worker before the pipeline fails.
     public var maxRestarts: Int
+    /// How often runners report STATS (the freshness of pipectl, metrics and lane states).
+    public var statsIntervalMs: Int = 100
     public init(runDirectory: String, untilIdleSeconds: Double? = nil, maxEnvelopes: UInt64? = nil,
                 workerExecutable: String = "/proc/self/exe", maxRestarts: Int = 5) {
         self.runDirectory = runDirectory; self.untilIdleSeconds = untilIdleSeconds; self.maxEnvelopes = maxEnvelopes
@@ -318,6 +320,7 @@ public final class PipelineHost: @unchecked Sendable {
                 }
                 guard var a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory) else { return }
                 if stages[id]?.plan.role == .source { a.maxEmit = options.maxEnvelopes }
+                a.statsIntervalMs = options.statsIntervalMs
                 controlSeq += 1
                 send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
                 stages[id]?.assigned = true

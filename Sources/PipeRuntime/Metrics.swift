@@ -111,9 +111,10 @@ extension PipelineHost {
         log.info("metrics: http://\(m.host.contains(":") ? "[\(m.host)]" : m.host):\(server.port)/metrics")
     }
 
-    /// Re-renders at most every 250 ms (called from the host loop).
+    /// Re-renders (called from the host loop) at most once a second, and only while someone
+    /// scrapes: a scrape is answered from the latest rendering, at most a second old.
     func refreshMetrics(_ now: UInt64) {
-        guard let s = metricsServer, now - lastMetricsRender >= 250_000_000 else { return }
+        guard let s = metricsServer, now - lastMetricsRender >= 1_000_000_000, s.scrapedSince(lastMetricsRender) else { return }
         lastMetricsRender = now
         s.publish(renderMetrics())
     }
@@ -128,6 +129,8 @@ final class MetricsServer: @unchecked Sendable {
     let port: Int
     private let page = Mutex<[UInt8]>([])
     private let stopping = Atomic<Bool>(false)
+    /// Monotonic time of the latest request (0: none yet).
+    private let lastRequest = Atomic<UInt64>(0)
     private var thread: Thread?
 
     init(host: String, port: Int) throws(RuntimeError) {
@@ -159,6 +162,12 @@ final class MetricsServer: @unchecked Sendable {
 
     func publish(_ text: String) { page.withLock { $0 = Array(text.utf8) } }
 
+    /// Whether a request came in after `t` (monotonic ns), or none was ever served.
+    func scrapedSince(_ t: UInt64) -> Bool {
+        let r = lastRequest.load(ordering: .relaxed)
+        return r == 0 || r > t
+    }
+
     func start() {
         let t = Thread { [self] in serve() }
         t.name = "metrics"
@@ -179,6 +188,7 @@ final class MetricsServer: @unchecked Sendable {
             let c = accept(fd, nil, nil)
             if c < 0 { continue }
             _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+            lastRequest.store(monotonicNs(), ordering: .relaxed)
             handle(c)
             close(c)
         }

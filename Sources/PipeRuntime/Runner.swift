@@ -159,11 +159,11 @@ final class RunnerCore: StageContext {
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
     /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
-    /// most `tapRate` per second each, dropped (never waited for) when the reader is slow.
+    /// most `tapRate` envelopes per second each, dropped (never waited for) when the reader is slow.
     var tapSocket: ZMQSocket?
     var tapped: Set<UInt32> = []
     var tapWindow: [UInt32: (start: UInt64, sent: Int)] = [:]
-    static let tapRate = 1000
+    static let tapRate = 200
     var outLanes: [OutLane] = []
     var inLanes: [InLane] = []
     var inIndex: [UInt32: Int] = [:]
@@ -846,17 +846,19 @@ final class RunnerCore: StageContext {
         }
     }
 
-    /// Publishes copies of envelopes just sent on a tapped lane (rate-limited, never blocking).
+    /// Publishes copies of envelopes just sent on a tapped lane: one message per frame (a DATA
+    /// frame body: count, then length-prefixed envelopes) of at most 16 envelopes, at most
+    /// `tapRate` envelopes per second, never blocking (XPUB drops for a slow reader).
     func tap(_ lane: UInt32, _ envs: UnsafeBufferPointer<Envelope>) {
         guard let ts = tapSocket else { return }
         let now = monotonicNs()
         var w = tapWindow[lane] ?? (now, 0)
         if now - w.start >= 1_000_000_000 { w = (now, 0) }
+        let n = min(envs.count, Self.tapRate - w.sent, 16)
+        guard n > 0 else { return }
         let topic: [UInt8] = [UInt8(lane >> 24), UInt8(truncatingIfNeeded: lane >> 16), UInt8(truncatingIfNeeded: lane >> 8), UInt8(truncatingIfNeeded: lane)]
-        for e in envs where w.sent < Self.tapRate {
-            guard (try? ts.send(parts: [topic, EnvelopeCodec.encode(e)], dontWait: true)) == true else { break }
-            w.sent += 1
-        }
+        let frame = DataFrameBuilder.build(lane: lane, seq: 0, sentNs: wallNs(), envelopes: UnsafeBufferPointer(rebasing: envs[0..<n]))
+        if (try? ts.send(parts: [topic, frame], dontWait: true)) == true { w.sent += n }
         tapWindow[lane] = w
     }
 
@@ -871,7 +873,7 @@ final class RunnerCore: StageContext {
     func sendStats() {
         flushAudit()
         statsDirty = false
-        nextStats = monotonicNs() + 100_000_000
+        nextStats = monotonicNs() + UInt64(a.statsIntervalMs) * 1_000_000
         var flags: StatsReport.Flags = []
         if idle && failed == nil { flags.insert(.idle) }
         if exhausted { flags.insert(.exhausted) }

@@ -109,7 +109,7 @@ struct Tap: ParsableCommand {
         abstract: "Print envelopes flowing on a lane of a running host (header and payload preview).",
         discussion: """
         LANE is a lane id (from `pipectl lanes`), `FROM->TO` (e.g. gen.out->pass.in), or a producer output `stage.output` when it has one lane.
-        The tap samples: at most 1000 envelopes per second per lane, and copies a slow reader cannot take are dropped, so the lane never waits for the tap.
+        The tap samples: at most 200 envelopes per second per lane, and copies a slow reader cannot take are dropped, so the lane never waits for the tap.
         """)
     @Argument(help: "The lane: id, FROM->TO, or stage.output.") var lane: String
     @Option(help: "Stop after this many envelopes.") var limit: Int = 10
@@ -155,12 +155,18 @@ struct Tap: ParsableCommand {
                 continue
             }
             lastSeen = Date()
-            let e: Envelope
-            do { e = try parts[1].withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(DecodeError) -> Envelope in try EnvelopeCodec.decode(b) } }
-            catch { print("(undecodable envelope: \(error))"); continue }
-            seen += 1
-            if json { print(String(decoding: EnvelopeJSONL.encode(e), as: UTF8.self)); continue }
-            print(TapFormat.line(e))
+            // Each message is a DATA frame of a few envelopes.
+            var batch: [Envelope] = []
+            parts[1].withUnsafeBytes { raw in
+                guard let f = try? FrameView(raw) else { print("(malformed tap message)"); return }
+                try? f.forEachEnvelope(limits: .standard) { r, _ in
+                    switch r { case .success(let e): batch.append(e); case .failure(let err): print("(undecodable envelope: \(err))") }
+                }
+            }
+            for e in batch where seen < limit {
+                seen += 1
+                print(json ? String(decoding: EnvelopeJSONL.encode(e), as: UTF8.self) : TapFormat.line(e))
+            }
         }
     }
 }

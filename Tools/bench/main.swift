@@ -89,6 +89,14 @@ func threeStage(count: Int, placement: String, rate: Double = 0) -> String {
 func fmt(_ r: Double) -> String { String(format: "%.2f M/s", r / 1e6) }
 
 do {
+    if args.contains("--observability-breakdown") {
+        try ObservabilityBench.breakdown()
+        exit(0)
+    }
+    if args.contains("--observability") {
+        try ObservabilityBench.report(quick: quick)
+        exit(0)
+    }
     if args.contains("--twin") {
         try TwinBench.report(quick: quick)
         exit(0)
