@@ -117,7 +117,7 @@ extension StageView {
                  ("state", .string(state)), ("received", .int(Int64(clamping: received))), ("emitted", .int(Int64(clamping: emitted))),
                  ("dead_lettered", .int(Int64(clamping: deadLettered))), ("errors", .int(Int64(clamping: errors))), ("restarts", .int(Int64(restarts))),
                  ("rate_in", .double((rateIn * 10).rounded() / 10)), ("rate_out", .double((rateOut * 10).rounded() / 10)),
-                 ("busy_pct", .double((busyFraction * 1000).rounded() / 10)),
+                 ("busy_pct", .double((busyFraction * 1000).rounded() / 10)), ("report_ns", .int(Int64(clamping: reportNs))),
                  ("status", .map(status.map { ConfigEntry(key: $0.0, value: $0.1.json) }))])
     }
 }
@@ -137,6 +137,7 @@ extension LaneView {
             ("spill_depth", .int(Int64(clamping: spillDepth))),
             ("blocked_ms", .double(Double(blockedNs) / 1e6)), ("latency_p50_us", us(0.5)), ("latency_p99_us", us(0.99)),
             ("blocked_pct", .double((blockedFraction * 1000).rounded() / 10)), ("tap", .string(tap)),
+            ("sent_report_ns", .int(Int64(clamping: sentReportNs))), ("received_report_ns", .int(Int64(clamping: receivedReportNs))),
         ])
     }
 }

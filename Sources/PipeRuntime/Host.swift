@@ -55,6 +55,8 @@ public struct StageView: Sendable {
     public var rateIn: Double = 0
     public var rateOut: Double = 0
     public var busyFraction: Double = 0
+    /// Wall time (ns) of the runner report these figures come from.
+    public var reportNs: UInt64 = 0
 }
 
 /// One lane as the host sees it (for `pipectl lanes` and the summary).
@@ -90,6 +92,9 @@ public struct LaneView: Sendable {
     public var tap: String = ""
     /// Share of the last second the producer was blocked on this lane.
     public var blockedFraction: Double = 0
+    /// Wall times (ns) of the producer's and the consumer's reports behind `sent` and `received`.
+    public var sentReportNs: UInt64 = 0
+    public var receivedReportNs: UInt64 = 0
     /// The host's estimate (see LaneMonitor), when both ends have reported.
     public var estimatedDepth: Int64?
     /// Envelopes in flight (sent, not yet taken, at most the bound) plus those waiting in the
@@ -456,6 +461,8 @@ public final class PipelineHost: @unchecked Sendable {
         v.spillDepth = UInt64(p?.spillDepth ?? 0)
         v.latency = c?.latency ?? DurationHistogram()
         v.tap = plan.tapEndpoint(l.from, runDir: options.runDirectory)
+        v.sentReportNs = stages[l.from]?.stats?.timeNs ?? 0
+        v.receivedReportNs = stages[l.to]?.stats?.timeNs ?? 0
         if let m = laneMonitors[l.id] {
             v.state = m.marks.state; v.low = m.marks.low; v.high = m.marks.high; v.release = m.marks.release
             v.rateIn = m.rateIn.rate; v.rateOut = m.rateOut.rate
@@ -479,6 +486,7 @@ public final class PipelineHost: @unchecked Sendable {
                               received: s?.received ?? 0, emitted: s?.emitted ?? 0, deadLettered: s?.deadLettered ?? 0, errors: s?.errors ?? 0,
                               restarts: st.restarts, status: (s?.status ?? []).filter { $0.0 != "pid" })
             if let r = stageRates[id] { v.rateIn = r.0.rate; v.rateOut = r.1.rate; v.busyFraction = min(1, r.2.rate / 1e9) }
+            v.reportNs = s?.timeNs ?? 0
             return v
         }
     }

@@ -41,7 +41,7 @@ struct LaneMonitor: Sendable {
     var blocked = RateMeter()
     /// The latest report of each end; `moving` is false once that end is idle or has ended, and
     /// then its count is not carried forward.
-    var producer: (t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, moving: Bool)?
+    var producer: (t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, credits: UInt32, moving: Bool)?
     var consumer: (t: UInt64, received: UInt64, moving: Bool)?
     var recent: [Int64] = []
     /// The filtered depth the state machine last saw.
@@ -53,9 +53,9 @@ struct LaneMonitor: Sendable {
         bound = Int64(settings.bound)
     }
 
-    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, moving: Bool) {
+    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, credits: UInt32, moving: Bool) {
         if let p = producer, t <= p.t { return }
-        producer = (t, sent, queued, spilled, moving); rateIn.add(sent, at: t)
+        producer = (t, sent, queued, spilled, credits, moving); rateIn.add(sent, at: t)
     }
     mutating func consumerReport(t: UInt64, received: UInt64, moving: Bool) {
         if let c = consumer, t <= c.t { return }
@@ -66,8 +66,9 @@ struct LaneMonitor: Sendable {
     var estimate: Int64? {
         guard let p = producer else { return nil }
         let backlog = Int64(clamping: p.queued) + Int64(clamping: p.spilled)
-        // A producer holding envelopes for the lane has used its credits: the lane is full.
-        if backlog > 0 && p.moving { return bound + backlog }
+        // A producer holding envelopes for the lane with no credit left: the lane is full. (With
+        // credit left, the envelopes were only not flushed yet when it reported.)
+        if backlog > 0 && p.credits == 0 && p.moving { return bound + backlog }
         guard let c = consumer else { return min(bound, Int64(clamping: p.sent)) + backlog }
         let at = max(p.t, c.t)
         let sent = Double(p.sent) + (p.moving ? rateIn.rate * Double(at - p.t) / 1e9 : 0)
@@ -109,7 +110,7 @@ extension PipelineHost {
             guard var m = laneMonitors[l.id] else { continue }
             if l.from == stage, let s = stages[stage]?.stats, let p = s.lanes.first(where: { $0.lane == l.id && $0.role == .producer }) {
                 let moving = !p.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
-                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), moving: moving)
+                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), credits: p.credits, moving: moving)
                 m.blocked.add(p.blockedNs, at: s.timeNs)
             }
             if l.to == stage, let s = stages[stage]?.stats, let c = s.lanes.first(where: { $0.lane == l.id && $0.role == .consumer }) {

@@ -532,7 +532,10 @@ final class RunnerCore: StageContext {
                 // Input.
                 if let inS = inSocket {
                     var frames = 0
-                    while frames < 64, canAccept, let msg = try? inS.receiveMessage(dontWait: true) {
+                    // A burst is bounded in frames and in time, so that control, ticks and the
+                    // source get their turn even behind a slow stage with a deep queue.
+                    let burstEnd = coarseMonotonicNs() + 50_000_000
+                    while frames < 64, canAccept, frames == 0 || coarseMonotonicNs() < burstEnd, let msg = try? inS.receiveMessage(dontWait: true) {
                         frames += 1
                         handleInput(msg)
                         if frames % 8 == 0 { flushAll() }
@@ -689,7 +692,20 @@ final class RunnerCore: StageContext {
                         visited += 1
                         inLanes[li].received += 1; inLanes[li].receivedInEpoch += 1; received += 1
                         switch result {
-                        case .success(let e): deliver(e, lane: li)
+                        case .success(let e):
+                            deliver(e, lane: li)
+                            // A slow stage can spend seconds on one batch: keep its reports fresh,
+                            // and return credits as soon as half a window is consumed, not at the
+                            // end of the frame (or a full window would drain before the producer
+                            // may send again).
+                            if coarseMonotonicNs() >= nextStats {
+                                sendStats()
+                                // The host's messages wait for the loop; that they are there is word enough.
+                                if control.hasInput { lastHostContact = monotonicNs() }
+                            }
+                            if inLanes[li].receivedInEpoch + UInt64(inLanes[li].bound) >= inLanes[li].limitSent + UInt64(max(1, inLanes[li].bound / 2)) {
+                                grantCredits(li, force: false)
+                            }
                         case .failure(let err):
                             errors += 1
                             deadLetter(Envelope(intent: "lane.malformed-envelope", payload: Array(bytes.prefix(65536))),
@@ -757,8 +773,10 @@ final class RunnerCore: StageContext {
         for i in outLanes.indices {
             flush(i)
             commitSpill(i)
-            // Blocked time: the lane has work queued (or spilled) but may not send.
-            let blocked = (!outLanes[i].queue.isEmpty || !(outLanes[i].spill?.isEmpty ?? true)) && !outLanes[i].canSend
+            // Blocked time: the lane has work queued (or spilled) but may not send; for a source,
+            // a lane without credit is the pressure that reached it (it produces only to credit).
+            let sourceWaiting = source != nil && !exhausted && !outLanes[i].loopBack && outLanes[i].hasCredit
+            let blocked = (!outLanes[i].queue.isEmpty || !(outLanes[i].spill?.isEmpty ?? true) || sourceWaiting) && !outLanes[i].canSend
             if blocked, outLanes[i].blockedSince == nil { outLanes[i].blockedSince = t }
             if !blocked, let s = outLanes[i].blockedSince { outLanes[i].blockedNs += t - s; outLanes[i].blockedSince = nil }
         }

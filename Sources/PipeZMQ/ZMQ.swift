@@ -137,6 +137,8 @@ public final class ZMQSocket: @unchecked Sendable {
     }
 
     public func setSendHWM(_ n: Int32) throws(ZMQError) { try setInt(ZMQ_SNDHWM, n) }
+    /// Whether a message is waiting to be received (ZMQ_EVENTS), without taking it.
+    public var hasInput: Bool { ((try? getInt(ZMQ_EVENTS)) ?? 0) & Int32(ZMQ_POLLIN) != 0 }
     public func setReceiveHWM(_ n: Int32) throws(ZMQError) { try setInt(ZMQ_RCVHWM, n) }
     /// Outer guard only: our decoder enforces real limits (an oversized message disconnects the peer).
     public func setMaxMessageSize(_ n: Int64) throws(ZMQError) { try setInt64(ZMQ_MAXMSGSIZE, n) }

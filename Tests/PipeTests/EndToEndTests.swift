@@ -29,7 +29,9 @@ func startPipeline(_ file: String, runDir: String, extra: [String] = []) throws 
     p.executableURL = URL(fileURLWithPath: Paths.pipehost)
     p.arguments = ["run", file, "--run-dir", runDir, "--summary-json", runDir + "/summary.json", "--quiet"] + extra
     p.standardOutput = FileHandle.nullDevice
-    p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+    // The host's log, for when a test fails.
+    _ = FileManager.default.createFile(atPath: runDir + ".host.log", contents: nil)
+    p.standardError = FileHandle(forWritingAtPath: runDir + ".host.log")
     try p.run()
     // Wait for the control socket.
     let deadline = Date().addingTimeInterval(30)
