@@ -8,9 +8,17 @@ struct RateMeter: Sendable {
     private var samples: [(t: UInt64, v: UInt64)] = []
 
     mutating func add(_ v: UInt64, at t: UInt64) {
-        if let last = samples.last, t - last.t < 200_000_000 { samples[samples.count - 1] = (last.t, v); return }
+        if let last = samples.last, t <= last.t { return }
+        // Samples at least 200 ms apart; a newer one within that replaces the newest.
+        if samples.count >= 2, t - samples[samples.count - 2].t < 200_000_000 { samples[samples.count - 1] = (t, v); return }
         samples.append((t, v))
         while samples.count > 2, let first = samples.first, t - first.t > 3_000_000_000 { samples.removeFirst() }
+    }
+
+    /// Whether the samples span half a second: enough to carry a count forward by its rate.
+    var ready: Bool {
+        guard let first = samples.first, let last = samples.last else { return false }
+        return last.t - first.t >= 500_000_000
     }
 
     /// Per second over the newest window of at least one second (or all there is).
@@ -46,6 +54,9 @@ struct LaneMonitor: Sendable {
     var recent: [Int64] = []
     /// The filtered depth the state machine last saw.
     private(set) var depth: Int64 = 0
+    /// Log rate limit for transitions.
+    var nextLog: UInt64 = 0
+    var suppressed = 0
 
     init(settings: LaneSettings) {
         let m = settings.marks
@@ -66,10 +77,13 @@ struct LaneMonitor: Sendable {
     var estimate: Int64? {
         guard let p = producer else { return nil }
         let backlog = Int64(clamping: p.queued) + Int64(clamping: p.spilled)
-        // A producer holding envelopes for the lane with no credit left: the lane is full. (With
-        // credit left, the envelopes were only not flushed yet when it reported.)
-        if backlog > 0 && p.credits == 0 && p.moving { return bound + backlog }
-        guard let c = consumer else { return min(bound, Int64(clamping: p.sent)) + backlog }
+        // A producer that spent most of the last second waiting for credit: the lane is full.
+        // (Its credit at one report says little: a fast lane runs out and refills many times a
+        // second, half a window at a time.)
+        if p.moving && blocked.ready && blocked.rate >= 0.5e9 { return bound + backlog }
+        guard let c = consumer else { return nil }
+        // Until a moving end's rate is known, its count cannot be carried forward: no estimate.
+        if (p.moving && !rateIn.ready) || (c.moving && !rateOut.ready) { return nil }
         let at = max(p.t, c.t)
         let sent = Double(p.sent) + (p.moving ? rateIn.rate * Double(at - p.t) / 1e9 : 0)
         let received = Double(c.received) + (c.moving ? rateOut.rate * Double(at - c.t) / 1e9 : 0)
@@ -83,7 +97,8 @@ struct LaneMonitor: Sendable {
         guard let e = estimate else { return nil }
         recent.append(e)
         if recent.count > 3 { recent.removeFirst() }
-        depth = recent.sorted()[recent.count / 2]
+        guard recent.count == 3 else { return nil }
+        depth = recent.sorted()[1]
         return marks.observe(Int(clamping: depth))
     }
 }
@@ -109,21 +124,27 @@ extension PipelineHost {
         for l in plan.lanes where l.from == stage || l.to == stage {
             guard var m = laneMonitors[l.id] else { continue }
             if l.from == stage, let s = stages[stage]?.stats, let p = s.lanes.first(where: { $0.lane == l.id && $0.role == .producer }) {
-                let moving = !p.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
+                // "Idle" at the instant of a report says nothing about the rate: only an end does.
+                let moving = !p.endOfStream && !s.flags.contains(.finished)
                 m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), credits: p.credits, moving: moving)
                 m.blocked.add(p.blockedNs, at: s.timeNs)
             }
             if l.to == stage, let s = stages[stage]?.stats, let c = s.lanes.first(where: { $0.lane == l.id && $0.role == .consumer }) {
-                let moving = !c.endOfStream && !s.flags.contains(.idle) && !s.flags.contains(.finished)
+                let moving = !c.endOfStream && !s.flags.contains(.finished)
                 m.consumerReport(t: s.timeNs, received: c.count, moving: moving)
             }
             if let before = m.step() {
                 let after = m.marks.state
                 let reason = "lane \(l.id) \(l.fromRef) -> \(l.toRef): \(before.rawValue) -> \(after.rawValue) at depth \(m.depth) " +
                     "(low \(m.marks.low), high \(m.marks.high), release \(m.marks.release), bound \(l.settings.bound))"
-                switch after {
-                case .overloaded: log.warning("\(reason)")
-                default: log.info("\(reason)")
+                // Every transition is audited; the log gets at most one line per lane per 10 s.
+                let now = monotonicNs()
+                if now >= m.nextLog {
+                    let extra = m.suppressed > 0 ? " (\(m.suppressed) earlier transitions not logged)" : ""
+                    if after == .overloaded { log.warning("\(reason)\(extra)") } else { log.info("\(reason)\(extra)") }
+                    m.nextLog = now + 10_000_000_000; m.suppressed = 0
+                } else {
+                    m.suppressed += 1
                 }
                 writeAudit(AuditRecord(decision: "lane-state", actor: "pipehost", stage: l.to, location: "host:\(getpid())", timeNs: wallNs(),
                                        intent: "lane.backpressure", reason: reason,
