@@ -13,6 +13,8 @@ public struct Assignment: Sendable, Equatable {
         public var loopBack: Bool
         public var maxHops: Int?
         public var bound: Int
+        /// The lane's byte bound, when set: credits then also go back every half of it.
+        public var bytes: Int?
         /// The producer's return endpoint (credits flow back there).
         public var returnEndpoint: String
     }
@@ -64,6 +66,7 @@ public struct Assignment: Sendable, Equatable {
                 .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
                          ("lane_index", .int(Int64(i.laneIndex))), ("from", .string(i.from)), ("loop_back", .bool(i.loopBack)),
                          ("max_hops", i.maxHops.map { .int(Int64($0)) } ?? .null), ("bound", .int(Int64(i.bound))),
+                         ("bytes", i.bytes.map { .int(Int64($0)) } ?? .null),
                          ("ret", .string(i.returnEndpoint))])
             })),
             ("outputs", .list(outputs.map { o in
@@ -111,7 +114,7 @@ public struct Assignment: Sendable, Equatable {
             ins.append(Input(lane: inLane, port: try s(x["port"], "port"), portIndex: try i(x["port_index"], "port_index"),
                              laneIndex: try i(x["lane_index"], "lane_index"), from: try s(x["from"], "from"),
                              loopBack: x["loop_back"]?.boolValue ?? false, maxHops: x["max_hops"]?.intValue.map(Int.init),
-                             bound: try i(x["bound"], "bound"), returnEndpoint: try s(x["ret"], "ret")))
+                             bound: try i(x["bound"], "bound"), bytes: x["bytes"]?.intValue.map(Int.init), returnEndpoint: try s(x["ret"], "ret")))
         }
         inputs = ins
         var outs: [Output] = []
@@ -149,7 +152,7 @@ extension PipelinePlan {
         let bindRet = Array(Set(outs.map { returnEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
         let inputs = ins.map { l in
             Assignment.Input(lane: l.id, port: l.port, portIndex: l.portIndex, laneIndex: l.laneIndex, from: l.fromRef, loopBack: l.loopBack,
-                             maxHops: l.maxHops, bound: l.settings.bound,
+                             maxHops: l.maxHops, bound: l.settings.bound, bytes: l.settings.bytes,
                              returnEndpoint: returnEndpoint(l.from, transport: l.transport, runTag: runTag, runDir: runDir))
         }
         let outputs = st.outputs.map { name in

@@ -146,6 +146,10 @@ final class RunnerCore: StageContext {
         var eos = false
         var producerIncarnation: UInt64?
         var latency = DurationHistogram()
+        /// With a byte bound: bytes taken since the last CREDIT (credits go back at half of it too,
+        /// or the producer, counting bytes, would wait for a count that never comes).
+        var bytesBound: Int?
+        var bytesSinceGrant = 0
     }
 
     let a: Assignment
@@ -263,7 +267,8 @@ final class RunnerCore: StageContext {
             try s.connect(i.returnEndpoint)
             inIndex[i.lane] = inLanes.count
             inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from, loopBack: i.loopBack),
-                                  maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1))
+                                  maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1,
+                                  bytesBound: i.bytes))
         }
         if !a.tapEndpoint.isEmpty {
             let s = try zmq.socket(.xpub)
@@ -448,6 +453,7 @@ final class RunnerCore: StageContext {
     /// Every non-loop input has ended (checked on every loop pass: no allocation).
     var nonLoopInputsEnded: Bool { inLanes.allSatisfy { $0.arrival.loopBack || $0.eos } }
     var hasLoopInputs: Bool { inLanes.contains { $0.arrival.loopBack } }
+    var hasByteBoundInput: Bool { inLanes.contains { $0.bytesBound != nil } }
     var inputsClosed: Bool {
         if source != nil { return exhausted }
         return nonLoopInputsEnded && (loopClosed || !hasLoopInputs)
@@ -543,11 +549,23 @@ final class RunnerCore: StageContext {
                     // Credits go back at half a window (in handleInput), never per burst: the
                     // producer still holds half a window then, so it is never blocked by waiting,
                     // and a CREDIT per burst would wake it for every small batch at low rates.
+                    // A byte-bounded lane is the exception: when we have taken everything, what
+                    // is in flight may be less than half its bytes, and the producer may be
+                    // waiting for room for one more envelope; tell it what we took.
+                    if hasByteBoundInput, !inS.hasInput {
+                        for li in inLanes.indices where inLanes[li].bytesBound != nil && inLanes[li].bytesSinceGrant > 0 { grantCredits(li, force: false) }
+                    }
                 }
                 // Source.
                 if let max = a.maxEmit, emitted >= max, !exhausted { exhausted = true; statsDirty = true }
                 if let src = source, !exhausted, canAccept, monotonicNs() >= nextProduce {
-                    let room = allGroups.map { g in g.reduce(0) { $0 + (outLanes[$1].loopBack ? 256 : Swift.max(0, outLanes[$1].credits - outLanes[$1].queue.count)) } }
+                    // Under a byte bound the count of credits says little: produce a few at a time.
+                    let room = allGroups.map { g in g.reduce(0) { r, li in
+                        let l = outLanes[li]
+                        if l.loopBack { return r + 256 }
+                        let byCount = Swift.max(0, l.credits - l.queue.count)
+                        return r + (l.bytesBound == nil ? byCount : (l.bytesRoom ? Swift.min(byCount, 8) : 0))
+                    } }
                     var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, room.min() ?? 256))
                     if let max = a.maxEmit { budget = Int(Swift.min(UInt64(budget), max - emitted)) }
                     let t0 = monotonicNs(), before = emitted
@@ -691,6 +709,7 @@ final class RunnerCore: StageContext {
                     try f.forEachEnvelope(limits: limits) { result, bytes in
                         visited += 1
                         inLanes[li].received += 1; inLanes[li].receivedInEpoch += 1; received += 1
+                        if inLanes[li].bytesBound != nil { inLanes[li].bytesSinceGrant += bytes.count }
                         switch result {
                         case .success(let e):
                             deliver(e, lane: li)
@@ -703,7 +722,8 @@ final class RunnerCore: StageContext {
                                 // The host's messages wait for the loop; that they are there is word enough.
                                 if control.hasInput { lastHostContact = monotonicNs() }
                             }
-                            if inLanes[li].receivedInEpoch + UInt64(inLanes[li].bound) >= inLanes[li].limitSent + UInt64(max(1, inLanes[li].bound / 2)) {
+                            if inLanes[li].receivedInEpoch + UInt64(inLanes[li].bound) >= inLanes[li].limitSent + UInt64(max(1, inLanes[li].bound / 2))
+                                || inLanes[li].bytesBound.map({ inLanes[li].bytesSinceGrant * 2 >= $0 }) == true {
                                 grantCredits(li, force: false)
                             }
                         case .failure(let err):
@@ -763,6 +783,7 @@ final class RunnerCore: StageContext {
         let limit = inLanes[i].receivedInEpoch + UInt64(inLanes[i].bound)
         guard force || limit > inLanes[i].limitSent else { return }
         inLanes[i].limitSent = limit
+        inLanes[i].bytesSinceGrant = 0
         inLanes[i].seq += 1
         _ = try? inLanes[i].ret.send(FrameEncoder.credit(lane: inLanes[i].id, seq: inLanes[i].seq, epoch: inLanes[i].epoch, limit: limit), dontWait: true)
     }
@@ -776,7 +797,10 @@ final class RunnerCore: StageContext {
             // Blocked time: the lane has work queued (or spilled) but may not send; for a source,
             // a lane without credit is the pressure that reached it (it produces only to credit).
             let sourceWaiting = source != nil && !exhausted && !outLanes[i].loopBack && outLanes[i].hasCredit
-            let blocked = (!outLanes[i].queue.isEmpty || !(outLanes[i].spill?.isEmpty ?? true) || sourceWaiting) && !outLanes[i].canSend
+            let headWaits = outLanes[i].bytesBound.map { b in
+                !outLanes[i].queue.isEmpty && outLanes[i].inFlightBytes > 0 && outLanes[i].inFlightBytes + EnvelopeCodec.encodedSize(outLanes[i].queue.peek(0)) > b
+            } ?? false
+            let blocked = (!outLanes[i].queue.isEmpty || !(outLanes[i].spill?.isEmpty ?? true) || sourceWaiting) && (!outLanes[i].canSend || headWaits)
             if blocked, outLanes[i].blockedSince == nil { outLanes[i].blockedSince = t }
             if !blocked, let s = outLanes[i].blockedSince { outLanes[i].blockedNs += t - s; outLanes[i].blockedSince = nil }
         }

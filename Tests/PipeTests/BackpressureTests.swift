@@ -74,6 +74,36 @@ struct BackpressureTests {
         #expect(p.terminationStatus == 0)
     }
 
+    /// A byte bound holds a lane of big envelopes to what fits in it, far below its count bound.
+    @Test func byteBound_limitsTheLaneInBytes() throws {
+        let yaml = """
+        pipeline: bytes
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, payload_size: 1000 } }
+          - { id: slow, kind: passthrough, inputs: [gen], placement: process, config: { delay_us: 20000 } }
+          - { id: sink, kind: null-sink, inputs: [slow] }
+        lanes:
+          - { from: gen, to: slow, bound: 1024, bytes: 4096 }
+        """
+        let run = Paths.tempDir("bytes")
+        let p = try startPipeline(writeTemp(yaml, "bytes.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(2)
+        var worst: Int64 = 0
+        for _ in 0..<8 {
+            let l = try #require(try pipectlJSON(["lanes", "--run-dir", run]).listValue?.first { $0["from"]?.stringValue == "gen.out" })
+            #expect(l["bytes"]?.intValue == 4096)
+            let lag = max(0, (l["sent_report_ns"]?.intValue ?? 0) - (l["received_report_ns"]?.intValue ?? 0)) * 50 / 1_000_000_000
+            worst = max(worst, (l["sent"]?.intValue ?? 0) - (l["received"]?.intValue ?? 0) - lag)
+            usleep(300_000)
+        }
+        // Envelopes of ~1.1 KB: 4096 bytes hold 3, and one more may go when nothing is in flight.
+        #expect(worst >= 1 && worst <= 5, "in flight reached \(worst) envelopes under a 4096-byte bound")
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+    }
+
     /// `drop_newest` and `drop_oldest`: every envelope is either delivered or dropped, counted
     /// exactly and audited once.
     @Test(arguments: ["drop_newest", "drop_oldest"], ["in-process", "process"])
