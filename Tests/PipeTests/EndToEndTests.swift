@@ -411,6 +411,10 @@ struct EndToEndTests {
         let r = try runProcess(Paths.pipectl, ["lanes", "--run-dir", "/nonexistent/run"], timeout: 30)
         #expect(r.status == 1)
         #expect(r.stderr == "pipectl: no pipehost is running at ipc:///nonexistent/run/control.sock (socket file missing)\n")
+        for cmd in [["top", "--once"], ["tap", "1"], ["workers"], ["status"], ["graph"]] {
+            let x = try runProcess(Paths.pipectl, cmd + ["--run-dir", "/nonexistent/run"], timeout: 30)
+            #expect(x.status == 1 && x.stderr.hasPrefix("pipectl: no pipehost is running at ") && x.stderr.split(separator: "\n").count == 1, "\(cmd): \(x.stderr)")
+        }
         let usage = try runProcess(Paths.pipectl, ["lanes", "--bogus"], timeout: 30)
         #expect(usage.status == 64)
         #expect(usage.stderr.contains("Usage:"))
