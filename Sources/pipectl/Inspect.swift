@@ -54,6 +54,29 @@ enum LaneTable {
     static func render(_ lanes: [ConfigValue]) -> String { SummaryFormatter.table(header, lanes.map(row)) }
 }
 
+/// Stage tables of `pipectl status` and `pipectl workers`, by column name.
+enum StageTable {
+    static func cell(_ s: ConfigValue, _ column: String) -> String {
+        func int(_ k: String) -> String { String(s[k]?.intValue ?? 0) }
+        switch column {
+        case "stage": return s["id"]?.stringValue ?? ""
+        case "kind", "placement", "state": return s[column]?.stringValue ?? ""
+        case "pid": return s["pid"]?.intValue.map { String($0) } ?? "-"
+        case "in": return int("received")
+        case "out": return int("emitted")
+        case "dead": return int("dead_lettered")
+        case "errors", "restarts": return int(column)
+        case "in/s": return LaneTable.rate(s["rate_in"]?.doubleValue)
+        case "out/s": return LaneTable.rate(s["rate_out"]?.doubleValue)
+        case "busy": return s["busy_pct"]?.doubleValue.map { String(format: "%.0f%%", $0) } ?? "-"
+        default: return "?"
+        }
+    }
+    static func render(_ stages: [ConfigValue], _ columns: [String]) -> String {
+        SummaryFormatter.table(columns, stages.map { s in columns.map { cell(s, $0) } })
+    }
+}
+
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "The running host's status and each stage's status report.")
     @OptionGroup var host: HostOptions
@@ -65,12 +88,7 @@ struct Status: ParsableCommand {
         let h = v["host"] ?? .null
         print("pipeline \(h["pipeline"]?.stringValue ?? "?") (\(h["file"]?.stringValue ?? "")) pid \(h["pid"]?.intValue ?? 0): \(h["state"]?.stringValue ?? "?"), up \(String(format: "%.1f", h["uptime_s"]?.doubleValue ?? 0)) s, run dir \(h["run_dir"]?.stringValue ?? "")")
         let stages = v["stages"]?.listValue ?? []
-        let rows = stages.map { s -> [String] in
-            [s["id"]?.stringValue ?? "", s["kind"]?.stringValue ?? "", s["placement"]?.stringValue ?? "", s["pid"]?.intValue.map { String($0) } ?? "-",
-             s["state"]?.stringValue ?? "", String(s["received"]?.intValue ?? 0), String(s["emitted"]?.intValue ?? 0),
-             String(s["dead_lettered"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0), String(s["restarts"]?.intValue ?? 0)]
-        }
-        print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "in", "out", "dead", "errors", "restarts"], rows))
+        print(StageTable.render(stages, ["stage", "kind", "placement", "pid", "state", "in", "out", "in/s", "out/s", "busy", "dead", "errors", "restarts"]))
         // Each stage's own report, one figure per line (a twin stage lists its devices here).
         for s in stages {
             let entries = s["status"]?.mapEntries ?? []
@@ -95,12 +113,7 @@ struct Workers: ParsableCommand {
         let workers = (v["stages"]?.listValue ?? []).filter { $0["placement"]?.stringValue != "in-process" }
         if json { printJSON(.list(workers)); return }
         if workers.isEmpty { print("no worker processes (every stage runs in-process)"); return }
-        let rows = workers.map { s -> [String] in
-            [s["id"]?.stringValue ?? "", s["kind"]?.stringValue ?? "", s["placement"]?.stringValue ?? "", s["pid"]?.intValue.map { String($0) } ?? "-",
-             s["state"]?.stringValue ?? "", String(s["restarts"]?.intValue ?? 0), String(s["received"]?.intValue ?? 0),
-             String(s["emitted"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0)]
-        }
-        print(SummaryFormatter.table(["stage", "kind", "placement", "pid", "state", "restarts", "in", "out", "errors"], rows))
+        print(StageTable.render(workers, ["stage", "kind", "placement", "pid", "state", "restarts", "in", "out", "busy", "errors"]))
     }
 }
 
