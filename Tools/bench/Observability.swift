@@ -109,7 +109,7 @@ enum ObservabilityBench {
 
     static func report(quick: Bool) throws {
         let n = quick ? 500_000 : 2_000_000
-        let pairs = quick ? 5 : 11
+        let pairs = quick ? 5 : 21
         var off: [Double] = [], on: [Double] = [], ratios: [Double] = []
         var tapped = 0, scrapes = 0
         // Paired, alternating runs: this machine drifts by more than the effect between runs, so

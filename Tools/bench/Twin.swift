@@ -79,7 +79,9 @@ extension TwinBench {
         let r = try runPipeline(yaml, name: "twin")
         let decided = r.summary.stages.first { $0.id == "guard" }?.emitted ?? 0
         let auditPath = r.runDirectory + "/audit.jsonl"
-        let audited = (try? String(contentsOfFile: auditPath, encoding: .utf8))?.utf8.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) } ?? 0
+        // Decision records only (the host also audits lane-state changes in the same log).
+        let audited = (try? String(contentsOfFile: auditPath, encoding: .utf8))?.split(separator: "\n")
+            .filter { $0.contains(#""decision":"allow""#) || $0.contains(#""decision":"block""#) }.count ?? 0
         return (Double(decided) / r.summary.elapsedSeconds, audited, r.summary)
     }
 
