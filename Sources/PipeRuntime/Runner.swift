@@ -338,7 +338,7 @@ final class RunnerCore: StageContext {
                 if outLanes[li].bytesBound != nil { outLanes[li].queueBytes -= EnvelopeCodec.encodedSize(old) }
                 outLanes[li].dropped += 1
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
-            case .spill where !outLanes[li].loopBack && !outLanes[li].spillFailing:
+            case .spill where !outLanes[li].loopBack:
                 // Once anything is spilled, everything after it is too: the lane keeps its order.
                 if let sp = outLanes[li].spill, !sp.isEmpty || !outLanes[li].writable {
                     sp.append(EnvelopeCodec.encode(envelope))
@@ -440,15 +440,19 @@ final class RunnerCore: StageContext {
                 let l = outLanes[li]
                 if l.loopBack || (l.whenFull != .block && !l.spillFailing) { room = true; break }
                 blocking = true
-                if l.writable { room = true; break }
+                // A spill lane whose writes fail holds what it has, in order, and takes no more.
+                if l.writable && !l.spillFailing { room = true; break }
             }
             if blocking && !room { return false }
         }
         return true
     }
     /// Nothing waits to be sent. A spill queue left on disk counts as empty once a stop was
-    /// requested: it is sent first by the next run with this run directory.
-    var queuesEmpty: Bool { outLanes.allSatisfy { $0.queue.isEmpty && ($0.spill?.isEmpty ?? true || stopRequested) } }
+    /// requested (it is sent first by the next run with this run directory), but only once
+    /// everything in it is written: a stop never ends with spilled envelopes only in memory.
+    var queuesEmpty: Bool {
+        outLanes.allSatisfy { $0.queue.isEmpty && ($0.spill?.isEmpty ?? true || (stopRequested && !($0.spill?.hasPending ?? false))) }
+    }
     var idle: Bool { queuesEmpty && stage.heldCount == 0 }
     /// Every non-loop input has ended (checked on every loop pass: no allocation).
     var nonLoopInputsEnded: Bool { inLanes.allSatisfy { $0.arrival.loopBack || $0.eos } }
@@ -736,9 +740,13 @@ final class RunnerCore: StageContext {
                     errors += 1
                     let missing = UInt64(max(0, min(declared, limits.maxBatchEnvelopes) - visited))
                     inLanes[li].received &+= missing; inLanes[li].receivedInEpoch &+= missing; received &+= missing
+                    if inLanes[li].bytesBound != nil { inLanes[li].bytesSinceGrant += max(1, f.body.count) }
                     deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))),
                                reason: "malformed DATA frame on lane \(inLanes[li].id): \(error)")
                 }
+                // A byte-bounded lane: the producer frees bytes only for whole frames the credit
+                // covers, so credit at the end of every frame that left bytes unreported.
+                if inLanes[li].bytesBound != nil && inLanes[li].bytesSinceGrant > 0 { grantCredits(li, force: false) }
                 // Return credits at half a window, so the producer refills while we work.
                 if inLanes[li].receivedInEpoch + UInt64(inLanes[li].bound) >= inLanes[li].limitSent + UInt64(max(1, inLanes[li].bound / 2)) {
                     grantCredits(li, force: false)

@@ -61,17 +61,19 @@ final class SpillQueue {
         }
     }
 
-    /// Takes up to `n` envelopes from the head, in order (committing buffered ones first).
+    /// Whether some envelopes are only buffered, not yet written.
+    var hasPending: Bool { !pending.isEmpty }
+
+    /// Takes up to `n` envelopes from the head, in order: rows on disk first (they are older than
+    /// anything buffered), then, when the disk holds none, the buffered ones without writing them.
     func take(_ n: Int) throws(StoreError) -> [[UInt8]] {
-        if stored == 0 && !pending.isEmpty {
-            // Nothing on disk: the buffered ones are the head; no need to write them at all.
+        if stored == 0 {
             let k = min(n, pending.count)
             let out = Array(pending.prefix(k))
             pending.removeFirst(k)
             return out
         }
-        if let e = commit() { throw e }
-        guard stored > 0, n > 0 else { return [] }
+        guard n > 0 else { return [] }
         try head.bind([.int(Int64(n))])
         var out: [[UInt8]] = []
         var last: Int64 = 0
