@@ -151,6 +151,7 @@ public final class PipelineHost: @unchecked Sendable {
     /// Per stage: received, emitted and busy nanoseconds, as rates.
     var stageRates: [String: (RateMeter, RateMeter, RateMeter)] = [:]
     var lastHeartbeat: UInt64 = 0
+    var signalsAtStop: Int32 = 0
     var controlSeq: UInt64 = 0
 
     public init(plan: PipelinePlan, registry: StageRegistry, options: HostOptions) throws(RuntimeError) {
@@ -263,8 +264,15 @@ public final class PipelineHost: @unchecked Sendable {
             while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) }
             while let parts = try? cr.receiveParts(dontWait: true) { handleControl(parts) }
             let now = monotonicNs()
-            if signalStop.load(ordering: .relaxed) != 0 && !stopping {
+            let signals = signalStop.load(ordering: .relaxed)
+            if signals != 0 && !stopping {
                 beginStop(reason: "signal")
+                signalsAtStop = signals
+            } else if stopping && signals > signalsAtStop && failure == nil {
+                // A second signal while draining: the operator does not want to wait for a stuck
+                // consumer. What is still in flight is lost (said in the log and the exit status).
+                failure = "aborted by a second signal while draining (envelopes in flight are lost)"
+                log.error("\(failure ?? "")")
             }
             reapChildren()
             if failure == nil, let silent = order.first(where: {
@@ -536,8 +544,9 @@ public final class PipelineHost: @unchecked Sendable {
         var set = sigset_t()
         sigemptyset(&set); sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGCHLD)
         pthread_sigmask(SIG_UNBLOCK, &set, nil)
-        signal(SIGINT) { _ in signalStop.store(1, ordering: .relaxed) }
-        signal(SIGTERM) { _ in signalStop.store(1, ordering: .relaxed) }
+        // Each signal counts: the first asks for a drain, a second one while draining aborts.
+        signal(SIGINT) { _ in signalStop.add(1, ordering: .relaxed) }
+        signal(SIGTERM) { _ in signalStop.add(1, ordering: .relaxed) }
         signal(SIGPIPE, SIG_IGN)
     }
 }

@@ -192,6 +192,10 @@ final class RunnerCore: StageContext {
     var status: [(String, AttrValue)] = []
     var metrics: [String: Int] = [:]
     var controlSeq: UInt64 = 1
+    /// Commands taken from the control socket and not yet acted on; `endPending` once one of them
+    /// is FINISH or ABORT.
+    var pendingCommands: [RunnerCommand] = []
+    var endPending = false
     /// An AUDIT frame being filled (header, then records separated by newlines).
     var auditBuffer: [UInt8] = []
 
@@ -509,13 +513,10 @@ final class RunnerCore: StageContext {
 
             // Control (always drained: commands must get through while the stage is blocked).
             do {
-                while let msg = try? control.receiveMessage(dontWait: true) {
-                    lastHostContact = monotonicNs()
-                    let cmd: RunnerCommand? = msg.withBytes { raw in
-                        guard let f = try? FrameView(raw), f.header.type == .command else { return nil }
-                        return try? f.command()
-                    }
-                    guard let cmd else { continue }
+                receiveCommands()
+                let commands = pendingCommands
+                pendingCommands.removeAll()
+                for cmd in commands {
                     switch cmd.code {
                     case .loopClosed: loopClosed = true; statsDirty = true
                     case .stop:
@@ -626,6 +627,21 @@ final class RunnerCore: StageContext {
         return failed == nil ? exitCode : 1
     }
 
+    /// Takes every command the host has sent. FINISH and ABORT also stop delivery at once, even
+    /// in the middle of a batch (a slow stage must not keep an abort waiting).
+    func receiveCommands() {
+        while let msg = try? control.receiveMessage(dontWait: true) {
+            lastHostContact = monotonicNs()
+            let cmd: RunnerCommand? = msg.withBytes { raw in
+                guard let f = try? FrameView(raw), f.header.type == .command else { return nil }
+                return try? f.command()
+            }
+            guard let cmd else { continue }
+            if cmd.code == .abort || cmd.code == .finish { endPending = true }
+            pendingCommands.append(cmd)
+        }
+    }
+
     func fail(_ reason: String) {
         failed = reason
         report("error", .string(reason))
@@ -711,6 +727,8 @@ final class RunnerCore: StageContext {
                 }
                 do {
                     try f.forEachEnvelope(limits: limits) { result, bytes in
+                        // An abort (or finish) arrived mid-batch: deliver nothing more.
+                        if endPending { return }
                         visited += 1
                         inLanes[li].received += 1; inLanes[li].receivedInEpoch += 1; received += 1
                         if inLanes[li].bytesBound != nil { inLanes[li].bytesSinceGrant += bytes.count }
@@ -723,8 +741,7 @@ final class RunnerCore: StageContext {
                             // may send again).
                             if coarseMonotonicNs() >= nextStats {
                                 sendStats()
-                                // The host's messages wait for the loop; that they are there is word enough.
-                                if control.hasInput { lastHostContact = monotonicNs() }
+                                receiveCommands()
                             }
                             if inLanes[li].receivedInEpoch + UInt64(inLanes[li].bound) >= inLanes[li].limitSent + UInt64(max(1, inLanes[li].bound / 2))
                                 || inLanes[li].bytesBound.map({ inLanes[li].bytesSinceGrant * 2 >= $0 }) == true {

@@ -182,4 +182,28 @@ struct BackpressureTests {
         #expect(firstWrong == nil, "out of order or missing from position \(firstWrong?.offset ?? -1): got \(firstWrong?.element ?? -1)")
         #expect(ns.last == .string("end"))
     }
+    /// A drain behind a stuck consumer can take long; a second signal aborts it, saying so.
+    @Test func secondSignalWhileDraining_aborts() throws {
+        let yaml = """
+        pipeline: stuck
+        stages:
+          - { id: gen, kind: generator, config: { count: 0 } }
+          - { id: slow, kind: passthrough, inputs: [gen], config: { delay_us: 50000 } }
+          - { id: sink, kind: null-sink, inputs: [slow] }
+        """
+        let run = Paths.tempDir("abort")
+        let p = try startPipeline(writeTemp(yaml, "stuck.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        sleep(2)
+        kill(p.processIdentifier, SIGTERM)
+        sleep(1)
+        #expect(p.isRunning, "a full lane of 1024 at 20/s takes ~50 s to drain")
+        let t0 = Date()
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(Date().timeIntervalSince(t0) < 10)
+        #expect(p.terminationStatus == 1)
+        let log = (try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? ""
+        #expect(log.contains("aborted by a second signal while draining"))
+    }
 }
