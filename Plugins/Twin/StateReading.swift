@@ -279,12 +279,8 @@ struct StateParser {
 
     private mutating func hex4(_ what: String) throws(StateError) -> UInt32 {
         guard i + 4 <= p.count else { throw StateError("short \\u escape (\(what))") }
-        var v: UInt32 = 0
-        for _ in 0..<4 {
-            guard let d = Hex.nibble(p[i]) else { throw StateError("bad \\u escape (\(what))") }
-            i += 1
-            v = v << 4 | UInt32(d)
-        }
+        guard let v = Hex.quad(p[i..<(i + 4)]) else { throw StateError("bad \\u escape (\(what))") }
+        i += 4
         return v
     }
 

@@ -277,6 +277,13 @@ public enum Hex {
         default: return nil
         }
     }
+    /// Four hex digits (a JSON `\u` escape's) as a number, or nil.
+    public static func quad(_ digits: some Collection<UInt8>) -> UInt32? {
+        guard digits.count == 4 else { return nil }
+        var v: UInt32 = 0
+        for c in digits { guard let d = nibble(c) else { return nil }; v = v << 4 | UInt32(d) }
+        return v
+    }
     public static func decode(_ s: String) -> [UInt8]? {
         let u = Array(s.utf8)
         guard u.count % 2 == 0 else { return nil }

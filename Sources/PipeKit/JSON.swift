@@ -97,12 +97,8 @@ public enum JSON {
         }
         mutating func hex4() throws(ParseError) -> UInt32 {
             guard i + 4 <= u.count else { throw err("truncated \\u escape") }
-            var v: UInt32 = 0
-            for _ in 0..<4 {
-                guard let d = Hex.nibble(u[i]) else { throw err("bad \\u escape") }
-                i += 1
-                v = v << 4 | UInt32(d)
-            }
+            guard let v = Hex.quad(u[i..<(i + 4)]) else { throw err("bad \\u escape") }
+            i += 4
             return v
         }
         mutating func string() throws(ParseError) -> String {

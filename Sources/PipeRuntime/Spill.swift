@@ -12,7 +12,6 @@ import PipeStore
 /// so a crash can lose at most that pass; envelopes read back into the lane are in memory like
 /// any other in-flight envelope (acknowledgements are the delivery issue's).
 final class SpillQueue {
-    let path: String
     private let db: Database
     private let insert: Statement
     private let head: Statement
@@ -24,7 +23,6 @@ final class SpillQueue {
     private(set) var written: UInt64 = 0
 
     init(path: String) throws(StoreError) {
-        self.path = path
         db = try Database(path: path)
         chmod(path, 0o600)
         try db.execute("CREATE TABLE IF NOT EXISTS spill (seq INTEGER PRIMARY KEY AUTOINCREMENT, envelope BLOB NOT NULL)")

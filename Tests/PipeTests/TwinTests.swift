@@ -91,6 +91,13 @@ struct TwinTests {
         #expect(reason.contains("position_x missing on the twin side"))
     }
 
+    @Test func escapedStrings_decodeLikeTheirPlainForm() throws {
+        let h = try twin()
+        try h.feed(state("physical", ts: "\(craneNs)", status: #"\u006fperational"#))
+        try h.feed(state("twin", ts: "\(craneNs)"))
+        #expect(try judge(h).0 == "allowed")
+    }
+
     @Test func identityMismatch_blocks() throws {
         let h = try twin()
         try h.feed(state("physical", ts: "\(craneNs)"))
@@ -211,6 +218,7 @@ struct TwinTests {
             (#"not json"#, "state payload is not a JSON object"),
             (#"{"device_id":"crane-01","timestamp":1,"values":{},"status":"ok"} trailing"#, "unexpected data after the state object"),
             (#"{"device_id":7,"timestamp":1,"values":{},"status":"ok"}"#, "device_id must be a string"),
+            (#"{"device_id":"crane-01","timestamp":1,"values":{},"status":"\uZZZZ"}"#, "bad \\u escape (status)"),
         ]
         for (payload, reason) in cases {
             let h = try twin()
