@@ -41,9 +41,10 @@ let package = Package(
         // Stage plugins: PipeKit + capability modules only.
         .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
         .target(name: "TwinStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Twin"),
+        .target(name: "IntakeStages", dependencies: ["PipeKit", "PipeSniff", "PipeSeal"], path: "Plugins/Intake"),
 
         // The one stage registry.
-        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages"]),
+        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages", "IntakeStages"]),
 
         .target(name: "PipeRuntime", dependencies: [
             "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeRegistry",
@@ -58,12 +59,12 @@ let package = Package(
             "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "TwinStages"],
+        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "TwinStages", "IntakeStages"],
                           path: "Tools/bench"),
 
         .testTarget(name: "PipeTests", dependencies: [
             "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff",
-            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages",
+            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages",
         ], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]

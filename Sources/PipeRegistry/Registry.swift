@@ -1,6 +1,7 @@
 import CoreStages
 import PipeKit
 import TwinStages
+import IntakeStages
 
 /// Every built-in stage kind, registered in this one place. `pipectl stages`, validation, the
 /// JSON Schema and docs/pipeline-reference.md all read this list.
@@ -14,4 +15,13 @@ public let builtInStages = StageRegistry([
     StdoutSinkStage.descriptor,
     TwinStage.descriptor,
     TwinSimulatorStage.descriptor,
+    InboxStage.descriptor,
+    SnifferStage.descriptor,
+    VerifyStage.descriptor,
+    MoveSinkStage.quarantine,
+    MoveSinkStage.triage,
+    MoveSinkStage.reject,
+    ResealSinkStage.descriptor,
+    PoliceStage.descriptor,
+    IntakeSimStage.descriptor,
 ])

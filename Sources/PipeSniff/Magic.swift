@@ -31,4 +31,10 @@ public final class MagicDetector: @unchecked Sendable {
             return String(cString: r)
         }
     }
+
+    /// libmagic's answer for the bytes in `p`, or nil on error.
+    public func describe(_ p: UnsafeRawBufferPointer) -> String? {
+        guard let r = magic_buffer(cookie, p.baseAddress, p.count) else { return nil }
+        return String(cString: r)
+    }
 }
