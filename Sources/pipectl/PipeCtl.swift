@@ -10,8 +10,8 @@ struct PipeCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pipectl",
         abstract: "Inspect pipeline files and running pipehost instances.",
-        discussion: "Offline: validate, test, stages, schema, graph FILE. Against a running host: top, lanes, status, workers, tap, graph (found by the rule in docs/operations.md, or --run-dir/--control).",
-        subcommands: [Validate.self, TestCmd.self, Stages.self, Schema.self, Graph.self, Lanes.self, Status.self, Workers.self, Top.self, Tap.self])
+        discussion: "Offline: validate, test, stages, schema, graph FILE, unseal. Against a running host: top, lanes, status, workers, tap, graph (found by the rule in docs/operations.md, or --run-dir/--control).",
+        subcommands: [Validate.self, TestCmd.self, Stages.self, Schema.self, Graph.self, Lanes.self, Status.self, Workers.self, Top.self, Tap.self, Unseal.self])
 }
 
 func fail(_ message: String, code: Int32 = 1) -> Never {

@@ -13,7 +13,7 @@ struct PipeHostCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pipehost",
         abstract: "Runs declarative stream-processing pipelines whose stages are connected by ZeroMQ lanes.",
-        subcommands: [Run.self, Keygen.self, Worker.self])
+        subcommands: [Run.self, Keygen.self, Seal.self, Worker.self])
 }
 
 /// Prints `message` to stderr and exits with `code`.
@@ -89,6 +89,30 @@ struct Keygen: ParsableCommand {
             try KeyFiles.writeSecret(curve.publicKey, to: output + "/curve.pub")
             print("wrote \(names.map { output + "/" + $0 }.joined(separator: ", ")) (mode 0600); key id \(Hex.encode(sk.keyID))")
         } catch { die("keygen: \(error)") }
+    }
+}
+
+struct Seal: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Pack a file or a directory into a sealed container signed with an Ed25519 key (docs/sealed-container.md).")
+    @Argument(help: "The file or directory to seal (regular files only; symlinks are refused).") var path: String
+    @Option(help: "The signing key file (signing.key from `pipehost keygen`).") var key: String
+    @Option(name: .shortAndLong, help: "The container file to write.") var output: String
+    @Option(help: "The surface name (default: the output's file name).") var surface: String?
+    @Option(help: "The surface profile.") var profile = "continuity"
+    @Flag(help: "Overwrite an existing output file.") var force = false
+
+    func run() throws {
+        do {
+            let k = try KeyFiles.loadSigningKey(key)
+            let files = try SealedContainer.collect(path: path)
+            let name = surface ?? (output as NSString).lastPathComponent
+            let bytes = try SealedContainer.seal(files: files, surfaceName: name, profile: profile, key: k,
+                                                 createdNs: UInt64(Date().timeIntervalSince1970 * 1e9))
+            if !force && FileManager.default.fileExists(atPath: output) { die("\(output) exists; pass --force to overwrite") }
+            guard FileManager.default.createFile(atPath: output, contents: Data(bytes)) else { die("cannot write \(output)") }
+            print("sealed \(files.count) file(s), \(files.reduce(0) { $0 + $1.data.count }) bytes, into \(output) (\(bytes.count) bytes; surface \(name), profile \(profile), key id \(Hex.encode(k.keyID)))")
+        } catch { die("pipehost seal: \(error)") }
     }
 }
 
