@@ -84,7 +84,8 @@ public final class InboxStage: SourceStage {
         },
         make: { InboxStage(config: $0) })
 
-    struct Pending { var firstNs: UInt64; var events: Int; var atStart: Bool }
+    /// An arrival waiting for its coalescing window to close (`dueNs`).
+    struct Pending { var dueNs: UInt64; var events: Int; var atStart: Bool }
 
     let dirSpec: String
     let coalesceNs: UInt64
@@ -142,7 +143,7 @@ public final class InboxStage: SourceStage {
             let name = String(decoding: n, as: UTF8.self)
             if Sniff.isStaging(name) { continue }
             present.insert(n)
-            if pending[n] == nil { pending[n] = Pending(firstNs: context.now, events: 0, atStart: atStart) }
+            if pending[n] == nil { pending[n] = Pending(dueNs: context.now, events: 0, atStart: atStart) }
         }
     }
 
@@ -195,9 +196,15 @@ public final class InboxStage: SourceStage {
             return
         }
         present.insert(name)
-        if mask & UInt32(IN_CLOSE_WRITE | IN_MOVED_TO) != 0 {
+        var arrival = mask & UInt32(IN_CLOSE_WRITE | IN_MOVED_TO) != 0
+        if !arrival, mask & UInt32(IN_CREATE) != 0 {
+            // A symlink appears whole (no close-after-write follows); a regular file waits for its close.
+            var st = stat()
+            arrival = lstat(FS.join(canonicalDir, name), &st) == 0 && st.st_mode & S_IFMT == S_IFLNK
+        }
+        if arrival {
             if var p = pending[name] { p.events += 1; pending[name] = p }
-            else { pending[name] = Pending(firstNs: context.now, events: 1, atStart: false) }
+            else { pending[name] = Pending(dueNs: context.now &+ coalesceNs, events: 1, atStart: false) }
         }
     }
 
@@ -213,13 +220,13 @@ public final class InboxStage: SourceStage {
             }
             return .idle(afterNs: 5_000_000)
         }
-        var due = pending.filter { now &- $0.value.firstNs >= coalesceNs }.map(\.key)
+        var due = pending.filter { $0.value.dueNs <= now }.map(\.key)
         guard !due.isEmpty else {
-            let next = pending.values.map { $0.firstNs &+ coalesceNs }.min() ?? now
+            let next = pending.values.map(\.dueNs).min() ?? now
             return .idle(afterNs: max(1_000_000, min(5_000_000, next &- now)))
         }
         due.sort { a, b in
-            let fa = pending[a]?.firstNs ?? 0, fb = pending[b]?.firstNs ?? 0
+            let fa = pending[a]?.dueNs ?? 0, fb = pending[b]?.dueNs ?? 0
             return fa != fb ? fa < fb : a.lexicographicallyPrecedes(b)
         }
         var emitted = 0
