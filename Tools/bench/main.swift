@@ -97,6 +97,10 @@ do {
         try ObservabilityBench.report(quick: quick)
         exit(0)
     }
+    if args.contains("--intake") {
+        try IntakeBench.report(quick: quick)
+        exit(0)
+    }
     if args.contains("--twin") {
         try TwinBench.report(quick: quick)
         exit(0)

@@ -152,7 +152,7 @@ class _Tap(logging.StreamHandler):
         self.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
         self.terminal = terminal
         self.ready = threading.Event()
-        self.lock = threading.Lock()
+        self.mx = threading.Lock()
         self.done_ts: list[float] = []
         self.target = -1
         self.reached = threading.Event()
@@ -166,13 +166,13 @@ class _Tap(logging.StreamHandler):
         if record.levelno >= logging.WARNING:
             self.warnings.append(msg)
         if msg.startswith(self.terminal):
-            with self.lock:
+            with self.mx:
                 self.done_ts.append(time.perf_counter())
                 if len(self.done_ts) >= self.target >= 0:
                     self.reached.set()
 
     def arm(self, count: int) -> None:
-        with self.lock:
+        with self.mx:
             self.done_ts.clear()
             self.target = count
             self.reached.clear()
@@ -201,8 +201,6 @@ def bench_e2e(root: str, mode: str, n_files: int) -> dict:
     daemon = ContinuityDaemon(cfg)
     th = threading.Thread(target=daemon.run, name=f"continuityd-{mode}", daemon=True)
     th.start()
-    if not tap.ready.wait(10):
-        raise RuntimeError("daemon did not start watching")
 
     mix = scenario_mix()
     seq = 0
@@ -216,6 +214,8 @@ def bench_e2e(root: str, mode: str, n_files: int) -> dict:
             seq += 1
 
     try:
+        if not tap.ready.wait(10):
+            raise RuntimeError("daemon did not start watching")
         # warm-up: one copy of the mix (lazy imports of verify_fork/tibet_drop, policy cache)
         tap.arm(len(mix))
         burst(len(mix))
@@ -228,9 +228,15 @@ def bench_e2e(root: str, mode: str, n_files: int) -> dict:
         t_written = time.perf_counter()
         if not tap.reached.wait(30 + n_files * 0.2):
             raise RuntimeError(f"{mode}: {len(tap.done_ts)}/{n_files} files processed")
-        with tap.lock:
+        with tap.mx:
             ts = sorted(tap.done_ts)
         t_end = ts[-1]
+    except BaseException:
+        daemon._stop = True
+        th.join(5)
+        log.removeHandler(tap)
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     finally:
         daemon._stop = True  # the documented way to stop a daemon run from a non-main thread
         th.join(5)
