@@ -24,6 +24,13 @@ public enum IntakeClass: String, Sendable, CaseIterable {
         }
     }
 
+    var index: Int {
+        switch self {
+        case .staging: 0; case .empty: 1; case .executable: 2; case .sealedTBZ: 3; case .sealedTBZNoExt: 4
+        case .disguised: 5; case .pdf: 6; case .jsonText: 7; case .unknown: 8
+        }
+    }
+
     /// Police severity of a file of this class lingering somewhere (CONCEPTS.md, "police").
     public var severity: Severity {
         switch self {
@@ -43,6 +50,12 @@ public enum Disposition: String, Sendable, CaseIterable {
     case trustedCandidate = "trusted-candidate"
     case triageDisguised = "triage-disguised"
     case resealCandidate = "reseal-candidate"
+
+    var index: Int {
+        switch self {
+        case .ignore: 0; case .reject: 1; case .quarantine: 2; case .trustedCandidate: 3; case .triageDisguised: 4; case .resealCandidate: 5
+        }
+    }
 }
 
 /// Police severities, lowest first.
@@ -93,14 +106,34 @@ public enum Sniff {
 
     /// The lower-cased extension of a file name ("" for none, or for a leading-dot-only name).
     public static func extensionOf(_ name: String) -> String {
-        let base = name.utf8.lastIndex(of: 0x2F).map { String(name[name.utf8.index(after: $0)...]) } ?? name
-        guard let dot = base.utf8.lastIndex(of: 0x2E), dot != base.utf8.startIndex else { return "" }
-        return String(base[base.utf8.index(after: dot)...]).lowercased()
+        var name = name
+        return name.withUTF8 { u -> String in
+            var i = u.count - 1
+            while i >= 0, u[i] != 0x2E, u[i] != 0x2F { i -= 1 }
+            // No dot, a dot in a directory part, or a leading dot of the base name: no extension.
+            guard i > 0, u[i] == 0x2E, u[i - 1] != 0x2F else { return "" }
+            let ext = UnsafeBufferPointer(rebasing: u[(i + 1)...])
+            if !ext.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) { return String(decoding: ext, as: UTF8.self) }
+            return String(decoding: ext.map { $0 >= 0x41 && $0 <= 0x5A ? $0 | 0x20 : $0 }, as: UTF8.self)
+        }
     }
 
+    static let stagingSuffixBytes: [[UInt8]] = stagingSuffixes.map { Array($0.utf8) }
+
+    /// Whether the name ends with a staging suffix (ASCII case-insensitive).
     public static func isStaging(_ name: String) -> Bool {
-        let lower = name.lowercased()
-        return stagingSuffixes.contains { lower.hasSuffix($0) }
+        var name = name
+        return name.withUTF8 { u in
+            for suffix in stagingSuffixBytes where u.count >= suffix.count {
+                var match = true
+                for (i, b) in suffix.enumerated() {
+                    let c = u[u.count - suffix.count + i]
+                    if (c >= 0x41 && c <= 0x5A ? c | 0x20 : c) != b { match = false; break }
+                }
+                if match { return true }
+            }
+            return false
+        }
     }
 
     /// Whether the first bytes are an executable: ELF, PE (`MZ`), Mach-O (thin or fat), `#!`.

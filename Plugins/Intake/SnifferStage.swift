@@ -42,9 +42,9 @@ public final class SnifferStage: Stage {
     let mime: MimeLookup
     let nameAttr: String
     var magic: MagicDetector?
-    var outs: [Disposition: OutputHandle] = [:]
+    var outs: [OutputHandle] = []
     var observed = OutputHandle(index: 0, name: observedOutput)
-    var counts: [IntakeClass: Int] = [:]
+    var counts = [Int](repeating: 0, count: IntakeClass.allCases.count)
     var mimeCalls = 0
 
     init(config c: ConfigReader) {
@@ -54,7 +54,7 @@ public final class SnifferStage: Stage {
     }
 
     public func start(context: any StageContext) throws {
-        for d in Disposition.allCases { outs[d] = try context.output(d.rawValue) }
+        outs = try Disposition.allCases.map { d throws(StageError) in try context.output(d.rawValue) }
         observed = try context.output(Self.observedOutput)
         if mime != .off {
             do { magic = try MagicDetector() } catch { throw StageError.halt("libmagic: \(error)") }
@@ -62,6 +62,8 @@ public final class SnifferStage: Stage {
     }
 
     static let hexDigits = Array("0123456789abcdef".utf8)
+    /// "class -> disposition", made once (audit reasons are written per envelope).
+    static let reasons: [[String]] = IntakeClass.allCases.map { c in Disposition.allCases.map { "\(c.rawValue) -> \($0.rawValue)" } }
 
     public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
         var e = envelope
@@ -81,11 +83,12 @@ public final class SnifferStage: Stage {
         }
         if mimeType != nil { mimeCalls += 1 }
         var disposition = result.disposition
-        if mode == .strict, disposition == .triageDisguised || disposition == .resealCandidate {
-            e.attrs["strict_from"] = .string(disposition.rawValue)
-            disposition = .quarantine
-        }
-        e.attrs["intake_class"] = .string(result.intakeClass.rawValue)
+        let strictFrom: Disposition? = mode == .strict && (disposition == .triageDisguised || disposition == .resealCandidate) ? disposition : nil
+        if strictFrom != nil { disposition = .quarantine }
+        let cls = result.intakeClass
+        e.attrs.reserveCapacity(e.attrs.count + 10)
+        if let f = strictFrom { e.attrs["strict_from"] = .string(f.rawValue) }
+        e.attrs["intake_class"] = .string(cls.rawValue)
         e.attrs["disposition"] = .string(disposition.rawValue)
         e.attrs["extension"] = .string(result.extensionName)
         e.attrs["size_bytes"] = .int(Int64(size))
@@ -94,19 +97,17 @@ public final class SnifferStage: Stage {
         if let f = result.tbz.flags { e.attrs["tbz_flags"] = .int(Int64(f)) }
         if let s = result.tbz.ssm { e.attrs["ssm"] = .int(Int64(s)) }
         if let m = mimeType { e.attrs["mime"] = .string(m) }
-        e.attrs["intake_mode"] = .string(mode.rawValue)
-        counts[result.intakeClass, default: 0] += 1
-        context.count("class_" + result.intakeClass.rawValue)
-        var details: [String: AttrValue] = [
-            "intake_class": .string(result.intakeClass.rawValue), "disposition": .string(disposition.rawValue),
-            "filename": .string(name), "size_bytes": .int(Int64(size)), "mode": .string(mode.rawValue),
-        ]
+        counts[cls.index] += 1
+        var details: [String: AttrValue] = Dictionary(minimumCapacity: 4)
+        details["filename"] = .string(name)
+        details["intake_class"] = .string(cls.rawValue)
+        details["disposition"] = .string(disposition.rawValue)
         if let m = mimeType { details["mime"] = .string(m) }
-        context.audit(.about(e, decision: "classify", reason: "\(result.intakeClass.rawValue) -> \(disposition.rawValue)", details: details))
+        context.audit(.about(e, decision: "classify", reason: Self.reasons[cls.index][disposition.index], details: details))
         if mode == .passive {
             context.emit(e, to: observed)
-        } else if let out = outs[disposition] {
-            context.emit(e, to: out)
+        } else {
+            context.emit(e, to: outs[disposition.index])
         }
     }
 
@@ -114,7 +115,7 @@ public final class SnifferStage: Stage {
     public func tick(context: any StageContext) throws { reportCounts(context) }
     public func drain(context: any StageContext) throws { reportCounts(context) }
     func reportCounts(_ context: any StageContext) {
-        for (c, n) in counts { context.report(c.rawValue, .int(Int64(n))) }
+        for c in IntakeClass.allCases where counts[c.index] > 0 { context.report(c.rawValue, .int(Int64(counts[c.index]))) }
         context.report("mime_calls", .int(Int64(mimeCalls)))
         context.report("mode", .string(mode.rawValue))
     }

@@ -428,7 +428,11 @@ struct EndToEndTests {
         #expect(bad.stdout.split(separator: "\n").count == 10)
         let stages = try pipectlJSON(["stages"])
         let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
-        #expect(kinds == ["file-sink", "file-source", "generator", "hop", "null-sink", "passthrough", "stdout-sink", "twin", "twin-sim"])
+        #expect(kinds == ["file-sink", "file-source", "generator", "hop", "inbox", "intake-sim", "null-sink", "passthrough", "police",
+                          "quarantine-sink", "reject-sink", "reseal-sink", "sniffer", "stdout-sink", "triage-sink", "twin", "twin-sim", "verify"])
+        let sniffer = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "sniffer" })
+        #expect(sniffer["outputs"] == .list(["ignore", "reject", "quarantine", "trusted-candidate", "triage-disguised", "reseal-candidate",
+                                             "observed", "dead_letter"].map { .string($0) }))
         let hop = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "hop" })
         #expect(hop["outputs"] == .list([.string("out"), .string("again"), .string("dead_letter")]))
         let gen = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "generator" })

@@ -97,6 +97,10 @@ do {
         try ObservabilityBench.report(quick: quick)
         exit(0)
     }
+    if args.contains("--intake-sniff-profile") {
+        print(String(format: "sniff, mime off: %.0f/s", try IntakeBench.sniff(mime: "off", seconds: 5)))
+        exit(0)
+    }
     if args.contains("--intake") {
         try IntakeBench.report(quick: quick)
         exit(0)
