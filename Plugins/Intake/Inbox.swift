@@ -100,6 +100,16 @@ public final class InboxStage: SourceStage {
     /// Names present in the inbox (not staging), for the depth.
     var present = Set<[UInt8]>()
     var pending: [[UInt8]: Pending] = [:]
+    /// Pending names in order of their due time (due times only grow: now, or an event's time +
+    /// coalesce_ms), so the head is always the next due. An entry whose name was taken and
+    /// pended again later is stale and skipped.
+    var order: [(name: [UInt8], due: UInt64)] = []
+    var orderHead = 0
+
+    func addPending(_ name: [UInt8], _ p: Pending) {
+        pending[name] = p
+        order.append((name, p.dueNs))
+    }
     var lastEventNs: UInt64 = 0
     var stopped = false
     var buffer = [UInt8](repeating: 0, count: 64 * 1024)
@@ -143,7 +153,7 @@ public final class InboxStage: SourceStage {
             let name = String(decoding: n, as: UTF8.self)
             if Sniff.isStaging(name) { continue }
             present.insert(n)
-            if pending[n] == nil { pending[n] = Pending(dueNs: context.now, events: 0, atStart: atStart) }
+            if pending[n] == nil { addPending(n, Pending(dueNs: context.now, events: 0, atStart: atStart)) }
         }
     }
 
@@ -204,7 +214,7 @@ public final class InboxStage: SourceStage {
         }
         if arrival {
             if var p = pending[name] { p.events += 1; pending[name] = p }
-            else { pending[name] = Pending(dueNs: context.now &+ coalesceNs, events: 1, atStart: false) }
+            else { addPending(name, Pending(dueNs: context.now &+ coalesceNs, events: 1, atStart: false)) }
         }
     }
 
@@ -220,20 +230,21 @@ public final class InboxStage: SourceStage {
             }
             return .idle(afterNs: 5_000_000)
         }
-        var due = pending.filter { $0.value.dueNs <= now }.map(\.key)
-        guard !due.isEmpty else {
-            let next = pending.values.map(\.dueNs).min() ?? now
-            return .idle(afterNs: max(1_000_000, min(5_000_000, next &- now)))
-        }
-        due.sort { a, b in
-            let fa = pending[a]?.dueNs ?? 0, fb = pending[b]?.dueNs ?? 0
-            return fa != fb ? fa < fb : a.lexicographicallyPrecedes(b)
-        }
         var emitted = 0
-        for name in due {
-            guard emitted < budget, context.isWritable(out) else { break }
-            guard let p = pending.removeValue(forKey: name) else { continue }
+        while orderHead < order.count, emitted < budget {
+            let (name, due) = order[orderHead]
+            guard let p = pending[name], p.dueNs == due else { orderHead += 1; continue }   // stale
+            guard due <= now else {
+                if emitted == 0 { return .idle(afterNs: max(1_000_000, min(5_000_000, due &- now))) }
+                break
+            }
+            guard context.isWritable(out) else { break }
+            orderHead += 1
+            pending.removeValue(forKey: name)
             if take(name, p, context: context) { emitted += 1 }
+        }
+        if orderHead > 4096 && orderHead * 2 > order.count {
+            order.removeFirst(orderHead); orderHead = 0
         }
         lastEventNs = now
         return .active

@@ -11,8 +11,9 @@ struct MoveFailure: Error, CustomStringConvertible {
 }
 
 enum Mover {
-    static func candidates(_ dir: String, _ name: [UInt8]) -> [[CChar]] {
-        (0..<1000).map { i in i == 0 ? FS.join(dir, name) : FS.join(dir, name + Array(".\(i)".utf8)) }
+    /// `dir/name`, then `dir/name.1`, `dir/name.2`, ... (made one at a time, as needed).
+    static func candidates(_ dir: String, _ name: [UInt8]) -> LazyMapSequence<Range<Int>, [CChar]> {
+        (0..<1000).lazy.map { i in i == 0 ? FS.join(dir, name) : FS.join(dir, name + Array(".\(i)".utf8)) }
     }
     static func string(_ p: [CChar]) -> String { String(decoding: p.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
 

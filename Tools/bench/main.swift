@@ -101,6 +101,10 @@ do {
         print(String(format: "sniff, mime off: %.0f/s", try IntakeBench.sniff(mime: "off", seconds: 5)))
         exit(0)
     }
+    if args.contains("--intake-e2e") {
+        for _ in 0..<2 { let r = try IntakeBench.endToEnd(rounds: 400); print(String(format: "intake end to end: %.0f files/s (%d files)", r.rate, r.files)) }
+        exit(0)
+    }
     if args.contains("--intake") {
         try IntakeBench.report(quick: quick)
         exit(0)
