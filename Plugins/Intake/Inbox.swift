@@ -43,10 +43,49 @@ enum FS {
         return out
     }
 
+    /// A timespec in ns, saturating (a file dated past 2262 must not trap).
+    static func ns(_ t: timespec) -> Int64 {
+        let (v, o) = Int64(t.tv_sec).multipliedReportingOverflow(by: 1_000_000_000)
+        if o { return t.tv_sec < 0 ? .min : .max }
+        return v.addingReportingOverflow(Int64(t.tv_nsec)).overflow ? .max : v + Int64(t.tv_nsec)
+    }
+
+    /// The real path of an open descriptor (from /proc), or nil.
+    static func pathOf(fd: Int32) -> String? {
+        var buf = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/fd/\(fd)", &buf, buf.count - 1)
+        guard n > 0 else { return nil }
+        return String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     static func mkdirs(_ path: String) throws(StageError) {
         do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) }
         catch { throw StageError.halt("cannot create directory \(path): \(error.localizedDescription)") }
     }
+}
+
+/// Which file an arrival was: device, inode, size and status-change time (ctime, which nobody
+/// can set back). The sinks move a file only while it still is this one.
+struct FileIdentity: Equatable {
+    var dev: Int64, ino: Int64, size: Int64, ctimeNs: Int64
+
+    init(_ st: stat) {
+        dev = Int64(bitPattern: UInt64(st.st_dev)); ino = Int64(bitPattern: UInt64(st.st_ino))
+        size = Int64(st.st_size); ctimeNs = FS.ns(st.st_ctim)
+    }
+
+    init?(attrs: [String: AttrValue]) {
+        guard let d = attrs["file_dev"]?.intValue, let i = attrs["file_inode"]?.intValue,
+              let s = attrs["file_size"]?.intValue, let c = attrs["file_ctime_ns"]?.intValue else { return nil }
+        dev = d; ino = i; size = s; ctimeNs = c
+    }
+
+    func record(into attrs: inout [String: AttrValue]) {
+        attrs["file_dev"] = .int(dev); attrs["file_inode"] = .int(ino); attrs["file_size"] = .int(size); attrs["file_ctime_ns"] = .int(ctimeNs)
+    }
+
+    /// Same inode on the same device (what survives a rename).
+    func sameInode(_ st: stat) -> Bool { dev == Int64(bitPattern: UInt64(st.st_dev)) && ino == Int64(bitPattern: UInt64(st.st_ino)) }
 }
 
 /// `inbox`: watches a directory with inotify; each arrival (close-after-write or moved-in,
@@ -77,14 +116,15 @@ public final class InboxStage: SourceStage {
             let low = c.int("low") ?? 100, high = c.int("high") ?? 1000
             var issues: [ConfigIssue] = []
             if low > high { issues.append(ConfigIssue(key: "low", message: "low (\(low)) must not exceed high (\(high))")) }
-            if let r = c.int("release"), r < low || r > high {
-                issues.append(ConfigIssue(key: "release", message: "release (\(r)) must lie between low (\(low)) and high (\(high))"))
+            if let r = c.int("release"), r < low || r >= high {
+                issues.append(ConfigIssue(key: "release", message: "release (\(r)) must be at least low (\(low)) and below high (\(high))"))
             }
             return issues
         },
         make: { InboxStage(config: $0) })
 
     /// An arrival waiting for its coalescing window to close (`dueNs`).
+    static let maxPending = 100_000
     struct Pending { var dueNs: UInt64; var events: Int; var atStart: Bool }
 
     let dirSpec: String
@@ -199,6 +239,8 @@ public final class InboxStage: SourceStage {
         let staging = Sniff.isStaging(String(decoding: name, as: UTF8.self))
         if mask & UInt32(IN_MOVED_FROM | IN_DELETE) != 0 {
             present.remove(name)
+            // Gone before it was read: its queue entry becomes stale and is skipped.
+            if pending.removeValue(forKey: name) != nil { _ = vanished(String(decoding: name, as: UTF8.self), context) }
             return
         }
         if staging {
@@ -208,9 +250,10 @@ public final class InboxStage: SourceStage {
         present.insert(name)
         var arrival = mask & UInt32(IN_CLOSE_WRITE | IN_MOVED_TO) != 0
         if !arrival, mask & UInt32(IN_CREATE) != 0 {
-            // A symlink appears whole (no close-after-write follows); a regular file waits for its close.
+            // A symlink, FIFO, socket or device appears whole (no close-after-write follows); a regular
+            // file waits for its close.
             var st = stat()
-            arrival = lstat(FS.join(canonicalDir, name), &st) == 0 && st.st_mode & S_IFMT == S_IFLNK
+            arrival = lstat(FS.join(canonicalDir, name), &st) == 0 && st.st_mode & S_IFMT != S_IFREG && st.st_mode & S_IFMT != S_IFDIR
         }
         if arrival {
             if var p = pending[name] { p.events += 1; pending[name] = p }
@@ -221,7 +264,9 @@ public final class InboxStage: SourceStage {
     public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
         if stopped { return .exhausted }
         let now = context.now
-        if try readEvents(context: context) { lastEventNs = now }
+        // Bounded memory: past the cap, events wait in the kernel queue (whose overflow is
+        // answered by a rescan).
+        if pending.count < Self.maxPending, try readEvents(context: context) { lastEventNs = now }
         observeDepth(context)
         guard !pending.isEmpty else {
             if idleExitNs > 0, now &- lastEventNs >= idleExitNs {
@@ -260,6 +305,10 @@ public final class InboxStage: SourceStage {
         ]
         if !utf8OK { attrs["filename_hex"] = .string(Hex.encode(name)) }
         let path = FS.join(canonicalDir, name)
+        var lst = stat()
+        let haveLstat = lstat(path, &lst) == 0
+        // Dead letters carry the identity of what is at the name, so a sink may move it (and only it).
+        if haveLstat { FileIdentity(lst).record(into: &attrs) }
         func refuse(_ outcome: String, _ reason: String) -> Bool {
             outcomes[outcome, default: 0] += 1
             context.count(outcome)
@@ -268,32 +317,33 @@ public final class InboxStage: SourceStage {
                                reason: "\(display): \(reason); left in the inbox")
             return false
         }
-        var fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
-        if fd < 0 && errno == ELOOP {
-            // A symlink: taken only when it resolves inside the inbox.
+        if !haveLstat && errno == ENOENT { return vanished(display, context) }
+        var fd: Int32
+        if haveLstat && lst.st_mode & S_IFMT == S_IFLNK {
+            // A symlink: read through only when what was opened lies inside the inbox (checked on the
+            // open descriptor, so swapping a directory on the way cannot lead outside).
             guard let t = FS.realPath(path) else { return refuse("refused_symlink", "a dangling symlink") }
-            guard t.hasPrefix(canonicalDir + "/") else { return refuse("refused_symlink", "a symlink leaving the inbox (to \(t))") }
-            attrs["symlink_target"] = .string(t)
             fd = open(t, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+            if fd >= 0 {
+                guard let real = FS.pathOf(fd: fd), real.hasPrefix(canonicalDir + "/") else {
+                    close(fd)
+                    return refuse("refused_symlink", "a symlink leaving the inbox (to \(t))")
+                }
+                attrs["symlink_target"] = .string(real)
+            } else if errno == ELOOP {
+                return refuse("refused_symlink", "a symlink to a symlink")
+            }
+        } else {
+            fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         }
         if fd < 0 {
-            if errno == ENOENT {
-                // Gone between the event and the read (moved on, or deleted by its writer): nothing to take.
-                outcomes["vanished", default: 0] += 1
-                context.count("vanished")
-                context.audit(AuditRecord(decision: "inbox-vanished", actor: actor, stage: context.stageID, reason: "\(display): gone before it could be read",
-                                          details: ["filename": .string(display), "dir": .string(canonicalDir)]))
-                return false
-            }
+            if errno == ENOENT { return vanished(display, context) }
             return refuse("unreadable", "cannot open: \(FS.errno_())")
         }
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0 else { return refuse("unreadable", "cannot stat: \(FS.errno_())") }
         guard st.st_mode & S_IFMT == S_IFREG else { return refuse("not_regular", "not a regular file") }
-        attrs["file_inode"] = .int(Int64(bitPattern: UInt64(st.st_ino)))
-        attrs["file_dev"] = .int(Int64(bitPattern: UInt64(st.st_dev)))
-        attrs["file_mtime_ns"] = .int(Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
         attrs["size_bytes"] = .int(Int64(st.st_size))
         if Int(st.st_size) > maxBytes { return refuse("too_large", "\(st.st_size) bytes exceeds max_bytes \(maxBytes)") }
         // Read at most max_bytes + 1, so a file growing past the limit is caught without reading it whole.
@@ -314,10 +364,27 @@ public final class InboxStage: SourceStage {
         }
         if got > maxBytes { return refuse("too_large", "grew past max_bytes \(maxBytes) while being read") }
         data.removeSubrange(got...)
+        // Still being written (changed while we read it): wait for its next event, or a window.
+        var after = stat()
+        if fstat(fd, &after) == 0, FileIdentity(after) != FileIdentity(st) {
+            outcomes["still_changing", default: 0] += 1
+            addPending(name, Pending(dueNs: context.now &+ max(coalesceNs, 10_000_000), events: p.events, atStart: p.atStart))
+            return false
+        }
+        if !(haveLstat && lst.st_mode & S_IFMT == S_IFLNK) { FileIdentity(st).record(into: &attrs) }
         attrs["size_bytes"] = .int(Int64(got))
         outcomes["arrivals", default: 0] += 1
         context.emit(Envelope(actor: actor, intent: "intake.arrival", ingestNs: context.wallClockNs, attrs: attrs, payload: data), to: out)
         return true
+    }
+
+    /// Gone between the event and the read (moved on, or deleted by its writer): nothing to take.
+    func vanished(_ display: String, _ context: any StageContext) -> Bool {
+        outcomes["vanished", default: 0] += 1
+        context.count("vanished")
+        context.audit(AuditRecord(decision: "inbox-vanished", actor: actor, stage: context.stageID, reason: "\(display): gone before it could be read",
+                                  details: ["filename": .string(display), "dir": .string(canonicalDir)]))
+        return false
     }
 
     func observeDepth(_ context: any StageContext) {

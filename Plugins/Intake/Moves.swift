@@ -17,10 +17,59 @@ enum Mover {
     }
     static func string(_ p: [CChar]) -> String { String(decoding: p.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
 
-    /// Moves `src` into `dir` as `name`; returns the destination path, or why not.
-    static func move(_ src: [CChar], into dir: String, name: [UInt8]) -> Result<String, MoveFailure> {
+    typealias Renameat2 = @convention(c) (Int32, UnsafePointer<CChar>, Int32, UnsafePointer<CChar>, UInt32) -> Int32
+    /// glibc's renameat2 (not in Swift's Glibc module), looked up once.
+    static let renameat2: Renameat2? = {
+        guard let h = dlopen(nil, RTLD_NOW), let f = dlsym(h, "renameat2") else { return nil }
+        return unsafeBitCast(f, to: Renameat2.self)
+    }()
+    static let renameNoReplace: UInt32 = 1
+
+    /// Moves the file at `src`, which must still be `identity`, into `dir` as `name`; returns the
+    /// destination path, or why not. Never overwrites, never deletes a file it did not move: on one
+    /// file system an atomic rename that refuses to replace (then the moved inode is checked, and put
+    /// back if someone swapped the name in between); across file systems a copy from the checked,
+    /// open file, fsynced with its directory, before the source name is removed (only if it still
+    /// names that file).
+    static func move(_ src: [CChar], identity: FileIdentity, into dir: String, name: [UInt8]) -> Result<String, MoveFailure> {
+        var st = stat()
+        guard lstat(src, &st) == 0 else { return .failure(MoveFailure("gone (\(FS.errno_())); nothing to move")) }
+        guard FileIdentity(st) == identity else {
+            return .failure(MoveFailure("changed since it was read (its new content is a new arrival); left in place"))
+        }
+        for dst in candidates(dir, name) {
+            let rc: Int32
+            if let r = renameat2 { rc = r(AT_FDCWD, src, AT_FDCWD, dst, renameNoReplace) } else { rc = -1; errno = EINVAL }
+            if rc == 0 {
+                var moved = stat()
+                if lstat(dst, &moved) == 0, !identity.sameInode(moved) {
+                    // Swapped between our check and the rename: put it back and leave it for its own arrival.
+                    let back = renameat2.map { $0(AT_FDCWD, dst, AT_FDCWD, src, renameNoReplace) } ?? -1
+                    return .failure(MoveFailure(back == 0 ? "replaced just before the move; put back, left in place"
+                                                          : "replaced just before the move; the newer file is at \(string(dst))"))
+                }
+                return .success(string(dst))
+            }
+            switch errno {
+            case EEXIST: continue
+            case EXDEV: return copyThenUnlink(src, identity: identity, dir: dir, name: name)
+            case EINVAL, ENOSYS, ENOTSUP: return linkThenUnlink(src, identity: identity, dir: dir, name: name)
+            default: return .failure(MoveFailure("cannot move to \(dir): \(FS.errno_())"))
+            }
+        }
+        return .failure(MoveFailure("no free name for \(String(decoding: name, as: UTF8.self)) in \(dir)"))
+    }
+
+    /// For file systems without RENAME_NOREPLACE: link (fails on an existing name), then unlink the
+    /// source only while it still names the moved inode.
+    static func linkThenUnlink(_ src: [CChar], identity: FileIdentity, dir: String, name: [UInt8]) -> Result<String, MoveFailure> {
         for dst in candidates(dir, name) {
             if link(src, dst) == 0 {
+                var now = stat()
+                guard lstat(src, &now) == 0, identity.sameInode(now) else {
+                    unlink(dst)
+                    return .failure(MoveFailure("replaced during the move; left in place"))
+                }
                 if unlink(src) != 0 {
                     let why = FS.errno_()
                     unlink(dst)
@@ -30,19 +79,21 @@ enum Mover {
             }
             switch errno {
             case EEXIST: continue
-            case EXDEV, EPERM, EMLINK, ENOTSUP: return copyThenUnlink(src, dir: dir, name: name)
+            case EXDEV, EPERM, EMLINK, ENOTSUP: return copyThenUnlink(src, identity: identity, dir: dir, name: name)
             default: return .failure(MoveFailure("cannot move to \(dir): \(FS.errno_())"))
             }
         }
         return .failure(MoveFailure("no free name for \(String(decoding: name, as: UTF8.self)) in \(dir)"))
     }
 
-    static func copyThenUnlink(_ src: [CChar], dir: String, name: [UInt8]) -> Result<String, MoveFailure> {
-        let sfd = open(src, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    static func copyThenUnlink(_ src: [CChar], identity: FileIdentity, dir: String, name: [UInt8]) -> Result<String, MoveFailure> {
+        let sfd = open(src, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         guard sfd >= 0 else { return .failure(MoveFailure("cannot open the source to copy it: \(FS.errno_())")) }
         defer { close(sfd) }
         var st = stat()
-        fstat(sfd, &st)
+        guard fstat(sfd, &st) == 0 else { return .failure(MoveFailure("cannot stat the source: \(FS.errno_())")) }
+        guard st.st_mode & S_IFMT == S_IFREG else { return .failure(MoveFailure("not a regular file; not copied across file systems")) }
+        guard FileIdentity(st) == identity else { return .failure(MoveFailure("changed since it was read; left in place")) }
         switch create(in: dir, name: name, mode: mode_t(st.st_mode & 0o777), fill: { dfd in
             var buf = [UInt8](repeating: 0, count: 64 * 1024)
             while true {
@@ -54,13 +105,21 @@ enum Mover {
         }) {
         case .failure(let e): return .failure(e)
         case .success(let dst):
-            if unlink(src) != 0 {
+            syncDirectory(dir)
+            var now = stat()
+            // Remove the source name only while it still names the file we copied.
+            if lstat(src, &now) == 0, identity.sameInode(now), unlink(src) != 0 {
                 let why = FS.errno_()
                 unlink(Array(dst.utf8CString))
                 return .failure(MoveFailure("copied, but cannot remove the source: \(why); the copy was removed"))
             }
             return .success(dst)
         }
+    }
+
+    static func syncDirectory(_ dir: String) {
+        let d = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if d >= 0 { fsync(d); close(d) }
     }
 
     static func writeAll(_ fd: Int32, _ buf: [UInt8], _ count: Int) -> String? {
@@ -109,6 +168,7 @@ struct FileMoveAction {
 
     func apply(_ e: Envelope) -> Outcome {
         let name = FS.nameBytes(e) ?? Array(e.id.description.utf8)
+        if let why = unsafeName(name) { return .failed("refusing file name '\(String(decoding: name, as: UTF8.self))': \(why)") }
         guard let inbox = e.attrs["inbox_dir"]?.stringValue else {
             let bytes = e.payload
             switch Mover.write(bytes, in: dir, name: name) {
@@ -118,18 +178,23 @@ struct FileMoveAction {
         }
         let src = FS.join(inbox, name)
         let from = Mover.string(src)
-        var st = stat()
-        guard lstat(src, &st) == 0 else { return .failed("\(from) is gone (\(FS.errno_())); nothing to move") }
-        if let ino = e.attrs["file_inode"]?.intValue, let mt = e.attrs["file_mtime_ns"]?.intValue {
-            let mtime = Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec)
-            if Int64(bitPattern: UInt64(st.st_ino)) != ino || mtime != mt {
-                return .failed("\(from) changed since it was read (its new content is a new arrival); left in place")
-            }
+        guard let identity = FileIdentity(attrs: e.attrs) else {
+            return .failed("\(from): the envelope carries no file identity, so it cannot prove which file it was; left in place")
         }
-        switch Mover.move(src, into: dir, name: name) {
+        switch Mover.move(src, identity: identity, into: dir, name: name) {
         case .success(let to): return .moved(from: from, to: to)
-        case .failure(let why): return .failed("\(why.message); \(from) left where it was")
+        case .failure(let why):
+            let said = why.message.contains("left in place") || why.message.contains("the newer file is at")
+            return .failed("\(from): \(why.message)" + (said ? "" : "; left where it was"))
         }
+    }
+
+    /// A file name a sink may use: one path component.
+    func unsafeName(_ name: [UInt8]) -> String? {
+        if name.isEmpty { return "empty" }
+        if name.contains(0x2F) || name.contains(0) { return "contains '/' or NUL" }
+        if name == [0x2E] || name == [0x2E, 0x2E] { return "'.' or '..'" }
+        return nil
     }
 }
 

@@ -32,6 +32,7 @@ public final class PoliceStage: SourceStage {
     /// dir/name/inode -> severity reported.
     var reported: [String: Severity] = [:]
     var queue: [Envelope] = []
+    var queueHead = 0
     var bySeverity: [Severity: Int] = [:]
 
     init(config c: ConfigReader) {
@@ -50,7 +51,8 @@ public final class PoliceStage: SourceStage {
 
     public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
         if stopped { return .exhausted }
-        if queue.isEmpty {
+        if queueHead == queue.count {
+            queue.removeAll(keepingCapacity: true); queueHead = 0
             if maxScans > 0 && scans >= maxScans { return .exhausted }
             let now = context.now
             guard now >= nextScan else { return .idle(afterNs: nextScan - now) }
@@ -58,8 +60,8 @@ public final class PoliceStage: SourceStage {
             nextScan = now + intervalNs
         }
         var n = 0
-        while n < budget, !queue.isEmpty, context.isWritable(out) {
-            context.emit(queue.removeFirst(), to: out); n += 1
+        while n < budget, queueHead < queue.count, context.isWritable(out) {
+            context.emit(queue[queueHead], to: out); queueHead += 1; n += 1
         }
         return .active
     }
@@ -79,8 +81,10 @@ public final class PoliceStage: SourceStage {
                 let fd = open(p, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
                 var got = 0
                 if fd >= 0 { got = max(0, head.withUnsafeMutableBytes { read(fd, $0.baseAddress, 16) }); close(fd) }
-                let sniffed = head.withUnsafeBytes { Sniff.classify(name: name, head: UnsafeRawBufferPointer(rebasing: $0.prefix(got)), size: Int(st.st_size)) }
-                let mtime = UInt64(max(0, Int64(st.st_mtim.tv_sec))) * 1_000_000_000 + UInt64(max(0, st.st_mtim.tv_nsec))
+                // Content first: a lingering file is judged by what it is, even under a staging name.
+                let judged = Sniff.isStaging(name) ? String(name[..<(name.lastIndex(of: ".") ?? name.endIndex)]) : name
+                let sniffed = head.withUnsafeBytes { Sniff.classify(name: judged, head: UnsafeRawBufferPointer(rebasing: $0.prefix(got)), size: Int(st.st_size)) }
+                let mtime = UInt64(max(0, FS.ns(st.st_mtim)))
                 let age = wall > mtime ? wall - mtime : 0
                 var sev = sniffed.intakeClass.severity
                 if sev == .info && age > ageAlertNs { sev = .warn }

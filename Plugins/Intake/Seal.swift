@@ -59,7 +59,8 @@ public final class VerifyStage: Stage {
             e.attrs["seal_profile"] = .string(m.profile)
             e.attrs["seal_files"] = .int(Int64(m.entries.count))
             var mismatches: [String] = []
-            if m.surfaceName != name { mismatches.append("surface name '\(m.surfaceName)' but arrived as '\(name)'") }
+            let arrived = FS.nameBytes(e, nameAttr: nameAttr) ?? []
+            if !Array(m.surfaceName.utf8).elementsEqual(arrived) { mismatches.append("surface name '\(m.surfaceName)' but arrived as '\(name)'") }
             if let p = profile, m.profile != p { mismatches.append("profile '\(m.profile)' but this intake expects '\(p)'") }
             if mismatches.isEmpty {
                 status = "trusted-fork"; reason = "valid, signed by trusted key \(m.signerID), surface matches"
@@ -98,12 +99,14 @@ public final class ResealSinkStage: Stage {
             ConfigField("dir", .string, default: .string("outbox"), doc: "The outbox directory (created if missing)."),
             ConfigField("key", .string, doc: "The signing key file (`signing.key` from `pipehost keygen`)."),
             ConfigField("create_key", .bool, default: .bool(false), doc: "Generate the key file (mode 0600, with a `.pub` beside it) when it does not exist."),
-            ConfigField("profile", .string, default: .string("continuity"), doc: "The surface profile written into each container."),
+            ConfigField("profile", .string, default: .string("continuity"), doc: "The surface profile of resealed trusted forks (verified containers)."),
+            ConfigField("candidate_profile", .string, default: .string("unverified"),
+                        doc: "The surface profile of resealed content that was never verified (reseal candidates: JSON from anyone who can write to the inbox), so a peer that expects `profile` does not trust it as if verified."),
             ConfigField("archive_dir", .string, default: .string("archive"), doc: "Where the original inbox file is moved after its reseal."),
         ],
         make: { ResealSinkStage(config: $0) })
 
-    let dirSpec: String, keySpec: String, createKey: Bool, profile: String, archiveSpec: String
+    let dirSpec: String, keySpec: String, createKey: Bool, profile: String, candidateProfile: String, archiveSpec: String
     var key: SigningKey?
     var outbox = ""
     var archive: FileMoveAction?
@@ -111,7 +114,7 @@ public final class ResealSinkStage: Stage {
 
     init(config c: ConfigReader) {
         dirSpec = c.string("dir") ?? "outbox"; keySpec = c.string("key") ?? ""; createKey = c.bool("create_key") ?? false
-        profile = c.string("profile") ?? "continuity"; archiveSpec = c.string("archive_dir") ?? "archive"
+        profile = c.string("profile") ?? "continuity"; candidateProfile = c.string("candidate_profile") ?? "unverified"; archiveSpec = c.string("archive_dir") ?? "archive"
     }
 
     public func start(context: any StageContext) throws {
@@ -141,10 +144,12 @@ public final class ResealSinkStage: Stage {
         let name = e.attrs["filename"]?.stringValue ?? e.id.description
         let base = (name as NSString).lastPathComponent
         let outName = Sniff.sealedExtensions.contains(Sniff.extensionOf(base)) ? base : base + ".tza"
+        // Only a verified container keeps the trusted profile; anything else is marked unverified.
+        let surfaceProfile = e.attrs["seal_status"]?.stringValue == "trusted-fork" ? profile : candidateProfile
         let sealed: [UInt8]
         do {
-            sealed = try SealedContainer.seal(files: [(path: base.isEmpty ? "payload" : base, mode: 0o644, data: e.payload)],
-                                              surfaceName: outName, profile: profile, key: key, createdNs: context.wallClockNs)
+            sealed = try SealedContainer.seal(files: [(path: base.isEmpty || base == "." || base == ".." ? "payload" : base, mode: 0o644, data: e.payload)],
+                                              surfaceName: outName, profile: surfaceProfile, key: key, createdNs: context.wallClockNs)
         } catch {
             failed += 1; context.count("move_failed")
             context.audit(.about(e, decision: "move-failed", reason: "cannot seal: \(error)", details: ["wanted": .string("reseal")]))
@@ -161,7 +166,7 @@ public final class ResealSinkStage: Stage {
             resealed += 1; context.count("resealed")
             context.audit(.about(e, decision: "reseal", reason: "sealed forward state with key \(Hex.encode(key.keyID))",
                                  details: ["filename": .string(name), "to": .string(to), "surface": .string(outName),
-                                           "profile": .string(profile), "bytes": .int(Int64(sealed.count))]))
+                                           "profile": .string(surfaceProfile), "bytes": .int(Int64(sealed.count))]))
         }
         if e.attrs["inbox_dir"] != nil {
             IntakeAudit.record(archive.apply(e), e, decision: "archive", context: context, moved: &archived, failed: &failed)

@@ -107,13 +107,16 @@ public enum SealedContainer {
     static func be32(_ v: Int) -> [UInt8] { [UInt8(v >> 24 & 0xFF), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
 
     /// Why `path` may not be unpacked (absolute, `..`, empty components, NUL), or nil.
+    /// Checked on bytes, as the kernel sees the path (a `/` followed by a combining mark is one
+    /// Swift character but two path components).
     public static func unsafePathReason(_ path: String) -> String? {
-        if path.isEmpty { return "empty path" }
-        if path.hasPrefix("/") { return "absolute path" }
-        if path.utf8.contains(0) { return "NUL in path" }
-        for c in path.split(separator: "/", omittingEmptySubsequences: false) {
+        let u = Array(path.utf8)
+        if u.isEmpty { return "empty path" }
+        if u.first == 0x2F { return "absolute path" }
+        if u.contains(0) { return "NUL in path" }
+        for c in u.split(separator: 0x2F, omittingEmptySubsequences: false) {
             if c.isEmpty { return "empty path component" }
-            if c == ".." || c == "." { return "'\(c)' component" }
+            if c.elementsEqual([0x2E]) || c.elementsEqual([0x2E, 0x2E]) { return "'\(String(decoding: c, as: UTF8.self))' component" }
         }
         return nil
     }
@@ -193,7 +196,12 @@ public enum SealedContainer {
             stream += data
         }
         guard at == bytes.count else { throw SealError(message: "\(bytes.count - at) unexpected bytes after block \(manifest.blockCount)") }
-        let total = manifest.entries.reduce(0) { $0 + $1.size }
+        var total = 0
+        for e in manifest.entries {
+            let (t, o) = total.addingReportingOverflow(e.size)
+            guard !o, t <= stream.count else { throw SealError(message: "entries declare more bytes than the blocks carry (\(stream.count))") }
+            total = t
+        }
         guard total == stream.count else { throw SealError(message: "entries declare \(total) bytes, blocks carry \(stream.count)") }
         var files: [(Entry, [UInt8])] = []
         var off = 0
@@ -234,17 +242,39 @@ public enum SealedContainer {
     /// never overwriting an existing file.
     public static func unpack(_ opened: Opened, into dir: String) throws(SealError) -> [String] {
         var written: [String] = []
+        do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+        catch { throw SealError(message: "cannot create \(dir): \(error.localizedDescription)") }
         for (e, data) in opened.files {
             if let why = unsafePathReason(e.path) { throw SealError(message: "refusing '\(e.path)': \(why)") }
-            let full = dir + "/" + e.path
-            let parent = (full as NSString).deletingLastPathComponent
-            do { try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true) }
-            catch { throw SealError(message: "cannot create \(parent): \(error.localizedDescription)") }
+            // Create each directory on the way, refusing any component that exists as a symlink or
+            // a non-directory (so nothing already in `dir` can redirect a write outside it).
+            var at = dir
+            let parts = e.path.utf8.split(separator: 0x2F).map { String(decoding: $0, as: UTF8.self) }
+            for comp in parts.dropLast() {
+                at += "/" + comp
+                var st = stat()
+                if lstat(at, &st) == 0 {
+                    guard st.st_mode & S_IFMT == S_IFDIR else { throw SealError(message: "refusing '\(e.path)': \(at) exists and is not a directory") }
+                } else if mkdir(at, 0o755) != 0 && errno != EEXIST {
+                    throw SealError(message: "cannot create \(at): \(String(cString: strerror(errno)))")
+                }
+            }
+            let full = at + "/" + (parts.last ?? "")
             let fd = Glibc.open(full, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode_t(e.mode == 0 ? 0o644 : e.mode))
             guard fd >= 0 else { throw SealError(message: "cannot create \(full): \(String(cString: strerror(errno)))") }
-            let n = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            var done = 0
+            var failure: String?
+            while done < data.count {
+                let n = data.withUnsafeBytes { raw -> Int in
+                    guard let base = raw.baseAddress else { return 0 }
+                    return Glibc.write(fd, base + done, raw.count - done)
+                }
+                if n < 0 { if errno == EINTR { continue }; failure = String(cString: strerror(errno)); break }
+                done += n
+            }
+            if failure == nil && fsync(fd) != 0 { failure = String(cString: strerror(errno)) }
             close(fd)
-            guard n == data.count else { throw SealError(message: "cannot write \(full): \(String(cString: strerror(errno)))") }
+            if let f = failure { unlink(full); throw SealError(message: "cannot write \(full): \(f)") }
             written.append(full)
         }
         return written

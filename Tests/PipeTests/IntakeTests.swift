@@ -115,6 +115,8 @@ struct SealedContainerTests {
         #expect(reason(other, trusted: [demoKey.publicKey]).contains("not a trusted key"))
         #expect(SealedContainer.unsafePathReason("../x") != nil && SealedContainer.unsafePathReason("/etc/x") != nil)
         #expect(SealedContainer.unsafePathReason("a//b") != nil && SealedContainer.unsafePathReason("a/b.txt") == nil)
+        // A '/' followed by a combining mark is one Swift Character, but the kernel sees '..' then a component.
+        #expect(SealedContainer.unsafePathReason("../\u{301}x") != nil)
         #expect(throws: SealError.self) { try SealedContainer.seal(files: [(path: "../evil", mode: 0o644, data: [1])], surfaceName: "x", profile: "p", key: demoKey, createdNs: 0) }
     }
 
@@ -366,6 +368,16 @@ struct InboxTests {
         if let b = env("b.bin") { try sink.feed(b) }
         #expect(exists(dir + "/b.bin") && !exists(q + "/b.bin"))
         #expect(sink.takeAudits().first?.reason.contains("changed since it was read") == true)
+        // Replaced by a rename (a new inode under the same name) after it was read: left alone too.
+        write(Array("new a".utf8), dir + "/a.bin")
+        try h.produce(); try h.advance(byMs: 100); try h.produce()
+        let newA = h.take().filter { $0.attrs["filename"] == .string("a.bin") }
+        #expect(newA.count == 1)
+        write(Array("newer a".utf8), dir + "/a.tmp")
+        #expect(rename(dir + "/a.tmp", dir + "/a.bin") == 0)
+        if let a = newA.first { try sink.feed(a) }
+        #expect(FileManager.default.contents(atPath: dir + "/a.bin") == Data("newer a".utf8) && !exists(q + "/a.bin.2"))
+        #expect(sink.takeAudits().first?.reason.contains("changed since it was read") == true)
         // The destination is unusable (replaced by a file): the move fails and says so.
         try FileManager.default.removeItem(atPath: q)
         write([0], q)
@@ -373,7 +385,19 @@ struct InboxTests {
         #expect(FileManager.default.contents(atPath: dir + "/c.bin") == Data("three".utf8))
         let failed = sink.takeAudits()
         #expect(failed.first?.decision == "move-failed" && failed.first?.reason.contains("left where it was") == true)
-        #expect(sink.metrics["move_failed"] == 2 && sink.metrics["moved"] == 1)
+        #expect(sink.metrics["move_failed"] == 3 && sink.metrics["moved"] == 1)
+    }
+
+    @Test func aFileDatedPast2262_isTakenNotACrash() throws {
+        let (h, dir) = try inbox()
+        write(Array("{}".utf8), dir + "/future.json")
+        let t = try runProcess("/usr/bin/touch", ["-m", "-d", "2300-01-01", dir + "/future.json"], timeout: 10)
+        #expect(t.status == 0)
+        try h.produce(); try h.advance(byMs: 100); try h.produce()
+        #expect(h.take().map { $0.attrs["filename"] } == [.string("future.json")])
+        let police = try StageHarness(PoliceStage.descriptor, config: .object([("dirs", .list([.string(dir)]))]))
+        try police.produce(maxCalls: 3)
+        #expect(police.take().first?.attrs["severity"] == .string("WARN"))
     }
 
     @Test func fullDisk_onMove_leavesTheFileAndSaysSo() throws {
@@ -397,6 +421,13 @@ struct InboxTests {
         let a = sink.takeAudits()
         #expect(a.first?.decision == "move-failed")
         #expect(a.first?.reason.contains("No space left on device") == true, "\(a.first?.reason ?? "")")
+        // A FIFO (dead-lettered by the inbox) crossing file systems is refused, not waited on.
+        #expect(mkfifo(dir + "/pipe", 0o644) == 0)
+        try h.produce(); try h.advance(byMs: 100); try h.produce()
+        let fifo = h.deadLetters.map(\.envelope).filter { $0.attrs["filename"] == .string("pipe") }
+        #expect(fifo.count == 1 && h.deadLetters.last?.reason == "pipe: not a regular file; left in the inbox")
+        for e in fifo { try sink.feed(e) }
+        #expect(sink.takeAudits().first?.reason.contains("not a regular file; not copied") == true)
     }
 
     @Test func reseal_writesAVerifiableContainerToTheOutbox_thenArchivesTheOriginal() throws {
@@ -414,6 +445,7 @@ struct InboxTests {
         let sealed = [UInt8](FileManager.default.contents(atPath: run + "/outbox/data.json.tza") ?? Data())
         let o = try SealedContainer.open(sealed, trusted: [pub])
         #expect(o.manifest.surfaceName == "data.json.tza" && o.files.first?.data == Array("  {\"state\": 1}".utf8))
+        #expect(o.manifest.profile == "unverified")        // never verified: not resealed as trusted
         #expect(exists(run + "/archive/data.json") && !exists(dir + "/data.json"))
         #expect(sink.takeAudits().map(\.decision) == ["reseal", "archive"])
     }
