@@ -58,15 +58,23 @@ enum IntakeBench {
         let r = try runPipeline(yaml, name: "intake")
         let lines = (try? String(contentsOfFile: r.runDirectory + "/audit.jsonl", encoding: .utf8))?.split(separator: "\n") ?? []
         var first = UInt64.max, last: UInt64 = 0, moved = 0
+        var names = Set<String>()
         for l in lines {
             guard let v = try? JSON.parse(String(l)), let d = v["erin"]?["decision"]?.stringValue,
                   let t = v["eromheen"]?["time_ns"]?.intValue.map({ UInt64($0) }) else { continue }
             if d == "classify" { first = min(first, t) }
-            if ["quarantine", "triage", "reject", "archive"].contains(d) { moved += 1; last = max(last, t) }
+            if ["quarantine", "triage", "reject", "archive"].contains(d) {
+                moved += 1; last = max(last, t)
+                names.insert(v["details"]?["filename"]?.stringValue ?? "")
+            }
         }
         let failed = lines.filter { $0.contains(#""decision":"move-failed""#) }.count
-        precondition(moved == rounds * 11 && failed == 0, "every file moved once (\(moved) of \(rounds * 11), \(failed) failed)")
-        return (Double(moved) / (Double(last - first) / 1e9), moved)
+        guard names.count == rounds * 11, failed == 0 else {
+            throw RuntimeError.plan("intake bench: \(names.count) of \(rounds * 11) files moved, \(failed) moves failed (run dir \(r.runDirectory))")
+        }
+        // A file the writer was still rewriting when its window closed arrives (and moves) twice.
+        if moved != names.count { FileHandle.standardError.write(Data("intake bench: \(moved - names.count) second arrivals\n".utf8)) }
+        return (Double(names.count) / (Double(last - first) / 1e9), names.count)
     }
 
     /// The peer's figures, measured now (Tools/peers/bench_continuity.py in the peer virtualenv).
@@ -100,9 +108,11 @@ enum IntakeBench {
         let always = try sniff(mime: "always", seconds: secs)
         print(String(format: "sniffer embedded, scenario mix, every decision audited: mime off %.0f/s, when-needed %.0f/s, always %.0f/s", off, needed, always))
         var runs: [(rate: Double, files: Int)] = []
-        for _ in 0..<3 { runs.append(try endToEnd(rounds: quick ? 100 : 400)) }
-        let e2e = runs.sorted { $0.rate < $1.rate }[1]
-        print(String(format: "intake end to end (write -> inotify -> classify -> verify -> move, audited): %.0f files/s (%d files; median of 3)", e2e.rate, e2e.files))
+        for _ in 0..<5 { runs.append(try endToEnd(rounds: quick ? 100 : 400)) }
+        let sorted = runs.sorted { $0.rate < $1.rate }
+        let e2e = sorted[2]
+        print(String(format: "intake end to end (write -> inotify -> classify -> verify -> move, audited): %.0f files/s (%d files; median of 5, range %.0f-%.0f)",
+                     e2e.rate, e2e.files, sorted[0].rate, sorted[4].rate))
         print("")
         print(String(format: "ratio sniff mime off / peer sniff:          %.1f x  (target >= 10)", off / peer.sniff))
         print(String(format: "ratio sniff mime when-needed / peer sniff:  %.1f x  (target >= 2)", needed / peer.sniff))
