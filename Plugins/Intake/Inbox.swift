@@ -253,7 +253,11 @@ public final class InboxStage: SourceStage {
             // A symlink, FIFO, socket or device appears whole (no close-after-write follows); a regular
             // file waits for its close.
             var st = stat()
-            arrival = lstat(FS.join(canonicalDir, name), &st) == 0 && st.st_mode & S_IFMT != S_IFREG && st.st_mode & S_IFMT != S_IFDIR
+            // So does a regular file hard-linked in (`link()`: a second name, so st_nlink > 1).
+            if lstat(FS.join(canonicalDir, name), &st) == 0 {
+                let type = st.st_mode & S_IFMT
+                arrival = (type != S_IFREG && type != S_IFDIR) || (type == S_IFREG && st.st_nlink > 1)
+            }
         }
         if arrival {
             if var p = pending[name] { p.events += 1; pending[name] = p }

@@ -13,7 +13,12 @@ struct MoveFailure: Error, CustomStringConvertible {
 enum Mover {
     /// `dir/name`, then `dir/name.1`, `dir/name.2`, ... (made one at a time, as needed).
     static func candidates(_ dir: String, _ name: [UInt8]) -> LazyMapSequence<Range<Int>, [CChar]> {
-        (0..<1000).lazy.map { i in i == 0 ? FS.join(dir, name) : FS.join(dir, name + Array(".\(i)".utf8)) }
+        (0..<1000).lazy.map { i in
+            if i == 0 { return FS.join(dir, name) }
+            // Keep within NAME_MAX (255 bytes) when adding the suffix.
+            let suffix = Array(".\(i)".utf8)
+            return FS.join(dir, Array(name.prefix(255 - suffix.count)) + suffix)
+        }
     }
     static func string(_ p: [CChar]) -> String { String(decoding: p.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
 

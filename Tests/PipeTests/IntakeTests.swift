@@ -287,6 +287,12 @@ struct InboxTests {
         let up = h.take()
         #expect(up.map { $0.attrs["filename"] } == [.string("upload.csv")])
         #expect(up.first?.payload == Array("full upload".utf8) && up.first?.attrs["arrival_events"] == .int(1))
+        // A hard link made into the inbox raises only IN_CREATE; it is an arrival all the same.
+        let outside = Paths.tempDir("linksrc") + "/made-elsewhere.txt"
+        write(Array("linked in".utf8), outside)
+        #expect(link(outside, dir + "/linked.txt") == 0)
+        try h.produce(); try h.advance(byMs: 100); try h.produce()
+        #expect(h.take().map(\.payload) == [Array("linked in".utf8)])
         #expect(h.deadLetters.isEmpty)
     }
 
