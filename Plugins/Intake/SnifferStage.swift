@@ -77,9 +77,14 @@ public final class SnifferStage: Stage {
                 // libmagic needs only the start of the content for a MIME type.
                 mimeType = m.describe(UnsafeRawBufferPointer(rebasing: p.prefix(64 * 1024)))
             }
-            var hex = [UInt8](); hex.reserveCapacity(16)
-            for b in p.prefix(8) { hex.append(Self.hexDigits[Int(b >> 4)]); hex.append(Self.hexDigits[Int(b & 0xF)]) }
-            return (r, String(decoding: hex, as: UTF8.self))
+            let head8 = UnsafeRawBufferPointer(rebasing: p.prefix(8))
+            let hex = String(unsafeUninitializedCapacity: head8.count * 2) { out in
+                for (i, b) in head8.enumerated() {
+                    out[2 * i] = Self.hexDigits[Int(b >> 4)]; out[2 * i + 1] = Self.hexDigits[Int(b & 0xF)]
+                }
+                return head8.count * 2
+            }
+            return (r, hex)
         }
         if mimeType != nil { mimeCalls += 1 }
         var disposition = result.disposition
@@ -98,10 +103,7 @@ public final class SnifferStage: Stage {
         if let s = result.tbz.ssm { e.attrs["ssm"] = .int(Int64(s)) }
         if let m = mimeType { e.attrs["mime"] = .string(m) }
         counts[cls.index] += 1
-        var details: [String: AttrValue] = Dictionary(minimumCapacity: 4)
-        details["filename"] = .string(name)
-        details["intake_class"] = .string(cls.rawValue)
-        details["disposition"] = .string(disposition.rawValue)
+        var details: [String: AttrValue] = ["filename": .string(name), "intake_class": .string(cls.rawValue), "disposition": .string(disposition.rawValue)]
         if let m = mimeType { details["mime"] = .string(m) }
         context.audit(.about(e, decision: "classify", reason: Self.reasons[cls.index][disposition.index], details: details))
         if mode == .passive {
