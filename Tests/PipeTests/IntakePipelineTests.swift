@@ -114,4 +114,41 @@ struct IntakePipelineTests {
         #expect(states.contains { $0.hasPrefix("normal -> ") }, "\(states)")
         #expect(audits.contains { decision($0) == "police-finding" })
     }
+
+    @Test func sealAndUnseal_fromTheCommandLine() throws {
+        let d = Paths.tempDir("seal-cli")
+        let keys = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/keys"], timeout: 30)
+        #expect(keys.status == 0)
+        try FileManager.default.createDirectory(atPath: d + "/src/sub", withIntermediateDirectories: true)
+        try "hello\n".write(toFile: d + "/src/a.txt", atomically: false, encoding: .utf8)
+        try Data((0..<150_000).map { UInt8(truncatingIfNeeded: $0) }).write(to: URL(fileURLWithPath: d + "/src/sub/b.bin"))
+        let seal = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/src.tza"], timeout: 30)
+        #expect(seal.status == 0, "\(seal.stderr)")
+        #expect(seal.stdout.contains("sealed 2 file(s)"))
+        let ok = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza", "--verify", "--pub", d + "/keys/signing.pub", "-o", d + "/out", "--json"], timeout: 30)
+        #expect(ok.status == 0, "\(ok.stderr)")
+        let v = try JSON.parse(ok.stdout)
+        #expect(v["valid"] == .bool(true) && v["signer_trusted"] == .bool(true) && v["surface"] == .string("src.tza"))
+        #expect(FileManager.default.contents(atPath: d + "/out/sub/b.bin") == FileManager.default.contents(atPath: d + "/src/sub/b.bin"))
+        // A container signed by another key fails --pub; a flipped byte fails without it.
+        let other = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/other"], timeout: 30)
+        #expect(other.status == 0)
+        let wrongKey = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza", "--verify", "--pub", d + "/other/signing.pub"], timeout: 30)
+        #expect(wrongKey.status == 1 && wrongKey.stdout.contains("is not a trusted key"))
+        var bytes = [UInt8](FileManager.default.contents(atPath: d + "/src.tza") ?? Data())
+        bytes[bytes.count / 2] ^= 0x20
+        try Data(bytes).write(to: URL(fileURLWithPath: d + "/bad.tza"))
+        let bad = try runProcess(Paths.pipectl, ["unseal", d + "/bad.tza", "--verify", "-o", d + "/bad-out"], timeout: 30)
+        #expect(bad.status == 1 && bad.stdout.contains("INVALID: block"))
+        #expect(!FileManager.default.fileExists(atPath: d + "/bad-out/a.txt"))      // nothing unpacked
+        let usage = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza"], timeout: 30)
+        #expect(usage.status != 0 && usage.stderr.contains("Usage"))
+        // Sealing refuses symlinks and never overwrites without --force.
+        try FileManager.default.createSymbolicLink(atPath: d + "/src/link", withDestinationPath: "/etc/hostname")
+        let sym = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/x.tza"], timeout: 30)
+        #expect(sym.status != 0 && sym.stderr.contains("is a symlink"))
+        try FileManager.default.removeItem(atPath: d + "/src/link")
+        let again = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/src.tza"], timeout: 30)
+        #expect(again.status != 0 && again.stderr.contains("exists"))
+    }
 }
