@@ -17,6 +17,8 @@ public final class VerifyStage: Stage {
             ConfigField("trusted_keys", .list(.string), doc: "Signer public keys trusted: 64 hex digits, or the path of a `.pub` file from `pipehost keygen`."),
             ConfigField("profile", .string, optional: true, doc: "The surface profile expected; a container declaring another one is a `triage-fork`."),
             ConfigField("name_attr", .string, default: .string("filename"), doc: "Attribute holding the arrival name the surface name must match."),
+            ConfigField("max_age_s", .double(min: 0), optional: true,
+                        doc: "Refuse containers sealed longer ago than this (by their signed `created_ns` against the stage's wall clock), or more than this far in the future; unset: no freshness check."),
         ],
         check: { c in
             (c.strings("trusted_keys") ?? []).isEmpty ? [ConfigIssue(key: "trusted_keys", message: "trusted_keys must name at least one key")] : []
@@ -26,6 +28,7 @@ public final class VerifyStage: Stage {
     let keySpecs: [String]
     let profile: String?
     let nameAttr: String
+    let maxAgeNs: UInt64?
     var keys: [[UInt8]] = []
     var trusted = OutputHandle(index: 0, name: "trusted-fork")
     var triage = OutputHandle(index: 1, name: "triage-fork")
@@ -36,6 +39,7 @@ public final class VerifyStage: Stage {
         keySpecs = c.strings("trusted_keys") ?? []
         profile = c.string("profile")
         nameAttr = c.string("name_attr") ?? "filename"
+        maxAgeNs = c.double("max_age_s").map { UInt64(min($0, 1e9) * 1e9) }
     }
 
     public func start(context: any StageContext) throws {
@@ -51,9 +55,17 @@ public final class VerifyStage: Stage {
         var e = envelope
         let name = e.attrs[nameAttr]?.stringValue ?? ""
         let status: String, reason: String
-        do {
+        do throws(SealError) {
             let opened = try SealedContainer.open(e.payload, trusted: keys)
             let m = opened.manifest
+            if let maxAge = maxAgeNs {
+                let now = context.wallClockNs
+                let age = now >= m.createdNs ? now - m.createdNs : m.createdNs - now
+                if age > maxAge {
+                    let when = now >= m.createdNs ? "sealed \(age / 1_000_000_000) s ago" : "dated \(age / 1_000_000_000) s in the future"
+                    throw SealError(message: "\(when), beyond max_age_s \(maxAge / 1_000_000_000) (a replayed or misdated container)")
+                }
+            }
             e.attrs["seal_signer"] = .string(m.signerID)
             e.attrs["seal_surface"] = .string(m.surfaceName)
             e.attrs["seal_profile"] = .string(m.profile)

@@ -5,6 +5,7 @@ import PipeKit
 /// A libsodium or key-file error.
 public struct SealError: Error, Sendable, CustomStringConvertible {
     public let message: String
+    public init(message: String) { self.message = message }
     public var description: String { message }
 }
 

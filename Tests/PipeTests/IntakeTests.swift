@@ -221,6 +221,22 @@ struct IntakeStageTests {
         #expect(h.takeAudits().map(\.decision) == ["trusted-fork", "triage-fork", "triage-fork", "reject-invalid", "reject-invalid"])
     }
 
+    @Test func verify_maxAge_refusesReplayedAndFutureContainers() throws {
+        let h = try StageHarness(VerifyStage.descriptor, config: .object([
+            ("trusted_keys", .list([.string(Hex.encode(demoKey.publicKey))])), ("max_age_s", .double(3600))]))
+        let now = h.wallClockNs
+        func sealed(at ns: UInt64) throws -> [UInt8] {
+            try SealedContainer.seal(files: [(path: "s", mode: 0o644, data: [1])], surfaceName: "c.tza", profile: "continuity", key: demoKey, createdNs: ns)
+        }
+        try h.feed(file("c.tza", try sealed(at: now - 60_000_000_000)))
+        try h.feed(file("c.tza", try sealed(at: now - 7200_000_000_000)))
+        try h.feed(file("c.tza", try sealed(at: now + 7200_000_000_000)))
+        #expect(h.take("trusted-fork").count == 1)
+        let bad = h.take("reject-invalid").compactMap { $0.attrs["seal_reason"]?.stringValue }
+        #expect(bad == ["sealed 7200 s ago, beyond max_age_s 3600 (a replayed or misdated container)",
+                        "dated 7200 s in the future, beyond max_age_s 3600 (a replayed or misdated container)"])
+    }
+
     @Test func police_severitiesAgeAlertsAndOneFindingEach() throws {
         let run = Paths.tempDir("police")
         for d in ["quarantine", "triage", "inbox"] { try FileManager.default.createDirectory(atPath: run + "/" + d, withIntermediateDirectories: true) }
