@@ -166,7 +166,6 @@ enum Mover {
 /// What a file-moving sink does with one envelope: move the inbox file it came from (checked to
 /// be the same file that was read), or write its payload when it did not come from a file.
 struct FileMoveAction {
-    let decision: String
     let dir: String
 
     enum Outcome { case moved(from: String, to: String), written(to: String), failed(String) }
@@ -228,7 +227,7 @@ public final class MoveSinkStage: Stage {
     public func start(context: any StageContext) throws {
         let d = context.resolvePath(dirSpec)
         try FS.mkdirs(d)
-        action = FileMoveAction(decision: decision, dir: d)
+        action = FileMoveAction(dir: d)
         context.report("dir", .string(d))
     }
 

@@ -134,7 +134,7 @@ public final class ResealSinkStage: Stage {
         try FS.mkdirs(outbox)
         let a = context.resolvePath(archiveSpec)
         try FS.mkdirs(a)
-        archive = FileMoveAction(decision: "archive", dir: a)
+        archive = FileMoveAction(dir: a)
         let kp = context.resolvePath(keySpec)
         do {
             if createKey, !FileManager.default.fileExists(atPath: kp) {
