@@ -26,6 +26,7 @@ let package = Package(
         .systemLibrary(name: "CSodium", path: "Sources/CSodium"),
         .systemLibrary(name: "CMagic", path: "Sources/CMagic"),
         .systemLibrary(name: "CSQLite", path: "Sources/CSQLite"),
+        .systemLibrary(name: "CCrypto", path: "Sources/CCrypto"),
 
         // The stage SDK.
         .target(name: "PipeKit", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: hotPath),
@@ -37,6 +38,9 @@ let package = Package(
         .target(name: "PipeSeal", dependencies: ["CSodium", "PipeKit"]),
         .target(name: "PipeSniff", dependencies: ["CMagic", "PipeKit"]),
         .target(name: "PipeConfig", dependencies: ["PipeKit", "Yams"]),
+        // The hash-chained audit log: SQLite through PipeStore, checkpoints through PipeSeal,
+        // SHA-256 through libcrypto (the one module that imports CCrypto).
+        .target(name: "PipeAudit", dependencies: ["CCrypto", "PipeKit", "PipeStore", "PipeSeal"]),
 
         // Stage plugins: PipeKit + capability modules only.
         .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
@@ -47,7 +51,7 @@ let package = Package(
         .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages", "IntakeStages"]),
 
         .target(name: "PipeRuntime", dependencies: [
-            "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeRegistry",
+            "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeAudit", "PipeRegistry",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
 
@@ -56,14 +60,14 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "pipectl", dependencies: [
-            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal",
+            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "TwinStages", "IntakeStages"],
+        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages"],
                           path: "Tools/bench"),
 
         .testTarget(name: "PipeTests", dependencies: [
-            "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff",
+            "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff", "PipeAudit",
             "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages",
         ], exclude: ["Fixtures"]),
     ],

@@ -84,8 +84,29 @@ public struct PipelineLoader {
             case "version":
                 if v.int != 1 { error(pos(v), "unsupported pipeline version (this host reads version 1)") }
             case "audit":
-                if let s = scalarString(v), let a = AuditLevel(rawValue: s) { spec.audit = a }
-                else { error(pos(v), "audit must be `all` or `decisions`") }
+                if let m = v.mapping {
+                    for (ak, av) in m {
+                        switch ak.string {
+                        case "level":
+                            if let s = scalarString(av), let a = AuditLevel(rawValue: s) { spec.audit = a }
+                            else { error(pos(av), "audit.level must be `all` or `decisions`") }
+                        case "log":
+                            if let s = scalarString(av), !s.isEmpty { spec.auditLog.path = s } else { error(pos(av), "audit.log must be a file path") }
+                        case "key":
+                            if let s = scalarString(av), !s.isEmpty { spec.auditLog.key = s; spec.auditLog.keyIsDefault = false }
+                            else { error(pos(av), "audit.key must be the path of a `pipehost keygen` key file") }
+                        case "checkpoint_every":
+                            if let n = av.int, n >= 1, n <= 100_000_000 { spec.auditLog.checkpointEvery = n }
+                            else { error(pos(av), "audit.checkpoint_every must be an integer from 1 to 100000000 (records)") }
+                        case "checkpoint_interval_s":
+                            if let d = av.float ?? av.int.map(Double.init), d > 0, d <= 86_400 { spec.auditLog.checkpointIntervalS = d }
+                            else { error(pos(av), "audit.checkpoint_interval_s must be a number of seconds from 0 to 86400") }
+                        default:
+                            error(pos(ak), "unknown audit key '\(ak.string ?? "?")' (expected level, log, key, checkpoint_every, checkpoint_interval_s)")
+                        }
+                    }
+                } else if let s = scalarString(v), let a = AuditLevel(rawValue: s) { spec.audit = a }
+                else { error(pos(v), "audit must be `all` or `decisions`, or a mapping { level, log, key, checkpoint_every, checkpoint_interval_s }") }
             case "dead_letter":
                 guard let m = v.mapping else { error(pos(v), "dead_letter must be a mapping like { path: dead-letters.jsonl }"); continue }
                 for (dk, dv) in m {

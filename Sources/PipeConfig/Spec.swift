@@ -154,11 +154,25 @@ public struct MetricsSpec: Sendable, Hashable {
     public init(listen: String, host: String, port: Int) { self.listen = listen; self.host = host; self.port = port }
 }
 
+/// Where and how the hash-chained audit log is kept (`audit:` in the YAML; docs/audit-log.md).
+public struct AuditLogSpec: Sendable, Hashable {
+    /// The SQLite log; relative paths against the run directory.
+    public var path: String = "audit.db"
+    /// The Ed25519 key that signs checkpoints (a `pipehost keygen` file); relative paths against
+    /// the run directory, created there (mode 0600) when it is the default and missing.
+    public var key: String = "audit.key"
+    public var keyIsDefault = true
+    public var checkpointEvery: Int = 10_000
+    public var checkpointIntervalS: Double = 10
+    public init() {}
+}
+
 /// A parsed pipeline file.
 public struct PipelineSpec: Sendable, Hashable {
     public var file: String
     public var name: String
     public var audit: AuditLevel
+    public var auditLog = AuditLogSpec()
     /// Where dead letters go: a JSONL file, relative paths against the run directory.
     public var deadLetterPath: String
     public var defaultPlacement: Placement

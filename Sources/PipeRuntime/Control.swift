@@ -97,7 +97,7 @@ extension PipelineHost {
         .object([
             ("host", .object([("pipeline", .string(plan.spec.name)), ("file", .string(plan.spec.file)), ("pid", .int(Int64(getpid()))),
                               ("run_dir", .string(options.runDirectory)), ("state", .string(stopping ? "stopping (\(stopReason))" : "running")),
-                              ("uptime_s", .double(Double(monotonicNs() - startNs) / 1e9)), ("audit_records", .int(Int64(auditCount)))])),
+                              ("uptime_s", .double(Double(monotonicNs() - startNs) / 1e9)), ("audit_records", .int(Int64(auditCount))), ("audit", auditJSON())])),
             ("stages", .list(stageViews().map(\.json))),
         ])
     }

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import PipeAudit
 import PipeConfig
 import PipeKit
 import PipeZMQ
@@ -135,8 +136,12 @@ public final class PipelineHost: @unchecked Sendable {
     let threadsDone = Counter()
     var runnerRouter: ZMQSocket?
     var controlRouter: ZMQSocket?
-    var auditFile: UnsafeMutablePointer<FILE>?
+    var auditWriter: AuditWriter?
     var auditCount = 0
+    var auditPath = ""
+    var lastAuditCheck: UInt64 = 0
+    var lastAuditError: String?
+    var finalAudit: AuditWriter.Stats?
     var startNs: UInt64 = 0
     var stopping = false
     var shuttingDown = false
@@ -172,7 +177,7 @@ public final class PipelineHost: @unchecked Sendable {
         try RunDirectory.create(dir + "/sock")
         try? "\(getpid())\n".write(toFile: dir + "/host.pid", atomically: true, encoding: .utf8)
         try? "\(plan.spec.name)\n\(plan.spec.file)\n".write(toFile: dir + "/pipeline", atomically: true, encoding: .utf8)
-        auditFile = fopen(dir + "/audit.jsonl", "ae")
+        try openAuditLog(dir)
         installSignalHandlers()
         do {
             let rr = try zmq.socket(.router)
@@ -286,6 +291,7 @@ public final class PipelineHost: @unchecked Sendable {
             checkBounds(now)
             publishSubscriptions(now)
             refreshMetrics(now)
+            checkAudit(now)
             if now - lastHeartbeat > 1_000_000_000 { lastHeartbeat = now; heartbeat() }
             if allFinished { broadcast(.finish); break }
         }
@@ -348,16 +354,16 @@ public final class PipelineHost: @unchecked Sendable {
                 stages[id]?.stats = r
                 observeLanes(of: id)
             case .audit:
-                // One or more records, one JSON object per line (runners batch them).
-                guard f.body.count <= 4 << 20, String(validating: f.body, as: UTF8.self) != nil else {
-                    log.error("stage '\(id)': AUDIT frame refused (\(f.body.count) bytes, not UTF-8 or over 4 MiB)")
+                    // One or more binary records (runners batch them); the writer validates each.
+                guard f.body.count <= 4 << 20 else {
+                    log.error("stage '\(id)': AUDIT frame of \(f.body.count) bytes refused (over 4 MiB)")
+                    auditWriter?.submit(AuditRecord(decision: "audit-refused", stage: "host", intent: "audit.integrity",
+                                                    reason: "stage '\(id)' sent an AUDIT frame of \(f.body.count) bytes (over 4 MiB)",
+                                                    details: ["from_stage": .string(id)]))
                     return
                 }
-                if let fh = auditFile {
-                    _ = fwrite(f.body.baseAddress, 1, f.body.count, fh)
-                    fputc(0x0A, fh)
-                }
-                auditCount += 1 + f.body.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
+                auditWriter?.submit(frame: f.body, from: id)
+                auditCount += (try? AuditCodec.entries(f.body).count) ?? 1
             default:
                 log.warning("unexpected \(f.header.type) frame from runner '\(id)'")
             }
@@ -530,7 +536,7 @@ public final class PipelineHost: @unchecked Sendable {
         runnerRouter?.close(); controlRouter?.close()
         metricsServer?.stop()
         unlink(options.runDirectory + "/metrics.addr")
-        if let f = auditFile { fclose(f); auditFile = nil }
+        closeAuditLog()
         unlink(options.runDirectory + "/control.sock")
         unlink(options.runDirectory + "/runners.sock")
         unlink(options.runDirectory + "/host.pid")

@@ -157,11 +157,7 @@ extension PipelineHost {
 
     /// Appends one record to the run's audit log (the host's own decisions).
     func writeAudit(_ r: AuditRecord) {
-        guard let fh = auditFile else { return }
-        var line: [UInt8] = []
-        r.writeJSON(into: &line)
-        line.append(0x0A)
-        _ = line.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, fh) }
+        auditWriter?.submit(r)
         auditCount += 1
     }
 }

@@ -403,16 +403,14 @@ final class RunnerCore: StageContext {
         if r.stage.isEmpty { r.stage = a.stage }
         if r.location.isEmpty { r.location = location }
         if r.timeNs == 0 { r.timeNs = wallNs() }
-        // Batched: records leave as JSON lines in one AUDIT frame per loop pass (flushAudit),
-        // not one frame (and one wake-up of the host) per decision.
+        // Batched: records leave as binary entries (docs/audit-log.md) in one AUDIT frame per
+        // loop pass (flushAudit), not one frame (and one wake-up of the host) per decision.
         if auditBuffer.isEmpty {
             auditBuffer.reserveCapacity(64 << 10)
             let h = FrameEncoder.text(.audit, seq: 0, "")
             auditBuffer.append(contentsOf: h)
-        } else {
-            auditBuffer.append(0x0A)
         }
-        r.writeJSON(into: &auditBuffer)
+        AuditCodec.appendEntry(r, into: &auditBuffer)
         if auditBuffer.count >= Self.auditFlushBytes { flushAudit() }
     }
 

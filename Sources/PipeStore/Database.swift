@@ -17,10 +17,12 @@ public final class Database: @unchecked Sendable {
     let db: OpaquePointer
     public let path: String
 
-    /// Opens (creating) the database at `path` in WAL mode.
-    public init(path: String) throws(StoreError) {
+    /// Opens (creating) the database at `path` in WAL mode; `readOnly` opens an existing one
+    /// without changing it (no journal-mode switch, no creation).
+    public init(path: String, readOnly: Bool = false) throws(StoreError) {
         var h: OpaquePointer?
-        let rc = sqlite3_open_v2(path, &h, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nil)
+        let flags = readOnly ? SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX
+        let rc = sqlite3_open_v2(path, &h, flags, nil)
         guard rc == SQLITE_OK, let h else {
             let msg = h.map { String(cString: sqlite3_errmsg($0)) } ?? "cannot open"
             if let h { sqlite3_close(h) }
@@ -28,8 +30,37 @@ public final class Database: @unchecked Sendable {
         }
         db = h; self.path = path
         sqlite3_busy_timeout(db, 5000)
+        if readOnly { return }
         try execute("PRAGMA journal_mode=WAL")
         try execute("PRAGMA synchronous=NORMAL")
+    }
+
+    /// SQLite result codes callers tell apart.
+    public static let full: Int32 = SQLITE_FULL, corrupt: Int32 = SQLITE_CORRUPT, notADatabase: Int32 = SQLITE_NOTADB
+
+    /// Copies the whole database to a new file at `dest` with SQLite's online backup API: a
+    /// consistent snapshot even while another connection keeps writing.
+    public func backup(to dest: String) throws(StoreError) {
+        var h: OpaquePointer?
+        let rc = sqlite3_open_v2(dest, &h, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nil)
+        guard rc == SQLITE_OK, let h else {
+            let msg = h.map { String(cString: sqlite3_errmsg($0)) } ?? "cannot open"
+            if let h { sqlite3_close(h) }
+            throw StoreError(code: rc, message: "\(dest): \(msg)")
+        }
+        defer { sqlite3_close(h) }
+        guard let b = sqlite3_backup_init(h, "main", db, "main") else {
+            throw StoreError(code: sqlite3_errcode(h), message: "\(dest): \(String(cString: sqlite3_errmsg(h)))")
+        }
+        var step: Int32
+        repeat {
+            step = sqlite3_backup_step(b, -1)
+            if step == SQLITE_BUSY || step == SQLITE_LOCKED { sqlite3_sleep(10) }
+        } while step == SQLITE_OK || step == SQLITE_BUSY || step == SQLITE_LOCKED
+        let fin = sqlite3_backup_finish(b)
+        if step != SQLITE_DONE || fin != SQLITE_OK {
+            throw StoreError(code: step == SQLITE_DONE ? fin : step, message: "\(dest): backup failed: \(String(cString: sqlite3_errmsg(h)))")
+        }
     }
 
     deinit { sqlite3_close_v2(db) }
@@ -102,6 +133,25 @@ public final class Statement {
         return Array(UnsafeRawBufferPointer(start: p, count: n))
     }
     public func int(_ col: Int32) -> Int64 { sqlite3_column_int64(st, col) }
+    public func isNull(_ col: Int32) -> Bool { sqlite3_column_type(st, col) == SQLITE_NULL }
+
+    // The allocation-free path for bulk work (the audit log): bind borrowed bytes, read column
+    // bytes in place. A borrowed binding must outlive the step that uses it.
+    public func reset() { sqlite3_reset(st) }
+    public func bindInt(_ idx: Int32, _ v: Int64) throws(StoreError) {
+        let rc = sqlite3_bind_int64(st, idx, v)
+        if rc != SQLITE_OK { throw db.error(rc) }
+    }
+    public func bindBorrowed(_ idx: Int32, _ b: UnsafeRawBufferPointer) throws(StoreError) {
+        let rc = sqlite3_bind_blob(st, idx, b.baseAddress ?? UnsafeRawPointer(bitPattern: 1), Int32(b.count), nil)
+        if rc != SQLITE_OK { throw db.error(rc) }
+    }
+    /// The blob of column `col` of the current row, valid until the next step or reset.
+    public func blobInPlace(_ col: Int32) -> UnsafeRawBufferPointer {
+        let p = sqlite3_column_blob(st, col)
+        let n = Int(sqlite3_column_bytes(st, col))
+        return UnsafeRawBufferPointer(start: n > 0 ? p : nil, count: n)
+    }
 }
 
 /// The durable key-value store a stage gets when its descriptor asks (`usesStore`).

@@ -134,7 +134,7 @@ struct BackpressureTests {
         #expect(zip(ns, ns.dropFirst()).allSatisfy { $0 < $1 })
         if policy == "drop_newest" { #expect(ns.first == 1) }
         if policy == "drop_oldest" { #expect(ns.last == 5000) }
-        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
+        let audit = try auditJSONL(run)
         let drops = audit.split(separator: "\n").filter { $0.contains(#""decision":"drop""#) && $0.contains("(\(policy))") }
         #expect(drops.count == Int(dropped))
     }

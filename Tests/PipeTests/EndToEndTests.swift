@@ -119,7 +119,7 @@ struct EndToEndTests {
         let dl = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
         #expect(dl.split(separator: "\n").count == 100)
         #expect(dl.contains("hop-limit: hops 4 > max_hops 3"))
-        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
+        let audit = try auditJSONL(run)
         #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 100)
     }
 
@@ -211,7 +211,7 @@ struct EndToEndTests {
         #expect(reasons.contains { $0.contains("status mismatch: physical=fault, twin=operational") })
         #expect(reasons.contains { $0.contains("load_kg deviates by 700 > tolerance 100") })
         // Every decision is one audit record, batched or not.
-        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8).split(separator: "\n")
+        let audit = try auditJSONL(run).split(separator: "\n")
         let decisions = try audit.map { try JSON.parse(String($0))["erin"]?["decision"]?.stringValue ?? "" }
         #expect(decisions.filter { $0 == "allow" }.count == allowed.count)
         #expect(decisions.filter { $0 == "block" }.count == blocked.count)
@@ -343,7 +343,7 @@ struct EndToEndTests {
         #expect(dl.contains("malformed frame: bad frame magic"))
         #expect(dl.contains("malformed envelope on lane 1"))
         #expect(dl.contains("envelope too large: 2000000 > limit 1048576"))
-        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
+        let audit = try auditJSONL(run)
         #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 3)
     }
 

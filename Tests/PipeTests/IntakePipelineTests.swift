@@ -8,7 +8,7 @@ import PipeSeal
 private func ls(_ dir: String) -> Set<String> { Set((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []) }
 
 private func auditLines(_ run: String) throws -> [ConfigValue] {
-    try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8).split(separator: "\n").map { try JSON.parse(String($0)) }
+    try auditJSONL(run).split(separator: "\n").map { try JSON.parse(String($0)) }
 }
 private func decision(_ a: ConfigValue) -> String { a["erin"]?["decision"]?.stringValue ?? "" }
 private func filename(_ a: ConfigValue) -> String { a["details"]?["filename"]?.stringValue ?? "" }

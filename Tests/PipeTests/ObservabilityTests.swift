@@ -80,7 +80,7 @@ struct ObservabilityTests {
         #expect(p.terminationStatus == 0)
         #expect(!FileManager.default.fileExists(atPath: run + "/metrics.addr"))
         // Every watermark transition is audited.
-        let audit = try String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)
+        let audit = try auditJSONL(run)
         #expect(audit.contains(#""decision":"lane-state""#) && audit.contains("pass.out -> slow.in: normal -> "))
     }
     /// `pipectl top --once` prints one frame; the live view runs in a terminal and quits on q.

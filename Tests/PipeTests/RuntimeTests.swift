@@ -80,7 +80,7 @@ struct RuntimeTests {
             let run = Paths.tempDir("audit-\(level)")
             let s = try runEmbedded(yaml, registry: registry, runDir: run)
             #expect(s.failure == nil)
-            let text = (try? String(contentsOfFile: run + "/audit.jsonl", encoding: .utf8)) ?? ""
+            let text = (try? auditJSONL(run)) ?? ""
             return text.split(separator: "\n").map(String.init)
         }
         let all = try records("all")

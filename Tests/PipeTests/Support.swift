@@ -1,4 +1,5 @@
 import Foundation
+import PipeAudit
 import PipeKit
 
 /// Paths used by the tests.
@@ -93,4 +94,13 @@ func withFrame<R>(_ bytes: [UInt8], _ body: (FrameView) throws -> R) throws -> R
 /// The decode error of a frame header, if any.
 func headerError(_ bytes: [UInt8]) -> DecodeError? {
     do { _ = try withFrame(bytes) { _ in () }; return nil } catch let e as DecodeError { return e } catch { return nil }
+}
+
+/// The run's audit log (audit.db) as JSON lines, one record per line in the provenance-layer
+/// form of `AuditRecord.json`, in sequence order.
+func auditJSONL(_ run: String) throws -> String {
+    let r = try AuditReader(path: run + "/audit.db")
+    var lines: [String] = []
+    try r.forEach { e in lines.append(JSON.serialize(e.record.json)); return true }
+    return lines.joined(separator: "\n")
 }

@@ -1,0 +1,246 @@
+import Dispatch
+import Foundation
+import PipeKit
+import PipeSeal
+import Synchronization
+
+/// The single batched writer of a host's audit log. Producers (the host's control loop, which
+/// receives every runner's AUDIT frames, and the host's own decisions) hand it bytes; its thread
+/// validates each record, appends whatever is waiting as one transaction, and signs checkpoints
+/// every `checkpointEvery` records or `checkpointInterval` and at close.
+///
+/// When an append fails (disk full, I/O error) the records stay queued and are retried; the head
+/// does not move, so the chain never forks. Past `maxPendingRecords` the writer reports `failed`
+/// and the host stops the pipeline: decisions that cannot be audited must not go on being made.
+public final class AuditWriter: @unchecked Sendable {
+    // @unchecked: `log`, `batch` and `offsets` are touched only by the writer thread (and by
+    // init/close before it starts and after it has finished); everything shared is in `state`.
+    public struct Settings: Sendable {
+        public var path: String
+        public var pipeline: String
+        public var signer: SigningKey?
+        public var checkpointEvery: Int
+        public var checkpointIntervalNs: UInt64
+        public var maxPendingRecords: Int
+        public var location: String
+        public init(path: String, pipeline: String, signer: SigningKey?, checkpointEvery: Int = 10_000,
+                    checkpointIntervalNs: UInt64 = 10_000_000_000, maxPendingRecords: Int = 1_000_000, location: String = "host") {
+            self.path = path; self.pipeline = pipeline; self.signer = signer; self.checkpointEvery = checkpointEvery
+            self.checkpointIntervalNs = checkpointIntervalNs; self.maxPendingRecords = maxPendingRecords; self.location = location
+        }
+    }
+
+    public struct Stats: Sendable, Equatable {
+        public var appended = 0
+        public var refused = 0
+        public var pending = 0
+        public var checkpoints = 0
+        public var headSeq: Int64 = 0
+        public var checkpointSeq: Int64 = 0
+        public var failedAppends = 0
+        public var lastError: String?
+        public var failed = false
+        public init() {}
+    }
+
+    struct Item { var stage: String?; var frame: [UInt8]; var count: Int }
+    struct State {
+        var queue: [Item] = []
+        var stopping = false
+        var stats = Stats()
+    }
+
+    public let settings: Settings
+    let log: AuditLog
+    let state: Mutex<State>
+    let wake = DispatchSemaphore(value: 0)
+    let done = DispatchSemaphore(value: 0)
+    var batch: [UInt8] = []
+    var offsets: [(Int, Int)] = []
+    var lastCheckpointNs: UInt64 = 0
+    var started = false
+
+    /// Opens (or creates) the log; errors (another pipeline's log, a broken chain, an unreadable
+    /// file) surface here, before the pipeline starts.
+    public init(_ settings: Settings) throws(AuditError) {
+        self.settings = settings
+        log = try AuditLog(path: settings.path, pipeline: settings.pipeline, signer: settings.signer)
+        var s = Stats()
+        s.headSeq = log.headSeq; s.checkpointSeq = log.checkpointSeq; s.checkpoints = log.checkpointCount
+        state = Mutex(State(stats: s))
+    }
+
+    /// Starts the writer thread.
+    public func start() {
+        guard !started else { return }
+        started = true
+        lastCheckpointNs = Self.nowNs()
+        let t = Thread { [self] in run(); done.signal() }
+        t.name = "audit-writer"
+        t.start()
+    }
+
+    /// Queues an AUDIT frame body (entries of `u32` length + record body) from `stage`; each
+    /// record's `stage` field must name the sender. Copies the bytes.
+    public func submit(frame: UnsafeRawBufferPointer, from stage: String) {
+        let n = (try? AuditCodec.entries(frame).count) ?? 1
+        enqueue(Item(stage: stage, frame: Array(frame), count: n))
+    }
+
+    /// Queues one record made by the host itself.
+    public func submit(_ record: AuditRecord) {
+        var r = record
+        if r.location.isEmpty { r.location = settings.location }
+        if r.timeNs == 0 { r.timeNs = Self.nowNs() }
+        var f: [UInt8] = []
+        AuditCodec.appendEntry(r, into: &f)
+        enqueue(Item(stage: nil, frame: f, count: 1))
+    }
+
+    func enqueue(_ item: Item) {
+        let wasEmpty = state.withLock { s in
+            let e = s.queue.isEmpty
+            s.queue.append(item)
+            s.stats.pending += item.count
+            if s.stats.pending > settings.maxPendingRecords { s.stats.failed = true }
+            return e
+        }
+        if wasEmpty { wake.signal() }
+    }
+
+    public var stats: Stats { state.withLock { $0.stats } }
+
+    /// Drains everything queued, signs a final checkpoint and stops the thread.
+    @discardableResult
+    public func close() -> Stats {
+        state.withLock { $0.stopping = true }
+        if started {
+            wake.signal()
+            done.wait()
+        } else {
+            drain(final: true)
+        }
+        return stats
+    }
+
+    static func nowNs() -> UInt64 {
+        var ts = timespec(); clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    func run() {
+        while true {
+            let waitMs = offsets.isEmpty ? 200 : 500   // a failed batch is retried after a pause
+            _ = wake.wait(timeout: .now() + .milliseconds(waitMs))
+            let stopping = state.withLock { $0.stopping }
+            drain(final: stopping)
+            if stopping { return }
+        }
+    }
+
+    /// One writer pass: take what is queued (unless a failed batch is still waiting), append,
+    /// checkpoint when due. With `final`, retries a failing append a few times before giving up.
+    func drain(final: Bool) {
+        var attempts = final ? 5 : 1
+        while attempts > 0 {
+            attempts -= 1
+            if offsets.isEmpty {
+                let items = state.withLock { s -> [Item] in let q = s.queue; s.queue.removeAll(); return q }
+                if items.isEmpty { break }
+                stage(items)
+            }
+            if appendBatch() {
+                if !final { break }
+                attempts = max(attempts, 1)   // keep draining while records keep coming
+            } else if final {
+                usleep(100_000)
+            }
+        }
+        let now = Self.nowNs()
+        let due = log.headSeq - log.checkpointSeq >= Int64(settings.checkpointEvery)
+            || (log.headSeq > log.checkpointSeq && now &- lastCheckpointNs >= settings.checkpointIntervalNs)
+        if due || final {
+            do {
+                if try log.checkpoint(timeNs: now) { lastCheckpointNs = now }
+                let (cs, cc) = (log.checkpointSeq, log.checkpointCount)
+                state.withLock { $0.stats.checkpointSeq = cs; $0.stats.checkpoints = cc }
+            } catch {
+                state.withLock { $0.stats.lastError = error.message }
+            }
+        }
+    }
+
+    /// Validates the items' records into `batch`: a record that does not decode, or names a
+    /// stage other than its sender, is replaced by an `audit-refused` record saying so.
+    func stage(_ items: [Item]) {
+        batch.removeAll(keepingCapacity: true)
+        offsets.removeAll(keepingCapacity: true)
+        var refused = 0
+        for item in items {
+            item.frame.withUnsafeBytes { f in
+                let entries: [UnsafeRawBufferPointer]
+                do {
+                    entries = try AuditCodec.entries(f)
+                } catch {
+                    refused += item.count
+                    add(refusal(item.stage, "an AUDIT frame of \(f.count) bytes does not split into records: \(error)"))
+                    return
+                }
+                for e in entries {
+                    let why: String?
+                    do {
+                        let r = try AuditCodec.decodeBody(e)
+                        if let s = item.stage, r.stage != s { why = "a record naming stage '\(r.stage)' came from stage '\(s)'" } else { why = nil }
+                    } catch {
+                        why = "a record that does not decode: \(error)"
+                    }
+                    if let why {
+                        refused += 1
+                        add(refusal(item.stage, why))
+                    } else {
+                        offsets.append((batch.count, e.count))
+                        batch.append(contentsOf: e)
+                    }
+                }
+            }
+        }
+        if refused > 0 { state.withLock { $0.stats.refused += refused } }
+    }
+
+    func add(_ r: AuditRecord) {
+        let b = AuditCodec.body(r)
+        offsets.append((batch.count, b.count))
+        batch.append(contentsOf: b)
+    }
+
+    func refusal(_ stage: String?, _ why: String) -> AuditRecord {
+        AuditRecord(decision: "audit-refused", stage: "host", location: settings.location, timeNs: Self.nowNs(),
+                    intent: "audit.integrity", reason: "stage '\(stage ?? "host")' sent \(why)",
+                    details: ["from_stage": .string(stage ?? "host")])
+    }
+
+    /// Appends the staged batch; false (batch kept for a retry) when the append failed.
+    func appendBatch() -> Bool {
+        guard !offsets.isEmpty else { return true }
+        let n = offsets.count
+        let result: AuditError? = batch.withUnsafeBytes { b -> AuditError? in
+            let bodies = offsets.map { UnsafeRawBufferPointer(rebasing: b[$0.0..<($0.0 + $0.1)]) }
+            do throws(AuditError) { try log.append(bodies); return nil } catch { return error }
+        }
+        let head = log.headSeq
+        if let e = result {
+            state.withLock { $0.stats.failedAppends += 1; $0.stats.lastError = e.message }
+            return false
+        }
+        // `pending` counted frame entries; refusals replaced entries one for one (a frame that
+        // did not split counted as its estimate), so subtract what was taken.
+        state.withLock { s in
+            s.stats.appended += n; s.stats.headSeq = head
+            s.stats.pending = max(0, s.stats.pending - n)
+            s.stats.lastError = nil
+        }
+        batch.removeAll(keepingCapacity: true)
+        offsets.removeAll(keepingCapacity: true)
+        return true
+    }
+}
