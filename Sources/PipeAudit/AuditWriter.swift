@@ -13,7 +13,7 @@ import Synchronization
 /// does not move, so the chain never forks. Past `maxPendingRecords` the writer reports `failed`
 /// and the host stops the pipeline: decisions that cannot be audited must not go on being made.
 public final class AuditWriter: @unchecked Sendable {
-    // @unchecked: `log`, `batch` and `offsets` are touched only by the writer thread (and by
+    // @unchecked: `log`, `held` and `bodies` are touched only by the writer thread (and by
     // init/close before it starts and after it has finished); everything shared is in `state`.
     public struct Settings: Sendable {
         public var path: String
@@ -43,7 +43,20 @@ public final class AuditWriter: @unchecked Sendable {
         public init() {}
     }
 
-    struct Item { var stage: String?; var frame: [UInt8]; var count: Int }
+    /// Bytes copied once on submit and freed after their records commit; the writer appends
+    /// straight from them (no second copy), so their address must not move: manual allocation.
+    final class Bytes: @unchecked Sendable {
+        let p: UnsafeMutableRawBufferPointer
+        init(_ src: UnsafeRawBufferPointer) {
+            p = .allocate(byteCount: max(1, src.count), alignment: 8)
+            if let b = src.baseAddress { p.baseAddress?.copyMemory(from: b, byteCount: src.count) }
+            count = src.count
+        }
+        let count: Int
+        var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: p.baseAddress, count: count) }
+        deinit { p.deallocate() }
+    }
+    struct Item { var stage: String?; var frame: Bytes; var count: Int }
     struct State {
         var queue: [Item] = []
         var stopping = false
@@ -55,8 +68,10 @@ public final class AuditWriter: @unchecked Sendable {
     let state: Mutex<State>
     let wake = DispatchSemaphore(value: 0)
     let done = DispatchSemaphore(value: 0)
-    var batch: [UInt8] = []
-    var offsets: [(Int, Int)] = []
+    static let maxBatchRecords = 8192
+    /// The staged batch: record bodies pointing into `held`.
+    var held: [Bytes] = []
+    var bodies: [UnsafeRawBufferPointer] = []
     var lastCheckpointNs: UInt64 = 0
     var started = false
 
@@ -83,8 +98,8 @@ public final class AuditWriter: @unchecked Sendable {
     /// Queues an AUDIT frame body (entries of `u32` length + record body) from `stage`; each
     /// record's `stage` field must name the sender. Copies the bytes.
     public func submit(frame: UnsafeRawBufferPointer, from stage: String) {
-        let n = (try? AuditCodec.entries(frame).count) ?? 1
-        enqueue(Item(stage: stage, frame: Array(frame), count: n))
+        let n = AuditCodec.entryCount(frame) ?? 1
+        enqueue(Item(stage: stage, frame: Bytes(frame), count: n))
     }
 
     /// Queues one record made by the host itself.
@@ -94,7 +109,7 @@ public final class AuditWriter: @unchecked Sendable {
         if r.timeNs == 0 { r.timeNs = Self.nowNs() }
         var f: [UInt8] = []
         AuditCodec.appendEntry(r, into: &f)
-        enqueue(Item(stage: nil, frame: f, count: 1))
+        enqueue(Item(stage: nil, frame: f.withUnsafeBytes { Bytes($0) }, count: 1))
     }
 
     func enqueue(_ item: Item) {
@@ -130,8 +145,12 @@ public final class AuditWriter: @unchecked Sendable {
 
     func run() {
         while true {
-            let waitMs = offsets.isEmpty ? 200 : 500   // a failed batch is retried after a pause
+            let waitMs = bodies.isEmpty ? 200 : 500   // a failed batch is retried after a pause
             _ = wake.wait(timeout: .now() + .milliseconds(waitMs))
+            // Let a trickle gather for a moment: one commit per ~10 ms at most under light load
+            // (each commit writes at least one 64 KiB page), full batches under heavy load.
+            let (queued, stopping0) = state.withLock { ($0.stats.pending, $0.stopping) }
+            if !stopping0 && queued < Self.maxBatchRecords { usleep(10_000) }
             let stopping = state.withLock { $0.stopping }
             drain(final: stopping)
             if stopping { return }
@@ -144,63 +163,66 @@ public final class AuditWriter: @unchecked Sendable {
         var attempts = final ? 5 : 1
         while attempts > 0 {
             attempts -= 1
-            if offsets.isEmpty {
-                let items = state.withLock { s -> [Item] in let q = s.queue; s.queue.removeAll(); return q }
+            if bodies.isEmpty {
+                // At most ~8k records per transaction: the staging buffer keeps its capacity
+                // (no page faults from growing it) and a commit never holds the file for long.
+                let items = state.withLock { s -> [Item] in
+                    var n = 0, k = 0
+                    while k < s.queue.count && n < Self.maxBatchRecords { n += s.queue[k].count; k += 1 }
+                    let taken = Array(s.queue[..<k])
+                    s.queue.removeFirst(k)
+                    return taken
+                }
                 if items.isEmpty { break }
                 stage(items)
             }
             if appendBatch() {
-                if !final { break }
-                attempts = max(attempts, 1)   // keep draining while records keep coming
+                attempts = max(attempts, 1)   // keep draining while records are queued
+                checkpointIfDue(final: false)
             } else if final {
                 usleep(100_000)
             }
         }
+        checkpointIfDue(final: final)
+    }
+
+    func checkpointIfDue(final: Bool) {
         let now = Self.nowNs()
         let due = log.headSeq - log.checkpointSeq >= Int64(settings.checkpointEvery)
             || (log.headSeq > log.checkpointSeq && now &- lastCheckpointNs >= settings.checkpointIntervalNs)
-        if due || final {
-            do {
-                if try log.checkpoint(timeNs: now) { lastCheckpointNs = now }
-                let (cs, cc) = (log.checkpointSeq, log.checkpointCount)
-                state.withLock { $0.stats.checkpointSeq = cs; $0.stats.checkpoints = cc }
-            } catch {
-                state.withLock { $0.stats.lastError = error.message }
-            }
+        guard due || final else { return }
+        do {
+            if try log.checkpoint(timeNs: now) { lastCheckpointNs = now }
+            let (cs, cc) = (log.checkpointSeq, log.checkpointCount)
+            state.withLock { $0.stats.checkpointSeq = cs; $0.stats.checkpoints = cc }
+        } catch {
+            state.withLock { $0.stats.lastError = error.message }
         }
     }
 
-    /// Validates the items' records into `batch`: a record that does not decode, or names a
-    /// stage other than its sender, is replaced by an `audit-refused` record saying so.
+    /// Validates the items' records into the staged batch: a record that does not decode, or
+    /// names a stage other than its sender, is replaced by an `audit-refused` record saying so.
     func stage(_ items: [Item]) {
-        batch.removeAll(keepingCapacity: true)
-        offsets.removeAll(keepingCapacity: true)
+        held.removeAll(keepingCapacity: true)
+        bodies.removeAll(keepingCapacity: true)
         var refused = 0
         for item in items {
-            item.frame.withUnsafeBytes { f in
-                let entries: [UnsafeRawBufferPointer]
-                do {
-                    entries = try AuditCodec.entries(f)
-                } catch {
-                    refused += item.count
-                    add(refusal(item.stage, "an AUDIT frame of \(f.count) bytes does not split into records: \(error)"))
-                    return
-                }
-                for e in entries {
-                    let why: String?
-                    do {
-                        let r = try AuditCodec.decodeBody(e)
-                        if let s = item.stage, r.stage != s { why = "a record naming stage '\(r.stage)' came from stage '\(s)'" } else { why = nil }
-                    } catch {
-                        why = "a record that does not decode: \(error)"
-                    }
-                    if let why {
-                        refused += 1
-                        add(refusal(item.stage, why))
-                    } else {
-                        offsets.append((batch.count, e.count))
-                        batch.append(contentsOf: e)
-                    }
+            held.append(item.frame)
+            let f = item.frame.bytes
+            let entries: [UnsafeRawBufferPointer]
+            do {
+                entries = try AuditCodec.entries(f)
+            } catch {
+                refused += item.count
+                add(refusal(item.stage, "an AUDIT frame of \(f.count) bytes does not split into records: \(error)"))
+                continue
+            }
+            for e in entries {
+                if let why = AuditCodec.check(e, stage: item.stage) {
+                    refused += 1
+                    add(refusal(item.stage, why))
+                } else {
+                    bodies.append(e)
                 }
             }
         }
@@ -208,9 +230,9 @@ public final class AuditWriter: @unchecked Sendable {
     }
 
     func add(_ r: AuditRecord) {
-        let b = AuditCodec.body(r)
-        offsets.append((batch.count, b.count))
-        batch.append(contentsOf: b)
+        let b = AuditCodec.body(r).withUnsafeBytes { Bytes($0) }
+        held.append(b)
+        bodies.append(b.bytes)
     }
 
     func refusal(_ stage: String?, _ why: String) -> AuditRecord {
@@ -221,12 +243,10 @@ public final class AuditWriter: @unchecked Sendable {
 
     /// Appends the staged batch; false (batch kept for a retry) when the append failed.
     func appendBatch() -> Bool {
-        guard !offsets.isEmpty else { return true }
-        let n = offsets.count
-        let result: AuditError? = batch.withUnsafeBytes { b -> AuditError? in
-            let bodies = offsets.map { UnsafeRawBufferPointer(rebasing: b[$0.0..<($0.0 + $0.1)]) }
-            do throws(AuditError) { try log.append(bodies); return nil } catch { return error }
-        }
+        guard !bodies.isEmpty else { return true }
+        let n = bodies.count
+        var result: AuditError?
+        do { try log.append(bodies) } catch { result = error }
         let head = log.headSeq
         if let e = result {
             state.withLock { $0.stats.failedAppends += 1; $0.stats.lastError = e.message }
@@ -239,8 +259,8 @@ public final class AuditWriter: @unchecked Sendable {
             s.stats.pending = max(0, s.stats.pending - n)
             s.stats.lastError = nil
         }
-        batch.removeAll(keepingCapacity: true)
-        offsets.removeAll(keepingCapacity: true)
+        held.removeAll(keepingCapacity: true)
+        bodies.removeAll(keepingCapacity: true)
         return true
     }
 }

@@ -120,6 +120,67 @@ public enum AuditCodec {
                            timeNs: time, intent: intent, reason: reason, details: details, routine: flags & flagRoutine != 0)
     }
 
+    /// Checks one body without building the record (the host's writer does this for every record
+    /// it receives): lengths in bounds, strings UTF-8, a decision, known flags and tags, detail keys
+    /// sorted and unique, nothing left over; with `stage`, that the record names that stage.
+    /// Returns why the body is refused, or nil. Accepts exactly what `decodeBody` accepts.
+    public static func check(_ p: UnsafeRawBufferPointer, stage: String?) -> String? {
+        var r = ByteReader(p)
+        func utf8(_ s: UnsafeRawBufferPointer) -> Bool {
+            var acc: UInt8 = 0
+            for b in s { acc |= b }
+            if acc < 0x80 { return true }
+            return String(validating: s.assumingMemoryBound(to: UInt8.self), as: UTF8.self) != nil
+        }
+        func str(_ f: String) throws(DecodeError) -> UnsafeRawBufferPointer {
+            let n = Int(try r.u32(f))
+            if n > maxBodyBytes { throw .tooLarge(field: f, size: n, limit: maxBodyBytes) }
+            let s = try r.slice(n, f)
+            if !utf8(s) { throw .invalid(field: f, reason: "not UTF-8") }
+            return s
+        }
+        do throws(DecodeError) {
+            let flags = try r.u8("flags")
+            if flags & ~(flagRoutine | flagEnvelope) != 0 { throw .invalid(field: "flags", reason: "unknown bits \(flags)") }
+            _ = try r.u64("time_ns")
+            if flags & flagEnvelope != 0 { _ = try r.slice(16, "envelope") }
+            if try str("decision").isEmpty { throw .invalid(field: "decision", reason: "empty") }
+            _ = try str("actor")
+            let np = Int(try r.u16("parents"))
+            _ = try r.slice(16 * np, "parents")
+            let st = try str("stage")
+            if let stage {
+                var want = stage
+                let same = want.withUTF8 { w in w.elementsEqual(st) }
+                if !same { return "a record naming stage '\(String(decoding: st, as: UTF8.self))' came from stage '\(stage)'" }
+            }
+            _ = try str("location"); _ = try str("intent"); _ = try str("reason")
+            let nd = Int(try r.u16("details"))
+            var last: UnsafeRawBufferPointer?
+            for _ in 0..<nd {
+                let k = try str("detail key")
+                if let l = last {
+                    if !l.lexicographicallyPrecedes(k) {
+                        throw .invalid(field: "details", reason: "keys not sorted and unique at '\(String(decoding: k, as: UTF8.self))'")
+                    }
+                }
+                last = k
+                switch try r.u8("detail type") {
+                case tagString: _ = try str("detail value")
+                case tagInt, tagDouble: _ = try r.u64("detail value")
+                case tagBool:
+                    let b = try r.u8("detail value")
+                    if b > 1 { throw .invalid(field: "detail value", reason: "bool byte \(b)") }
+                case let t: throw .invalid(field: "detail type", reason: "unknown type tag \(t)")
+                }
+            }
+            if r.remaining != 0 { throw .invalid(field: "audit record", reason: "\(r.remaining) bytes after the last field") }
+        } catch {
+            return "a record that does not decode: \(error)"
+        }
+        return nil
+    }
+
     /// Appends one AUDIT frame entry (`u32` body length, body) for `r`.
     public static func appendEntry(_ r: AuditRecord, into o: inout [UInt8]) {
         let at = o.count
@@ -127,6 +188,18 @@ public enum AuditCodec {
         encodeBody(r, into: &o)
         let n = UInt32(o.count - at - 4).littleEndian
         withUnsafeBytes(of: n) { b in for i in 0..<4 { o[at + i] = b[i] } }
+    }
+
+    /// How many entries an AUDIT frame body holds, or nil when it does not split cleanly.
+    public static func entryCount(_ p: UnsafeRawBufferPointer) -> Int? {
+        var off = 0, n = 0
+        while off < p.count {
+            guard p.count - off >= 4 else { return nil }
+            let len = Int(UInt32(littleEndian: p.loadUnaligned(fromByteOffset: off, as: UInt32.self)))
+            guard len <= maxBodyBytes, p.count - off - 4 >= len else { return nil }
+            off += 4 + len; n += 1
+        }
+        return n
     }
 
     /// Splits an AUDIT frame body into its entries' bodies, or says why it cannot.

@@ -18,8 +18,8 @@ public final class Database: @unchecked Sendable {
     public let path: String
 
     /// Opens (creating) the database at `path` in WAL mode; `readOnly` opens an existing one
-    /// without changing it (no journal-mode switch, no creation).
-    public init(path: String, readOnly: Bool = false) throws(StoreError) {
+    /// without changing it (no journal-mode switch, no creation). `pageSize` applies to a new file.
+    public init(path: String, readOnly: Bool = false, pageSize: Int? = nil) throws(StoreError) {
         var h: OpaquePointer?
         let flags = readOnly ? SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX
         let rc = sqlite3_open_v2(path, &h, flags, nil)
@@ -31,6 +31,7 @@ public final class Database: @unchecked Sendable {
         db = h; self.path = path
         sqlite3_busy_timeout(db, 5000)
         if readOnly { return }
+        if let pageSize { try execute("PRAGMA page_size=\(pageSize)") }
         try execute("PRAGMA journal_mode=WAL")
         try execute("PRAGMA synchronous=NORMAL")
     }

@@ -63,20 +63,19 @@ enum IntakeBench {
           - { id: outbox, kind: reseal-sink, inputs: [sniff.reseal-candidate, verify.trusted-fork], config: { key: keys/signing.key, create_key: true } }
         """
         let r = try runPipeline(yaml, name: "intake")
-        let lines = (try? String(contentsOfFile: r.runDirectory + "/audit.jsonl", encoding: .utf8))?.split(separator: "\n") ?? []
+        let records = auditRecords(r.runDirectory)
         var first = UInt64.max, last: UInt64 = 0, moved = 0
         var names = Set<String>()
-        for l in lines {
-            guard let v = try? JSON.parse(String(l)), let d = v["erin"]?["decision"]?.stringValue,
-                  let t = v["eromheen"]?["time_ns"]?.intValue.map({ UInt64($0) }) else { continue }
-            if d == "classify" { first = min(first, t) }
-            if ["quarantine", "triage", "reject", "archive"].contains(d) {
+        for a in records {
+            let t = a.timeNs
+            if a.decision == "classify" { first = min(first, t) }
+            if ["quarantine", "triage", "reject", "archive"].contains(a.decision) {
                 moved += 1; last = max(last, t)
-                names.insert(v["details"]?["filename"]?.stringValue ?? "")
+                names.insert(a.details["filename"]?.stringValue ?? "")
             }
         }
         // A file rewritten after it was read is left for its newer arrival (which moves it): not a failure.
-        let failed = lines.filter { $0.contains(#""decision":"move-failed""#) && !$0.contains("changed since it was read") }.count
+        let failed = records.filter { $0.decision == "move-failed" && !$0.reason.contains("changed since it was read") }.count
         guard names.count == rounds * 11, failed == 0 else {
             throw RuntimeError.plan("intake bench: \(names.count) of \(rounds * 11) files moved, \(failed) moves failed (run dir \(r.runDirectory))")
         }

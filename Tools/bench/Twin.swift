@@ -78,10 +78,8 @@ extension TwinBench {
         """
         let r = try runPipeline(yaml, name: "twin")
         let decided = r.summary.stages.first { $0.id == "guard" }?.emitted ?? 0
-        let auditPath = r.runDirectory + "/audit.jsonl"
         // Decision records only (the host also audits lane-state changes in the same log).
-        let audited = (try? String(contentsOfFile: auditPath, encoding: .utf8))?.split(separator: "\n")
-            .filter { $0.contains(#""decision":"allow""#) || $0.contains(#""decision":"block""#) }.count ?? 0
+        let audited = auditRecords(r.runDirectory).filter { $0.decision == "allow" || $0.decision == "block" }.count
         return (Double(decided) / r.summary.elapsedSeconds, audited, r.summary)
     }
 
