@@ -86,6 +86,8 @@ public final class AuditLog {
             // 64 KiB pages: records are ~400 bytes appended in order; large pages halve the
             // B-tree and WAL-frame overhead per record (bench --audit, docs/decisions.md).
             db = try Database(path: path, pageSize: 65536)
+            // The WAL is folded back every 64 pages (4 MiB, SQLite's default size in bytes).
+            try db.execute("PRAGMA wal_autocheckpoint=64")
             let hasMeta = try db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
             try hasMeta.bind([])
             if try hasMeta.step() {

@@ -117,12 +117,15 @@ struct AuditTail: ParsableCommand {
 
     func run() throws {
         let r = source.reader()
-        var next: Int64
-        do { next = max(1, try r.lastSeq() - Int64(n) + 1) } catch { fail("pipectl audit tail: \(error)") }
-        if n == 0 { next = (try? r.lastSeq() + 1) ?? 1 }
+        var next: Int64, last: Int64
+        do { last = try r.lastSeq() } catch { fail("pipectl audit tail: \(error)") }
+        next = max(1, last - Int64(n) + 1)
+        if n == 0 { next = last + 1 }
         repeat {
             do {
                 try r.forEach(from: next) { e in
+                    // Without --follow: exactly the last n as of the start, though the log grows.
+                    if !follow && e.seq > last { return false }
                     let text = json ? JSON.serialize(e.record.exportJSON(seq: e.seq, hash: e.hash)) : e.record.line(seq: e.seq)
                     // Unbuffered under --follow, so a pipe sees each record as it lands.
                     if follow { FileHandle.standardOutput.write(Data((text + "\n").utf8)) } else { print(text) }
