@@ -1,5 +1,6 @@
 import Testing
 import Foundation
+import PipeAudit
 import PipeKit
 import PipeRegistry
 import PipeRuntime
@@ -29,9 +30,34 @@ struct DocsTests {
         #expect(doc.contains(EnvelopeID.derived(from: EnvelopeID(hi: 1, lo: 2), output: "out", index: 0).description))
     }
 
+    /// docs/audit-log.md shows one record's body, its canonical bytes at seq 1, its chain hash and
+    /// the checkpoint message over it: what the code produces, byte for byte.
+    @Test func auditLogDoc_printsTheVectorsTheCodeProduces() throws {
+        let doc = try Self.compactDoc("audit-log.md")
+        let r = auditVectorRecord()
+        let body = AuditCodec.body(r)
+        let canonical = [AuditCodec.version] + [1, 0, 0, 0, 0, 0, 0, 0] + body
+        let hash = ChainHash.link(canonical, prev: ChainHash.genesis)
+        #expect(hash == PipeKit.SHA256.hash(canonical + [UInt8](repeating: 0, count: 32)))
+        let message = Array("pipeline-audit-checkpoint/1\0".utf8) + [1, 0, 0, 0, 0, 0, 0, 0] + hash
+        if ProcessInfo.processInfo.environment["PRINT_VECTORS"] != nil {
+            print("body \(Hex.encode(body))\ncanonical \(Hex.encode(canonical))\nhash \(Hex.encode(hash))\nmessage \(Hex.encode(message))")
+        }
+        for v in [body, canonical, hash, message] { #expect(doc.contains(Hex.encode(v)), "missing vector \(Hex.encode(v))") }
+        var entry: [UInt8] = []
+        AuditCodec.appendEntry(r, into: &entry)
+        #expect(try Self.compactDoc("wire-format.md").contains(Hex.encode(entry)), "wire-format.md: missing AUDIT entry \(Hex.encode(entry))")
+    }
+
     @Test func pipelineReference_containsTheGeneratedStageSection() throws {
         let doc = try String(contentsOfFile: Paths.root + "/docs/pipeline-reference.md", encoding: .utf8)
         let generated = StageDocs.markdown(builtInStages)
         #expect(doc.contains(generated), "docs/pipeline-reference.md is stale: regenerate with `pipectl stages --markdown`")
     }
+}
+
+func auditVectorRecord() -> AuditRecord {
+    AuditRecord(decision: "quarantine", envelope: EnvelopeID(hi: 1, lo: 2), actor: "a", parents: [EnvelopeID(hi: 3, lo: 4)],
+                stage: "s", location: "host:1", timeNs: 1_000_000_000, intent: "i", reason: "r",
+                details: ["k": .int(5), "b": .bool(true)])
 }
