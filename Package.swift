@@ -46,9 +46,10 @@ let package = Package(
         .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
         .target(name: "TwinStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Twin"),
         .target(name: "IntakeStages", dependencies: ["PipeKit", "PipeSniff", "PipeSeal"], path: "Plugins/Intake"),
+        .target(name: "CapStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Cap"),
 
         // The one stage registry.
-        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages", "IntakeStages"]),
+        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages", "IntakeStages", "CapStages"]),
 
         .target(name: "PipeRuntime", dependencies: [
             "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeAudit", "PipeRegistry",
@@ -60,7 +61,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "pipectl", dependencies: [
-            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit",
+            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit", "CapStages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages"],
@@ -68,7 +69,7 @@ let package = Package(
 
         .testTarget(name: "PipeTests", dependencies: [
             "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff", "PipeAudit",
-            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages",
+            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages", "CapStages",
         ], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]

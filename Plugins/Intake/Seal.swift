@@ -137,15 +137,9 @@ public final class ResealSinkStage: Stage {
         archive = FileMoveAction(dir: a)
         let kp = context.resolvePath(keySpec)
         do {
-            if createKey, !FileManager.default.fileExists(atPath: kp) {
-                try FS.mkdirs((kp as NSString).deletingLastPathComponent)
-                let k = try SigningKey.generate()
-                try KeyFiles.writeSecret(KeyFiles.hex(of: k), to: kp)
-                let pub = kp.hasSuffix(".key") ? String(kp.dropLast(4)) + ".pub" : kp + ".pub"
-                try KeyFiles.writeSecret(Hex.encode(k.publicKey), to: pub)
-                context.logger.notice("reseal-sink: generated signing key \(kp) (key id \(Hex.encode(k.keyID)))")
-            }
-            key = try KeyFiles.loadSigningKey(kp)
+            let (k, created) = try KeyFiles.loadOrCreateSigningKey(kp, create: createKey)
+            if created { context.logger.notice("reseal-sink: generated signing key \(kp) (key id \(Hex.encode(k.keyID)))") }
+            key = k
         } catch { throw StageError.halt("reseal-sink key: \(error)") }
         context.report("outbox", .string(outbox))
         context.report("key_id", .string(key.map { Hex.encode($0.keyID) } ?? ""))

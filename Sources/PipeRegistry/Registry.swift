@@ -2,6 +2,7 @@ import CoreStages
 import PipeKit
 import TwinStages
 import IntakeStages
+import CapStages
 
 /// Every built-in stage kind, registered in this one place. `pipectl stages`, validation, the
 /// JSON Schema and docs/pipeline-reference.md all read this list.
@@ -24,4 +25,6 @@ public let builtInStages = StageRegistry([
     ResealSinkStage.descriptor,
     PoliceStage.descriptor,
     IntakeSimStage.descriptor,
+    CausalTimeStage.descriptor,
+    ExecutorStage.descriptor,
 ])

@@ -17,15 +17,9 @@ extension PipelineHost {
         let keyPath = Self.resolve(spec.key, in: dir)
         let signer: SigningKey
         do {
-            if spec.keyIsDefault && access(keyPath, F_OK) != 0 {
-                let k = try SigningKey.generate()
-                try KeyFiles.writeSecret(KeyFiles.hex(of: k), to: keyPath)
-                try KeyFiles.writeSecret(Hex.encode(k.publicKey), to: Self.resolve("audit.pub", in: dir))
-                log.info("audit checkpoint key created: \(keyPath) (public key in \(dir)/audit.pub); pin it with `pipectl audit verify --pub`")
-                signer = k
-            } else {
-                signer = try KeyFiles.loadSigningKey(keyPath)
-            }
+            let (k, created) = try KeyFiles.loadOrCreateSigningKey(keyPath, create: spec.keyIsDefault)
+            if created { log.info("audit checkpoint key created: \(keyPath) (public key beside it); pin it with `pipectl audit verify --pub`") }
+            signer = k
         } catch {
             throw .io("audit checkpoint key \(keyPath): \(error)")
         }

@@ -79,6 +79,34 @@ public enum KeyFiles {
         return try SigningKey(secretKey: sk)
     }
 
+    /// Loads the signing key at `path`; when it does not exist and `create` is set, generates one
+    /// (mode 0600, its directory created 0700) with the public key beside it (`x.key` -> `x.pub`).
+    /// Returns whether it was created.
+    public static func loadOrCreateSigningKey(_ path: String, create: Bool) throws(SealError) -> (key: SigningKey, created: Bool) {
+        if create && access(path, F_OK) != 0 {
+            let dir = (path as NSString).deletingLastPathComponent
+            if !dir.isEmpty {
+                do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700]) }
+                catch { throw SealError(message: "cannot create \(dir): \(error.localizedDescription)") }
+            }
+            let k = try SigningKey.generate()
+            try writeSecret(hex(of: k), to: path)
+            try writeSecret(Hex.encode(k.publicKey), to: path.hasSuffix(".key") ? String(path.dropLast(4)) + ".pub" : path + ".pub")
+            return (k, true)
+        }
+        return (try loadSigningKey(path), false)
+    }
+
     /// The secret key as hex (the file format).
     public static func hex(of key: SigningKey) -> String { Hex.encode(key.secretKey) }
+}
+
+/// SHA-256 through libsodium (for receipts' Merkle trees and other small digests).
+public enum Digest {
+    public static func sha256(_ bytes: [UInt8]) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 32)
+        _ = sodium_init()
+        crypto_hash_sha256(&out, bytes, UInt64(bytes.count))
+        return out
+    }
 }

@@ -98,11 +98,7 @@ public enum SealedContainer {
         public var files: [(entry: Entry, data: [UInt8])]
     }
 
-    static func sha256(_ bytes: [UInt8]) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: 32)
-        crypto_hash_sha256(&out, bytes, UInt64(bytes.count))
-        return out
-    }
+    static func sha256(_ bytes: [UInt8]) -> [UInt8] { Digest.sha256(bytes) }
 
     static func be32(_ v: Int) -> [UInt8] { [UInt8(v >> 24 & 0xFF), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
 

@@ -170,7 +170,7 @@ struct PipelineTestRunner {
 
 /// Field-by-field comparison of an expected envelope (JSONL field names) with an actual one.
 enum EnvelopeMatcher {
-    static let fields = ["id", "parent", "actor", "intent", "authority", "lane", "rank", "hops", "attempt", "attrs",
+    static let fields = ["id", "parent", "actor", "intent", "authority", "lane", "rank", "clock", "hops", "attempt", "attrs",
                          "payload", "payload_text", "payload_contains", "payload_b64"]
 
     static func mismatches(_ want: ConfigValue, _ got: Envelope) -> [String] {

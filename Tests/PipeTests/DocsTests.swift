@@ -1,5 +1,6 @@
 import Testing
 import Foundation
+import CapStages
 import PipeAudit
 import PipeKit
 import PipeRegistry
@@ -47,6 +48,24 @@ struct DocsTests {
         var entry: [UInt8] = []
         AuditCodec.appendEntry(r, into: &entry)
         #expect(try Self.compactDoc("wire-format.md").contains(Hex.encode(entry)), "wire-format.md: missing AUDIT entry \(Hex.encode(entry))")
+    }
+
+    /// docs/cap-pipeline.md shows a receipt's canonical bytes, its leaf, and the root and proof
+    /// of a batch of three: what the executor computes.
+    @Test func capPipelineDoc_printsTheReceiptVectors() throws {
+        let doc = try Self.compactDoc("cap-pipeline.md")
+        let receipts = (1...3).map { i in
+            ConfigValue.object([("outcome", .string("executed")), ("cap", .string("0000000000000000000000000000000\(i)")), ("latency_us", .int(Int64(i)))])
+        }
+        let canonical = Receipts.canonical(receipts[0])
+        #expect(String(decoding: canonical, as: UTF8.self) == #"{"cap":"00000000000000000000000000000001","latency_us":1,"outcome":"executed"}"#)
+        let leaves = receipts.map(Receipts.leaf)
+        let (root, paths) = Receipts.tree(leaves)
+        if ProcessInfo.processInfo.environment["PRINT_VECTORS"] != nil {
+            print("leaves \(leaves.map { Hex.encode($0) })\nroot \(Hex.encode(root))\npath2 \(paths[2].map { Hex.encode($0) })")
+        }
+        for v in leaves + [root] + paths[2] { #expect(doc.contains(Hex.encode(v)), "missing vector \(Hex.encode(v))") }
+        #expect(doc.contains(String(decoding: canonical, as: UTF8.self).filter { !$0.isWhitespace }))
     }
 
     @Test func pipelineReference_containsTheGeneratedStageSection() throws {

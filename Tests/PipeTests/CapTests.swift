@@ -1,0 +1,237 @@
+import CapStages
+import Foundation
+import PipeKit
+import PipeKitTesting
+import PipeSeal
+import Testing
+
+private func cap(_ intent: String = "demo.run", actor: String = "anna", continuation: String? = nil, payload: String = "hello",
+                 parent: EnvelopeID? = nil, rank: UInt64 = 0, clock: [String: UInt64] = [:]) -> Envelope {
+    var e = Envelope(parent: parent, actor: actor, intent: intent, payload: Array(payload.utf8))
+    if let c = continuation { e.attrs["continuation"] = .string(c) }
+    e.rank = rank
+    e.clock = clock
+    return e
+}
+
+@Suite("Cap pipeline: causal-time")
+struct CausalTimeTests {
+    @Test func lamportReceiveRule_takesTheMaxPlusOne() throws {
+        let h = try StageHarness(CausalTimeStage.descriptor)
+        try h.feed(cap(rank: 0)); try h.feed(cap(rank: 10)); try h.feed(cap(rank: 3)); try h.feed(cap(rank: 11))
+        #expect(h.take().map(\.rank) == [1, 11, 12, 13])
+    }
+
+    @Test func aChain100000Deep_runsInConstantStack() throws {
+        let h = try StageHarness(CausalTimeStage.descriptor, config: .object([("unknown_parent", .string("triage")), ("vector_clocks", .bool(true))]))
+        var prev = cap()
+        try h.feed(prev)
+        for _ in 1..<100_000 {
+            let next = prev.derived(output: "out", index: 0)
+            var n = next; n.clock = [:]; n.rank = 0
+            try h.feed(n)
+            prev = n
+        }
+        let out = h.take()
+        #expect(out.count == 100_000 && h.take("triage").isEmpty)
+        #expect(out.last?.rank == 100_000)
+        #expect(out.last?.clock == ["anna": 100_000])
+    }
+
+    @Test func guard_unknownParentsAndClocksThatDoNotDominate_goToTriageWithTheReason() throws {
+        let h = try StageHarness(CausalTimeStage.descriptor,
+                                 config: .object([("unknown_parent", .string("triage")), ("vector_clocks", .bool(true)), ("window", .int(2))]))
+        let root = cap(actor: "a")
+        try h.feed(root)
+        let placedRoot = try #require(h.take().first)
+        #expect(placedRoot.clock == ["a": 1])
+        // A child with a clock equal to its parent's is a violation (the sketch accepted it).
+        try h.feed(cap(actor: "b", parent: root.id, clock: ["a": 1]))
+        // One that strictly dominates passes.
+        try h.feed(cap(actor: "b", parent: root.id, clock: ["a": 1, "b": 1]))
+        // One concurrent with its parent does not.
+        try h.feed(cap(actor: "c", parent: root.id, clock: ["c": 5]))
+        let passed = h.take(), triaged = h.take("triage")
+        #expect(passed.count == 1 && passed[0].clock == ["a": 1, "b": 1])
+        #expect(triaged.count == 2)
+        #expect(triaged[0].attrs["triage_reason"]?.stringValue?.contains("is equal to its parent's {a:1}") == true)
+        #expect(triaged[1].attrs["triage_reason"]?.stringValue?.contains("is concurrent with its parent's") == true)
+        // The window holds 2 ids: after two more placements the root is forgotten.
+        try h.feed(cap(actor: "x")); try h.feed(cap(actor: "y"))
+        _ = h.take()
+        try h.feed(cap(actor: "b", parent: root.id))
+        let unknown = h.take("triage")
+        #expect(unknown.count == 1 && unknown[0].attrs["triage_reason"]?.stringValue?.contains("unknown parent") == true)
+        #expect(h.takeAudits().filter { $0.decision == "triage" }.count == 3)
+        // With `accept` (the default) the same envelope is placed as a root.
+        let lenient = try StageHarness(CausalTimeStage.descriptor)
+        try lenient.feed(cap(parent: EnvelopeID(hi: 9, lo: 9)))
+        #expect(lenient.take().count == 1 && lenient.take("triage").isEmpty)
+    }
+
+    @Test func relations_ofVectorClocks() {
+        #expect(CausalRelation.of(["a": 1], ["a": 2]) == .before)
+        #expect(CausalRelation.of(["a": 2, "b": 1], ["a": 2]) == .after)
+        #expect(CausalRelation.of(["a": 1], ["a": 1, "b": 0]) == .equal)
+        #expect(CausalRelation.of(["a": 1], ["b": 1]) == .concurrent)
+    }
+}
+
+@Suite("Cap pipeline: executor and receipts")
+struct ExecutorTests {
+    static func keyDir() throws -> (dir: String, key: SigningKey) {
+        let d = Paths.tempDir("exec-key")
+        let k = try SigningKey.generate()
+        try KeyFiles.writeSecret(KeyFiles.hex(of: k), to: d + "/signing.key")
+        return (d, k)
+    }
+
+    @Test func echo_receiptsAreBatchSigned_andEachVerifiesAlone_andAFlippedByteFails() throws {
+        let (dir, key) = try Self.keyDir()
+        // Five are signed at once (the batch is full); two wait for the batch time.
+        let h2 = try StageHarness(ExecutorStage.descriptor, config: .object([("key", .string("signing.key")), ("batch_size", .int(5)), ("batch_ms", .int(50))]),
+                                  runDirectory: dir)
+        for i in 0..<7 { try h2.feed(cap(payload: "cap \(i)")) }
+        let signedNow = h2.take("receipts")
+        #expect(signedNow.count == 5)
+        #expect(h2.stage.heldCount == 2)
+        try h2.advance(byMs: 60)
+        let later = h2.take("receipts")
+        #expect(later.count == 2)
+        #expect(try h2.finish().held == 0)
+        let receipts = signedNow + later
+        var roots = Set<String>()
+        for r in receipts {
+            let payload = try JSON.parse(bytes: r.payload)
+            #expect(Receipts.verify(payload, publicKey: key.publicKey) == nil, "\(payload)")
+            #expect(payload["receipt"]?["outcome"]?.stringValue == "executed")
+            roots.insert(payload["proof"]?["batch_root"]?.stringValue ?? "")
+            // One byte of the receipt changed: it no longer reaches its root.
+            var text = Array(JSON.serialize(payload).utf8)
+            if let at = text.firstIndex(of: UInt8(ascii: "c")) {
+                let start = text.indices.first { text[$0...].starts(with: Array("cap ".utf8)) } ?? at
+                text[start] = UInt8(ascii: "C")
+            }
+            let flipped = try JSON.parse(bytes: text)
+            #expect(Receipts.verify(flipped, publicKey: key.publicKey)?.contains("altered") == true)
+        }
+        #expect(roots.count == 2)
+        let other = try SigningKey.generate()
+        #expect(Receipts.verify(try JSON.parse(bytes: receipts[0].payload), publicKey: other.publicKey) != nil)
+    }
+
+    @Test func merkleProofs_verifyForEveryIndexOfEveryBatchSize() {
+        for n in 1...17 {
+            let leaves = (0..<n).map { Digest.sha256([UInt8(truncatingIfNeeded: $0)]) }
+            let (root, paths) = Receipts.tree(leaves)
+            for i in 0..<n {
+                #expect(Receipts.root(leaf: leaves[i], index: i, count: n, path: paths[i]) == root, "n \(n) i \(i)")
+                if n > 1 { #expect(Receipts.root(leaf: leaves[(i + 1) % n], index: i, count: n, path: paths[i]) != root) }
+            }
+        }
+    }
+
+    @Test func command_latencyIsMeasured_allowListAndTimeoutReject_withReasons() throws {
+        let h = try StageHarness(ExecutorStage.descriptor, config: .object([
+            ("executor", .string("command")), ("allow", .list([.string("/bin/sleep"), .string("/bin/echo")])), ("timeout_ms", .int(300)),
+        ]))
+        try h.feed(cap(payload: #"{"argv":["/bin/sleep","0.05"]}"#))
+        try h.feed(cap(payload: #"{"argv":["/bin/cat","/etc/passwd"]}"#))
+        try h.feed(cap(payload: #"{"argv":["/bin/sleep","5"]}"#))
+        try h.feed(cap(payload: #"{"argv":["/bin/echo","hi","there"]}"#))
+        try h.feed(cap(payload: "not json"))
+        let rs = try h.take("receipts").map { try JSON.parse(bytes: $0.payload)["receipt"] ?? .null }
+        #expect(rs.count == 5)
+        #expect(rs[0]["outcome"]?.stringValue == "executed" && (rs[0]["latency_us"]?.intValue ?? 0) >= 50_000)
+        #expect(rs[1]["outcome"]?.stringValue == "rejected" && rs[1]["reason"]?.stringValue == "'/bin/cat' is not on the allow-list")
+        #expect(rs[2]["outcome"]?.stringValue == "rejected" && rs[2]["reason"]?.stringValue?.contains("timed out after 300 ms") == true)
+        #expect((rs[2]["latency_us"]?.intValue ?? 0) >= 300_000 && (rs[2]["latency_us"]?.intValue ?? 0) < 3_000_000)
+        #expect(rs[3]["outcome"]?.stringValue == "executed" && rs[3]["output"]?.stringValue == "hi there\n" && rs[3]["exit_status"]?.intValue == 0)
+        #expect(rs[4]["outcome"]?.stringValue == "rejected" && rs[4]["reason"]?.stringValue?.contains("argv") == true)
+        // Rejected caps go to triage_reject with the reason; every execution is audited.
+        let rejected = h.take("triage_reject")
+        #expect(rejected.count == 3 && rejected[0].attrs["triage_reason"]?.stringValue?.contains("allow-list") == true)
+        let audits = h.takeAudits().filter { $0.decision == "execute" }
+        #expect(audits.count == 5 && audits[0].details["latency_us"]?.intValue ?? 0 >= 50_000)
+    }
+
+    @Test func continuations_followTheTable_andMaxHopsStopsALoop() throws {
+        let h = try StageHarness(ExecutorStage.descriptor, config: .object([("max_hops", .int(2))]))
+        try h.feed(cap("job", continuation: "fork"))
+        let forks = h.take("followups")
+        #expect(forks.map(\.intent) == ["job.fork.alpha", "job.fork.beta"] && forks.allSatisfy { $0.hops == 1 })
+        for (c, intents) in [("freeze_resume", ["job.resume.frozen"]), ("fork_on_hop_off", ["job.resume.catchup", "job.resume.live"]),
+                             ("rebuild", ["job.resume.rebuild"]), ("offline_fallback", ["job.resume.offline"]), ("receipt", [])] {
+            try h.feed(cap("job", continuation: c))
+            #expect(h.take("followups").map(\.intent) == intents, "\(c)")
+        }
+        try h.feed(cap("job", continuation: "resync-needed"))
+        #expect(h.take("triage_resync").count == 1)
+        try h.feed(cap("job", continuation: "reject"))
+        #expect(h.take("triage_reject").count == 1)
+        // An unknown continuation is an error: rejected, with the reason, not turned into `receipt`.
+        try h.feed(cap("job", continuation: "teleport"))
+        let bad = h.take("triage_reject")
+        #expect(bad.count == 1 && bad[0].attrs["triage_reason"]?.stringValue?.contains("unknown continuation 'teleport'") == true)
+        // `continue` loops until max_hops, then hop-limit.
+        var c = cap("loop", continuation: "continue")
+        var hops: [UInt32] = []
+        while true {
+            try h.feed(c)
+            guard let next = h.take("followups").first else { break }
+            hops.append(next.hops)
+            c = next
+        }
+        #expect(hops == [1, 2])
+        let limited = h.take("triage")
+        #expect(limited.count == 1 && limited[0].attrs["triage_reason"]?.stringValue == "hop-limit: hops 3 > max_hops 2")
+        let receipts = try h.take("receipts").map { try JSON.parse(bytes: $0.payload)["receipt"]?["outcome"]?.stringValue ?? "" }
+        #expect(receipts.filter { $0 == "rejected" }.count == 2 && receipts.contains("resync-needed"))
+    }
+
+    @Test func commandExecutor_withoutAnAllowList_isAConfigError() {
+        #expect(throws: StageError.self) { _ = try StageHarness(ExecutorStage.descriptor, config: .object([("executor", .string("command"))])) }
+        #expect(throws: StageError.self) {
+            _ = try StageHarness(ExecutorStage.descriptor, config: .object([("executor", .string("command")), ("allow", .list([.string("sleep")]))]))
+        }
+    }
+}
+
+@Suite("Cap pipeline: running", .serialized)
+struct CapPipelineTests {
+    /// Receipts signed with a `pipehost keygen` key verify with `pipectl receipts verify`; one
+    /// changed byte is named by its line; the looped pipeline ends by itself with small bounds.
+    @Test func capExec_receiptsVerifyFromTheCommandLine_andTheLoopEnds() throws {
+        let run = Paths.tempDir("cap-exec")
+        let keys = try runProcess(Paths.pipehost, ["keygen", "-o", run + "/keys"], timeout: 30)
+        #expect(keys.status == 0, "\(keys.stderr)")
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/cap-exec.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "key: keys/executor.key, create_key: true", with: "key: keys/signing.key")
+        #expect(text.contains("key: keys/signing.key"))
+        let (r, s) = try runPipeline(writeTemp(text, "cap-exec.yaml"), runDir: run)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(s["failure"] == .null)
+        let file = run + "/receipts.jsonl"
+        let ok = try runProcess(Paths.pipectl, ["receipts", "verify", file, "--pub", run + "/keys/signing.pub"], timeout: 60)
+        #expect(ok.status == 0 && ok.stdout.contains("1500 of 1500 receipt(s) valid"), "\(ok.stdout)\(ok.stderr)")
+        // Another key: every receipt fails.
+        let other = try runProcess(Paths.pipehost, ["keygen", "-o", run + "/other"], timeout: 30)
+        #expect(other.status == 0)
+        let wrong = try runProcess(Paths.pipectl, ["receipts", "verify", file, "--pub", run + "/other/signing.pub", "--json"], timeout: 60)
+        let wrongJSON = try JSON.parse(wrong.stdout)
+        #expect(wrong.status == 1 && wrongJSON["invalid"]?.intValue == 1500)
+        // One byte of one receipt's output changed.
+        var lines = try String(contentsOfFile: file, encoding: .utf8).split(separator: "\n").map(String.init)
+        lines[41] = lines[41].replacingOccurrences(of: "inspect bay", with: "inspect bat")
+        let tampered = run + "/tampered.jsonl"
+        try (lines.joined(separator: "\n") + "\n").write(toFile: tampered, atomically: true, encoding: .utf8)
+        let bad = try runProcess(Paths.pipectl, ["receipts", "verify", tampered, "--pub", run + "/keys/signing.pub"], timeout: 60)
+        #expect(bad.status == 1 && bad.stdout.contains("tampered.jsonl:42: INVALID receipt") && bad.stdout.contains("altered")
+                && bad.stdout.contains("1499 of 1500"), "\(bad.stdout)")
+        let usage = try runProcess(Paths.pipectl, ["receipts", "verify", file], timeout: 30)
+        #expect(usage.status == 64)
+        // Every execution is in the audit log, with its latency.
+        let executions = try auditJSONL(run).split(separator: "\n").filter { $0.contains(#""decision":"execute""#) }
+        #expect(executions.count == 1500)
+    }
+}
