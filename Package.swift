@@ -64,7 +64,7 @@ let package = Package(
             "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit", "CapStages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages"],
+        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages", "CapStages"],
                           path: "Tools/bench"),
 
         .testTarget(name: "PipeTests", dependencies: [

@@ -52,7 +52,8 @@ public final class ExecutorStage: Stage {
     let batchNs: UInt64
     var signer: SigningKey?
     var outs: [String: OutputHandle] = [:]
-    var pending: [(receipt: ConfigValue, cap: Envelope)] = []
+    /// Receipts waiting for their batch signature: canonical bytes, outcome and the cap.
+    var pending: [(canonical: [UInt8], outcome: String, cap: Envelope)] = []
     var firstPendingAt: UInt64 = 0
     var executed = 0, rejected = 0, resync = 0, followups = 0, hopLimited = 0, batches = 0
     var latencySumUs: UInt64 = 0
@@ -123,7 +124,11 @@ public final class ExecutorStage: Stage {
             ("output", .string(String(decoding: result.output, as: UTF8.self))), ("truncated", .bool(result.truncated)),
         ]
         if let s = result.exitStatus { receipt.append(("exit_status", .int(Int64(s)))) }
-        let body = ConfigValue.object(receipt)
+        // Canonical form (docs/cap-pipeline.md): keys sorted, written once; the payload embeds these bytes.
+        receipt.sort { $0.0 < $1.0 }
+        var canonical: [UInt8] = []
+        canonical.reserveCapacity(320 + result.output.count)
+        JSON.write(.object(receipt), into: &canonical)
 
         // Where the cap itself goes, and its follow-ups.
         switch continuation {
@@ -136,7 +141,7 @@ public final class ExecutorStage: Stage {
         default:
             emitFollowups(cap, continuation: continuation, context: context)
         }
-        emitReceipt(body, cap: cap, context: context)
+        emitReceipt(canonical, outcome: result.outcome, cap: cap, context: context)
     }
 
     static let followupIntents: [String: [String]] = [
@@ -202,19 +207,22 @@ public final class ExecutorStage: Stage {
         }
     }
 
-    func emitReceipt(_ body: ConfigValue, cap: Envelope, context: any StageContext) {
+    func emitReceipt(_ canonical: [UInt8], outcome: String, cap: Envelope, context: any StageContext) {
         guard signer != nil else {
-            send(receipt: .object([("receipt", body)]), cap: cap, context: context)
+            var p: [UInt8] = Array(#"{"receipt":"#.utf8)
+            p.reserveCapacity(canonical.count + 16)
+            p.append(contentsOf: canonical); p.append(UInt8(ascii: "}"))
+            send(payload: p, outcome: outcome, cap: cap, context: context)
             return
         }
         if pending.isEmpty { firstPendingAt = context.now }
-        pending.append((body, cap))
+        pending.append((canonical, outcome, cap))
         if pending.count >= batchSize { flush(context) }
     }
 
-    func send(receipt payload: ConfigValue, cap: Envelope, context: any StageContext) {
-        var r = cap.derived(output: "receipts", index: 0, payload: Array(JSON.serialize(payload).utf8))
-        r.attrs["outcome"] = payload["receipt"]?["outcome"]?.stringValue.map { .string($0) }
+    func send(payload: [UInt8], outcome: String, cap: Envelope, context: any StageContext) {
+        var r = cap.derived(output: "receipts", index: 0, payload: payload)
+        r.attrs["outcome"] = .string(outcome)
         r.attrs["kind"] = .string("receipt")
         context.emit(r, to: out("receipts"))
     }
@@ -222,17 +230,28 @@ public final class ExecutorStage: Stage {
     /// Signs the pending batch's Merkle root and emits every receipt with its proof.
     func flush(_ context: any StageContext) {
         guard let signer, !pending.isEmpty else { return }
-        let leaves = pending.map { Receipts.leaf($0.receipt) }
+        let leaves = pending.map { Receipts.leaf(canonical: $0.canonical) }
         let (root, paths) = Receipts.tree(leaves)
         let sig = signer.sign(Receipts.domain + root)
         batches += 1
-        let rootHex = Hex.encode(root), sigHex = Hex.encode(sig), kid = Hex.encode(signer.keyID)
+        // The proof's fixed parts, written once per batch.
+        let rootPart = Array(#","proof":{"batch_root":""#.utf8) + Array(Hex.encode(root).utf8) + Array(#"","index":"#.utf8)
+        let tail = Array(#"],"batch_sig":""#.utf8) + Array(Hex.encode(sig).utf8) + Array(#"","key_id":""#.utf8)
+            + Array(Hex.encode(signer.keyID).utf8) + Array(#""}}"#.utf8)
+        let countPart = Array(#","count":\#(pending.count),"path":["#.utf8)
         for (i, p) in pending.enumerated() {
-            let proof = ConfigValue.object([
-                ("batch_root", .string(rootHex)), ("index", .int(Int64(i))), ("count", .int(Int64(pending.count))),
-                ("path", .list(paths[i].map { .string(Hex.encode($0)) })), ("batch_sig", .string(sigHex)), ("key_id", .string(kid)),
-            ])
-            send(receipt: .object([("receipt", p.receipt), ("proof", proof)]), cap: p.cap, context: context)
+            var b: [UInt8] = Array(#"{"receipt":"#.utf8)
+            b.reserveCapacity(p.canonical.count + 400 + 67 * paths[i].count)
+            b.append(contentsOf: p.canonical)
+            b.append(contentsOf: rootPart)
+            b.append(contentsOf: String(i).utf8)
+            b.append(contentsOf: countPart)
+            for (k, h) in paths[i].enumerated() {
+                if k > 0 { b.append(UInt8(ascii: ",")) }
+                b.append(UInt8(ascii: "\"")); Hex.append(h, to: &b); b.append(UInt8(ascii: "\""))
+            }
+            b.append(contentsOf: tail)
+            send(payload: b, outcome: p.outcome, cap: p.cap, context: context)
         }
         pending.removeAll(keepingCapacity: true)
     }

@@ -13,9 +13,10 @@ public enum Receipts {
 
     public static func canonical(_ receipt: ConfigValue) -> [UInt8] { Array(JSON.serialize(receipt, sortKeys: true).utf8) }
 
-    public static func leaf(_ receipt: ConfigValue) -> [UInt8] { Digest.sha256([0] + canonical(receipt)) }
+    public static func leaf(_ receipt: ConfigValue) -> [UInt8] { leaf(canonical: canonical(receipt)) }
+    public static func leaf(canonical: [UInt8]) -> [UInt8] { Digest.sha256(tag: 0, canonical) }
 
-    static func node(_ l: [UInt8], _ r: [UInt8]) -> [UInt8] { Digest.sha256([1] + l + r) }
+    static func node(_ l: [UInt8], _ r: [UInt8]) -> [UInt8] { Digest.sha256(tag: 1, l, r) }
 
     /// The root and, for each leaf, its sibling path (bottom up).
     public static func tree(_ leaves: [[UInt8]]) -> (root: [UInt8], paths: [[[UInt8]]]) {

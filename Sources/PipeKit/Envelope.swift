@@ -261,6 +261,21 @@ public struct Envelope: Sendable, Hashable {
 public enum Hex {
     private static let digits = Array("0123456789abcdef".utf8)
     @inline(__always) static func digit(_ v: UInt8) -> UInt8 { v < 10 ? 0x30 + v : 0x57 + v }
+    /// The common case, without generic dispatch: hex of a byte array.
+    public static func encode(_ bytes: [UInt8]) -> String {
+        String(unsafeUninitializedCapacity: bytes.count * 2) { buf in
+            bytes.withUnsafeBufferPointer { src in
+                var i = 0
+                for b in src { buf[i] = digit(b >> 4); buf[i + 1] = digit(b & 15); i += 2 }
+                return i
+            }
+        }
+    }
+    /// Appends the hex of `bytes` to `out` (lower case).
+    public static func append(_ bytes: [UInt8], to out: inout [UInt8]) {
+        out.reserveCapacity(out.count + bytes.count * 2)
+        for b in bytes { out.append(digit(b >> 4)); out.append(digit(b & 15)) }
+    }
     public static func encode(_ bytes: some Collection<UInt8>) -> String {
         String(unsafeUninitializedCapacity: bytes.count * 2) { buf in
             var i = 0

@@ -109,4 +109,17 @@ public enum Digest {
         crypto_hash_sha256(&out, bytes, UInt64(bytes.count))
         return out
     }
+
+    /// `sha256(tag || a || b)` without concatenating.
+    public static func sha256(tag: UInt8, _ a: [UInt8], _ b: [UInt8] = []) -> [UInt8] {
+        var st = crypto_hash_sha256_state()
+        crypto_hash_sha256_init(&st)
+        var t = tag
+        crypto_hash_sha256_update(&st, &t, 1)
+        crypto_hash_sha256_update(&st, a, UInt64(a.count))
+        if !b.isEmpty { crypto_hash_sha256_update(&st, b, UInt64(b.count)) }
+        var out = [UInt8](repeating: 0, count: 32)
+        crypto_hash_sha256_final(&st, &out)
+        return out
+    }
 }

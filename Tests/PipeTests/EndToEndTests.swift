@@ -428,7 +428,7 @@ struct EndToEndTests {
         #expect(bad.stdout.split(separator: "\n").count == 10)
         let stages = try pipectlJSON(["stages"])
         let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
-        #expect(kinds == ["file-sink", "file-source", "generator", "hop", "inbox", "intake-sim", "null-sink", "passthrough", "police",
+        #expect(kinds == ["causal-time", "executor", "file-sink", "file-source", "generator", "hop", "inbox", "intake-sim", "null-sink", "passthrough", "police",
                           "quarantine-sink", "reject-sink", "reseal-sink", "sniffer", "stdout-sink", "triage-sink", "twin", "twin-sim", "verify"])
         let sniffer = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "sniffer" })
         #expect(sniffer["outputs"] == .list(["ignore", "reject", "quarantine", "trusted-candidate", "triage-disguised", "reseal-candidate",

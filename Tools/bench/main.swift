@@ -109,6 +109,10 @@ do {
         try IntakeBench.report(quick: quick)
         exit(0)
     }
+    if args.contains("--cap") {
+        try CapBench.report(quick: quick)
+        exit(0)
+    }
     if args.contains("--audit") {
         try AuditBench.report(quick: quick)
         exit(0)
