@@ -244,12 +244,8 @@ struct AuditLogTests {
 
     @Test func writer_onAFullDisk_keepsTheRecords_neverForks_andCatchesUp() throws {
         let dir = Paths.tempDir("audit-full")
-        let m = try runProcess("/bin/mount", ["-t", "tmpfs", "-o", "size=16m", "tmpfs", dir], timeout: 10)
-        guard m.status == 0 else {
-            FileHandle.standardError.write(Data("fullDisk audit test skipped: cannot mount a tmpfs (\(m.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))\n".utf8))
-            return
-        }
-        defer { _ = try? runProcess("/bin/umount", [dir], timeout: 10) }
+        guard try mountTmpfs(dir, size: "16m", for: "fullDisk audit") else { return }
+        defer { unmount(dir) }
         let key = try SigningKey.generate()
         let w = try AuditWriter(.init(path: dir + "/audit.db", pipeline: "p", signer: key, checkpointEvery: 100))
         w.start()

@@ -104,3 +104,14 @@ func auditJSONL(_ run: String) throws -> String {
     try r.forEach { e in lines.append(JSON.serialize(e.record.json)); return true }
     return lines.joined(separator: "\n")
 }
+
+/// Mounts a tmpfs of `size` on `dir` (a small file system to fill). Where mounting is not allowed
+/// (no CAP_SYS_ADMIN), says the test is skipped, rather than passing silently, and returns false.
+func mountTmpfs(_ dir: String, size: String, for test: String) throws -> Bool {
+    let m = try runProcess("/bin/mount", ["-t", "tmpfs", "-o", "size=\(size)", "tmpfs", dir], timeout: 10)
+    if m.status == 0 { return true }
+    FileHandle.standardError.write(Data("\(test) test skipped: cannot mount a tmpfs (\(m.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))\n".utf8))
+    return false
+}
+
+func unmount(_ dir: String) { _ = try? runProcess("/bin/umount", [dir], timeout: 10) }
