@@ -73,10 +73,13 @@ public protocol StageContext: AnyObject {
     func report(_ key: String, _ value: AttrValue)
     /// Adds to a named stage metric.
     func count(_ metric: String, by amount: Int)
+    /// How many lanes feed input `port` (a merging stage, like the aligner, waits for each).
+    func laneCount(port: String) -> Int
 }
 
 extension StageContext {
     public func count(_ metric: String) { count(metric, by: 1) }
+    public func laneCount(port: String) -> Int { 1 }
     /// `path` if absolute, else resolved against the run directory.
     public func resolvePath(_ path: String) -> String {
         if path.hasPrefix("/") { return path }

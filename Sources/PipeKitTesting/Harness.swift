@@ -32,10 +32,14 @@ public final class StageHarness: StageContext {
     public private(set) var metrics: [String: Int] = [:]
     /// Outputs reported not writable (to test a stage's reaction to backpressure).
     public var blockedOutputs: Set<String> = []
+    /// Lanes feeding each input port (default 1), as `laneCount(port:)` reports them.
+    public var laneCounts: [String: Int] = [:]
+    public func laneCount(port: String) -> Int { laneCounts[port] ?? 1 }
     var nextTick: UInt64?
 
     public init(_ descriptor: StageDescriptor, config: ConfigValue? = nil, stageID: String = "test", startNs: UInt64 = 1_000_000_000,
-                auditLevel: AuditLevel = .decisions, runDirectory: String = "/tmp", store: (any KeyValueStore)? = nil) throws {
+                auditLevel: AuditLevel = .decisions, runDirectory: String = "/tmp", store: (any KeyValueStore)? = nil,
+                laneCounts: [String: Int] = [:]) throws {
         let issues = validateConfig(config, fields: descriptor.fields)
         if !issues.isEmpty { throw StageError.halt("invalid config: " + issues.map(\.message).joined(separator: "; ")) }
         let reader = ConfigReader(config, fields: descriptor.fields)
@@ -50,6 +54,7 @@ public final class StageHarness: StageContext {
         self.auditLevel = auditLevel
         self.runDirectory = runDirectory
         self.store = store
+        self.laneCounts = laneCounts
         self.outputNames = descriptor.allOutputs(reader)
         try stage.start(context: self)
         if let t = stage.tickInterval { nextTick = now + t }

@@ -27,4 +27,5 @@ public let builtInStages = StageRegistry([
     IntakeSimStage.descriptor,
     CausalTimeStage.descriptor,
     ExecutorStage.descriptor,
+    AlignerStage.descriptor,
 ])

@@ -308,6 +308,7 @@ final class RunnerCore: StageContext {
     var auditLevel: AuditLevel { a.audit }
     var runDirectory: String { a.runDirectory }
     var store: (any KeyValueStore)? { kv }
+    func laneCount(port: String) -> Int { inLanes.reduce(0) { $0 + ($1.arrival.port == port ? 1 : 0) } }
 
     func output(_ name: String) throws(StageError) -> OutputHandle {
         guard let i = outputNames.firstIndex(of: name) else {

@@ -79,7 +79,9 @@ struct PipelineTestRunner {
                         (didYouMean(id, among: spec.stages.map(\.id)).map { " (did you mean '\($0)'?)" } ?? "")]
             }
             do {
-                let h = try StageHarness(d, config: s.config, stageID: id, runDirectory: dir)
+                var lanes: [String: Int] = [:]
+                for e in edges where e.to == id { lanes[e.port, default: 0] += 1 }
+                let h = try StageHarness(d, config: s.config, stageID: id, runDirectory: dir, laneCounts: lanes)
                 if let w = test.wallNs { h.wallClockNs = w }
                 harness[id] = h
             } catch { return ["stage '\(id)' did not start: \(error)"] }
@@ -101,7 +103,9 @@ struct PipelineTestRunner {
                         let consumers = inner.filter { $0.from == id && $0.output == output }
                         if consumers.isEmpty { results["\(id).\(output)", default: []] += envs }
                         for c in consumers {
-                            for e in envs { try harness[c.to]?.feed(e, port: c.port, from: c.fromRef, loopBack: c.loopBack) }
+                            // The lane's index among those feeding that port, in declaration order (as the runner numbers them).
+                            let lane = edges.filter { $0.to == c.to && $0.port == c.port }.firstIndex { $0.fromRef == c.fromRef } ?? 0
+                            for e in envs { try harness[c.to]?.feed(e, port: c.port, laneIndex: lane, from: c.fromRef, loopBack: c.loopBack) }
                         }
                     }
                 }

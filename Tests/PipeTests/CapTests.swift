@@ -235,3 +235,44 @@ struct CapPipelineTests {
         #expect(executions.count == 1500)
     }
 }
+
+@Suite("Cap pipeline: aligner")
+struct AlignerTests {
+    func ranked(_ r: UInt64, _ tag: String = "") -> Envelope { cap(tag.isEmpty ? "r\(r)" : tag, rank: r) }
+
+    @Test func releasesTheSmallestRank_onceEveryInputHasAHead_withTheEpoch() throws {
+        let h = try StageHarness(AlignerStage.descriptor, config: .object([("max_wait_ms", .int(100))]), laneCounts: ["in": 2])
+        try h.feed(ranked(1), laneIndex: 0)
+        try h.feed(ranked(3), laneIndex: 0)
+        #expect(h.take().isEmpty)                       // input 1 has nothing yet
+        try h.feed(ranked(2), laneIndex: 1)             // 1 and 2 are heads: 1 goes; then 3 vs 2: 2 goes
+        try h.feed(ranked(4), laneIndex: 1)             // 3 vs 4: 3 goes
+        let out = h.take()
+        #expect(out.map(\.rank) == [1, 2, 3])
+        #expect(out.map { $0.attrs["align_epoch"]?.intValue ?? 0 } == [1, 2, 3])
+        #expect(out.allSatisfy { $0.attrs["align_forced"] == nil })
+        #expect(h.stage.heldCount == 1)
+        // Input 0 stays silent: after max_wait_ms on the stage clock the held 4 goes, forced.
+        try h.advance(byMs: 99)
+        #expect(h.take().isEmpty)
+        try h.advance(byMs: 2)
+        let forced = h.take()
+        #expect(forced.map(\.rank) == [4] && forced[0].attrs["align_forced"] == .bool(true) && forced[0].attrs["align_epoch"] == .int(3))
+        // A late envelope (rank below the last released) goes to triage with the reason.
+        try h.feed(ranked(2, "late"), laneIndex: 0)
+        let late = h.take("triage")
+        #expect(late.count == 1 && late[0].attrs["triage_reason"] == .string("late: rank 2 < last released rank 4"))
+        #expect(h.takeAudits().contains { $0.decision == "triage" && $0.reason.contains("late") })
+        #expect(try h.finish().held == 0)
+    }
+
+    @Test func drain_releasesEverythingInRankOrder_andTheHeldLimitBoundsMemory() throws {
+        let h = try StageHarness(AlignerStage.descriptor, config: .object([("max_wait_ms", .int(60_000)), ("max_held", .int(3))]), laneCounts: ["in": 3])
+        for r in [5, 7, 9] { try h.feed(ranked(UInt64(r)), laneIndex: 0) }
+        #expect(h.take().isEmpty && h.stage.heldCount == 3)
+        try h.feed(ranked(6), laneIndex: 1)             // 4 held > 3: the smallest head (5) is forced out
+        #expect(h.take().map(\.rank) == [5] && h.stage.heldCount == 3)
+        try h.stage.drain(context: h)
+        #expect(h.take().map(\.rank) == [6, 7, 9] && h.stage.heldCount == 0)
+    }
+}
