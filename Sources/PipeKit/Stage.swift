@@ -93,6 +93,15 @@ public protocol KeyValueStore: AnyObject {
     func put(_ key: String, _ value: [UInt8]) throws
     func delete(_ key: String) throws
     func keys(prefix: String) throws -> [String]
+    /// Writes and deletes together, all or nothing (one transaction where the store has them).
+    func batch(put: [(String, [UInt8])], delete: [String]) throws
+}
+
+extension KeyValueStore {
+    public func batch(put: [(String, [UInt8])], delete: [String]) throws {
+        for (k, v) in put { try self.put(k, v) }
+        for k in delete { try self.delete(k) }
+    }
 }
 
 /// What a stage error asks the runner to do.

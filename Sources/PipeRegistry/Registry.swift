@@ -28,4 +28,5 @@ public let builtInStages = StageRegistry([
     CausalTimeStage.descriptor,
     ExecutorStage.descriptor,
     AlignerStage.descriptor,
+    SlotInjectorStage.descriptor,
 ])

@@ -179,6 +179,20 @@ public final class SQLiteKeyValueStore: KeyValueStore {
         try putStmt.run([.text(key), .blob(value), .int(Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec))])
     }
     public func delete(_ key: String) throws { try delStmt.run([.text(key)]) }
+    public func batch(put: [(String, [UInt8])], delete: [String]) throws {
+        guard !put.isEmpty || !delete.isEmpty else { return }
+        try db.execute("BEGIN IMMEDIATE")
+        do {
+            var ts = timespec(); clock_gettime(CLOCK_REALTIME, &ts)
+            let now = Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+            for (k, v) in put { try putStmt.run([.text(k), .blob(v), .int(now)]) }
+            for k in delete { try delStmt.run([.text(k)]) }
+            try db.execute("COMMIT")
+        } catch {
+            try? db.execute("ROLLBACK")
+            throw error
+        }
+    }
     public func keys(prefix: String) throws -> [String] {
         try keysStmt.bind([.text(prefix)])
         var out: [String] = []

@@ -3,6 +3,7 @@ import Foundation
 import PipeKit
 import PipeKitTesting
 import PipeSeal
+import PipeStore
 import Testing
 
 private func cap(_ intent: String = "demo.run", actor: String = "anna", continuation: String? = nil, payload: String = "hello",
@@ -274,5 +275,82 @@ struct AlignerTests {
         #expect(h.take().map(\.rank) == [5] && h.stage.heldCount == 3)
         try h.stage.drain(context: h)
         #expect(h.take().map(\.rank) == [6, 7, 9] && h.stage.heldCount == 0)
+    }
+}
+
+@Suite("Cap pipeline: slot-injector")
+struct SlotInjectorTests {
+    func laned(_ lane: String, _ actor: String, rank: UInt64 = 1) -> Envelope {
+        var e = cap(actor: actor, rank: rank); e.lane = lane; return e
+    }
+
+    /// A receipt as the executor makes it: derived from the cap (so it carries `slot_key`).
+    func receipt(for c: Envelope, outcome: String, context: String = "") -> Envelope {
+        let extra = context.isEmpty ? "" : #","context":\#(context)"#
+        return c.derived(output: "receipts", index: 0, payload: Array(#"{"receipt":{"cap":"\#(c.id)","outcome":"\#(outcome)"}\#(extra)}"#.utf8))
+    }
+
+    @Test func slots_attachRecordTakeOutcomes_andSurviveARestart() throws {
+        let dir = Paths.tempDir("slots")
+        let config = ConfigValue.object([("history", .int(2))])
+        var store = try SQLiteKeyValueStore(path: dir + "/slots.sqlite")
+        let h = try StageHarness(SlotInjectorStage.descriptor, config: config, store: store)
+        let a = laned("fast", "anna", rank: 1), b = laned("fast", "anna", rank: 2), c = laned("fast", "anna", rank: 3)
+        try h.feed(a)
+        let first = try #require(h.take().first)
+        #expect(first.attrs["slot_key"] == .string("fast:anna"))
+        #expect(first.attrs["slot"]?.stringValue?.contains(#""recent":[]"#) == true)   // the slot as it was before
+        try h.feed(receipt(for: first, outcome: "executed", context: #"{"bay":7}"#), port: "feedback")
+        try h.feed(b); try h.feed(c)
+        let third = try #require(h.take().last)
+        let slot = try JSON.parse(third.attrs["slot"]?.stringValue ?? "")
+        #expect(slot["recent"]?.listValue?.count == 2)   // history 2: a and b
+        #expect(slot["recent"]?.listValue?.first?["outcome"] == .string("executed"))
+        #expect(slot["context"]?["bay"] == .int(7))
+        try h.feed(laned("slow", "ben"))
+        _ = h.take()
+        _ = try h.finish()   // drain writes the cache in one transaction
+        // A new process: the slots are still there.
+        store = try SQLiteKeyValueStore(path: dir + "/slots.sqlite")
+        let h2 = try StageHarness(SlotInjectorStage.descriptor, config: config, store: store)
+        #expect(h2.statusReport["slots"] == .int(2))
+        try h2.feed(laned("fast", "anna", rank: 4))
+        let again = try JSON.parse(try #require(h2.take().first?.attrs["slot"]?.stringValue))
+        #expect(again["recent"]?.listValue?.map { $0["id"]?.stringValue ?? "" } == [b.id.description, c.id.description])
+        #expect(again["uses"] == .int(3))
+    }
+
+    @Test func unknownSlotFeedback_goesToTriage_andSlotsAreBoundedByCountAndTTL() throws {
+        let store = try SQLiteKeyValueStore(path: Paths.tempDir("slots2") + "/s.sqlite")
+        let h = try StageHarness(SlotInjectorStage.descriptor, config: .object([("max_slots", .int(16)), ("ttl_s", .double(60))]), store: store)
+        // A receipt for a slot that never existed, and one without a slot key.
+        var stray = cap(); stray.attrs["slot_key"] = .string("nowhere:nobody")
+        try h.feed(receipt(for: stray, outcome: "executed"), port: "feedback")
+        try h.feed(receipt(for: cap(), outcome: "executed"), port: "feedback")
+        let triaged = h.take("triage")
+        #expect(triaged.count == 2)
+        #expect(triaged[0].attrs["triage_reason"]?.stringValue?.contains("unknown slot 'nowhere:nobody'") == true)
+        #expect(triaged[1].attrs["triage_reason"]?.stringValue?.contains("without a slot_key") == true)
+        #expect(h.takeAudits().filter { $0.decision == "triage" }.count == 2)
+        // 20 actors on one lane: never more than 16 slots, the oldest evicted first.
+        for i in 0..<20 {
+            h.wallClockNs += 1_000_000
+            try h.feed(laned("l", "actor\(i)"))
+        }
+        _ = h.take()
+        try h.advance(byMs: 200)
+        let slots = h.statusReport["slots"]?.intValue ?? 0
+        #expect(slots <= 16 && slots > 0)
+        #expect((h.statusReport["evicted_lru"]?.intValue ?? 0) == Int64(20 - slots))
+        // Sixty seconds later, every slot has expired.
+        h.wallClockNs += 61_000_000_000
+        try h.advance(byMs: 200)
+        #expect(h.statusReport["slots"] == .int(0) && (h.statusReport["evicted_ttl"]?.intValue ?? 0) == slots)
+        _ = try h.finish()
+        #expect(try store.keys(prefix: "slot/").isEmpty)
+    }
+
+    @Test func aTemplateWithAnUnknownPlaceholder_isAConfigError() {
+        #expect(throws: StageError.self) { _ = try StageHarness(SlotInjectorStage.descriptor, config: .object([("key", .string("{lane}:{colour}"))])) }
     }
 }
