@@ -29,4 +29,5 @@ public let builtInStages = StageRegistry([
     ExecutorStage.descriptor,
     AlignerStage.descriptor,
     SlotInjectorStage.descriptor,
+    MuxStage.descriptor,
 ])

@@ -354,3 +354,156 @@ struct SlotInjectorTests {
         #expect(throws: StageError.self) { _ = try StageHarness(SlotInjectorStage.descriptor, config: .object([("key", .string("{lane}:{colour}"))])) }
     }
 }
+
+@Suite("Cap pipeline: mux (manual clock)")
+struct MuxTests {
+    static func mux(_ lanes: [(String, [(String, ConfigValue)])], extra: [(String, ConfigValue)] = []) throws -> StageHarness {
+        try StageHarness(MuxStage.descriptor, config: .object([("lanes", .object(lanes.map { ($0.0, .object($0.1)) })), ("default_lane", .string(lanes[0].0))] + extra))
+    }
+    func from(_ actor: String, authority: String = "", _ attrs: [String: AttrValue] = [:]) -> Envelope {
+        var e = cap("job.run", actor: actor); e.authority = authority
+        for (k, v) in attrs { e.attrs[k] = v }
+        return e
+    }
+
+    @Test func reject_refusesASecondActorInsideTheHold_andAcceptsItAfter() throws {
+        let h = try Self.mux([("main", [("lane_collision_policy", .string("reject")), ("hold_ms", .int(500))])])
+        try h.feed(from("anna"))
+        try h.feed(from("ben"))
+        #expect(h.take("main").map(\.actor) == ["anna"])
+        let r = h.take("triage_reject")
+        #expect(r.count == 1 && r[0].attrs["triage_reason"]?.stringValue?.contains("held by 'anna'") == true)
+        try h.advance(byMs: 501)
+        try h.feed(from("ben"))
+        #expect(h.take("main").map(\.actor) == ["ben"])
+        #expect(h.takeAudits().filter { $0.decision == "reject" }.count == 1)
+    }
+
+    @Test func gracefulYield_deliversAfterTheHold_notBefore() throws {
+        let h = try Self.mux([("main", [("lane_collision_policy", .string("graceful_yield")), ("hold_ms", .int(500))])])
+        try h.feed(from("anna")); try h.feed(from("ben"))
+        #expect(h.take("main").map(\.actor) == ["anna"])
+        try h.advance(byMs: 400)
+        #expect(h.take("main").isEmpty && h.stage.heldCount == 1)
+        try h.advance(byMs: 101)
+        #expect(h.take("main").map(\.actor) == ["ben"] && h.take("triage_reject").isEmpty)
+    }
+
+    @Test func assertRoot_letsARootAuthorityThroughAtOnce() throws {
+        let h = try Self.mux([("main", [("lane_collision_policy", .string("assert_root")), ("hold_ms", .int(500))])],
+                             extra: [("root_authorities", .list([.string("root")]))])
+        try h.feed(from("anna")); try h.feed(from("ben")); try h.feed(from("carl", authority: "root"))
+        #expect(h.take("main").map(\.actor) == ["anna", "carl"])   // ben waits for the hold
+        try h.advance(byMs: 501)
+        #expect(h.take("main").map(\.actor) == ["ben"])
+    }
+
+    @Test func overrideAll_preemptsTheHoldersWaitingEnvelopes_unlessTheLaneIsNotPreemptible() throws {
+        let h = try Self.mux([("main", [("lane_collision_policy", .string("override_all")), ("hold_ms", .int(500))])])
+        try h.feed(from("anna"))
+        h.blockedOutputs = ["main"]
+        try h.feed(from("anna")); try h.feed(from("anna"))
+        try h.feed(from("ben"))
+        let pre = h.take("triage_reject")
+        #expect(pre.count == 2 && pre.allSatisfy { $0.actor == "anna" && $0.attrs["triage_reason"] == .string("preempted") })
+        #expect(h.takeAudits().filter { $0.decision == "preempt" }.count == 2)
+        h.blockedOutputs = []
+        try h.advance(byMs: 10)
+        #expect(h.take("main").map(\.actor) == ["anna", "ben"])
+        // Not preemptible: refused, audited, and the newcomer waits its turn as under queue.
+        let n = try Self.mux([("main", [("lane_collision_policy", .string("override_all")), ("hold_ms", .int(500)), ("preemptible", .bool(false))])])
+        try n.feed(from("anna"))
+        n.blockedOutputs = ["main"]
+        try n.feed(from("anna")); try n.feed(from("ben"))
+        #expect(n.take("triage_reject").isEmpty)
+        #expect(n.takeAudits().contains { $0.decision == "override-refused" })
+        n.blockedOutputs = []
+        try n.advance(byMs: 10)
+        #expect(n.take("main").map(\.actor) == ["anna", "anna", "ben"])
+    }
+
+    @Test func burstLimit_withoutRefill_letsExactlyFiveThrough() throws {
+        let wait = try Self.mux([("main", [("burst_limit", .int(5)), ("refill_per_s", .double(0))])])
+        for _ in 0..<8 { try wait.feed(from("anna")) }
+        #expect(wait.take("main").count == 5 && wait.stage.heldCount == 3)
+        try wait.advance(byMs: 10_000)
+        #expect(wait.take("main").isEmpty)
+        try wait.stage.drain(context: wait)
+        let refused = wait.take("triage_reject")
+        #expect(refused.count == 3 && refused[0].attrs["triage_reason"]?.stringValue?.contains("burst token") == true)
+        let triage = try Self.mux([("main", [("burst_limit", .int(5)), ("over_burst", .string("triage"))])])
+        for _ in 0..<8 { try triage.feed(from("anna")) }
+        #expect(triage.take("main").count == 5)
+        let over = triage.take("triage_reject")
+        #expect(over.count == 3 && over[0].attrs["triage_reason"]?.stringValue?.contains("over burst_limit 5") == true)
+        // With a refill, the bucket fills again over time.
+        let refill = try Self.mux([("main", [("burst_limit", .int(2)), ("refill_per_s", .double(10))])])
+        for _ in 0..<4 { try refill.feed(from("anna")) }
+        #expect(refill.take("main").count == 2)
+        try refill.advance(byMs: 210)
+        #expect(refill.take("main").count == 2)
+    }
+
+    @Test func priority_higherLaneFirst_politeAvoidLast_hardAvoidNever() throws {
+        let h = try Self.mux([("low", [("priority", .int(1))]), ("high", [("priority", .int(9))])],
+                             extra: [("routes", .object([("job.low", .string("low")), ("job.high", .string("high"))])),
+                                     ("known_actors", .list([.string("anna"), .string("ben")]))])
+        h.blockedOutputs = ["low", "high"]
+        var l = from("anna"); l.intent = "job.low.x"
+        var hi = from("ben"); hi.intent = "job.high"
+        var polite = from("stranger"); polite.intent = "job.high.y"
+        try h.feed(polite); try h.feed(l); try h.feed(hi)
+        try h.feed(from("anna", ["trust_score": .double(0.1)]))
+        let hard = h.take("triage_reject")
+        #expect(hard.count == 1 && hard[0].attrs["coffee_lane_policy"] == .string("hard_avoid"))
+        h.blockedOutputs = []
+        try h.advance(byMs: 10)
+        let order = (h.take("high") + h.take("low")).sorted { ($0.attrs["mux_seq"]?.intValue ?? 0) < ($1.attrs["mux_seq"]?.intValue ?? 0) }
+        // The high lane's head is the polite stranger: the low lane goes first, then high's.
+        #expect(order.map(\.actor) == ["anna", "stranger", "ben"], "\(order.map(\.actor))")
+        #expect(order[1].attrs["coffee_lane_policy"] == .string("polite_avoid"))
+        // Without polite envelopes, the higher priority wins when both are ready.
+        let p = try Self.mux([("low", [("priority", .int(1))]), ("high", [("priority", .int(9))])],
+                             extra: [("routes", .object([("job.low", .string("low")), ("job.high", .string("high"))]))])
+        p.blockedOutputs = ["low", "high"]
+        try p.feed(l); try p.feed(hi)
+        p.blockedOutputs = []
+        try p.advance(byMs: 10)
+        let firsts = (p.take("high") + p.take("low")).sorted { ($0.attrs["mux_seq"]?.intValue ?? 0) < ($1.attrs["mux_seq"]?.intValue ?? 0) }
+        #expect(firsts.map(\.actor) == ["ben", "anna"])
+    }
+
+    @Test func coffee_decidesFromAttributes_andResolvesResume() throws {
+        let h = try Self.mux([("main", []), ("offline", [])])
+        let now = Int64(h.wallClockNs)
+        func policy(_ attrs: [String: AttrValue], continuation: String? = nil) throws -> (String, String?) {
+            var e = from("anna", attrs)
+            if let c = continuation { e.attrs["continuation"] = .string(c) }
+            try h.feed(e)
+            let got = h.take("main") + h.take("offline") + h.take("triage_reject")
+            return (got.first?.attrs["coffee_lane_policy"]?.stringValue ?? "", got.first?.attrs["continuation"]?.stringValue)
+        }
+        #expect(try policy(["sealed_at": .int(now - 30_000_000_000)]).0 == "freeze_resume")
+        #expect(try policy(["sealed_at": .int(now - 300_000_000_000)]).0 == "fork_on_hop_off")
+        #expect(try policy(["sealed_at": .int(now - 7200_000_000_000)]).0 == "rebuild")
+        #expect(try policy(["sealed_at": .int(now - 90_000_000_000_000)]).0 == "hard_avoid")
+        #expect(try policy(["recent_failures": .int(4)]).0 == "rebuild")
+        #expect(try policy(["endpoint_status": .int(503)]).0 == "offline_fallback")
+        #expect(try policy([:]).0 == "sip_anyway")
+        #expect(try policy(["sealed_at": .int(now - 30_000_000_000)], continuation: "resume") == ("freeze_resume", "freeze_resume"))
+        #expect(try policy(["trust_score": .double(0.1)], continuation: "resume") == ("hard_avoid", "receipt"))
+        // offline_fallback goes to the lane named offline.
+        try h.feed(from("anna", ["endpoint_status": .string("down")]))
+        #expect(h.take("offline").count == 1)
+    }
+
+    @Test func badConfig_namesTheProblem() {
+        #expect(throws: StageError.self) { _ = try StageHarness(MuxStage.descriptor, config: .object([("lanes", .object([]))])) }
+        #expect(throws: StageError.self) {
+            _ = try StageHarness(MuxStage.descriptor, config: .object([("lanes", .object([("a", .object([("lane_collision_policy", .string("shove"))]))]))]))
+        }
+        #expect(throws: StageError.self) {
+            _ = try StageHarness(MuxStage.descriptor, config: .object([("lanes", .object([("a", .object([]))])), ("routes", .object([("x", .string("b"))]))]))
+        }
+    }
+}
