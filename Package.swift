@@ -61,7 +61,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "pipectl", dependencies: [
-            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit", "CapStages",
+            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit", "PipeStore", "CapStages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages", "CapStages"],

@@ -83,7 +83,7 @@ public final class ExecutorStage: Stage {
 
     func out(_ n: String) -> OutputHandle { outs[n] ?? OutputHandle(index: 0, name: n) }
 
-    struct Outcome { var outcome: String; var reason: String; var output: [UInt8]; var truncated: Bool; var exitStatus: Int32?; var latencyNs: UInt64 }
+    struct Outcome { var outcome: String; var reason: String; var output: [UInt8]; var truncated: Bool; var exitStatus: Int32?; var latencyNs: UInt64; var program: String? = nil }
 
     public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
         let cap = envelope
@@ -124,6 +124,7 @@ public final class ExecutorStage: Stage {
             ("output", .string(String(decoding: result.output, as: UTF8.self))), ("truncated", .bool(result.truncated)),
         ]
         if let s = result.exitStatus { receipt.append(("exit_status", .int(Int64(s)))) }
+        if let p = result.program { receipt.append(("program", .string(p))) }
         // Canonical form (docs/cap-pipeline.md): keys sorted, written once; the payload embeds these bytes.
         receipt.sort { $0.0 < $1.0 }
         var canonical: [UInt8] = []
@@ -193,17 +194,21 @@ public final class ExecutorStage: Stage {
                 return Outcome(outcome: "rejected", reason: "'\(prog)' is not on the allow-list", output: [], truncated: false, exitStatus: nil, latencyNs: 0)
             }
             let r = CommandRunner.run(argv, timeoutNs: timeoutNs, maxOutput: maxOutput)
-            if let e = r.spawnError { return Outcome(outcome: "rejected", reason: e, output: [], truncated: false, exitStatus: nil, latencyNs: r.elapsedNs) }
-            if r.timedOut {
-                return Outcome(outcome: "rejected", reason: "timed out after \(timeoutNs / 1_000_000) ms (killed)", output: r.stdout,
-                               truncated: r.truncated, exitStatus: nil, latencyNs: r.elapsedNs)
+            var o: Outcome
+            if let e = r.spawnError {
+                o = Outcome(outcome: "rejected", reason: e, output: [], truncated: false, exitStatus: nil, latencyNs: r.elapsedNs)
+            } else if r.timedOut {
+                o = Outcome(outcome: "rejected", reason: "timed out after \(timeoutNs / 1_000_000) ms (killed)", output: r.stdout,
+                            truncated: r.truncated, exitStatus: nil, latencyNs: r.elapsedNs)
+            } else if let s = r.signal {
+                o = Outcome(outcome: "rejected", reason: "killed by signal \(s)", output: r.stdout, truncated: r.truncated, exitStatus: nil, latencyNs: r.elapsedNs)
+            } else {
+                let status = r.exitStatus ?? -1
+                o = Outcome(outcome: status == 0 ? "executed" : "rejected", reason: status == 0 ? "" : "exit status \(status)",
+                            output: r.stdout, truncated: r.truncated, exitStatus: status, latencyNs: r.elapsedNs)
             }
-            if let s = r.signal {
-                return Outcome(outcome: "rejected", reason: "killed by signal \(s)", output: r.stdout, truncated: r.truncated, exitStatus: nil, latencyNs: r.elapsedNs)
-            }
-            let status = r.exitStatus ?? -1
-            return Outcome(outcome: status == 0 ? "executed" : "rejected", reason: status == 0 ? "" : "exit status \(status)",
-                           output: r.stdout, truncated: r.truncated, exitStatus: status, latencyNs: r.elapsedNs)
+            o.program = prog
+            return o
         }
     }
 

@@ -186,6 +186,10 @@ public final class MuxStage: Stage {
         coffeeCounts[policy, default: 0] += 1
         e.attrs["coffee_lane_policy"] = .string(policy)
         if !why.isEmpty { e.attrs["coffee_reason"] = .string(why) }
+        if let s = e.attrs["sealed_at"], let t = Self.timeNs(s) {
+            e.attrs["time_diff_s"] = .double((Double(context.wallClockNs) - Double(t)) / 1e9)
+            e.attrs["diff_threshold_s"] = .double(diffThresholdS)
+        }
         if e.attrs["continuation"]?.stringValue == "resume" {
             // The decided policy becomes the continuation; hard and polite avoidance do not resume.
             e.attrs["continuation"] = .string(["freeze_resume", "fork_on_hop_off", "rebuild", "offline_fallback"].contains(policy) ? policy : "receipt")

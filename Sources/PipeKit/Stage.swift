@@ -25,8 +25,11 @@ public struct Arrival: Sendable, Hashable {
     public var from: String
     /// Whether the lane is a declared loop-back.
     public var loopBack: Bool
-    public init(port: String, portIndex: Int = 0, laneIndex: Int = 0, from: String = "", loopBack: Bool = false) {
+    /// How the lane travels: `inproc`, `ipc` or `tcp`.
+    public var transport: String
+    public init(port: String, portIndex: Int = 0, laneIndex: Int = 0, from: String = "", loopBack: Bool = false, transport: String = "inproc") {
         self.port = port; self.portIndex = portIndex; self.laneIndex = laneIndex; self.from = from; self.loopBack = loopBack
+        self.transport = transport
     }
 }
 

@@ -30,4 +30,5 @@ public let builtInStages = StageRegistry([
     AlignerStage.descriptor,
     SlotInjectorStage.descriptor,
     MuxStage.descriptor,
+    GatewayEventsSink.descriptor,
 ])

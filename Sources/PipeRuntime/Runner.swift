@@ -270,7 +270,9 @@ final class RunnerCore: StageContext {
             try s.setSendHWM(1000)
             try s.connect(i.returnEndpoint)
             inIndex[i.lane] = inLanes.count
-            inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from, loopBack: i.loopBack),
+            let transport = i.returnEndpoint.range(of: "://").map { String(i.returnEndpoint[..<$0.lowerBound]) } ?? "inproc"
+            inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from,
+                                                               loopBack: i.loopBack, transport: transport),
                                   maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1,
                                   bytesBound: i.bytes))
         }

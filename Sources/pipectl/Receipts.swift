@@ -50,3 +50,40 @@ struct ReceiptsVerify: ParsableCommand {
         if bad.count > 0 || results.isEmpty { throw ExitCode(1) }
     }
 }
+
+struct EventsCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "events",
+        abstract: "Check gateway-event.v1 files (docs/cap-pipeline.md, \"gateway-event.v1\").",
+        subcommands: [EventsValidate.self])
+}
+
+struct EventsValidate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "validate",
+        abstract: "Check every record of a gateway-event.v1 JSONL file against the contract.",
+        discussion: "Names each bad record by line and each bad field: a missing or unknown key, an empty required field, a wrong type, a value outside its set. Exit 0: all valid; 1: any invalid; 64: usage.")
+    @Argument(help: "The JSONL file.") var file: String
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func run() throws {
+        guard let data = FileManager.default.contents(atPath: file) else { fail("pipectl events validate: cannot read \(file)") }
+        var total = 0
+        var bad: [(line: Int, problems: [String])] = []
+        for (i, raw) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            if raw.trimmingCharacters(in: .whitespaces).isEmpty { continue }
+            total += 1
+            guard let v = try? JSON.parse(String(raw)) else { bad.append((i + 1, ["not JSON"])); continue }
+            let p = GatewayEvent.validate(v)
+            if !p.isEmpty { bad.append((i + 1, p)) }
+        }
+        if json {
+            printJSON(.object([("file", .string(file)), ("records", .int(Int64(total))), ("invalid", .int(Int64(bad.count))),
+                               ("problems", .list(bad.map { b in .object([("line", .int(Int64(b.line))), ("fields", .list(b.problems.map { .string($0) }))]) }))]))
+        } else {
+            for b in bad { for p in b.problems { print("\(file):\(b.line): \(p)") } }
+            print("\(total - bad.count) of \(total) record(s) valid" + (bad.isEmpty ? "" : "; \(bad.count) invalid"))
+        }
+        if !bad.isEmpty || total == 0 { throw ExitCode(1) }
+    }
+}

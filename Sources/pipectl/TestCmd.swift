@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import PipeConfig
 import PipeKit
+import PipeStore
 import PipeKitTesting
 import PipeRegistry
 
@@ -81,7 +82,9 @@ struct PipelineTestRunner {
             do {
                 var lanes: [String: Int] = [:]
                 for e in edges where e.to == id { lanes[e.port, default: 0] += 1 }
-                let h = try StageHarness(d, config: s.config, stageID: id, runDirectory: dir, laneCounts: lanes)
+                // A stage that asks for a durable store gets a real SQLite one in the test's directory.
+                let store: (any KeyValueStore)? = d.usesStore ? try SQLiteKeyValueStore(path: dir + "/\(id).kv.sqlite") : nil
+                let h = try StageHarness(d, config: s.config, stageID: id, runDirectory: dir, store: store, laneCounts: lanes)
                 if let w = test.wallNs { h.wallClockNs = w }
                 harness[id] = h
             } catch { return ["stage '\(id)' did not start: \(error)"] }

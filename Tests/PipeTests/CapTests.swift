@@ -1,5 +1,6 @@
 import CapStages
 import Foundation
+import PipeAudit
 import PipeKit
 import PipeKitTesting
 import PipeSeal
@@ -234,6 +235,49 @@ struct CapPipelineTests {
         // Every execution is in the audit log, with its latency.
         let executions = try auditJSONL(run).split(separator: "\n").filter { $0.contains(#""decision":"execute""#) }
         #expect(executions.count == 1500)
+    }
+}
+
+extension CapPipelineTests {
+    /// The whole chain: it ends by itself with its loops; every receipt verifies; every gateway
+    /// event meets the contract (and the validator names a broken one); no hard_avoid cap was
+    /// executed; the audit log is intact.
+    @Test func capBus_wholeChain_receiptsEventsAndAudit() throws {
+        let run = Paths.tempDir("cap-bus")
+        let (r, s) = try runPipeline(Paths.root + "/pipelines/cap-bus.yaml", runDir: run)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(s["failure"] == .null)
+        let dead = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
+        #expect(dead.isEmpty, "\(dead.prefix(500))")
+        let v = try runProcess(Paths.pipectl, ["receipts", "verify", run + "/receipts.jsonl", "--pub", run + "/keys/executor.pub", "--json"], timeout: 60)
+        let vj = try JSON.parse(v.stdout)
+        #expect(v.status == 0 && vj["invalid"]?.intValue == 0 && (vj["receipts"]?.intValue ?? 0) > 1000, "\(v.stdout)")
+        let ev = try runProcess(Paths.pipectl, ["events", "validate", run + "/gateway-events.jsonl", "--json"], timeout: 60)
+        let evj = try JSON.parse(ev.stdout)
+        #expect(ev.status == 0 && evj["invalid"]?.intValue == 0, "\(ev.stdout.prefix(2000))")
+        let events = try String(contentsOfFile: run + "/gateway-events.jsonl", encoding: .utf8).split(separator: "\n").map { try JSON.parse(String($0)) }
+        let executed = events.filter { $0["status"]?.stringValue != "dispatched" }
+        #expect(executed.count == vj["receipts"]?.intValue.map(Int.init))
+        #expect(executed.allSatisfy { $0["verified"] == .bool(true) && $0["attestation_layer"] == .string("self-signed") && $0.mapEntries?.count == 37 })
+        #expect(!events.contains { $0["agent_id"] == .string("stranger") })
+        #expect(events.contains { $0["lane_class"] == .string("offline") } && events.contains { $0["lane_class"] == .string("slow") })
+        // One record with a missing field, an empty one and a wrong type: each is named.
+        var broken = events[0]
+        if case .map(var m) = broken {
+            m.removeAll { $0.key == "surface" }
+            if let i = m.firstIndex(where: { $0.key == "agent_id" }) { m[i].value = .string("") }
+            if let i = m.firstIndex(where: { $0.key == "latency_ms" }) { m[i].value = .string("fast") }
+            broken = .map(m)
+        }
+        let bad = run + "/bad-events.jsonl"
+        try (JSON.serialize(events[1]) + "\n" + JSON.serialize(broken) + "\n").write(toFile: bad, atomically: true, encoding: .utf8)
+        let b = try runProcess(Paths.pipectl, ["events", "validate", bad], timeout: 30)
+        #expect(b.status == 1 && b.stdout.contains("bad-events.jsonl:2: surface: missing") && b.stdout.contains("bad-events.jsonl:2: agent_id: must not be empty")
+                && b.stdout.contains("bad-events.jsonl:2: latency_ms: must be a number") && !b.stdout.contains(":1:"), "\(b.stdout)")
+        let audit = try AuditVerifier.verify(path: run + "/audit.db")
+        #expect(audit.ok && audit.unanchored == 0)
+        let decisions = try auditJSONL(run)
+        #expect(decisions.contains(#""decision":"reject""#) && decisions.contains(#""decision":"execute""#))
     }
 }
 
