@@ -46,6 +46,7 @@ public final class SlotInjectorStage: Stage {
     var deleted: Set<String> = []
     var lastFlush: UInt64 = 0
     var storeErrors = 0
+    var scratch: [UInt8] = []
     var bound = 0, outcomes = 0, unknownFeedback = 0, evictedLRU = 0, evictedTTL = 0, flushes = 0
     var out = OutputHandle(index: 0, name: "out"), triage = OutputHandle(index: 1, name: "triage")
     static let prefix = "slot/"
@@ -78,7 +79,7 @@ public final class SlotInjectorStage: Stage {
         let now = context.wallClockNs
         var s = slots[key] ?? Slot(entries: [], context: [], lastUsedNs: now, uses: 0)
         e.attrs["slot_key"] = .string(key)
-        e.attrs["slot"] = .string(JSON.serialize(Self.encode(s)))
+        e.attrs["slot"] = .string(Self.text(s, &scratch))
         s.entries.append(Entry(id: e.id.description, rank: e.rank, outcome: nil))
         if s.entries.count > history { s.entries.removeFirst(s.entries.count - history) }
         s.lastUsedNs = now
@@ -156,6 +157,26 @@ public final class SlotInjectorStage: Stage {
             ("recent", .list(s.entries.map { .object([("id", .string($0.id)), ("rank", .int(Int64(clamping: $0.rank))), ("outcome", $0.outcome.map { .string($0) } ?? .null)]) })),
             ("context", .map(s.context)), ("last_used_ns", .int(Int64(clamping: s.lastUsedNs))), ("uses", .int(s.uses)),
         ])
+    }
+
+    /// The slot as JSON text, written directly (byte for byte `JSON.serialize(encode(s))`): it is
+    /// attached to every envelope, so it must not build a tree each time.
+    static func text(_ s: Slot, _ o: inout [UInt8]) -> String {
+        o.removeAll(keepingCapacity: true)
+        o.append(contentsOf: #"{"recent":["#.utf8)
+        for (n, e) in s.entries.enumerated() {
+            if n > 0 { o.append(0x2C) }
+            o.append(contentsOf: #"{"id":"#.utf8); JSON.writeString(e.id, into: &o)
+            o.append(contentsOf: #","rank":"#.utf8); o.append(contentsOf: String(Int64(clamping: e.rank)).utf8)
+            o.append(contentsOf: #","outcome":"#.utf8)
+            if let x = e.outcome { JSON.writeString(x, into: &o) } else { o.append(contentsOf: "null".utf8) }
+            o.append(0x7D)
+        }
+        o.append(contentsOf: #"],"context":"#.utf8); JSON.write(.map(s.context), into: &o)
+        o.append(contentsOf: #","last_used_ns":"#.utf8); o.append(contentsOf: String(Int64(clamping: s.lastUsedNs)).utf8)
+        o.append(contentsOf: #","uses":"#.utf8); o.append(contentsOf: String(s.uses).utf8)
+        o.append(0x7D)
+        return String(decoding: o, as: UTF8.self)
     }
 
     static func decode(_ v: ConfigValue) -> Slot? {

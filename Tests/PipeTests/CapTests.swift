@@ -344,7 +344,7 @@ struct SlotInjectorTests {
         let first = try #require(h.take().first)
         #expect(first.attrs["slot_key"] == .string("fast:anna"))
         #expect(first.attrs["slot"]?.stringValue?.contains(#""recent":[]"#) == true)   // the slot as it was before
-        try h.feed(receipt(for: first, outcome: "executed", context: #"{"bay":7}"#), port: "feedback")
+        try h.feed(receipt(for: first, outcome: "executed", context: #"{"bay":7,"note":"quote \" and \\ and tab\t"}"#), port: "feedback")
         try h.feed(b); try h.feed(c)
         let third = try #require(h.take().last)
         let slot = try JSON.parse(third.attrs["slot"]?.stringValue ?? "")
@@ -362,6 +362,9 @@ struct SlotInjectorTests {
         let again = try JSON.parse(try #require(h2.take().first?.attrs["slot"]?.stringValue))
         #expect(again["recent"]?.listValue?.map { $0["id"]?.stringValue ?? "" } == [b.id.description, c.id.description])
         #expect(again["uses"] == .int(3))
+        // The attached text is written directly; it is exactly what the JSON serializer makes of it.
+        let attached = try #require(third.attrs["slot"]?.stringValue)
+        #expect(JSON.serialize(try JSON.parse(attached)) == attached)
     }
 
     @Test func unknownSlotFeedback_goesToTriage_andSlotsAreBoundedByCountAndTTL() throws {
