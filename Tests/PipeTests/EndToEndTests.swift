@@ -428,8 +428,9 @@ struct EndToEndTests {
         #expect(bad.stdout.split(separator: "\n").count == 10)
         let stages = try pipectlJSON(["stages"])
         let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
-        #expect(kinds == ["causal-time", "executor", "file-sink", "file-source", "generator", "hop", "inbox", "intake-sim", "null-sink", "passthrough", "police",
-                          "quarantine-sink", "reject-sink", "reseal-sink", "sniffer", "stdout-sink", "triage-sink", "twin", "twin-sim", "verify"])
+        #expect(kinds == ["aligner", "causal-time", "executor", "file-sink", "file-source", "gateway-events", "generator", "hop", "inbox", "intake-sim",
+                          "mux", "null-sink", "passthrough", "police", "quarantine-sink", "reject-sink", "reseal-sink", "slot-injector", "sniffer",
+                          "stdout-sink", "triage-sink", "twin", "twin-sim", "verify"])
         let sniffer = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "sniffer" })
         #expect(sniffer["outputs"] == .list(["ignore", "reject", "quarantine", "trusted-candidate", "triage-disguised", "reseal-candidate",
                                              "observed", "dead_letter"].map { .string($0) }))
