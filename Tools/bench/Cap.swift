@@ -35,25 +35,7 @@ enum CapBench {
     }
 
     /// The peer's figure, measured now: `bench_capbus.py` case A in the peer virtualenv when present.
-    static func peer() -> (rate: Double, measured: Bool) {
-        let env = ProcessInfo.processInfo.environment
-        let python = env["PEER_PYTHON"] ?? FileManager.default.currentDirectoryPath + "/.build/peers-venv/bin/python"
-        let script = env["PEER_BENCH_DIR"].map { $0 + "/bench_capbus.py" } ?? FileManager.default.currentDirectoryPath + "/../shared/peer-bench/bench_capbus.py"
-        guard FileManager.default.isExecutableFile(atPath: python), FileManager.default.fileExists(atPath: script) else { return (5_000, false) }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = [script]
-        var e = env; e["PEER_BENCH_SECONDS"] = e["PEER_BENCH_SECONDS"] ?? "3"; p.environment = e
-        let pipe = Pipe(); p.standardOutput = pipe; p.standardError = FileHandle.nullDevice
-        guard (try? p.run()) != nil else { return (5_000, false) }
-        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        // "A capbus emit+run_cap: 7,166 ops/s (...)"
-        guard let line = out.split(separator: "\n").first(where: { $0.hasPrefix("A ") }),
-              let colon = line.firstIndex(of: ":"), let ops = line[line.index(after: colon)...].split(separator: " ").first,
-              let v = Double(ops.replacingOccurrences(of: ",", with: "")) else { return (5_000, false) }
-        return (v, true)
-    }
+    static func peer() -> (rate: Double, measured: Bool) { peerRate(script: "bench_capbus.py", caseMarker: "A capbus emit+run_cap", fallback: 5_000) }
 
     static func chainYAML(caps n: Int, signed: Bool) -> String {
         """

@@ -84,27 +84,7 @@ extension TwinBench {
     }
 
     /// The peer's figure, measured now: `bench_twin.py` case A in the peer virtualenv when present.
-    static func peer() -> (rate: Double, measured: Bool) {
-        let env = ProcessInfo.processInfo.environment
-        let python = env["PEER_PYTHON"] ?? FileManager.default.currentDirectoryPath + "/.build/peers-venv/bin/python"
-        let script = env["PEER_BENCH_DIR"].map { $0 + "/bench_twin.py" } ?? FileManager.default.currentDirectoryPath + "/../shared/peer-bench/bench_twin.py"
-        guard FileManager.default.isExecutableFile(atPath: python), FileManager.default.fileExists(atPath: script) else { return (23_500, false) }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python)
-        p.arguments = [script]
-        var e = env; e["PEER_BENCH_SECONDS"] = e["PEER_BENCH_SECONDS"] ?? "3"; p.environment = e
-        let pipe = Pipe(); p.standardOutput = pipe; p.standardError = FileHandle.nullDevice
-        guard (try? p.run()) != nil else { return (23_500, false) }
-        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        // "A twin update(prebuilt)+check ... 23,512 ops/s"
-        for line in out.split(separator: "\n") where line.contains("A twin update") {
-            let words = line.split(separator: " ").map(String.init)
-            if let i = words.firstIndex(where: { $0.hasPrefix("ops/s") }), i > 0,
-               let rate = Double(words[i - 1].replacingOccurrences(of: ",", with: "")), rate > 0 { return (rate, true) }
-        }
-        return (23_500, false)
-    }
+    static func peer() -> (rate: Double, measured: Bool) { peerRate(script: "bench_twin.py", caseMarker: "A twin update", fallback: 23_500) }
 
     static func report(quick: Bool) throws {
         let peer = peer()

@@ -86,6 +86,30 @@ func threeStage(count: Int, placement: String, rate: Double = 0) -> String {
     """
 }
 
+/// A peer baseline (../shared/peer-bench) run now in the peer virtualenv: the ops/s on the line
+/// containing `caseMarker`, or the documented `fallback` when the peer is not installed here.
+func peerRate(script name: String, caseMarker: String, fallback: Double) -> (rate: Double, measured: Bool) {
+    let env = ProcessInfo.processInfo.environment
+    let python = env["PEER_PYTHON"] ?? FileManager.default.currentDirectoryPath + "/.build/peers-venv/bin/python"
+    let script = env["PEER_BENCH_DIR"].map { $0 + "/" + name } ?? FileManager.default.currentDirectoryPath + "/../shared/peer-bench/" + name
+    guard FileManager.default.isExecutableFile(atPath: python), FileManager.default.fileExists(atPath: script) else { return (fallback, false) }
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: python)
+    p.arguments = [script]
+    var e = env; e["PEER_BENCH_SECONDS"] = e["PEER_BENCH_SECONDS"] ?? "3"; p.environment = e
+    let pipe = Pipe(); p.standardOutput = pipe; p.standardError = FileHandle.nullDevice
+    guard (try? p.run()) != nil else { return (fallback, false) }
+    let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    p.waitUntilExit()
+    // e.g. "A capbus emit+run_cap: 7,166 ops/s (...)"
+    for line in out.split(separator: "\n") where line.contains(caseMarker) {
+        let words = line.split(separator: " ").map(String.init)
+        if let i = words.firstIndex(where: { $0.hasPrefix("ops/s") }), i > 0,
+           let rate = Double(words[i - 1].replacingOccurrences(of: ",", with: "")), rate > 0 { return (rate, true) }
+    }
+    return (fallback, false)
+}
+
 func fmt(_ r: Double) -> String { String(format: "%.2f M/s", r / 1e6) }
 
 do {
