@@ -46,10 +46,16 @@ let package = Package(
         .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
         .target(name: "TwinStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Twin"),
         .target(name: "IntakeStages", dependencies: ["PipeKit", "PipeSniff", "PipeSeal"], path: "Plugins/Intake"),
-        .target(name: "CapStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Cap"),
+        // The cap pipeline, one target per stage family.
+        .target(name: "CausalStages", dependencies: ["PipeKit"], path: "Plugins/Causal"),
+        .target(name: "MuxStages", dependencies: ["PipeKit"], path: "Plugins/Mux"),
+        .target(name: "AlignerStages", dependencies: ["PipeKit"], path: "Plugins/Aligner"),
+        .target(name: "SlotStages", dependencies: ["PipeKit"], path: "Plugins/Slots"),
+        .target(name: "ExecutorStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Executor"),
+        .target(name: "GatewayStages", dependencies: ["PipeKit", "PipeSeal", "ExecutorStages"], path: "Plugins/Gateway"),
 
         // The one stage registry.
-        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages", "IntakeStages", "CapStages"]),
+        .target(name: "PipeRegistry", dependencies: ["PipeKit", "CoreStages", "TwinStages", "IntakeStages", "CausalStages", "MuxStages", "AlignerStages", "SlotStages", "ExecutorStages", "GatewayStages"]),
 
         .target(name: "PipeRuntime", dependencies: [
             "PipeKit", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeAudit", "PipeRegistry",
@@ -61,15 +67,15 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "pipectl", dependencies: [
-            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit", "PipeStore", "CapStages",
+            "PipeRuntime", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeSeal", "PipeAudit", "PipeStore", "ExecutorStages", "GatewayStages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages", "CapStages"],
+        .executableTarget(name: "bench", dependencies: ["PipeRuntime", "PipeZMQ", "PipeConfig", "PipeRegistry", "PipeKit", "PipeKitTesting", "PipeSeal", "PipeSniff", "PipeAudit", "PipeStore", "TwinStages", "IntakeStages", "CausalStages", "MuxStages", "AlignerStages", "SlotStages", "ExecutorStages", "GatewayStages"],
                           path: "Tools/bench"),
 
         .testTarget(name: "PipeTests", dependencies: [
             "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff", "PipeAudit",
-            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages", "CapStages",
+            "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages", "CausalStages", "MuxStages", "AlignerStages", "SlotStages", "ExecutorStages", "GatewayStages",
         ], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]

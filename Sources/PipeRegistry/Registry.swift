@@ -2,7 +2,12 @@ import CoreStages
 import PipeKit
 import TwinStages
 import IntakeStages
-import CapStages
+import AlignerStages
+import CausalStages
+import ExecutorStages
+import GatewayStages
+import MuxStages
+import SlotStages
 
 /// Every built-in stage kind, registered in this one place. `pipectl stages`, validation, the
 /// JSON Schema and docs/pipeline-reference.md all read this list.

@@ -1,5 +1,6 @@
 import ArgumentParser
-import CapStages
+import ExecutorStages
+import GatewayStages
 import Foundation
 import PipeKit
 import PipeSeal

@@ -1,4 +1,9 @@
-import CapStages
+import AlignerStages
+import CausalStages
+import ExecutorStages
+import GatewayStages
+import MuxStages
+import SlotStages
 import Foundation
 import PipeAudit
 import PipeKit
@@ -155,6 +160,26 @@ struct ExecutorTests {
         #expect(rejected.count == 3 && rejected[0].attrs["triage_reason"]?.stringValue?.contains("allow-list") == true)
         let audits = h.takeAudits().filter { $0.decision == "execute" }
         #expect(audits.count == 5 && audits[0].details["latency_us"]?.intValue ?? 0 >= 50_000)
+    }
+
+    /// The measured latency of a command that sleeps 50 ms reaches its gateway event too.
+    @Test func command_latencyReachesTheGatewayEvent() throws {
+        let dir = Paths.tempDir("gw-latency")
+        let h = try StageHarness(ExecutorStage.descriptor, config: .object([
+            ("executor", .string("command")), ("allow", .list([.string("/bin/sleep")])),
+        ]))
+        try h.feed(cap("crane.wait", payload: #"{"argv":["/bin/sleep","0.05"]}"#))
+        let receipt = try #require(h.take("receipts").first)
+        let g = try StageHarness(GatewayEventsSink.descriptor, config: .object([("path", .string("events.jsonl"))]), runDirectory: dir)
+        try g.feed(receipt, port: "executed", from: "exec.receipts")
+        _ = try g.finish()
+        g.stage.stop()
+        let line = try String(contentsOfFile: dir + "/events.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(line.count == 1)
+        let ev = try JSON.parse(String(line[0]))
+        #expect(GatewayEvent.validate(ev).isEmpty, "\(GatewayEvent.validate(ev))")
+        #expect((ev["latency_ms"]?.doubleValue ?? 0) >= 50 && ev["status"] == .string("executed") && ev["model"] == .string("/bin/sleep"))
+        #expect(ev["provider"] == .string("command") && ev["verified"] == .bool(false) && ev["attestation_layer"] == .string("none"))
     }
 
     @Test func continuations_followTheTable_andMaxHopsStopsALoop() throws {

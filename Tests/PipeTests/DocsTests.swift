@@ -1,6 +1,11 @@
 import Testing
 import Foundation
-import CapStages
+import AlignerStages
+import CausalStages
+import ExecutorStages
+import GatewayStages
+import MuxStages
+import SlotStages
 import PipeAudit
 import PipeKit
 import PipeRegistry

@@ -1,4 +1,9 @@
-import CapStages
+import AlignerStages
+import CausalStages
+import ExecutorStages
+import GatewayStages
+import MuxStages
+import SlotStages
 import Foundation
 import PipeKit
 import PipeKitTesting

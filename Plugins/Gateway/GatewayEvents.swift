@@ -1,5 +1,6 @@
 import Foundation
 import PipeKit
+import ExecutorStages
 import PipeSeal
 
 /// The gateway-event.v1 contract (CONCEPTS.md; the field mapping is in docs/cap-pipeline.md).
