@@ -49,23 +49,11 @@ public enum GatewayEvent {
         if let s = r["attestation_layer"]?.stringValue, !s.isEmpty, !attestationLayers.contains(s) {
             problems.append("attestation_layer: \"\(s)\" is not one of \(attestationLayers.sorted().joined(separator: "|"))")
         }
-        if let s = r["timestamp"]?.stringValue, !s.isEmpty, rfc3339(s) == nil { problems.append("timestamp: \"\(s)\" is not an RFC 3339 time") }
+        if let s = r["timestamp"]?.stringValue, !s.isEmpty, (try? RFC3339.parse(s)) == nil { problems.append("timestamp: \"\(s)\" is not an RFC 3339 time with an offset") }
         return problems
     }
 
-    static func rfc3339(_ s: String) -> Date? {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        if let d = f.date(from: s) { return d }
-        f.formatOptions = [.withInternetDateTime]
-        return f.date(from: s)
-    }
-
-    static func timestamp(_ ns: UInt64) -> String {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return f.string(from: Date(timeIntervalSince1970: Double(ns) / 1e9))
-    }
+    static func timestamp(_ ns: UInt64) -> String { RFC3339.format(ns: Int64(clamping: ns)) }
 }
 
 /// `gateway-events`: writes a gateway-event.v1 record (JSONL) for every dispatched cap (input

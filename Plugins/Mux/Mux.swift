@@ -169,12 +169,8 @@ public final class MuxStage: Stage {
     /// An RFC 3339 time or integer nanoseconds.
     static func timeNs(_ v: AttrValue) -> UInt64? {
         if let i = v.intValue { return UInt64(clamping: i) }
-        guard let s = v.stringValue else { return nil }
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        if let d = f.date(from: s) { return UInt64(max(0, d.timeIntervalSince1970 * 1e9)) }
-        f.formatOptions = [.withInternetDateTime]
-        return f.date(from: s).map { UInt64(max(0, $0.timeIntervalSince1970 * 1e9)) }
+        guard let s = v.stringValue, let ns = try? RFC3339.parse(s) else { return nil }
+        return UInt64(clamping: ns)
     }
 
     // MARK: processing

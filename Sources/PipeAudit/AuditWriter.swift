@@ -96,10 +96,13 @@ public final class AuditWriter: @unchecked Sendable {
     }
 
     /// Queues an AUDIT frame body (entries of `u32` length + record body) from `stage`; each
-    /// record's `stage` field must name the sender. Copies the bytes.
-    public func submit(frame: UnsafeRawBufferPointer, from stage: String) {
+    /// record's `stage` field must name the sender. Copies the bytes. Returns how many records
+    /// the frame holds (1 for a frame that does not split: it becomes one refusal).
+    @discardableResult
+    public func submit(frame: UnsafeRawBufferPointer, from stage: String) -> Int {
         let n = AuditCodec.entryCount(frame) ?? 1
         enqueue(Item(stage: stage, frame: Bytes(frame), count: n))
+        return n
     }
 
     /// Queues one record made by the host itself.

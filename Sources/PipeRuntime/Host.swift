@@ -362,8 +362,7 @@ public final class PipelineHost: @unchecked Sendable {
                                                     details: ["from_stage": .string(id)]))
                     return
                 }
-                auditWriter?.submit(frame: f.body, from: id)
-                auditCount += (try? AuditCodec.entries(f.body).count) ?? 1
+                auditCount += auditWriter?.submit(frame: f.body, from: id) ?? 0
             default:
                 log.warning("unexpected \(f.header.type) frame from runner '\(id)'")
             }

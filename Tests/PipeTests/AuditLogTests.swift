@@ -228,9 +228,9 @@ struct AuditLogTests {
         var frame: [UInt8] = []
         AuditCodec.appendEntry(rec(1, stage: "a"), into: &frame)
         AuditCodec.appendEntry(rec(2, stage: "b"), into: &frame)       // claims another stage
-        frame.withUnsafeBytes { w.submit(frame: $0, from: "a") }
-        [UInt8]([3, 0, 0, 0, 1, 2, 3]).withUnsafeBytes { w.submit(frame: $0, from: "a") }   // one entry, not a record
-        [UInt8]([200, 0, 0, 0, 1]).withUnsafeBytes { w.submit(frame: $0, from: "a") }      // a torn frame
+        #expect(frame.withUnsafeBytes { w.submit(frame: $0, from: "a") } == 2)
+        #expect([UInt8]([3, 0, 0, 0, 1, 2, 3]).withUnsafeBytes { w.submit(frame: $0, from: "a") } == 1)   // one entry, not a record
+        #expect([UInt8]([200, 0, 0, 0, 1]).withUnsafeBytes { w.submit(frame: $0, from: "a") } == 1)      // a torn frame: counted as one
         w.submit(AuditRecord(decision: "lane-state", reason: "host's own"))
         let s = w.close()
         #expect(s.appended == 5 && s.refused == 3 && s.pending == 0 && s.headSeq == 5 && s.checkpointSeq == 5)

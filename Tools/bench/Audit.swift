@@ -94,7 +94,7 @@ enum AuditBench {
         let w = try AuditWriter(.init(path: path, pipeline: "bench", signer: signer, maxPendingRecords: n + 1))
         // Everything is queued first (as AUDIT frames arrive at the host), then the clock runs
         // over the writer thread alone: validation, chain, inserts, checkpoints, final close.
-        for fr in frames { fr.withUnsafeBytes { w.submit(frame: $0, from: "guard") } }
+        for fr in frames { _ = fr.withUnsafeBytes { w.submit(frame: $0, from: "guard") } }
         let t0 = now()
         w.start()
         let s = w.close()
