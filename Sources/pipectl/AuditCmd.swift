@@ -37,11 +37,9 @@ struct AuditSource: ParsableArguments {
 extension AuditRecord {
     /// One line for people: time, stage, decision, envelope, reason.
     func line(seq: Int64) -> String {
-        let t = Date(timeIntervalSince1970: Double(timeNs) / 1e9)
-        let f = ISO8601DateFormatter(); f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
         let env = envelope.map { String($0.description.prefix(12)) } ?? "-"
         let seqText = String(seq)
-        return "\(String(repeating: " ", count: max(0, 7 - seqText.count)))\(seqText)  \(f.string(from: t))  \(stage.isEmpty ? "-" : stage)  \(decision)  \(env)  \(reason)"
+        return "\(String(repeating: " ", count: max(0, 7 - seqText.count)))\(seqText)  \(RFC3339.format(ns: Int64(clamping: timeNs)))  \(stage.isEmpty ? "-" : stage)  \(decision)  \(env)  \(reason)"
     }
 
     /// The JSONL export form: seq and hash, then the provenance layers.
