@@ -114,6 +114,12 @@ public final class ExecutorStage: Stage {
         var details: [String: AttrValue] = ["outcome": .string(result.outcome), "continuation": .string(continuation),
                                              "latency_us": .int(latencyUs), "executor": .string(kind == .echo ? "echo" : "command")]
         if let s = result.exitStatus { details["exit_status"] = .int(Int64(s)) }
+        if let p = result.program { details["program"] = .string(p) }
+        details["hops"] = .int(Int64(cap.hops))
+        // The lane's story, so the audit log alone can say how the cap got here (audit exports).
+        for k in ["lane_class", "lane_collision_policy", "coffee_lane_policy", "coffee_reason", "lane_priority", "preemptible", "slot_key"] {
+            if let v = cap.attrs[k] { details[k] = v }
+        }
         context.audit(.about(cap, decision: "execute", reason: result.reason.isEmpty ? result.outcome : result.reason, details: details))
 
         var receipt: [(String, ConfigValue)] = [

@@ -140,25 +140,39 @@ struct AuditExport: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
         abstract: "Write the log's records in another form.",
-        discussion: "jsonl: one object per record (seq, hash and the four provenance layers). The gateway-event.v1, governance and cbom views need the cap pipeline's dispatch and execute records, which no stage writes yet; asking for them exits 2 and says so.")
+        discussion: """
+            jsonl: one object per record (seq, hash and the four provenance layers). gateway-event.v1: one record per             executed cap and per cap the mux refused (the contract `pipectl events validate` checks). governance: one             document (questions, trust foundation, actor/provider/model links, continuation graph, usage events). cbom: one             document (documents, canonical surfaces, surface status, authority, material facts, continuity, SoM events).             Each is built from the log alone (docs/audit-log.md, "Exports"); records are marked signed only when a valid             checkpoint covers them, and verified only when the signer was pinned with --pub.
+            """)
     enum Format: String, ExpressibleByArgument, CaseIterable { case jsonl, gatewayEventV1 = "gateway-event.v1", governance, cbom }
     @OptionGroup var source: AuditSource
     @Option(help: "jsonl | gateway-event.v1 | governance | cbom") var format: Format = .jsonl
-    @Option(help: "First sequence number.") var from: Int64 = 1
+    @Option(help: "First sequence number (jsonl).") var from: Int64 = 1
+    @Option(name: .customLong("pub"), help: "The checkpoint signer's public key, to mark anchored records verified.") var pub: String?
 
     func run() throws {
-        guard format == .jsonl else {
-            fail("pipectl audit export: --format \(format.rawValue) is not supported yet: it is built from the cap pipeline's dispatch/execute records (issue 3), which nothing writes yet", code: 2)
-        }
         let r = source.reader()
         var out: [UInt8] = []
         out.reserveCapacity(1 << 20)
+        func line(_ v: ConfigValue) {
+            JSON.write(v, into: &out)
+            out.append(0x0A)
+            if out.count >= 1 << 20 { FileHandle.standardOutput.write(Data(out)); out.removeAll(keepingCapacity: true) }
+        }
         do {
-            try r.forEach(from: from) { e in
-                JSON.write(e.record.exportJSON(seq: e.seq, hash: e.hash), into: &out)
-                out.append(0x0A)
-                if out.count >= 1 << 20 { FileHandle.standardOutput.write(Data(out)); out.removeAll(keepingCapacity: true) }
-                return true
+            if format == .jsonl {
+                try r.forEach(from: from) { e in line(e.record.exportJSON(seq: e.seq, hash: e.hash)); return true }
+            } else {
+                var key: [UInt8]?
+                if let p = pub {
+                    do { key = try KeyFiles.loadPublicKey(p) } catch { fail("pipectl audit export: --pub \(p): \(error)", code: 64) }
+                }
+                let views = AuditViews(reader: r, report: try AuditVerifier.verify(path: r.path, publicKey: key))
+                switch format {
+                case .gatewayEventV1: try views.gatewayEvents { line($0) }
+                case .governance: line(try views.governance())
+                case .cbom: line(try views.cbom())
+                case .jsonl: break
+                }
             }
         } catch { fail("pipectl audit export: \(error)") }
         FileHandle.standardOutput.write(Data(out))

@@ -31,8 +31,11 @@ struct AuditPipelineTests {
         #expect(lines.count == Int(records))
         #expect(lines.map { $0["seq"]?.intValue ?? 0 } == Array(1...records))
         #expect(lines.allSatisfy { ($0["hash"]?.stringValue?.count ?? 0) == 64 && $0["erin"]?["decision"]?.stringValue != nil })
-        let notYet = try runProcess(Paths.pipectl, ["audit", "export", db, "--format", "governance"], timeout: 30)
-        #expect(notYet.status == 2 && notYet.stderr.contains("not supported yet"))
+        // A twin run has no executions: governance answers from its decisions alone.
+        let gov = try runProcess(Paths.pipectl, ["audit", "export", db, "--format", "governance"], timeout: 30)
+        let g = try JSON.parse(gov.stdout)["governance"]
+        #expect(gov.status == 0 && g?["trust_foundation"]?["chain"] == .string("intact") && g?["usage_events"]?.listValue?.isEmpty == true)
+        #expect(g?["questions"]?.listValue?[1]["answer"]?["allow"]?.intValue.map { $0 > 1000 } == true)
 
         // tail: the last three, one line each, the last one being the last seq.
         let tail = try runProcess(Paths.pipectl, ["audit", "tail", db, "-n", "3"], timeout: 30)
@@ -136,6 +139,30 @@ struct AuditPipelineTests {
         #expect(decisions.allSatisfy { $0.stage == "guard" && $0.location.hasPrefix("worker:") }, "\(decisions.first?.location ?? "")")
         let v = try AuditVerifier.verify(path: run + "/audit.db", publicKey: try KeyFilesTesting.pub(run))
         #expect(v.ok && v.unanchored == 0)
+    }
+
+    /// The continuity bill of materials from an intake run's log: each scenario file with its
+    /// surface status, signer and moves.
+    @Test func cbom_fromAnIntakeRun() throws {
+        let run = Paths.tempDir("audit-cbom")
+        let (r, _) = try runPipeline(Paths.root + "/pipelines/continuity-inbox.yaml", runDir: run)
+        #expect(r.status == 0, "\(r.stderr)")
+        let out = try runProcess(Paths.pipectl, ["audit", "export", run + "/audit.db", "--format", "cbom"], timeout: 60)
+        #expect(out.status == 0, "\(out.stderr)")
+        let c = try #require(try JSON.parse(out.stdout)["cbom"])
+        func status(_ doc: String) -> String? { c["surface_status"]?.listValue?.first { $0["document"]?.stringValue == doc }?["status"]?.stringValue }
+        #expect(status("capsule-1.tza") == "trusted-fork")
+        #expect(status("report-1.txt") == "triage-fork")
+        #expect(status("tampered-1.tza") == "reject-invalid")
+        #expect(status("x-1.tza") == "unsealed")
+        let surface = c["canonical_surface"]?.listValue?.first { $0["document"] == .string("report-1.txt") }
+        #expect(surface?["surface"] == .string("report-1.tza") && surface?["matches_name"] == .bool(false))
+        #expect(c["authority"]?.listValue?.contains { $0["document"] == .string("capsule-1.tza") && $0["signer_key_id"]?.stringValue?.count == 16 } == true)
+        let moves = c["continuity"]?.listValue?.first { $0["document"] == .string("x-1.tza") }?["moves"]?.listValue ?? []
+        #expect(moves.count == 1 && moves[0]["decision"] == .string("quarantine"))
+        let facts = c["material_facts"]?.listValue?.first { $0["document"] == .string("x-1.tza") }
+        #expect(facts?["intake_class"] == .string("executable"))
+        #expect((c["som_events"]?.listValue?.count ?? 0) > 30)
     }
 
     @Test func auditSettings_areValidatedWithPositions() throws {

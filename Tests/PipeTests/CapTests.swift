@@ -301,8 +301,27 @@ extension CapPipelineTests {
                 && b.stdout.contains("bad-events.jsonl:2: latency_ms: must be a number") && !b.stdout.contains(":1:"), "\(b.stdout)")
         let audit = try AuditVerifier.verify(path: run + "/audit.db")
         #expect(audit.ok && audit.unanchored == 0)
-        let decisions = try auditJSONL(run)
-        #expect(decisions.contains(#""decision":"reject""#) && decisions.contains(#""decision":"execute""#))
+        let decisions = try auditJSONL(run).split(separator: "\n").map { try JSON.parse(String($0)) }
+        let executions = decisions.filter { $0["erin"]?["decision"] == .string("execute") }
+        let muxRejects = decisions.filter { $0["erin"]?["decision"] == .string("reject") && $0["details"]?["stage_kind"] == .string("mux") }
+        #expect(executions.count == executed.count && muxRejects.count == 100)
+        #expect(executions.allSatisfy { $0["details"]?["lane_class"]?.stringValue != nil && $0["details"]?["coffee_lane_policy"]?.stringValue != nil })
+
+        // The audit log's own exports: gateway-event.v1 (one per execution and per mux refusal,
+        // valid, anchored by the checkpoint, verified only with the pinned key), governance, cbom.
+        let ge = try runProcess(Paths.pipectl, ["audit", "export", run + "/audit.db", "--format", "gateway-event.v1", "--pub", run + "/audit.pub"], timeout: 60)
+        let geRecords = try ge.stdout.split(separator: "\n").map { try JSON.parse(String($0)) }
+        #expect(ge.status == 0 && geRecords.count == executions.count + 100)
+        #expect(geRecords.allSatisfy { GatewayEvent.validate($0).isEmpty }, "\(geRecords.lazy.map { GatewayEvent.validate($0) }.first { !$0.isEmpty } ?? [])")
+        #expect(geRecords.allSatisfy { $0["attestation_layer"] == .string("self-signed") && $0["verified"] == .bool(true) })
+        #expect(geRecords.filter { $0["status"] == .string("rejected") }.allSatisfy { $0["agent_id"] == .string("stranger") && $0["provider"] == .string("mux") })
+        let gov = try JSON.parse(try runProcess(Paths.pipectl, ["audit", "export", run + "/audit.db", "--format", "governance"], timeout: 60).stdout)
+        let links = gov["governance"]?["actor_model_provider_links"]?.listValue ?? []
+        #expect(Set(links.compactMap { $0["actor"]?.stringValue }) == ["operator.anna", "agent.tool", "operator.ben"])
+        #expect(gov["governance"]?["usage_events"]?.listValue?.count == executions.count)
+        #expect(gov["governance"]?["trust_foundation"]?["chain"] == .string("intact"))
+        let edges = gov["governance"]?["continuation_graph"]?["edges"]?.listValue ?? []
+        #expect(!edges.isEmpty && edges.allSatisfy { $0["from"]?.stringValue?.count == 32 })
     }
 }
 
