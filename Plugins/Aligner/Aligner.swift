@@ -21,12 +21,15 @@ public final class AlignerStage: Stage {
                         doc: "Release without every input present once the oldest held envelope has waited this long (stage clock)."),
             ConfigField("max_held", .int(min: 1, max: 10_000_000), default: .int(10_000),
                         doc: "Most envelopes held; beyond it the smallest-rank head is released at once (bounded memory)."),
+            ConfigField("late", .enumeration(["triage", "release"]), default: .string("triage"),
+                        doc: "A late envelope (rank below the last released): to `triage` with the reason, or released at once marked `align_late` (when upstream delays, like mux holds longer than max_wait_ms, are expected)."),
         ],
         make: { try AlignerStage(config: $0) })
 
     struct Held { var e: Envelope; var at: UInt64 }
     let maxWaitNs: UInt64
     let maxHeld: Int
+    let releaseLate: Bool
     var inputs = 1
     /// Per input lane: held envelopes in arrival order, with a read index (no O(n) removals).
     var queues: [[Held]] = []
@@ -40,6 +43,7 @@ public final class AlignerStage: Stage {
     init(config c: ConfigReader) throws {
         maxWaitNs = UInt64(c.int("max_wait_ms") ?? 50) * 1_000_000
         maxHeld = Int(c.int("max_held") ?? 10_000)
+        releaseLate = c.string("late") == "release"
     }
 
     public func start(context: any StageContext) throws {
@@ -96,13 +100,20 @@ public final class AlignerStage: Stage {
         released += 1
         lastReleased = h.e.rank
         h.e.attrs["align_epoch"] = .int(Int64(clamping: epoch))
-        if !full { h.e.attrs["align_forced"] = .bool(true) }
+        h.e.attrs["align_forced"] = full ? nil : .bool(true)
         context.emit(h.e, to: out)
     }
 
     func sendLate(_ e: Envelope, last: UInt64, context: any StageContext) {
         late += 1
         let reason = "late: rank \(e.rank) < last released rank \(last)"
+        if releaseLate {
+            var r = e
+            r.attrs["align_late"] = .string(reason)
+            r.attrs["align_epoch"] = .int(Int64(clamping: epoch))
+            released += 1
+            return context.emit(r, to: out)
+        }
         var t = e
         t.attrs["triage_reason"] = .string(reason)
         context.audit(.about(e, decision: "triage", reason: reason, details: ["stage_kind": .string("aligner")]))

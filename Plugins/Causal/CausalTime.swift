@@ -48,6 +48,7 @@ public final class CausalTimeStage: Stage {
         make: { try CausalTimeStage(config: $0) })
 
     struct Placed { var rank: UInt64; var clock: [String: UInt64] }
+    static let maxRank: UInt64 = 1 << 62
 
     let vectorClocks: Bool
     let triageUnknownParent: Bool
@@ -76,6 +77,11 @@ public final class CausalTimeStage: Stage {
 
     public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
         var e = envelope
+        // A rank or clock entry this large can only be hostile or broken: it would push every
+        // later rank to the same clamped value. Refused, with the reason.
+        if e.rank > Self.maxRank || e.clock.values.contains(where: { $0 > Self.maxRank }) {
+            return send(e, reason: "rank or vector clock entry above \(Self.maxRank)", context: context)
+        }
         let parent = e.parent.flatMap { window[$0] }
         if let p = e.parent, parent == nil {
             unknownParents += 1

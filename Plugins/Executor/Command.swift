@@ -19,14 +19,28 @@ enum CommandRunner {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
+    typealias Pipe2 = @convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Int32
+    /// glibc's pipe2 (not in Swift's Glibc module): the pipe is close-on-exec from birth, so a
+    /// process another thread spawns meanwhile cannot inherit it (and hold our reader open).
+    static let pipe2: Pipe2? = {
+        guard let h = dlopen(nil, RTLD_NOW), let f = dlsym(h, "pipe2") else { return nil }
+        return unsafeBitCast(f, to: Pipe2.self)
+    }()
+
+    static func makePipe(_ fds: inout [Int32]) -> Bool {
+        if let p2 = pipe2 { return fds.withUnsafeMutableBufferPointer { b in b.baseAddress.map { p2($0, O_CLOEXEC) == 0 } ?? false } }
+        guard pipe(&fds) == 0 else { return false }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        return true
+    }
+
     static func run(_ argv: [String], timeoutNs: UInt64, maxOutput: Int) -> Result {
         let t0 = monotonicNs()
         var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else {
+        guard makePipe(&fds) else {
             return Result(stdout: [], truncated: false, timedOut: false, elapsedNs: 0, spawnError: "pipe: \(String(cString: strerror(errno)))")
         }
-        // Ours only: the child gets the write end as 1 and 2 (dup2 clears close-on-exec).
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        // The child gets the write end as 1 and 2 (dup2 clears close-on-exec on those).
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -78,15 +92,31 @@ enum CommandRunner {
         }
         close(fds[0])
         var status: Int32 = 0
+        /// Reaps the child (retrying on EINTR); false when it cannot be waited for at all.
+        func reap(_ flags: Int32) -> Int32 {
+            while true {
+                let rc = waitpid(pid, &status, flags)
+                if rc == -1 && errno == EINTR { continue }
+                return rc
+            }
+        }
+        var reaped = false
         if timedOut {
             kill(-pid, SIGKILL)
-            waitpid(pid, &status, 0)
+            reaped = reap(0) == pid
         } else {
             // Output closed: the child is exiting (or closed its stdout); wait within the deadline.
-            while waitpid(pid, &status, WNOHANG) == 0 {
-                if monotonicNs() >= deadline { timedOut = true; kill(-pid, SIGKILL); waitpid(pid, &status, 0); break }
+            while true {
+                let rc = reap(WNOHANG)
+                if rc == pid { reaped = true; break }
+                if rc == -1 { break }
+                if monotonicNs() >= deadline { timedOut = true; kill(-pid, SIGKILL); reaped = reap(0) == pid; break }
                 usleep(1000)
             }
+        }
+        if !reaped {
+            return Result(stdout: out, truncated: truncated, timedOut: timedOut, elapsedNs: monotonicNs() - t0,
+                          spawnError: "cannot wait for \(argv[0]): \(String(cString: strerror(errno)))")
         }
         let elapsed = monotonicNs() - t0
         let exited = status & 0x7f == 0

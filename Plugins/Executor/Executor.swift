@@ -22,7 +22,7 @@ public final class ExecutorStage: Stage {
                         doc: "`echo`: the receipt's output is the cap's payload. `command`: run the payload's argv (argv[0] an absolute path on `allow`)."),
             ConfigField("allow", .list(.string), optional: true, doc: "Absolute paths of the programs `command` may run; anything else is rejected."),
             ConfigField("timeout_ms", .int(min: 1, max: 3_600_000), default: .int(5000), doc: "A command still running after this is killed (its process group) and the cap rejected."),
-            ConfigField("max_output_bytes", .int(min: 0, max: 16 << 20), default: .int(65536), doc: "Output kept in the receipt (stdout and stderr together); the rest is discarded and `truncated` set."),
+            ConfigField("max_output_bytes", .int(min: 0, max: 256 << 10), default: .int(65536), doc: "Output kept in the receipt (stdout and stderr together); the rest is discarded and `truncated` set."),
             ConfigField("max_hops", .int(min: 0, max: 1_000_000), default: .int(8), doc: "A follow-up whose hops would exceed this goes to `triage` with reason `hop-limit`."),
             ConfigField("key", .string, optional: true, doc: "Ed25519 signing key file (`pipehost keygen`): receipts are then signed per batch. Relative to the run directory."),
             ConfigField("create_key", .bool, default: .bool(false), doc: "Generate `key` (mode 0600, with a `.pub` beside it) when it does not exist."),
@@ -97,12 +97,13 @@ public final class ExecutorStage: Stage {
             result = Outcome(outcome: "rejected", reason: why, output: [], truncated: false, exitStatus: nil, latencyNs: 0)
             continuation = "reject"
             context.count("unknown_continuations")
+        } else if asked == "reject" || asked == "resync-needed" {
+            // Asked for, not performed: the receipt says so and nothing runs.
+            result = Outcome(outcome: asked == "reject" ? "rejected" : "resync-needed", reason: "the cap asked for continuation '\(asked)'; not performed",
+                             output: [], truncated: false, exitStatus: nil, latencyNs: 0)
         } else {
             result = perform(cap)
             if result.outcome == "rejected" { continuation = "reject" }
-            if result.outcome == "resync-needed" { continuation = "resync-needed" }
-            if asked == "resync-needed" && result.outcome == "executed" { result.outcome = "resync-needed" }
-            if asked == "reject" && result.outcome == "executed" { result.outcome = "rejected"; result.reason = "the cap asked to be rejected" }
         }
         switch result.outcome {
         case "executed": executed += 1
@@ -160,7 +161,10 @@ public final class ExecutorStage: Stage {
         guard let suffixes = Self.followupIntents[continuation] else { return }
         for (i, suffix) in suffixes.enumerated() {
             var f = cap.derived(output: "followups", index: UInt32(i))
-            f.hops = cap.hops &+ 1
+            f.hops = cap.hops == .max ? .max : cap.hops + 1
+            f.attrs["slot"] = nil
+            f.attrs["align_forced"] = nil
+            f.attrs["time_diff_s"] = nil
             f.intent = cap.intent + suffix
             // `continue` keeps going (until max_hops); every other follow-up ends its chain.
             f.attrs["continuation"] = .string(continuation == "continue" ? "continue" : "receipt")
@@ -233,6 +237,7 @@ public final class ExecutorStage: Stage {
 
     func send(payload: [UInt8], outcome: String, cap: Envelope, context: any StageContext) {
         var r = cap.derived(output: "receipts", index: 0, payload: payload)
+        r.attrs["slot"] = nil   // the slot copy was for the executor; receipts keep only its key
         r.attrs["outcome"] = .string(outcome)
         r.attrs["kind"] = .string("receipt")
         context.emit(r, to: out("receipts"))
@@ -243,7 +248,7 @@ public final class ExecutorStage: Stage {
         guard let signer, !pending.isEmpty else { return }
         let leaves = pending.map { Receipts.leaf(canonical: $0.canonical) }
         let (root, paths) = Receipts.tree(leaves)
-        let sig = signer.sign(Receipts.domain + root)
+        let sig = signer.sign(Receipts.signedMessage(count: pending.count, root: root))
         batches += 1
         // The proof's fixed parts, written once per batch.
         let rootPart = Array(#","proof":{"batch_root":""#.utf8) + Array(Hex.encode(root).utf8) + Array(#"","index":"#.utf8)

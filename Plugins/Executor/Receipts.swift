@@ -5,11 +5,20 @@ import PipeSeal
 /// `sha256(0x00 || canonical JSON of the receipt object)` (keys sorted, no white space, values
 /// strings, integers, booleans or null); inner nodes are `sha256(0x01 || left || right)`; an odd
 /// node at the end of a level is carried up unchanged. The executor signs
-/// `"pipeline-receipt-batch/1" 0x00 || root` once per batch, and every receipt carries its
+/// `"pipeline-receipt-batch/1" 0x00 || u32 count || root` once per batch, and every receipt carries its
 /// index, the batch size, the sibling path, the root, the signature and the key id, so any one
 /// receipt verifies on its own.
 public enum Receipts {
     public static let domain = Array("pipeline-receipt-batch/1\0".utf8)
+    /// The largest batch an executor makes (its `batch_size` maximum).
+    public static let maxBatch = 65536
+
+    /// What the batch signature covers: domain, `u32` batch size (LE), root. Signing the size
+    /// fixes how many receipts the root stands for.
+    public static func signedMessage(count: Int, root: [UInt8]) -> [UInt8] {
+        let c = UInt32(clamping: count)
+        return domain + [UInt8(c & 0xFF), UInt8(c >> 8 & 0xFF), UInt8(c >> 16 & 0xFF), UInt8(c >> 24)] + root
+    }
 
     public static func canonical(_ receipt: ConfigValue) -> [UInt8] { Array(JSON.serialize(receipt, sortKeys: true).utf8) }
 
@@ -47,7 +56,7 @@ public enum Receipts {
     /// The root a leaf at `index` of a batch of `count` reaches through `path`, or nil when the
     /// path has the wrong length for that position.
     public static func root(leaf: [UInt8], index: Int, count: Int, path: [[UInt8]]) -> [UInt8]? {
-        guard count >= 1, index >= 0, index < count else { return nil }
+        guard count >= 1, count <= maxBatch, index >= 0, index < count, path.count <= 64 else { return nil }
         var h = leaf, p = index, n = count, k = 0
         while n > 1 {
             let sibling = p ^ 1
@@ -56,7 +65,7 @@ public enum Receipts {
                 h = p & 1 == 1 ? node(path[k], h) : node(h, path[k])
                 k += 1
             }
-            p /= 2; n = (n + 1) / 2
+            p /= 2; n = n - n / 2
         }
         return k == path.count ? h : nil
     }
@@ -83,7 +92,7 @@ public enum Receipts {
             return "proof path does not fit index \(index) of \(count)"
         }
         guard reached == root else { return "the receipt does not hash to its batch root (altered)" }
-        guard SigningKey.verify(sig, message: domain + root, publicKey: publicKey) else { return "batch signature does not verify" }
+        guard SigningKey.verify(sig, message: signedMessage(count: Int(count), root: root), publicKey: publicKey) else { return "batch signature does not verify" }
         return nil
     }
 }

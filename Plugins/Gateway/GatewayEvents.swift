@@ -112,9 +112,11 @@ public final class GatewayEventsSink: Stage {
     }
 
     func common(_ e: Envelope, capID: String, kind: String, arrival: Arrival, nowNs: UInt64) -> [(String, ConfigValue)] {
-        func attr(_ k: String) -> ConfigValue { e.attrs[k].map { a -> ConfigValue in
-            switch a { case .string(let s): return .string(s); case .int(let i): return .int(i); case .double(let d): return .double(d); case .bool(let b): return .bool(b) }
-        } ?? .null }
+        // Typed fields take only values of their type (a cap's attributes are not trusted to be).
+        func number(_ k: String) -> ConfigValue {
+            switch e.attrs[k] { case .int(let i)?: return .int(i); case .double(let d)? where d.isFinite: return .double(d); default: return .null }
+        }
+        func bool(_ k: String) -> ConfigValue { if case .bool(let b)? = e.attrs[k] { return .bool(b) }; return .null }
         let route = e.attrs["triage_reason"] != nil ? "triage" : (e.hops > 0 ? "relay" : (arrival.transport == "tcp" ? "cluster" : "local"))
         return [
             ("event_id", .string(EnvelopeID.derived(from: e.id, output: "gateway.\(kind)", index: 0).description)),
@@ -134,14 +136,14 @@ public final class GatewayEventsSink: Stage {
             ("envelope_id", .string(capID)),
             ("parent_id", e.parent.map { .string($0.description) } ?? .null),
             ("thread_id", .string(e.attrs["slot_key"]?.stringValue ?? e.actor)),
-            ("actor_aint", attr("actor_aint")),
-            ("actor_jis_pubkey", attr("actor_jis_pubkey")),
+            ("actor_aint", e.attrs["actor_aint"]?.stringValue.map { .string($0) } ?? .null),
+            ("actor_jis_pubkey", e.attrs["actor_jis_pubkey"]?.stringValue.map { .string($0) } ?? .null),
             ("target_url", .null),
-            ("coffee_reason", attr("coffee_reason")),
-            ("time_diff_seconds", attr("time_diff_s")),
-            ("diff_threshold_seconds", attr("diff_threshold_s")),
-            ("preemptible", attr("preemptible")),
-            ("lane_priority", attr("lane_priority")),
+            ("coffee_reason", e.attrs["coffee_reason"]?.stringValue.map { .string($0) } ?? .null),
+            ("time_diff_seconds", number("time_diff_s")),
+            ("diff_threshold_seconds", number("diff_threshold_s")),
+            ("preemptible", bool("preemptible")),
+            ("lane_priority", number("lane_priority")),
             ("gateway_actor", .string("pipehost")),
             ("content_hash", .string(Hex.encode(Digest.sha256(e.payload)))),
         ]

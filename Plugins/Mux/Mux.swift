@@ -49,12 +49,14 @@ public final class MuxStage: Stage {
             if let o = l.value["over_burst"], o.stringValue != "wait" && o.stringValue != "triage" {
                 issues.append(ConfigIssue(key: "lanes", message: "lane '\(l.key)': over_burst must be wait or triage"))
             }
-            for k in ["priority", "hold_ms", "burst_limit"] {
-                if let v = l.value[k], (v.intValue ?? -1) < (k == "priority" ? Int64.min : 0) {
-                    issues.append(ConfigIssue(key: "lanes", message: "lane '\(l.key)': \(k) must be an integer\(k == "priority" ? "" : " >= 0")"))
+            for (k, lo, hi) in [("priority", Int64(-1_000_000), Int64(1_000_000)), ("hold_ms", 0, 86_400_000), ("burst_limit", 0, 1_000_000_000)] {
+                if let v = l.value[k], !((v.intValue).map { $0 >= lo && $0 <= hi } ?? false) {
+                    issues.append(ConfigIssue(key: "lanes", message: "lane '\(l.key)': \(k) must be an integer from \(lo) to \(hi)"))
                 }
             }
-            if let v = l.value["refill_per_s"], (v.doubleValue ?? -1) < 0 { issues.append(ConfigIssue(key: "lanes", message: "lane '\(l.key)': refill_per_s must be a number >= 0")) }
+            if let v = l.value["refill_per_s"], !((v.doubleValue).map { $0 >= 0 && $0 <= 1e9 } ?? false) {
+                issues.append(ConfigIssue(key: "lanes", message: "lane '\(l.key)': refill_per_s must be a number from 0 to 1000000000"))
+            }
             if let v = l.value["preemptible"], v.boolValue == nil { issues.append(ConfigIssue(key: "lanes", message: "lane '\(l.key)': preemptible must be true or false")) }
         }
         let names = Set(lanes.map(\.key))
@@ -151,17 +153,32 @@ public final class MuxStage: Stage {
         if let sealed = e.attrs["sealed_at"] {
             guard let t = Self.timeNs(sealed) else { return ("hard_avoid", "sealed_at '\(sealed)' is not a time") }
             let age = (Double(nowNs) - Double(t)) / 1e9
+            if age < -5 { return ("hard_avoid", String(format: "sealed %.0f s in the future", -age)) }
             if age < 60 { return ("freeze_resume", String(format: "sealed %.0f s ago (< 60 s)", age)) }
             if age < diffThresholdS { return ("fork_on_hop_off", String(format: "sealed %.0f s ago (< %.0f s)", age, diffThresholdS)) }
             if age < 86_400 { return ("rebuild", String(format: "sealed %.0f s ago (< 1 day)", age)) }
             return ("hard_avoid", String(format: "sealed %.0f s ago (over a day)", age))
         }
         if let k = known, !k.contains(e.actor) { return ("polite_avoid", "unknown actor '\(e.actor)'") }
-        if let t = e.attrs["trust_score"]?.doubleValue, t < 0.3 { return ("hard_avoid", "trust_score \(t) < 0.3") }
-        if let f = e.attrs["recent_failures"]?.doubleValue, f > 3 { return ("rebuild", "recent_failures \(Int(f)) > 3") }
+        // Numbers may come as numbers or as text; one that cannot be read fails closed.
+        func number(_ k: String) -> Double?? {
+            guard let a = e.attrs[k] else { return .none }
+            guard let v = a.doubleValue ?? a.stringValue.flatMap(Double.init), v.isFinite else { return .some(nil) }
+            return .some(v)
+        }
+        switch number("trust_score") {
+        case .some(.none): return ("hard_avoid", "trust_score '\(e.attrs["trust_score"]?.description ?? "")' is not a number")
+        case .some(.some(let t)) where t < 0.3: return ("hard_avoid", "trust_score \(t) < 0.3")
+        default: break
+        }
+        if case .some(.some(let f)) = number("recent_failures"), f > 3 { return ("rebuild", "recent_failures \(f) > 3") }
         if let s = e.attrs["endpoint_status"] {
             if s.stringValue == "down" { return ("offline_fallback", "endpoint down") }
-            if let code = s.doubleValue ?? s.stringValue.flatMap(Double.init), code >= 500 { return ("offline_fallback", "endpoint status \(Int(code))") }
+            switch number("endpoint_status") {
+            case .some(.some(let code)) where code >= 500: return ("offline_fallback", "endpoint status \(String(format: "%.0f", code))")
+            case .some(.none): return ("offline_fallback", "endpoint status '\(s)' unreadable")
+            default: break
+            }
         }
         return ("sip_anyway", "")
     }
@@ -228,7 +245,7 @@ public final class MuxStage: Stage {
                     }
                     lanes[li].queue = kept
                     lanes[li].holder = e.actor
-                    lanes[li].holdUntil = now + lane.holdNs
+                    lanes[li].holdUntil = now &+ lane.holdNs
                 } else {
                     ignoreHold = true   // waits its turn as under `queue`
                     context.audit(.about(e, decision: "override-refused", reason: "override_all refused: lane '\(lane.name)' is not preemptible; waits as under queue",
@@ -305,7 +322,7 @@ public final class MuxStage: Stage {
         var w = lanes[i].queue.removeFirst()
         held -= 1
         if lanes[i].burst > 0 { lanes[i].tokens -= 1 }
-        if lanes[i].policy != "queue" { lanes[i].holder = w.e.actor; lanes[i].holdUntil = now + lanes[i].holdNs }
+        if lanes[i].policy != "queue" { lanes[i].holder = w.e.actor; lanes[i].holdUntil = now &+ lanes[i].holdNs }
         lanes[i].released += 1
         seq += 1
         let l = lanes[i]
@@ -321,7 +338,14 @@ public final class MuxStage: Stage {
         context.emit(w.e, to: l.output)
     }
 
-    public var heldCount: Int { held }
+    /// Caps waiting for a burst token that can never come (no refill, bucket empty) are not
+    /// counted as held: a loop through the mux can then close, and drain refuses them with the
+    /// reason. Everything else waiting is held (it will go).
+    public var heldCount: Int {
+        var parked = 0
+        for l in lanes where l.burst > 0 && l.refillPerNs == 0 && l.tokens < 1 { parked += l.queue.count }
+        return held - parked
+    }
     public var tickInterval: UInt64? { 5_000_000 }
     public func tick(context: any StageContext) throws {
         dispatch(context)

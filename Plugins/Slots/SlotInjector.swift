@@ -20,7 +20,7 @@ public final class SlotInjectorStage: Stage {
                         doc: "Slot key template: `{lane}`, `{actor}`, `{intent}`, `{authority}`, `{attr.NAME}`; a missing value is empty."),
             ConfigField("history", .int(min: 1, max: 1000), default: .int(16), doc: "Envelope ids (with rank and outcome) a slot remembers."),
             ConfigField("max_slots", .int(min: 1, max: 10_000_000), default: .int(10_000), doc: "Most slots kept; the least recently used is evicted first."),
-            ConfigField("ttl_s", .double(min: 0), default: .double(86_400), doc: "A slot unused this long (wall clock) is evicted; 0: never."),
+            ConfigField("ttl_s", .double(min: 0, max: 31_536_000), default: .double(86_400), doc: "A slot unused this long (wall clock) is evicted; 0: never."),
             ConfigField("flush_ms", .int(min: 1, max: 60_000), default: .int(100), doc: "Changed slots are written to SQLite at most this often (and at drain), in one transaction."),
         ],
         usesStore: true,
@@ -50,6 +50,7 @@ public final class SlotInjectorStage: Stage {
     var bound = 0, outcomes = 0, unknownFeedback = 0, evictedLRU = 0, evictedTTL = 0, flushes = 0
     var out = OutputHandle(index: 0, name: "out"), triage = OutputHandle(index: 1, name: "triage")
     static let prefix = "slot/"
+    static let maxContextKeys = 32, maxContextEntryBytes = 1024
 
     init(config c: ConfigReader) throws {
         template = SlotTemplate(c.string("key") ?? "{lane}:{actor}")
@@ -104,8 +105,13 @@ public final class SlotInjectorStage: Stage {
         }
         s.entries[i].outcome = outcome
         if let ctx = payload?["context"]?.mapEntries {
+            // Bounded: the slot travels with every cap of its key.
             for c in ctx {
-                if let j = s.context.firstIndex(where: { $0.key == c.key }) { s.context[j].value = c.value } else { s.context.append(c) }
+                let size = c.key.utf8.count + JSON.serialize(c.value).utf8.count
+                if size > Self.maxContextEntryBytes { context.count("context_entries_refused"); continue }
+                if let j = s.context.firstIndex(where: { $0.key == c.key }) { s.context[j].value = c.value }
+                else if s.context.count < Self.maxContextKeys { s.context.append(c) }
+                else { context.count("context_entries_refused") }
             }
         }
         s.lastUsedNs = context.wallClockNs

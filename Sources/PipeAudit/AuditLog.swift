@@ -37,10 +37,20 @@ enum AuditSchema {
     CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """
 
-    /// The bytes a checkpoint signature covers: domain, `u64` seq (LE), the 32-byte head.
-    static func checkpointMessage(seq: Int64, head: UnsafeRawBufferPointer) -> [UInt8] {
+    /// What ties a checkpoint to one log: its random `log_id` (16 bytes), then `u16` length and
+    /// the pipeline name. nil when the meta table lacks either.
+    static func binding(_ meta: [String: String]) -> [UInt8]? {
+        guard let id = meta["log_id"].flatMap(Hex.decode), id.count == 16, let p = meta["pipeline"] else { return nil }
+        let name = Array(p.utf8)
+        return id + [UInt8(truncatingIfNeeded: name.count), UInt8(truncatingIfNeeded: name.count >> 8)] + name
+    }
+
+    /// The bytes a checkpoint signature covers: domain, the log's binding, `u64` seq (LE), the
+    /// 32-byte head. A checkpoint copied from another log, or a renamed pipeline, fails.
+    static func checkpointMessage(logID: [UInt8], seq: Int64, head: UnsafeRawBufferPointer) -> [UInt8] {
         var m = Array("pipeline-audit-checkpoint/1\0".utf8)
-        withUnsafeBytes(of: UInt64(seq).littleEndian) { m.append(contentsOf: $0) }
+        m.append(contentsOf: logID)
+        withUnsafeBytes(of: UInt64(bitPattern: seq).littleEndian) { m.append(contentsOf: $0) }
         m.append(contentsOf: head)
         return m
     }
@@ -50,7 +60,7 @@ enum AuditSchema {
     static func canonical(seq: Int64, body: UnsafeRawBufferPointer, into buf: inout [UInt8]) {
         buf.removeAll(keepingCapacity: true)
         buf.append(AuditCodec.version)
-        withUnsafeBytes(of: UInt64(seq).littleEndian) { buf.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt64(bitPattern: seq).littleEndian) { buf.append(contentsOf: $0) }
         buf.append(contentsOf: body)
     }
 
@@ -75,6 +85,7 @@ public final class AuditLog {
     public private(set) var headHash: [UInt8]
     public private(set) var checkpointSeq: Int64
     public private(set) var checkpointCount: Int
+    let logBinding: [UInt8]
     var canonicalBuf: [UInt8] = []
 
     /// Opens the log at `path`, creating it for `pipeline` if it does not exist. A log made for
@@ -98,6 +109,9 @@ public final class AuditLog {
                 guard m["pipeline"] == pipeline else {
                     throw AuditError("\(path): this audit log belongs to pipeline '\(m["pipeline"] ?? "?")', not '\(pipeline)'; give this pipeline its own log (audit.log in the YAML) or run directory")
                 }
+                if let s = signer, let recorded = m["signer"], recorded != Hex.encode(s.publicKey) {
+                    throw AuditError("\(path): this log's checkpoints are signed by key \(recorded.prefix(16))…, but the configured key is \(Hex.encode(s.keyID))… (was audit.key replaced?); restore the key, or start a new log")
+                }
             } else {
                 let anyTable = try db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1")
                 try anyTable.bind([])
@@ -112,9 +126,15 @@ public final class AuditLog {
                 try put.run([.text("pipeline"), .text(pipeline)])
                 try put.run([.text("created_ns"), .text(String(Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)))])
                 try put.run([.text("genesis"), .text(String(repeating: "0", count: 64))])
+                var id = [UInt8](repeating: 0, count: 16)
+                var g = SystemRandomNumberGenerator()
+                for i in id.indices { id[i] = UInt8.random(in: 0...255, using: &g) }
+                try put.run([.text("log_id"), .text(Hex.encode(id))])
                 if let s = signer { try put.run([.text("signer"), .text(Hex.encode(s.publicKey))]) }
                 try db.execute("COMMIT")
             }
+            guard let b = AuditSchema.binding(try AuditSchema.readMeta(db)) else { throw AuditError("\(path): the log has no log_id in its meta table; refusing to write into it") }
+            logBinding = b
             insert = try db.prepare("INSERT INTO records(seq, rec, hash) VALUES(?, ?, ?)")
             insertCheckpoint = try db.prepare("INSERT INTO checkpoints(seq, head, time_ns, key, sig) VALUES(?, ?, ?, ?, ?)")
             // The head, checked: the last record must chain onto the one before it.
@@ -123,6 +143,7 @@ public final class AuditLog {
             var rows: [(Int64, [UInt8], [UInt8])] = []
             while try last.step() { rows.append((last.int(0), last.blob(1), last.blob(2))) }
             if let top = rows.first {
+                guard top.0 >= 1, top.0 < Int64.max / 2 else { throw AuditError("\(path): the last record has an impossible seq \(top.0); the log was altered") }
                 let prev = rows.count > 1 ? rows[1].2 : ChainHash.genesis
                 guard top.2.count == 32, ChainHash.link(top.1, prev: prev) == top.2,
                       rows.count == 2 || top.0 == 1, rows.count < 2 || rows[1].0 == top.0 - 1 else {
@@ -184,7 +205,7 @@ public final class AuditLog {
     @discardableResult
     public func checkpoint(timeNs: UInt64) throws(AuditError) -> Bool {
         guard let signer, headSeq > checkpointSeq else { return false }
-        let msg = headHash.withUnsafeBytes { AuditSchema.checkpointMessage(seq: headSeq, head: $0) }
+        let msg = headHash.withUnsafeBytes { AuditSchema.checkpointMessage(logID: logBinding, seq: headSeq, head: $0) }
         let sig = signer.sign(msg)
         do {
             try insertCheckpoint.run([.int(headSeq), .blob(headHash), .int(Int64(clamping: timeNs)), .blob(signer.publicKey), .blob(sig)])

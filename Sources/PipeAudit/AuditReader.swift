@@ -108,6 +108,7 @@ public enum AuditVerifier {
         let key = publicKey ?? recorded
         rep.signer = key.map { Hex.encode($0) }
         rep.pinned = publicKey != nil
+        guard let logID = AuditSchema.binding(reader.meta) else { throw AuditError("\(path): no log_id in the meta table: not a log this version wrote, or the meta was altered") }
         var cps: [AuditReader.Checkpoint] = []
         do { cps = try reader.checkpoints() } catch { throw AuditError.store(path, error, doing: "reading checkpoints") }
         rep.checkpoints = cps.count
@@ -118,8 +119,15 @@ public enum AuditVerifier {
             let st = try reader.db.prepare("SELECT seq, rec, hash FROM records ORDER BY seq")
             try st.bind([])
             var expect: Int64 = 1
-            var prev = ChainHash.genesis
+            // `chain` is recomputed from genesis over the records alone: what the checkpoints are
+            // compared with, so a record edited with its own hash recomputed cannot pass them.
+            // `storedPrev` is the previous row's stored hash: after the first break each row is
+            // also checked against it alone, so one damaged row counts once, not as a cascade.
+            var chain = ChainHash.genesis
             var computed = [UInt8](repeating: 0, count: 32)
+            var storedPrev = ChainHash.genesis
+            var local = [UInt8](repeating: 0, count: 32)
+            var broken = false
             func bad(_ seq: Int64, _ why: String) {
                 rep.breaks += 1
                 if rep.firstBad == nil { rep.firstBad = (seq, why) }
@@ -130,23 +138,39 @@ public enum AuditVerifier {
                 let stored = st.blobInPlace(2)
                 rep.records += 1
                 rep.lastSeq = seq
+                var gap = false
                 if seq != expect {
-                    bad(expect, seq > expect ? "record \(expect)\(seq - expect > 1 ? "–\(seq - 1)" : "") missing (next present is \(seq))" : "sequence goes back to \(seq)")
+                    gap = true
+                    let what = seq > expect
+                        ? "record \(expect)\(seq > expect &+ 1 ? "–\(seq &- 1)" : "") missing (next present is \(seq))"
+                        : "sequence goes back to \(seq) after \(expect &- 1)"
+                    bad(expect, what)
+                    broken = true
                 }
                 if rec.count < 9 || rec[0] != AuditCodec.version {
                     bad(seq, "record \(seq) has no canonical header")
+                    broken = true
                 } else {
                     let inner = UInt64(littleEndian: rec.loadUnaligned(fromByteOffset: 1, as: UInt64.self))
-                    if inner != UInt64(bitPattern: seq) { bad(seq, "record \(seq) holds the content of record \(inner) (moved or reordered)") }
+                    if inner != UInt64(bitPattern: seq) {
+                        bad(seq, "record \(seq) holds the content of record \(Int64(bitPattern: inner)) (moved or reordered)")
+                        broken = true
+                    }
                 }
-                prev.withUnsafeBytes { p in computed.withUnsafeMutableBytes { c in if let cb = c.baseAddress { ChainHash.link(rec, prev: p, into: cb) } } }
-                if !computed.elementsEqual(stored) {
-                    bad(seq, "record \(seq): hash does not match its content and the previous hash (edited, inserted or reordered)")
+                chain.withUnsafeBytes { p in computed.withUnsafeMutableBytes { c in if let cb = c.baseAddress { ChainHash.link(rec, prev: p, into: cb) } } }
+                if !broken {
+                    if !computed.elementsEqual(stored) {
+                        bad(seq, "record \(seq) does not chain: it, or the record before it, was altered (or one was inserted)")
+                        broken = true
+                    }
+                } else if !gap {
+                    storedPrev.withUnsafeBytes { p in local.withUnsafeMutableBytes { c in if let cb = c.baseAddress { ChainHash.link(rec, prev: p, into: cb) } } }
+                    if !local.elementsEqual(stored) { rep.breaks += 1 }
                 }
-                if wanted[seq] != nil { wanted[seq] = computed }
-                // Continue from the stored hash so one edit is reported once, not as a cascade.
-                prev.withUnsafeMutableBytes { p in if stored.count == 32 { p.copyMemory(from: stored) } }
-                expect = seq + 1
+                swap(&chain, &computed)
+                if wanted[seq] != nil { wanted[seq] = chain }
+                storedPrev.withUnsafeMutableBytes { p in if stored.count == 32 { p.copyMemory(from: stored) } }
+                expect = seq &+ 1
             }
         } catch {
             throw AuditError.store(path, error, doing: "reading records")
@@ -163,12 +187,13 @@ public enum AuditVerifier {
                 rep.badCheckpoints.append((c.seq, "checkpoint at seq \(c.seq) is signed by key \(Hex.encode(Array(c.key.prefix(8))))…, not \(Hex.encode(Array(k.prefix(8))))…"))
                 continue
             }
-            let msg = c.head.withUnsafeBytes { AuditSchema.checkpointMessage(seq: c.seq, head: $0) }
+            guard c.seq > 0 else { rep.badCheckpoints.append((c.seq, "checkpoint at impossible seq \(c.seq)")); continue }
+            let msg = c.head.withUnsafeBytes { AuditSchema.checkpointMessage(logID: logID, seq: c.seq, head: $0) }
             if !SigningKey.verify(c.sig, message: msg, publicKey: k) {
                 rep.badCheckpoints.append((c.seq, "checkpoint at seq \(c.seq): signature does not verify")); continue
             }
             if let h = wanted[c.seq], !h.isEmpty, h != c.head {
-                rep.badCheckpoints.append((c.seq, "checkpoint at seq \(c.seq): the chain no longer reaches the signed head (records at or before \(c.seq) were rewritten)")); continue
+                rep.badCheckpoints.append((c.seq, "checkpoint at seq \(c.seq): the records no longer hash to the signed head (some record at or before \(c.seq) was altered, inserted or removed)")); continue
             }
             if wanted[c.seq]?.isEmpty ?? true {
                 rep.badCheckpoints.append((c.seq, "checkpoint at seq \(c.seq) names a record that is not in the log")); continue

@@ -40,6 +40,8 @@ public final class AuditWriter: @unchecked Sendable {
         public var failedAppends = 0
         public var lastError: String?
         public var failed = false
+        /// The last checkpoint failure (kept after later appends succeed).
+        public var checkpointError: String?
         public init() {}
     }
 
@@ -199,7 +201,7 @@ public final class AuditWriter: @unchecked Sendable {
             let (cs, cc) = (log.checkpointSeq, log.checkpointCount)
             state.withLock { $0.stats.checkpointSeq = cs; $0.stats.checkpoints = cc }
         } catch {
-            state.withLock { $0.stats.lastError = error.message }
+            state.withLock { $0.stats.lastError = error.message; $0.stats.checkpointError = error.message }
         }
     }
 

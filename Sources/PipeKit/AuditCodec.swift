@@ -1,7 +1,7 @@
 /// The binary form of one audit record (docs/audit-log.md): the body of an AUDIT frame entry and,
 /// behind a version byte and the sequence number, the canonical bytes the audit log hashes.
-/// All integers little-endian; strings are `u32` length + UTF-8; details are sorted by key bytes
-/// and keys are unique, so one record has exactly one encoding.
+/// All integers little-endian; strings are `u32` length + UTF-8; details are sorted by key bytes,
+/// keys are ASCII and unique, so one record has exactly one encoding.
 public enum AuditCodec {
     /// The canonical-encoding version byte (the first byte of every hashed record).
     public static let version: UInt8 = 1
@@ -101,6 +101,8 @@ public enum AuditCodec {
         var last: String?
         for _ in 0..<nd {
             let k = try str("detail key")
+            // ASCII keys: two different byte strings are then two different Swift strings.
+            if !k.utf8.allSatisfy({ $0 < 0x80 }) { throw .invalid(field: "details", reason: "key '\(k)' is not ASCII") }
             if let l = last, !l.utf8.lexicographicallyPrecedes(k.utf8) {
                 throw .invalid(field: "details", reason: "keys not sorted and unique at '\(k)'")
             }
@@ -159,6 +161,7 @@ public enum AuditCodec {
             var last: UnsafeRawBufferPointer?
             for _ in 0..<nd {
                 let k = try str("detail key")
+                if k.contains(where: { $0 >= 0x80 }) { throw .invalid(field: "details", reason: "key '\(String(decoding: k, as: UTF8.self))' is not ASCII") }
                 if let l = last {
                     if !l.lexicographicallyPrecedes(k) {
                         throw .invalid(field: "details", reason: "keys not sorted and unique at '\(String(decoding: k, as: UTF8.self))'")

@@ -54,7 +54,10 @@ public enum JSON {
                     guard i < u.count, u[i] == UInt8(ascii: ":") else { throw err("expected ':'") }
                     i += 1; ws()
                     let v = try value(depth: depth + 1)
-                    if let at = entries.firstIndex(where: { $0.key == k }) { entries[at].value = v } else { entries.append(ConfigEntry(key: k, value: v)) }
+                    // A duplicate key is refused: readers that keep the first and readers that keep
+                    // the last would see different documents (signed receipts depend on this).
+                    if entries.contains(where: { $0.key == k }) { throw err("duplicate key '\(k)'") }
+                    entries.append(ConfigEntry(key: k, value: v))
                     ws()
                     guard i < u.count else { throw err("unterminated object") }
                     if u[i] == UInt8(ascii: ",") { i += 1; continue }
@@ -86,6 +89,8 @@ public enum JSON {
             var isInt = true
             if i < u.count, u[i] == UInt8(ascii: "-") { i += 1 }
             guard i < u.count, u[i] >= 48, u[i] <= 57 else { throw err("invalid value") }
+            // JSON numbers have no leading zeros ("0", "0.5" yes; "05" no).
+            if u[i] == 48, i + 1 < u.count, u[i + 1] >= 48, u[i + 1] <= 57 { throw err("number with a leading zero") }
             while i < u.count {
                 let c = u[i]
                 if c >= 48 && c <= 57 { i += 1 } else if c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E") || c == UInt8(ascii: "+") || c == UInt8(ascii: "-") { isInt = false; i += 1 } else { break }

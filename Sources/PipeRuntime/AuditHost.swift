@@ -60,6 +60,10 @@ extension PipelineHost {
             let m = "audit log: \(s.pending) records could not be written (\(s.lastError ?? "unknown error")); the log ends at seq \(s.headSeq)"
             log.error("\(m)")
             if failure == nil { failure = m }
+        } else if s.checkpointSeq < s.headSeq {
+            let m = "audit log: the final checkpoint could not be written (\(s.checkpointError ?? s.lastError ?? "unknown error")); records \(s.checkpointSeq + 1)-\(s.headSeq) are unanchored"
+            log.error("\(m)")
+            if failure == nil { failure = m }
         }
         finalAudit = s
     }

@@ -178,6 +178,9 @@ public final class PipelineHost: @unchecked Sendable {
         try? "\(getpid())\n".write(toFile: dir + "/host.pid", atomically: true, encoding: .utf8)
         try? "\(plan.spec.name)\n\(plan.spec.file)\n".write(toFile: dir + "/pipeline", atomically: true, encoding: .utf8)
         try openAuditLog(dir)
+        // Every way out of run() closes the log (drains it, signs the final checkpoint);
+        // shutdown() does it first on the normal path.
+        defer { closeAuditLog() }
         installSignalHandlers()
         do {
             let rr = try zmq.socket(.router)

@@ -71,10 +71,16 @@ struct AuditVerify: ParsableCommand {
             do { key = try KeyFiles.loadPublicKey(p) } catch { fail("pipectl audit verify: --pub \(p): \(error)", code: 64) }
         }
         let path = source.path()
+        // Without --pub, the audit.pub the host wrote beside the log (when there) pins the signer:
+        // a swapped key in the log's own meta table then shows.
+        var pinnedBeside = false
+        let beside = (path as NSString).deletingLastPathComponent + "/audit.pub"
+        if key == nil, FileManager.default.fileExists(atPath: beside), let k = try? KeyFiles.loadPublicKey(beside) { key = k; pinnedBeside = true }
         let r: VerifyReport
         do { r = try AuditVerifier.verify(path: path, publicKey: key) } catch { fail("pipectl audit verify: \(error)") }
         let rate = r.seconds > 0 ? Double(r.records) / r.seconds : 0
-        let failed = !r.ok || (strict && r.unanchored > 0)
+        let nothingAnchored = r.records > 0 && r.lastGoodCheckpoint == 0
+        let failed = !r.ok || nothingAnchored || (strict && r.unanchored > 0)
         if json {
             printJSON(.object([
                 ("file", .string(path)), ("ok", .bool(!failed)), ("records", .int(Int64(r.records))), ("last_seq", .int(r.lastSeq)),
@@ -83,6 +89,7 @@ struct AuditVerify: ParsableCommand {
                 ("bad_checkpoints", .list(r.badCheckpoints.map { .object([("seq", .int($0.seq)), ("reason", .string($0.reason))]) })),
                 ("last_valid_checkpoint", .int(r.lastGoodCheckpoint)), ("unanchored", .int(r.unanchored)),
                 ("signer", r.signer.map { .string($0) } ?? .null), ("pinned", .bool(r.pinned)),
+                ("pinned_by", .string(pub != nil ? "--pub" : pinnedBeside ? "audit.pub beside the log" : "nothing: the key recorded in the log")),
                 ("seconds", .double(r.seconds)), ("records_per_s", .double(rate)),
             ]))
         } else {
@@ -94,9 +101,12 @@ struct AuditVerify: ParsableCommand {
             }
             for c in r.badCheckpoints { print("checkpoint: BAD at seq \(c.seq): \(c.reason)") }
             let valid = r.checkpoints - r.badCheckpoints.count
-            let who = r.signer.map { "\(String($0.prefix(16)))…" + (r.pinned ? " (pinned with --pub)" : " (the key recorded in the log; pass --pub to pin it)") } ?? "no key"
+            let how = pub != nil ? " (pinned with --pub)" : pinnedBeside ? " (pinned with the audit.pub beside the log; --pub pins a copy you keep elsewhere)"
+                : " (only the key recorded in the log: proves the file is undamaged, not who wrote it; pass --pub)"
+            let who = r.signer.map { "\(String($0.prefix(16)))…" + how } ?? "no key"
             print("checkpoints: \(valid) valid" + (r.lastGoodCheckpoint > 0 ? ", last at seq \(r.lastGoodCheckpoint)" : "") + "; signer \(who)")
-            print("unanchored: \(r.unanchored) record(s) after the last valid checkpoint" + (r.unanchored > 0 ? " (a deleted tail would not show)" : ""))
+            print("unanchored: \(r.unanchored) record(s) after the last valid checkpoint" + (r.unanchored > 0 ? " (the chain cannot show these were not rewritten or cut)" : ""))
+            if nothingAnchored { print("no valid checkpoint: nothing in this log is anchored") }
             print(String(format: "verified in %.3f s (%.0f records/s)", r.seconds, rate))
             print(failed ? "FAILED" : "OK")
         }

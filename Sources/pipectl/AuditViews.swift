@@ -10,7 +10,9 @@ struct AuditViews {
     let reader: AuditReader
     let report: VerifyReport
 
-    func anchored(_ seq: Int64) -> Bool { report.firstBad.map { seq < $0.seq } ?? true && seq <= report.lastGoodCheckpoint }
+    /// A valid checkpoint at or after `seq` means the records up to it hash, from genesis, to a
+    /// signed head: record `seq` is as it was signed.
+    func anchored(_ seq: Int64) -> Bool { seq <= report.lastGoodCheckpoint }
 
     static func value(_ a: AttrValue?) -> ConfigValue {
         guard let a else { return .null }

@@ -134,7 +134,7 @@ struct AuditLogTests {
         try tamper(edited, "UPDATE records SET rec = ? WHERE seq = 37", [.blob(r37)])
         let e = try AuditVerifier.verify(path: edited, publicKey: key.publicKey)
         #expect(!e.ok && e.firstBad?.seq == 37 && e.breaks == 1, "\(String(describing: e.firstBad))")
-        #expect(e.firstBad?.reason.contains("hash does not match") == true)
+        #expect(e.firstBad?.reason.contains("does not chain") == true)
         // Deleted: record 37 gone.
         let deleted = try makeLog("audit-del", key: key)
         try tamper(deleted, "DELETE FROM records WHERE seq = 37")
@@ -167,7 +167,7 @@ struct AuditLogTests {
         let v = try AuditVerifier.verify(path: path, publicKey: key.publicKey)
         #expect(v.firstBad == nil)
         #expect(!v.ok && v.badCheckpoints.map(\.seq) == [50, 100] && v.lastGoodCheckpoint == 0 && v.unanchored == 105)
-        #expect(v.badCheckpoints.first?.reason.contains("no longer reaches the signed head") == true)
+        #expect(v.badCheckpoints.first?.reason.contains("no longer hash to the signed head") == true)
 
         // The tail deleted past the last checkpoint: the checkpoint names records that are gone.
         let cut = try makeLog("audit-tail", key: key)
@@ -271,5 +271,58 @@ struct AuditLogTests {
         var n = 0
         try AuditReader(path: dir + "/audit.db").forEach { e in n += 1; #expect(e.record.reason == rec(n).reason); return true }
         #expect(n == 4000)
+    }
+}
+
+@Suite("Audit log: what a forger with file access tries")
+struct AuditForgeryTests {
+    /// Record 5 edited with its own hash recomputed: the chain breaks at 6, and no checkpoint
+    /// covering 5 stays valid (they are compared with the chain recomputed from genesis).
+    @Test func aSplicedEdit_failsEveryCheckpointThatCoversIt() throws {
+        let key = try SigningKey.generate()
+        let path = Paths.tempDir("audit-splice") + "/audit.db"
+        let log = try AuditLog(path: path, pipeline: "p", signer: key)
+        try append(log, 1...10); try log.checkpoint(timeNs: 1)
+        try append(log, 11...20); try log.checkpoint(timeNs: 2)
+        var r5 = try storedRec(path, 5)
+        r5[r5.count - 30] ^= 1
+        let db = try Database(path: path, readOnly: true)
+        let st = try db.prepare("SELECT hash FROM records WHERE seq = 4"); try st.bind([]); _ = try st.step()
+        let h4 = st.blob(0)
+        try tamper(path, "UPDATE records SET rec = ?, hash = ? WHERE seq = 5", [.blob(r5), .blob(PipeKit.SHA256.hash(r5 + h4))])
+        let v = try AuditVerifier.verify(path: path, publicKey: key.publicKey)
+        #expect(v.firstBad?.seq == 6 && v.firstBad?.reason.contains("it, or the record before it, was altered") == true)
+        #expect(v.badCheckpoints.map(\.seq) == [10, 20] && v.lastGoodCheckpoint == 0 && v.unanchored == 20)
+    }
+
+    @Test func aReplacedKey_orACheckpointFromAnotherLog_isRefused() throws {
+        let key = try SigningKey.generate(), other = try SigningKey.generate()
+        let path = try makeLog("audit-key", key: key)
+        #expect { _ = try AuditLog(path: path, pipeline: "p", signer: other) } throws: { e in "\(e)".contains("the configured key is") }
+        // Another log of the same pipeline under the same key: its checkpoints do not fit here.
+        let second = try makeLog("audit-key2", key: key)
+        let src = try Database(path: second, readOnly: true)
+        let st = try src.prepare("SELECT seq, head, time_ns, key, sig FROM checkpoints WHERE seq = 100"); try st.bind([]); _ = try st.step()
+        let (head, sig) = (st.blob(1), st.blob(4))
+        try tamper(path, "UPDATE checkpoints SET sig = ? WHERE seq = 100", [.blob(sig)])
+        let v = try AuditVerifier.verify(path: path, publicKey: key.publicKey)
+        // Same records, same key, same seq and head, but another log_id: the signature is refused.
+        #expect(head.count == 32 && v.badCheckpoints.map(\.seq) == [100] && v.badCheckpoints[0].reason.contains("signature does not verify"))
+    }
+
+    @Test func impossibleSeqsAndNonASCIIDetailKeys_areRefusedNotTrapped() throws {
+        let key = try SigningKey.generate()
+        let path = try makeLog("audit-seq", key: key)
+        try tamper(path, "INSERT INTO checkpoints(seq, head, time_ns, key, sig) VALUES(-1, zeroblob(32), 0, ?, zeroblob(64))", [.blob(key.publicKey)])
+        let r = try AuditVerifier.verify(path: path, publicKey: key.publicKey)
+        #expect(r.badCheckpoints.contains { $0.seq == -1 && $0.reason.contains("impossible seq") })
+        try tamper(path, "INSERT INTO records(seq, rec, hash) VALUES(9223372036854775807, x'00', zeroblob(32))")
+        let r2 = try AuditVerifier.verify(path: path, publicKey: key.publicKey)
+        #expect(!r2.ok && r2.firstBad?.seq == 106)
+        #expect { _ = try AuditLog(path: path, pipeline: "p", signer: key) } throws: { e in "\(e)".contains("impossible seq") || "\(e)".contains("does not chain") }
+        var nfc = rec(1); nfc.details = ["é": .int(1)]
+        let body = AuditCodec.body(nfc)
+        #expect((try? AuditCodec.decodeBody(body)) == nil)
+        #expect(body.withUnsafeBytes { AuditCodec.check($0, stage: nil) }?.contains("not ASCII") == true)
     }
 }

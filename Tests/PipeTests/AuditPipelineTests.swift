@@ -23,7 +23,8 @@ struct AuditPipelineTests {
         #expect(mode == 0o600)
         let v = try pipectlJSON(["audit", "verify", db])
         let records = try #require(v["records"]?.intValue)
-        #expect(records >= 2000 && v["ok"] == .bool(true) && v["pinned"] == .bool(false))
+        // Without --pub, the audit.pub the host wrote beside the log pins the signer.
+        #expect(records >= 2000 && v["ok"] == .bool(true) && v["pinned"] == .bool(true) && v["pinned_by"] == .string("audit.pub beside the log"))
 
         // export: every record, in order, with seq and hash; the JSONL form of each record.
         let export = try runProcess(Paths.pipectl, ["audit", "export", db, "--format", "jsonl"], timeout: 60)

@@ -45,7 +45,9 @@ struct DocsTests {
         let canonical = [AuditCodec.version] + [1, 0, 0, 0, 0, 0, 0, 0] + body
         let hash = ChainHash.link(canonical, prev: ChainHash.genesis)
         #expect(hash == PipeKit.SHA256.hash(canonical + [UInt8](repeating: 0, count: 32)))
-        let message = Array("pipeline-audit-checkpoint/1\0".utf8) + [1, 0, 0, 0, 0, 0, 0, 0] + hash
+        // Log binding: log_id 000102…0f, pipeline "p".
+        let binding = Array(0..<16).map { UInt8($0) } + [1, 0] + Array("p".utf8)
+        let message = Array("pipeline-audit-checkpoint/1\0".utf8) + binding + [1, 0, 0, 0, 0, 0, 0, 0] + hash
         if ProcessInfo.processInfo.environment["PRINT_VECTORS"] != nil {
             print("body \(Hex.encode(body))\ncanonical \(Hex.encode(canonical))\nhash \(Hex.encode(hash))\nmessage \(Hex.encode(message))")
         }
