@@ -201,6 +201,20 @@ public final class AuditLog {
         headSeq = seq; headHash = prev
     }
 
+    /// The same, for bodies held as arrays (tools and tests; the writer appends from its frames).
+    public func append(bodies: [[UInt8]]) throws(AuditError) {
+        var flat: [UInt8] = []
+        var offsets: [(Int, Int)] = []
+        for b in bodies { offsets.append((flat.count, b.count)); flat.append(contentsOf: b) }
+        let failure: AuditError? = flat.withUnsafeBytes { f in
+            do throws(AuditError) {
+                try append(offsets.map { UnsafeRawBufferPointer(rebasing: f[$0.0..<($0.0 + $0.1)]) })
+                return nil
+            } catch { return error }
+        }
+        if let failure { throw failure }
+    }
+
     /// Signs the head (when a signing key is configured and there is something new to anchor).
     @discardableResult
     public func checkpoint(timeNs: UInt64) throws(AuditError) -> Bool {

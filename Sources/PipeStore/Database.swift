@@ -134,7 +134,6 @@ public final class Statement {
         return Array(UnsafeRawBufferPointer(start: p, count: n))
     }
     public func int(_ col: Int32) -> Int64 { sqlite3_column_int64(st, col) }
-    public func isNull(_ col: Int32) -> Bool { sqlite3_column_type(st, col) == SQLITE_NULL }
 
     // The allocation-free path for bulk work (the audit log): bind borrowed bytes, read column
     // bytes in place. A borrowed binding must outlive the step that uses it.

@@ -14,11 +14,7 @@ private func rec(_ i: Int, stage: String = "guard") -> AuditRecord {
 
 /// Appends records `from...to` to `log` as one batch.
 private func append(_ log: AuditLog, _ range: ClosedRange<Int>) throws {
-    let bodies = range.map { AuditCodec.body(rec($0)) }
-    var flat: [UInt8] = []
-    var offs: [(Int, Int)] = []
-    for b in bodies { offs.append((flat.count, b.count)); flat.append(contentsOf: b) }
-    try flat.withUnsafeBytes { f in try log.append(offs.map { UnsafeRawBufferPointer(rebasing: f[$0.0..<($0.0 + $0.1)]) }) }
+    try log.append(bodies: range.map { AuditCodec.body(rec($0)) })
 }
 
 /// A log of 105 records, checkpointed at 50 and 100 (5 unanchored).

@@ -35,18 +35,11 @@ enum AuditBench {
         var i = 0
         while i < bodies.count {
             let j = min(bodies.count, i + batch)
-            try withPointers(bodies[i..<j]) { try log.append($0) }
+            try log.append(bodies: Array(bodies[i..<j]))
             i = j
         }
         try log.checkpoint(timeNs: 1)
         return Double(bodies.count) / (now() - t0)
-    }
-
-    static func withPointers<R>(_ bs: ArraySlice<[UInt8]>, _ body: ([UnsafeRawBufferPointer]) throws -> R) throws -> R {
-        // Pin every body for the duration of one append.
-        var flat: [UInt8] = []; var offs: [(Int, Int)] = []
-        for b in bs { offs.append((flat.count, b.count)); flat.append(contentsOf: b) }
-        return try flat.withUnsafeBytes { f in try body(offs.map { UnsafeRawBufferPointer(rebasing: f[$0.0..<($0.0 + $0.1)]) }) }
     }
 
     /// The same rows into a table without the chain: canonical bytes plus a constant hash.
