@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 ./Tools/setup.sh
 swift build -c release --product pipehost
 swift build -c release --product bench
-if [[ " $* " == *" --twin "* || " $* " == *" --intake "* ]]; then ./Tools/peers.sh || echo "bench: peer baseline not installed; using the documented figure" >&2; fi
+if [[ " $* " == *" --twin "* || " $* " == *" --intake "* || " $* " == *" --cap "* ]]; then ./Tools/peers.sh || echo "bench: peer baseline not installed; using the documented figure" >&2; fi
 exec .build/release/bench "$@"
