@@ -56,6 +56,8 @@ public final class NullSinkStage: Stage {
     var n: Int64 = 0
     var latency = LatencyHistogram()
     init(delayUs: UInt32) { self.delayUs = delayUs }
+    /// Nothing is kept, so a redelivered envelope costs nothing: no durable window.
+    public func deliveredIDs(limit: Int, context: any StageContext) throws -> [EnvelopeID]? { [] }
     public func process(_ envelope: Envelope, from arrival: Arrival, context: any StageContext) throws {
         n += 1
         if envelope.ingestNs > 0 {

@@ -26,6 +26,8 @@ final class LineWriter {
         if fflush(file) != 0 { throw StageError.halt("flush failed: \(String(cString: strerror(errno)))") }
         if sync { fsync(fileno(file)) }
     }
+    /// Writes what is buffered (before the file is changed under this writer).
+    func seal() { fflush(file) }
     deinit { if ownsFile { fclose(file) } else { fflush(file) } }
 }
 
@@ -64,6 +66,38 @@ public final class FileSinkStage: Stage {
         context.report("lines", .int(lines))
     }
     public func stop() { try? writer?.flush(sync: sync); writer = nil }
+    /// Before its envelopes are acknowledged, their lines reach the file (fsync with `fsync: true`).
+    public func commit(context: any StageContext) throws { try writer?.flush(sync: sync) }
+    /// The ids of the file's last lines (when appending: a truncated file has none). A line torn by
+    /// a crash (no newline) is cut off first: its envelope was never acknowledged and comes again.
+    public func deliveredIDs(limit: Int, context: any StageContext) throws -> [EnvelopeID]? {
+        guard append else { return [] }
+        let p = context.resolvePath(path)
+        guard let data = FileManager.default.contents(atPath: p), !data.isEmpty else { return [] }
+        let bytes = [UInt8](data)
+        var end = bytes.count
+        if bytes[end - 1] != 0x0A {
+            end = (bytes.lastIndex(of: 0x0A) ?? -1) + 1
+            writer?.seal()
+            guard truncate(p, off_t(end)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
+            context.logger.warning("\(p): cut off a torn last line (\(bytes.count - end) bytes) left by a crash")
+            writer = try LineWriter(path: p, append: true)
+        }
+        // Lines start with {"id":"<32 hex>" (EnvelopeJSONL writes id first).
+        var ids: [EnvelopeID] = []
+        var lineStart = end
+        var i = end - 1
+        while i >= 0 && ids.count < limit {
+            if i == 0 || bytes[i - 1] == 0x0A {
+                let s = i
+                if lineStart - s >= 40, bytes[s] == 0x7B, Array(bytes[(s + 1)..<(s + 7)]) == Array("\"id\":\"".utf8),
+                   let id = EnvelopeID(hex: String(decoding: bytes[(s + 7)..<(s + 39)], as: UTF8.self)) { ids.append(id) }
+                lineStart = s
+            }
+            i -= 1
+        }
+        return ids.reversed()
+    }
 }
 
 /// `stdout-sink`: prints every envelope as a JSONL line, or a short text line.
@@ -92,18 +126,38 @@ public final class StdoutSinkStage: Stage {
 /// `file-source`: reads a JSONL file of envelopes; a bad line is dead-lettered with its line
 /// number and reason, and reading goes on. A line longer than the envelope limit is never read
 /// whole into memory: it is skipped and dead-lettered.
-public final class FileSourceStage: SourceStage {
+public final class FileSourceStage: ResumableSource {
     public static let descriptor = StageDescriptor(
         kind: "file-source", summary: "Reads envelopes from a JSONL file (one JSON object per line).", role: .source,
-        fields: [ConfigField("path", .string, doc: "Input file; relative paths are resolved against the run directory.")],
-        make: { FileSourceStage(path: $0.string("path") ?? "") })
+        fields: [ConfigField("path", .string, doc: "Input file; relative paths are resolved against the run directory."),
+                 ConfigField("durable", .bool, default: .bool(false), doc: "Under `delivery: at-least-once`, journal every envelope (and the read offset) before sending it; a restart with the same run directory goes on from there (docs/delivery.md).")],
+        make: { FileSourceStage(path: $0.string("path") ?? "", durable: $0.bool("durable") ?? false) })
     let path: String
+    public let durable: Bool
     var file: UnsafeMutablePointer<FILE>?
     var lineNo = 0
     var out = OutputHandle(index: 0, name: "out")
     var done = false
     var limits = WireLimits.standard
-    init(path: String) { self.path = path }
+    init(path: String, durable: Bool) { self.path = path; self.durable = durable }
+
+    /// u64 byte offset of the next line, u64 its line number - 1.
+    public func position() -> [UInt8] {
+        var w = ByteWriter(capacity: 16)
+        w.u64(UInt64(max(0, file.map { ftello($0) } ?? 0))); w.u64(UInt64(lineNo))
+        return w.buffer
+    }
+
+    public func resume(from position: [UInt8]) throws {
+        guard position.count == 16 else { throw StageError.halt("\(path): the journal's position is \(position.count) bytes, expected 16") }
+        func u64(_ at: Int) -> UInt64 { position[at..<(at + 8)].reversed().reduce(0) { $0 << 8 | UInt64($1) } }
+        let offset = u64(0), line = u64(8)
+        guard let f = file, fseeko(f, off_t(clamping: offset), SEEK_SET) == 0 else {
+            throw StageError.halt("\(path): cannot go back to offset \(offset) from the journal: \(String(cString: strerror(errno)))")
+        }
+        lineNo = Int(clamping: line)
+    }
+
     public func start(context: any StageContext) throws {
         out = try context.output("out")
         let p = context.resolvePath(path)

@@ -3,7 +3,7 @@ import PipeKit
 
 /// `generator`: emits `count` envelopes (0 = endless), optionally rate-limited, with a fixed-size
 /// or templated payload; with `seed`, ids are deterministic.
-public final class GeneratorStage: SourceStage {
+public final class GeneratorStage: ResumableSource {
     public static let descriptor = StageDescriptor(
         kind: "generator", summary: "Emits synthetic envelopes: a count, a rate, a payload size or template, a seed for deterministic ids.",
         role: .source,
@@ -17,6 +17,7 @@ public final class GeneratorStage: SourceStage {
             ConfigField("intent", .string, default: .string("demo.tick"), doc: "The `intent` header of every envelope."),
             ConfigField("authority", .string, default: .string(""), doc: "The `authority` header of every envelope."),
             ConfigField("attrs", .map(.any), optional: true, doc: "Attributes set on every envelope (string, number or boolean values)."),
+            ConfigField("durable", .bool, default: .bool(false), doc: "Under `delivery: at-least-once`, journal every envelope before sending it; a restart with the same run directory resumes (docs/delivery.md)."),
         ],
         check: { c in
             var issues: [ConfigIssue] = []
@@ -39,8 +40,10 @@ public final class GeneratorStage: SourceStage {
     var stopped = false
     var out = OutputHandle(index: 0, name: "out")
     let fixedPayload: [UInt8]
+    public let durable: Bool
 
     init(config c: ConfigReader) {
+        durable = c.bool("durable") ?? false
         pacer = SourcePacer(count: UInt64(c.int("count") ?? 1000), rate: c.double("rate") ?? 0)
         payloadSize = Int(c.int("payload_size") ?? 100)
         template = c.string("payload")
@@ -64,6 +67,20 @@ public final class GeneratorStage: SourceStage {
     public func start(context: any StageContext) throws { out = try context.output("out") }
 
     public func requestStop() { stopped = true }
+
+    /// u64 envelopes emitted, u8 seeded, u64 generator state.
+    public func position() -> [UInt8] {
+        var w = ByteWriter(capacity: 17)
+        w.u64(pacer.done); w.u8(rng == nil ? 0 : 1); w.u64(rng?.state ?? 0)
+        return w.buffer
+    }
+
+    public func resume(from position: [UInt8]) throws {
+        guard position.count == 17 else { throw StageError.halt("generator: the journal's position is \(position.count) bytes, expected 17") }
+        func u64(_ at: Int) -> UInt64 { position[at..<(at + 8)].reversed().reduce(0) { $0 << 8 | UInt64($1) } }
+        pacer.resume(done: u64(0))
+        if position[8] == 1 { rng = SplitMix64(state: u64(9)) }
+    }
 
     public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
         if stopped || pacer.finished { return .exhausted }

@@ -107,6 +107,8 @@ public struct PipelineLoader {
                     }
                 } else if let s = scalarString(v), let a = AuditLevel(rawValue: s) { spec.audit = a }
                 else { error(pos(v), "audit must be `all` or `decisions`, or a mapping { level, log, key, checkpoint_every, checkpoint_interval_s }") }
+            case "delivery":
+                delivery(v, into: &spec.delivery)
             case "dead_letter":
                 guard let m = v.mapping else { error(pos(v), "dead_letter must be a mapping like { path: dead-letters.jsonl }"); continue }
                 for (dk, dv) in m {
@@ -156,7 +158,7 @@ public struct PipelineLoader {
                 for item in seq { if let o = laneOverride(item) { spec.lanes.append(o) } }
             default:
                 var m = "unknown top-level key '\(key)'"
-                let known = ["pipeline", "version", "audit", "dead_letter", "limits", "defaults", "stages", "lanes", "metrics"]
+                let known = ["pipeline", "version", "audit", "delivery", "dead_letter", "limits", "defaults", "stages", "lanes", "metrics"]
                 if let s = didYouMean(key, among: known) { m += " (did you mean '\(s)'?)" }
                 error(pos(k), m)
             }
@@ -166,6 +168,34 @@ public struct PipelineLoader {
     }
 
     func scalarString(_ n: Node) -> String? { n.scalar?.string }
+
+    /// `delivery: at-least-once` or `{ mode, ack_timeout_ms, max_pending, max_attempts, dedup_window }`.
+    mutating func delivery(_ v: Node, into d: inout DeliverySpec) {
+        let modes = DeliverySpec.Mode.allCases.map(\.rawValue).joined(separator: " or ")
+        if let s = scalarString(v) {
+            if let m = DeliverySpec.Mode(rawValue: s) { d.mode = m } else { error(pos(v), "delivery must be \(modes), or a mapping { \(DeliverySpec.keys.joined(separator: ", ")) }, got '\(s)'") }
+            return
+        }
+        guard let m = v.mapping else { error(pos(v), "delivery must be \(modes), or a mapping { \(DeliverySpec.keys.joined(separator: ", ")) }"); return }
+        func count(_ v: Node, _ name: String, min lo: Int, max hi: Int) -> Int? {
+            if let b = v.int, b >= lo, b <= hi { return b }
+            error(pos(v), "\(name) must be an integer from \(lo) to \(hi)"); return nil
+        }
+        for (k, x) in m {
+            switch k.string {
+            case "mode":
+                if let s = scalarString(x), let mode = DeliverySpec.Mode(rawValue: s) { d.mode = mode } else { error(pos(x), "delivery.mode must be \(modes)") }
+            case "ack_timeout_ms": d.ackTimeoutMs = count(x, "delivery.ack_timeout_ms", min: 10, max: 86_400_000) ?? d.ackTimeoutMs
+            case "max_pending": d.maxPending = count(x, "delivery.max_pending", min: 1, max: 10_000_000) ?? d.maxPending
+            case "max_attempts": d.maxAttempts = count(x, "delivery.max_attempts", min: 1, max: 1_000_000) ?? d.maxAttempts
+            case "dedup_window": d.dedupWindow = count(x, "delivery.dedup_window", min: 1, max: 100_000_000) ?? d.dedupWindow
+            default:
+                var msg = "unknown delivery key '\(k.string ?? "?")'"
+                if let s = didYouMean(k.string ?? "", among: DeliverySpec.keys) { msg += " (did you mean '\(s)'?)" }
+                error(pos(k), msg + " (expected \(DeliverySpec.keys.joined(separator: ", ")))")
+            }
+        }
+    }
 
     mutating func placement(_ n: Node) -> Placement? {
         if let s = n.scalar?.string {

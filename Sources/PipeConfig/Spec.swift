@@ -167,6 +167,27 @@ public struct AuditLogSpec: Sendable, Hashable {
     public init() {}
 }
 
+/// `delivery:` in the YAML (docs/delivery.md): whether envelopes are acknowledged end to end.
+public struct DeliverySpec: Sendable, Hashable {
+    public enum Mode: String, Sendable, Hashable, CaseIterable {
+        /// Nothing is acknowledged; a crashed worker loses what it held (the default).
+        case atMostOnce = "at-most-once"
+        /// Sources keep every envelope until every sink it reaches has it; sinks deduplicate.
+        case atLeastOnce = "at-least-once"
+    }
+    public var mode: Mode = .atMostOnce
+    /// A source sends an envelope again when it is not acknowledged within this time.
+    public var ackTimeoutMs: Int = 10_000
+    /// A source takes a break from producing while this many envelopes are unacknowledged.
+    public var maxPending: Int = 65_536
+    /// After this many attempts an envelope is dead-lettered as undeliverable.
+    public var maxAttempts: Int = 10
+    /// How many recent envelope ids each sink remembers to drop redeliveries.
+    public var dedupWindow: Int = 200_000
+    public init() {}
+    public static let keys = ["mode", "ack_timeout_ms", "max_pending", "max_attempts", "dedup_window"]
+}
+
 /// A parsed pipeline file.
 public struct PipelineSpec: Sendable, Hashable {
     public var file: String
@@ -181,6 +202,7 @@ public struct PipelineSpec: Sendable, Hashable {
     public var stages: [StageSpec]
     public var lanes: [LaneOverride]
     public var metrics: MetricsSpec?
+    public var delivery = DeliverySpec()
     public init(file: String, name: String, audit: AuditLevel = .decisions, deadLetterPath: String = "dead-letters.jsonl",
                 defaultPlacement: Placement = .inProcess, defaultLane: LaneSettings = LaneSettings(),
                 limits: WireLimits = .standard, stages: [StageSpec] = [], lanes: [LaneOverride] = []) {

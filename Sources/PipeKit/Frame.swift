@@ -3,7 +3,7 @@ public enum FrameType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case data = 0x01       // a batch of envelopes, producer -> consumer
     case endOfStream = 0x02 // producer -> consumer: no more data on this lane
     case credit = 0x03     // consumer -> producer: grants more envelopes
-    case ack = 0x04        // consumer -> producer: envelope ids fully handled (reserved: delivery issue)
+    case ack = 0x04        // consumer -> producer: envelope ids fully handled (docs/delivery.md)
     case heartbeat = 0x05  // either way, liveness
     case stats = 0x06      // runner -> host: counters and status report
     case audit = 0x07      // runner -> host: one audit record
@@ -114,7 +114,16 @@ public struct FrameView {
     }
     /// HEARTBEAT body: u64 sender clock in ns.
     public func heartbeatTime() throws(DecodeError) -> UInt64 { var r = try fixed(8, "heartbeat"); return try r.u64("heartbeat.time") }
-    /// ACK body: u32 count, count x 16-byte ids (reserved for the delivery work).
+    /// ACK body, without building an array: calls `each` for every id (docs/delivery.md).
+    public func forEachAckID(limit: Int = 65536, _ each: (EnvelopeID) -> Void) throws(DecodeError) {
+        guard header.type == .ack else { throw .invalid(field: "frame.type", reason: "not ACK") }
+        guard body.count >= 4 else { throw .truncated(field: "ack.count", need: 4, have: body.count) }
+        let n = Int(UInt32(littleEndian: body.loadUnaligned(as: UInt32.self)))
+        if n > limit { throw .tooLarge(field: "ack.count", size: n, limit: limit) }
+        guard body.count - 4 == n * 16 else { throw .invalid(field: "ack", reason: "expected \(n * 16) id bytes, have \(body.count - 4)") }
+        for i in 0..<n { each(EnvelopeID(raw: UnsafeRawBufferPointer(rebasing: body[(4 + 16 * i)..<(20 + 16 * i)]))) }
+    }
+    /// ACK body: u32 count, count x 16-byte ids: the envelopes sent on the lane that are fully handled.
     public func ackIDs(limit: Int = 65536) throws(DecodeError) -> [EnvelopeID] {
         var r = ByteReader(body)
         let n = Int(try r.u32("ack.count"))
@@ -174,7 +183,9 @@ public enum FrameEncoder {
     }
     public static func ack(lane: UInt32, seq: UInt64, ids: [EnvelopeID]) -> [UInt8] {
         var w = start(.ack, lane: lane, seq: seq, capacity: 24 + 16 * ids.count)
-        w.u32(UInt32(ids.count)); for id in ids { w.bytes(id.bytes) }
+        w.u32(UInt32(ids.count))
+        // Ids travel big-endian: the little-endian writer takes the byte-swapped halves.
+        for id in ids { w.u64(id.hi.byteSwapped); w.u64(id.lo.byteSwapped) }
         return w.buffer
     }
     public static func command(seq: UInt64, _ c: RunnerCommand) -> [UInt8] {

@@ -29,7 +29,7 @@ public struct SourcePacer: Sendable {
         var allowed = budget
         if rate > 0 {
             if startNs == nil { startNs = now }
-            let due = UInt64(Double(now - (startNs ?? now)) / 1e9 * rate) + 1
+            let due = UInt64(Double(now - (startNs ?? now)) / 1e9 * rate) + 1 + resumedAt
             if due <= done { return (0, UInt64(min(1e9 / rate, 1e10))) }
             allowed = min(allowed, Int(due - done))
         }
@@ -39,4 +39,7 @@ public struct SourcePacer: Sendable {
 
     /// Records `n` items sent.
     public mutating func sent(_ n: Int = 1) { done += UInt64(n) }
+    /// Goes on after `done` items (a resumed durable source); a rate counts from the next call.
+    public mutating func resume(done d: UInt64) { done = d; resumedAt = d; startNs = nil }
+    var resumedAt: UInt64 = 0
 }

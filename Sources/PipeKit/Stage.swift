@@ -142,6 +142,15 @@ public protocol Stage: AnyObject {
     var heldCount: Int { get }
     /// Called once when the stage is torn down (after drain, or on abort).
     func stop()
+    /// Makes durable what `process` has taken so far (a sink's buffered writes). Under
+    /// `delivery: at-least-once` the runner calls it before it acknowledges those envelopes
+    /// upstream (docs/delivery.md); a failure holds the acknowledgements back.
+    func commit(context: any StageContext) throws
+    /// For a sink under at-least-once delivery: ids of envelopes its own output already holds (the
+    /// newest `limit` of them), read back at start so a redelivery after a crash is not written
+    /// twice. nil: the sink keeps no such record and the runner keeps the window in SQLite;
+    /// `[]`: nothing to recover (an empty or truncated output, or a sink whose duplicates cost nothing).
+    func deliveredIDs(limit: Int, context: any StageContext) throws -> [EnvelopeID]?
 }
 
 extension Stage {
@@ -152,6 +161,8 @@ extension Stage {
     public func drain(context: any StageContext) throws {}
     public var heldCount: Int { 0 }
     public func stop() {}
+    public func commit(context: any StageContext) throws {}
+    public func deliveredIDs(limit: Int, context: any StageContext) throws -> [EnvelopeID]? { nil }
 }
 
 /// What a source's `produce` call achieved.
@@ -174,6 +185,19 @@ public protocol SourceStage: Stage {
 
 extension SourceStage {
     public func requestStop() {}
+}
+
+/// A source that can say where it is and go on from there. With `durable: true` in its config the
+/// runner journals every envelope it emits, with this position, to SQLite before sending it, and
+/// a restart with the same run directory re-sends what was not acknowledged and resumes
+/// (docs/delivery.md).
+public protocol ResumableSource: SourceStage {
+    /// Whether the configuration asked for a journal (`durable: true`).
+    var durable: Bool { get }
+    /// Everything needed to go on after the last envelope emitted so far.
+    func position() -> [UInt8]
+    /// Goes on from a saved position (called after `start`, before the first `produce`).
+    func resume(from position: [UInt8]) throws
 }
 
 /// Everything the host and tools know about a stage kind: the config half. Validated without

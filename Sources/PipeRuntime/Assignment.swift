@@ -54,6 +54,10 @@ public struct Assignment: Sendable, Equatable {
     public var tapEndpoint: String = ""
     /// How often the runner reports STATS (default 100 ms).
     public var statsIntervalMs: Int = 100
+    /// The pipeline's name (a durable source's journal is bound to it).
+    public var pipeline: String = ""
+    /// Acknowledgements, redelivery and deduplication (docs/delivery.md).
+    public var delivery = DeliverySpec()
 
     public var json: ConfigValue {
         .object([
@@ -61,6 +65,10 @@ public struct Assignment: Sendable, Equatable {
             ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
             ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
             ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null), ("tap", .string(tapEndpoint)), ("stats_interval_ms", .int(Int64(statsIntervalMs))),
+            ("pipeline", .string(pipeline)),
+            ("delivery", .object([("mode", .string(delivery.mode.rawValue)), ("ack_timeout_ms", .int(Int64(delivery.ackTimeoutMs))),
+                                  ("max_pending", .int(Int64(delivery.maxPending))), ("max_attempts", .int(Int64(delivery.maxAttempts))),
+                                  ("dedup_window", .int(Int64(delivery.dedupWindow)))])),
             ("bind_in", .list(bindInput.map(ConfigValue.string))), ("bind_ret", .list(bindReturn.map(ConfigValue.string))),
             ("inputs", .list(inputs.map { i in
                 .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
@@ -106,6 +114,15 @@ public struct Assignment: Sendable, Equatable {
         maxEmit = v["max_emit"]?.intValue.map { UInt64(max(0, $0)) }
         tapEndpoint = v["tap"]?.stringValue ?? ""
         statsIntervalMs = Int(max(10, min(60_000, v["stats_interval_ms"]?.intValue ?? 100)))
+        pipeline = v["pipeline"]?.stringValue ?? ""
+        if let d = v["delivery"] {
+            guard let m = DeliverySpec.Mode(rawValue: try s(d["mode"], "delivery.mode")) else { throw .protocolError("ASSIGN: bad delivery mode") }
+            delivery.mode = m
+            delivery.ackTimeoutMs = Int(max(10, d["ack_timeout_ms"]?.intValue ?? 10_000))
+            delivery.maxPending = Int(max(1, d["max_pending"]?.intValue ?? 65_536))
+            delivery.maxAttempts = Int(max(1, d["max_attempts"]?.intValue ?? 10))
+            delivery.dedupWindow = Int(max(1, d["dedup_window"]?.intValue ?? 200_000))
+        }
         bindInput = (v["bind_in"]?.listValue ?? []).compactMap(\.stringValue)
         bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
         var ins: [Input] = []
@@ -166,6 +183,8 @@ extension PipelinePlan {
                            maxEnvelopeBytes: spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: spec.limits.maxBatchEnvelopes,
                            bindInput: bindIn, bindReturn: bindRet, inputs: inputs, outputs: outputs, usesStore: st.usesStore)
         if !outs.isEmpty { a.tapEndpoint = tapEndpoint(id, runDir: runDir) }
+        a.pipeline = spec.name
+        a.delivery = spec.delivery
         return a
     }
 

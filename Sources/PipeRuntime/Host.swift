@@ -405,7 +405,8 @@ public final class PipelineHost: @unchecked Sendable {
             stages[id]?.restarts += 1
             if let s = st.stats { stages[id]?.base = s }
             stages[id]?.stats = nil
-            log.warning("worker for stage '\(id)' (pid \(pid)) \(how); restarting (restart \(st.restarts + 1)); envelopes it held are lost until at-least-once delivery lands")
+            let fate = plan.spec.delivery.mode == .atLeastOnce ? "what it had not acknowledged is sent again" : "envelopes it held are lost (delivery: at-most-once)"
+            log.warning("worker for stage '\(id)' (pid \(pid)) \(how); restarting (restart \(st.restarts + 1)); \(fate)")
             do { try spawnWorker(id) } catch { failure = "\(error)" }
         }
     }

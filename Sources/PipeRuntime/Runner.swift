@@ -184,6 +184,9 @@ final class RunnerCore: StageContext {
     var deadLetterHandle: OutputHandle
     var kv: (any KeyValueStore)?
     let incarnation: UInt64
+    /// At-least-once bookkeeping (docs/delivery.md); nil under at-most-once.
+    var delivery: DeliveryState?
+    let isSink: Bool
 
     // Counters.
     var received: UInt64 = 0, emitted: UInt64 = 0, deadLettered: UInt64 = 0, errors: UInt64 = 0
@@ -220,6 +223,7 @@ final class RunnerCore: StageContext {
         let reader = ConfigReader(a.config, fields: d.fields)
         stage = try d.make(reader)
         source = stage as? any SourceStage
+        isSink = d.role == .sink
         incarnation = wallNs()
         lastHostContact = monotonicNs()
         outputNames = a.outputs.map(\.name)
@@ -286,6 +290,14 @@ final class RunnerCore: StageContext {
             mkdir(a.runDirectory + "/state", 0o700)
             kv = try SQLiteKeyValueStore(path: a.runDirectory + "/state/\(a.stage).kv.sqlite")
         }
+        if a.delivery.mode == .atLeastOnce {
+            let dv = DeliveryState(settings: a.delivery, inLanes: inLanes.count)
+            if let rs = stage as? any ResumableSource, rs.durable {
+                mkdir(a.runDirectory + "/state", 0o700)
+                dv.journal = try SourceJournal(path: a.runDirectory + "/state/\(a.stage).journal.sqlite", pipeline: a.pipeline, stage: a.stage, kind: a.kind)
+            }
+            delivery = dv
+        }
     }
 
     static func prepareIPC(_ endpoint: String) throws {
@@ -320,8 +332,26 @@ final class RunnerCore: StageContext {
     }
 
     func emit(_ envelope: consuming Envelope, to output: OutputHandle) {
+        guard let dv = delivery else { emitToLanes(envelope, to: output); return }
+        // A source's emit outside a redelivery is a new root: kept until acknowledged.
+        if dv.current < 0, source != nil, output.index >= 0, output.index < outputLanes.count {
+            let t = dv.newToken(inLane: -1, id: envelope.id)
+            dv.roots[t] = DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: monotonicNs() &+ dv.timeoutNs)
+            dv.timeouts.append((dv.roots[t]?.deadline ?? 0, t))
+            if dv.journal != nil { dv.unjournaled.append(t) }
+            dv.current = t
+            emitToLanes(envelope, to: output)
+            dv.current = -1
+            dv.tokens[Int(t)].open = false
+            if dv.tokens[Int(t)].pending == 0 { complete(t) }
+            return
+        }
+        emitToLanes(envelope, to: output)
+    }
+
+    func emitToLanes(_ envelope: consuming Envelope, to output: OutputHandle) {
         guard output.index >= 0, output.index < outputLanes.count else { return }
-        if output.index != deadLetterHandle.index {
+        if output.index != deadLetterHandle.index, !(delivery?.redelivering ?? false) {
             do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
                 deadLetter(envelope, reason: "cannot emit on '\(output.name)': \(error.reason)")
                 return
@@ -342,6 +372,8 @@ final class RunnerCore: StageContext {
             case .dropOldest where !outLanes[li].loopBack && outLanes[li].hasCredit && outLanes[li].inFlight >= outLanes[li].bound && !outLanes[li].queue.isEmpty:
                 let old = outLanes[li].queue.peek(0)
                 outLanes[li].queue.removeFirst()
+                // Dropped by policy: as good as acknowledged.
+                if let dv = delivery, let t = dv.take(DeliveryState.Key(lane: Int32(li), hi: old.id.hi, lo: old.id.lo)) { release(t) }
                 if outLanes[li].bytesBound != nil { outLanes[li].queueBytes -= EnvelopeCodec.encodedSize(old) }
                 outLanes[li].dropped += 1
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
@@ -354,6 +386,7 @@ final class RunnerCore: StageContext {
             default: break
             }
             if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
+            if let dv = delivery, dv.current >= 0 { dv.register(lane: li, id: envelope.id, token: dv.current) }
             // Fan-out copies to every group but the last, which takes the envelope itself.
             if n == groups.count - 1 { outLanes[li].queue.append(consume envelope); return }
             outLanes[li].queue.append(copy envelope)
@@ -458,7 +491,7 @@ final class RunnerCore: StageContext {
     var queuesEmpty: Bool {
         outLanes.allSatisfy { $0.queue.isEmpty && ($0.spill?.isEmpty ?? true || (stopRequested && !($0.spill?.hasPending ?? false))) }
     }
-    var idle: Bool { queuesEmpty && stage.heldCount == 0 }
+    var idle: Bool { queuesEmpty && stage.heldCount == 0 && deliverySettled }
     /// Every non-loop input has ended (checked on every loop pass: no allocation).
     var nonLoopInputsEnded: Bool { inLanes.allSatisfy { $0.arrival.loopBack || $0.eos } }
     var hasLoopInputs: Bool { inLanes.contains { $0.arrival.loopBack } }
@@ -473,6 +506,9 @@ final class RunnerCore: StageContext {
         defer { teardown() }
         do { try stage.start(context: self) } catch {
             fail("start failed: \(error)")
+        }
+        if failed == nil {
+            do { try startDelivery() } catch { fail("delivery: \(error)") }
         }
         if let t = stage.tickInterval { nextTick = monotonicNs() + t }
         // Announce ourselves on every output lane (producer incarnation) and grant initial credits.
@@ -493,7 +529,11 @@ final class RunnerCore: StageContext {
             // How long may we sleep?
             var wait: UInt64 = 100_000_000
             if failed == nil && !finished {
-                if let _ = source, !exhausted, canAccept { wait = nextProduce > t ? min(wait, nextProduce - t) : 0 }
+                if let _ = source, !exhausted, canAccept, pendingRoom > 0 { wait = nextProduce > t ? min(wait, nextProduce - t) : 0 }
+                if delivery != nil, source != nil {
+                    let next = checkTimeouts(t)
+                    if next != .max { wait = next > t ? min(wait, next - t) : 0 }
+                }
                 if nextTick != .max { wait = nextTick > t ? min(wait, nextTick - t) : 0 }
                 if inputsClosed && !drained { wait = 0 }
             }
@@ -564,7 +604,7 @@ final class RunnerCore: StageContext {
                 }
                 // Source.
                 if let max = a.maxEmit, emitted >= max, !exhausted { exhausted = true; statsDirty = true }
-                if let src = source, !exhausted, canAccept, monotonicNs() >= nextProduce {
+                if let src = source, !exhausted, canAccept, pendingRoom > 0, monotonicNs() >= nextProduce {
                     // Under a byte bound the count of credits says little: produce a few at a time.
                     let room = allGroups.map { g in g.reduce(0) { r, li in
                         let l = outLanes[li]
@@ -572,7 +612,7 @@ final class RunnerCore: StageContext {
                         let byCount = Swift.max(0, l.credits - l.queue.count)
                         return r + (l.bytesBound == nil ? byCount : (l.bytesRoom ? Swift.min(byCount, 8) : 0))
                     } }
-                    var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, room.min() ?? 256))
+                    var budget = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, room.min() ?? 256, pendingRoom))
                     if let max = a.maxEmit { budget = Int(Swift.min(UInt64(budget), max - emitted)) }
                     let t0 = monotonicNs(), before = emitted
                     defer {
@@ -607,7 +647,8 @@ final class RunnerCore: StageContext {
                 }
                 if drained && !finished {
                     flushAll()
-                    if queuesEmpty {
+                    // Under at-least-once a source ends only once everything it sent is acknowledged.
+                    if queuesEmpty && deliverySettled {
                         for i in outLanes.indices { sendEOS(i) }
                         if outLanes.allSatisfy(\.eosSent) { finished = true; statsDirty = true }
                     }
@@ -674,6 +715,7 @@ final class RunnerCore: StageContext {
                 let limit = min(claimed, ceiling)
                 if epoch != outLanes[li].epoch {
                     // The consumer (re)started: count from zero in its new epoch; resend EOS if we had ended.
+                    if delivery != nil { consumerRestarted(li) }
                     outLanes[li].epoch = epoch
                     outLanes[li].sentInEpoch = 0
                     outLanes[li].limit = limit
@@ -692,7 +734,13 @@ final class RunnerCore: StageContext {
                     if k > 0 { outLanes[li].sentFrames.removeFirst(k) }
                 }
             } else if f.header.type == .ack {
-                // Reserved for at-least-once delivery (a later issue).
+                guard let dv = delivery else { return }
+                do {
+                    try f.forEachAckID(limit: Swift.max(limits.maxBatchEnvelopes, 4096)) { id in
+                        dv.acksReceived += 1
+                        if let t = dv.take(DeliveryState.Key(lane: Int32(li), hi: id.hi, lo: id.lo)) { release(t) } else { dv.unknownAcks += 1 }
+                    }
+                } catch { errors += 1; log.warning("malformed ACK on lane \(outLanes[li].id): \(error)") }
             } else { errors += 1 }
         }
     }
@@ -790,6 +838,23 @@ final class RunnerCore: StageContext {
     }
 
     func deliver(_ e: Envelope, lane li: Int) {
+        guard let dv = delivery else { deliverToStage(e, lane: li); return }
+        // A sink drops what it already has (a redelivery) and acknowledges it again.
+        if isSink, let dd = dv.dedup, dd.contains(e.id) {
+            dv.duplicates += 1
+            dv.acksOut[li].append(e.id); dv.acksWaiting += 1
+            return
+        }
+        let t = dv.newToken(inLane: Int32(li), id: e.id)
+        dv.current = t
+        deliverToStage(e, lane: li)
+        dv.current = -1
+        dv.tokens[Int(t)].open = false
+        if isSink { dv.dedup?.add(e.id) }
+        if dv.tokens[Int(t)].pending == 0 { complete(t) }
+    }
+
+    func deliverToStage(_ e: Envelope, lane li: Int) {
         if let max = inLanes[li].maxHops, e.hops > UInt32(clamping: max) {
             deadLetter(e, reason: "hop-limit: hops \(e.hops) > max_hops \(max) on loop-back lane from \(inLanes[li].arrival.from)")
             return
@@ -816,6 +881,7 @@ final class RunnerCore: StageContext {
 
     func flushAll() {
         flushAudit()
+        settleDelivery()
         let t = monotonicNs()
         for i in outLanes.indices {
             flush(i)
@@ -872,6 +938,7 @@ final class RunnerCore: StageContext {
     }
 
     func flush(_ i: Int) {
+        if delivery?.journalBroken == true { return }
         refillFromSpill(i)
         while !outLanes[i].queue.isEmpty && outLanes[i].canSend {
             var n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
@@ -964,6 +1031,7 @@ final class RunnerCore: StageContext {
         var st = status
         for (k, v) in metrics.sorted(by: { $0.key < $1.key }) { st.append(("metric.\(k)", .int(Int64(v)))) }
         for l in outLanes where l.frames > 0 { st.append(("batch.lane\(l.id)", .double((Double(l.transmitted) / Double(l.frames) * 10).rounded() / 10))) }
+        deliveryStatus(&st)
         st.append(("pid", .int(Int64(getpid()))))
         let r = StatsReport(stage: a.stage, timeNs: wallNs(), flags: flags, received: received, emitted: emitted, deadLettered: deadLettered,
                             errors: errors, held: UInt32(clamping: stage.heldCount), busyNs: busyNs, processing: processing, lanes: lanes, status: st)

@@ -78,6 +78,9 @@ public final class Database: @unchecked Sendable {
         }
     }
 
+    /// The rowid of the last row this connection inserted.
+    public var lastInsertRowID: Int64 { sqlite3_last_insert_rowid(db) }
+
     public func prepare(_ sql: String) throws(StoreError) -> Statement {
         var st: OpaquePointer?
         let rc = sqlite3_prepare_v2(db, sql, -1, &st, nil)

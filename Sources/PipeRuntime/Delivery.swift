@@ -1,0 +1,452 @@
+import Glibc
+import PipeConfig
+import PipeKit
+import PipeStore
+
+/// At-least-once delivery (docs/delivery.md): the bookkeeping one runner keeps.
+///
+/// Acknowledgements go hop by hop and mean "done downstream": a consumer acknowledges an input
+/// envelope on the lane's return path once the `process` call that took it has returned and
+/// every envelope it emitted meanwhile has been acknowledged by its own consumers. A sink's
+/// acknowledgement waits for `commit` (its writes made durable). So an envelope a source emitted
+/// is acknowledged exactly when every sink it reached (through every fan-out branch and every
+/// fork) has it. The source keeps it until then, journals it when durable, and sends it again
+/// (attempt + 1) after the ack timeout or at once when the consumer of a lane restarts.
+final class DeliveryState {
+    /// An input being handled (`inLane >= 0`) or a source's root (`inLane == -1`), with the count
+    /// of emitted copies not yet acknowledged.
+    struct Token {
+        var inLane: Int32
+        var id: EnvelopeID
+        var pending: Int32
+        /// False once the call that created it returned (for a root: once emitted).
+        var open: Bool
+        /// False when a copy was lost with a restarted consumer: the token completes silently and
+        /// the source's redelivery brings the envelope again.
+        var live: Bool
+    }
+    struct Root {
+        var envelope: Envelope
+        var output: Int
+        /// Journal row; 0 when not journaled.
+        var rowid: Int64
+        var deadline: UInt64
+    }
+    struct Key: Hashable {
+        var lane: Int32
+        var hi: UInt64
+        var lo: UInt64
+    }
+
+    let settings: DeliverySpec
+    let timeoutNs: UInt64
+    var tokens: [Token] = []
+    var free: [Int32] = []
+    /// (output lane index, envelope id) -> the token its copy counts against.
+    var outstanding: [Key: Int32] = [:]
+    /// The same id outstanding more than once on one lane (a redelivery racing its original).
+    var extra: [Key: [Int32]] = [:]
+    /// The token emits are attributed to now (-1: none).
+    var current: Int32 = -1
+    var redelivering = false
+    /// Per input lane: ids to acknowledge once the stage has committed.
+    var acksOut: [[EnvelopeID]]
+    var acksWaiting = 0
+    // A source's side.
+    var roots: [Int32: Root] = [:]
+    var timeouts = Ring<(deadline: UInt64, token: Int32)>()
+    var unjournaled: [Int32] = []
+    var completedRows: [Int64] = []
+    var journal: SourceJournal?
+    /// A journal write failed: nothing more may leave (it would not be recoverable).
+    var journalBroken = false
+    // A sink's side.
+    var dedup: DedupWindow?
+    // Counters (reported as metrics).
+    var acksSent: UInt64 = 0
+    var acksReceived: UInt64 = 0
+    var unknownAcks: UInt64 = 0
+    var redelivered: UInt64 = 0
+    var undeliverable: UInt64 = 0
+    var duplicates: UInt64 = 0
+    var lost: UInt64 = 0
+
+    init(settings: DeliverySpec, inLanes: Int) {
+        self.settings = settings
+        timeoutNs = UInt64(settings.ackTimeoutMs) * 1_000_000
+        acksOut = Array(repeating: [], count: inLanes)
+    }
+
+    func newToken(inLane: Int32, id: EnvelopeID) -> Int32 {
+        let t = Token(inLane: inLane, id: id, pending: 0, open: true, live: true)
+        if let i = free.popLast() { tokens[Int(i)] = t; return i }
+        tokens.append(t)
+        return Int32(tokens.count - 1)
+    }
+
+    /// A copy of `id` was queued on output lane `lane` for token `t`.
+    @inline(__always) func register(lane: Int, id: EnvelopeID, token t: Int32) {
+        let k = Key(lane: Int32(lane), hi: id.hi, lo: id.lo)
+        if let other = outstanding.updateValue(t, forKey: k) {
+            outstanding[k] = other
+            extra[k, default: []].append(t)
+        }
+        tokens[Int(t)].pending += 1
+    }
+
+    /// Removes one outstanding copy of `k`; returns its token.
+    func take(_ k: Key) -> Int32? {
+        guard let t = outstanding.removeValue(forKey: k) else { return nil }
+        if var more = extra[k] {
+            outstanding[k] = more.removeFirst()
+            extra[k] = more.isEmpty ? nil : more
+        }
+        return t
+    }
+
+    /// Removes every outstanding copy of `k` that counts against `t`.
+    func drop(_ k: Key, token t: Int32) -> Int32 {
+        var n: Int32 = 0
+        if var more = extra[k] {
+            let before = more.count
+            more.removeAll { $0 == t }
+            n += Int32(before - more.count)
+            extra[k] = more.isEmpty ? nil : more
+        }
+        if outstanding[k] == t {
+            n += 1
+            outstanding[k] = nil
+            if var more = extra[k] { outstanding[k] = more.removeFirst(); extra[k] = more.isEmpty ? nil : more }
+        }
+        return n
+    }
+}
+
+/// A durable source's journal (`<run dir>/state/<stage>.journal.sqlite`, WAL): the envelopes it
+/// emitted and that are not yet acknowledged, and its position, written in one transaction per
+/// runner loop pass before any of them is sent. Bound to its pipeline, stage and kind.
+final class SourceJournal {
+    let db: Database
+    let path: String
+    private let insert: Statement
+    private let remove: Statement
+    private let setMeta: Statement
+
+    init(path: String, pipeline: String, stage: String, kind: String) throws {
+        self.path = path
+        do {
+            db = try Database(path: path)
+            chmod(path, 0o600)
+            try db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
+            try db.execute("CREATE TABLE IF NOT EXISTS pending (rowid INTEGER PRIMARY KEY AUTOINCREMENT, output INTEGER NOT NULL, envelope BLOB NOT NULL)")
+            insert = try db.prepare("INSERT INTO pending (output, envelope) VALUES (?, ?)")
+            remove = try db.prepare("DELETE FROM pending WHERE rowid = ?")
+            setMeta = try db.prepare("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)")
+        } catch {
+            throw RuntimeError.io("journal \(path): \(error) (a corrupt journal: move it away to start the source afresh, losing what it held)")
+        }
+        let binding = [("pipeline", pipeline), ("stage", stage), ("kind", kind)]
+        var found: [String: String] = [:]
+        do {
+            let q = try db.prepare("SELECT k, v FROM meta WHERE k IN ('pipeline', 'stage', 'kind')")
+            try q.bind([])
+            while try q.step() { found[q.text(0)] = String(decoding: q.blob(1), as: UTF8.self) }
+        } catch { throw RuntimeError.io("journal \(path): cannot read its binding: \(error)") }
+        if found.isEmpty {
+            do {
+                try db.execute("BEGIN IMMEDIATE")
+                for (k, v) in binding { try setMeta.run([.text(k), .blob(Array(v.utf8))]) }
+                try db.execute("COMMIT")
+            } catch { throw RuntimeError.io("journal \(path): cannot write its binding: \(error)") }
+        } else {
+            for (k, v) in binding where found[k] != v {
+                throw RuntimeError.plan("journal \(path) belongs to pipeline '\(found["pipeline"] ?? "?")' stage '\(found["stage"] ?? "?")' (kind \(found["kind"] ?? "?")), not pipeline '\(pipeline)' stage '\(stage)' (kind \(kind)); use another run directory or move the journal away")
+            }
+        }
+    }
+
+    /// The saved position, or nil for a new journal.
+    func position() throws -> [UInt8]? {
+        let q = try db.prepare("SELECT v FROM meta WHERE k = 'position'")
+        try q.bind([])
+        return try q.step() ? q.blob(0) : nil
+    }
+
+    /// Every unacknowledged envelope, oldest first: (row, output index, encoded envelope).
+    func pending() throws -> [(Int64, Int, [UInt8])] {
+        let q = try db.prepare("SELECT rowid, output, envelope FROM pending ORDER BY rowid")
+        try q.bind([])
+        var out: [(Int64, Int, [UInt8])] = []
+        while try q.step() { out.append((q.int(0), Int(q.int(1)), q.blob(2))) }
+        return out
+    }
+
+    /// One transaction: new envelopes (returns their rows), acknowledged rows gone, the position.
+    func write(new: [(output: Int, envelope: [UInt8])], done: [Int64], position: [UInt8]?) throws -> [Int64] {
+        var rows: [Int64] = []
+        rows.reserveCapacity(new.count)
+        do {
+            try db.execute("BEGIN IMMEDIATE")
+            for n in new {
+                try insert.run([.int(Int64(n.output)), .blob(n.envelope)])
+                rows.append(db.lastInsertRowID)
+            }
+            for r in done { try remove.run([.int(r)]) }
+            if let p = position { try setMeta.run([.text("position"), .blob(p)]) }
+            try db.execute("COMMIT")
+        } catch {
+            try? db.execute("ROLLBACK")
+            throw error
+        }
+        return rows
+    }
+}
+
+/// The ids a sink has taken most recently (`dedup_window` of them): a redelivered envelope whose
+/// id is here is acknowledged without being written again. Seeded at start from the sink's own
+/// output (``Stage/deliveredIDs(limit:context:)``), or else kept in SQLite
+/// (`<run dir>/state/<stage>.delivered.sqlite`), saved before the acknowledgements leave.
+final class DedupWindow {
+    let capacity: Int
+    private var members: Set<EnvelopeID> = []
+    private var order = Ring<EnvelopeID>()
+    private var unsaved: [EnvelopeID] = []
+    private let db: Database?
+    private let insert: Statement?
+    private var saves = 0
+
+    init(capacity: Int, seed: [EnvelopeID], path: String?) throws {
+        self.capacity = capacity
+        var ids = seed
+        if let path {
+            let d = try Database(path: path)
+            chmod(path, 0o600)
+            try d.execute("CREATE TABLE IF NOT EXISTS delivered (seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL)")
+            let q = try d.prepare("SELECT id FROM delivered ORDER BY seq DESC LIMIT ?")
+            try q.bind([.int(Int64(capacity))])
+            var back: [EnvelopeID] = []
+            while try q.step() { if let id = EnvelopeID(bytes: q.blob(0)) { back.append(id) } }
+            ids = back.reversed() + ids
+            insert = try d.prepare("INSERT INTO delivered (id) VALUES (?)")
+            db = d
+        } else { db = nil; insert = nil }
+        members.reserveCapacity(min(capacity, max(ids.count, 1024)))
+        for id in ids.suffix(capacity) { add(id, save: false) }
+    }
+
+    var count: Int { members.count }
+    @inline(__always) func contains(_ id: EnvelopeID) -> Bool { members.contains(id) }
+
+    func add(_ id: EnvelopeID, save: Bool = true) {
+        guard members.insert(id).inserted else { return }
+        order.append(id)
+        if order.count > capacity { members.remove(order.peek(0)); order.removeFirst() }
+        if save && db != nil { unsaved.append(id) }
+    }
+
+    /// Writes the ids taken since the last save (one transaction); trims the table now and then.
+    func save() throws {
+        guard let db, let insert, !unsaved.isEmpty else { return }
+        try db.execute("BEGIN IMMEDIATE")
+        do {
+            for id in unsaved { try insert.run([.blob(id.bytes)]) }
+            saves += 1
+            if saves % 64 == 0 { try db.execute("DELETE FROM delivered WHERE seq <= (SELECT max(seq) FROM delivered) - \(capacity)") }
+            try db.execute("COMMIT")
+        } catch {
+            try? db.execute("ROLLBACK")
+            throw error
+        }
+        unsaved.removeAll(keepingCapacity: true)
+    }
+}
+
+extension RunnerCore {
+    /// One outstanding copy of token `t` was acknowledged (or dropped by policy).
+    @inline(__always) func release(_ t: Int32) {
+        guard let dv = delivery else { return }
+        dv.tokens[Int(t)].pending -= 1
+        if dv.tokens[Int(t)].pending <= 0 && !dv.tokens[Int(t)].open { complete(t) }
+    }
+
+    /// Token `t` is done: acknowledge the input upstream, or let the source forget the root.
+    func complete(_ t: Int32) {
+        guard let dv = delivery else { return }
+        let tok = dv.tokens[Int(t)]
+        if tok.inLane >= 0 {
+            if tok.live { dv.acksOut[Int(tok.inLane)].append(tok.id); dv.acksWaiting += 1 }
+        } else if let r = dv.roots.removeValue(forKey: t) {
+            if r.rowid > 0 { dv.completedRows.append(r.rowid) }
+            statsDirty = statsDirty || dv.roots.isEmpty
+        }
+        dv.free.append(t)
+    }
+
+    /// The consumer of output lane `li` restarted: what it had not acknowledged is gone with it.
+    /// A source sends its roots again at once; a transform's inputs that waited for those copies
+    /// are never acknowledged (the source's timeout brings them again).
+    func consumerRestarted(_ li: Int) {
+        guard let dv = delivery else { return }
+        var hit: [Int32] = []
+        for (k, t) in dv.outstanding where k.lane == Int32(li) { hit.append(t) }
+        for (k, ts) in dv.extra where k.lane == Int32(li) { hit += ts }
+        guard !hit.isEmpty else { return }
+        dv.outstanding = dv.outstanding.filter { $0.key.lane != Int32(li) }
+        dv.extra = dv.extra.filter { $0.key.lane != Int32(li) }
+        dv.lost &+= UInt64(hit.count)
+        log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer restarted with \(hit.count) envelopes unacknowledged; \(source != nil ? "sending them again" : "the source will send them again")")
+        var roots: [Int32] = []
+        for t in hit {
+            if dv.tokens[Int(t)].inLane >= 0 { dv.tokens[Int(t)].live = false } else { roots.append(t) }
+            dv.tokens[Int(t)].pending -= 1
+            if dv.tokens[Int(t)].pending <= 0 && !dv.tokens[Int(t)].open {
+                if dv.tokens[Int(t)].inLane < 0 { continue }  // redelivered below
+                complete(t)
+            }
+        }
+        for t in Set(roots).sorted() { redeliver(t, why: "lane \(outLanes[li].id) consumer restarted") }
+    }
+
+    /// Sends root `t` again with `attempt` raised, or dead-letters it after `max_attempts`.
+    func redeliver(_ t: Int32, why: String) {
+        guard let dv = delivery, var r = dv.roots[t] else { return }
+        // Forget the copies still out: acknowledgements of either attempt now count once.
+        for li in outLanes.indices {
+            let n = dv.drop(DeliveryState.Key(lane: Int32(li), hi: r.envelope.id.hi, lo: r.envelope.id.lo), token: t)
+            dv.tokens[Int(t)].pending -= n
+        }
+        dv.tokens[Int(t)].pending = 0
+        if Int(r.envelope.attempt) >= dv.settings.maxAttempts {
+            dv.undeliverable += 1
+            dv.tokens[Int(t)].open = false
+            complete(t)
+            deadLetter(r.envelope, reason: "undeliverable: not acknowledged after \(r.envelope.attempt) attempts (\(why))")
+            return
+        }
+        r.envelope.attempt &+= 1
+        r.deadline = monotonicNs() &+ dv.timeoutNs
+        dv.roots[t] = r
+        dv.timeouts.append((r.deadline, t))
+        dv.redelivered += 1
+        audit(.about(r.envelope, decision: "redeliver", reason: "attempt \(r.envelope.attempt): \(why)"))
+        dv.tokens[Int(t)].open = true
+        dv.current = t; dv.redelivering = true
+        emit(r.envelope, to: OutputHandle(index: r.output, name: outputNames[r.output]))
+        dv.current = -1; dv.redelivering = false
+        dv.tokens[Int(t)].open = false
+        if dv.tokens[Int(t)].pending <= 0 { complete(t) }
+    }
+
+    /// Roots whose acknowledgement is overdue go again. Returns the next deadline (or .max).
+    func checkTimeouts(_ now: UInt64) -> UInt64 {
+        guard let dv = delivery else { return .max }
+        var n = 0
+        while !dv.timeouts.isEmpty {
+            let (deadline, t) = dv.timeouts.peek(0)
+            guard let r = dv.roots[t], r.deadline == deadline else { dv.timeouts.removeFirst(); continue }
+            if deadline > now { return deadline }
+            dv.timeouts.removeFirst()
+            redeliver(t, why: "no acknowledgement within \(dv.settings.ackTimeoutMs) ms")
+            n += 1
+            if n >= 4096 { return now }  // the rest on the next pass
+        }
+        return .max
+    }
+
+    /// Whether a source may produce more now (`max_pending` unacknowledged at most).
+    var pendingRoom: Int {
+        guard let dv = delivery else { return Int.max }
+        return Swift.max(0, dv.settings.maxPending - dv.roots.count)
+    }
+
+    /// Nothing the source emitted waits for an acknowledgement.
+    var deliverySettled: Bool { delivery?.roots.isEmpty ?? true }
+
+    /// Once per loop pass, before lanes are flushed: journal what the source emitted (before it
+    /// leaves), then commit the stage, save the sink's window and acknowledge upstream.
+    func settleDelivery() {
+        guard let dv = delivery, !dv.journalBroken else { return }
+        if let j = dv.journal, !dv.unjournaled.isEmpty || !dv.completedRows.isEmpty {
+            var new: [(output: Int, envelope: [UInt8])] = []
+            var which: [Int32] = []
+            for t in dv.unjournaled { if let r = dv.roots[t] { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) } }
+            let position = dv.unjournaled.isEmpty ? nil : (source as? any ResumableSource)?.position()
+            do {
+                let rows = try j.write(new: new, done: dv.completedRows, position: position)
+                for (t, row) in zip(which, rows) { dv.roots[t]?.rowid = row }
+                dv.unjournaled.removeAll(keepingCapacity: true)
+                dv.completedRows.removeAll(keepingCapacity: true)
+            } catch {
+                dv.journalBroken = true
+                fail("journal \(j.path): write failed (\(error)); nothing more is sent, and a restart resumes from what the journal holds")
+                audit(AuditRecord(decision: "journal-failed", reason: "\(j.path): \(error)"))
+                return
+            }
+        }
+        guard dv.acksWaiting > 0 else { return }
+        do { try stage.commit(context: self) } catch {
+            handleStageError(error, envelope: nil)
+            return
+        }
+        do { try dv.dedup?.save() } catch {
+            log.error("cannot save the delivered-id window: \(error); acknowledgements held back")
+            return
+        }
+        let chunk = Swift.max(1, Swift.min(limits.maxBatchEnvelopes, 4096))
+        for li in dv.acksOut.indices where !dv.acksOut[li].isEmpty {
+            var start = 0
+            let ids = dv.acksOut[li]
+            while start < ids.count {
+                let end = Swift.min(ids.count, start + chunk)
+                inLanes[li].seq += 1
+                _ = try? inLanes[li].ret.send(FrameEncoder.ack(lane: inLanes[li].id, seq: inLanes[li].seq, ids: Array(ids[start..<end])), dontWait: true)
+                start = end
+            }
+            dv.acksSent &+= UInt64(ids.count)
+            dv.acksOut[li].removeAll(keepingCapacity: true)
+        }
+        dv.acksWaiting = 0
+    }
+
+    /// At start: the sink's window of delivered ids, and a durable source's journal replayed
+    /// (its position restored, what it held sent again with `attempt` raised).
+    func startDelivery() throws {
+        guard let dv = delivery else { return }
+        if isSink {
+            let seed = try stage.deliveredIDs(limit: dv.settings.dedupWindow, context: self)
+            mkdir(a.runDirectory + "/state", 0o700)
+            dv.dedup = try DedupWindow(capacity: dv.settings.dedupWindow, seed: seed ?? [],
+                                       path: seed == nil ? a.runDirectory + "/state/\(a.stage).delivered.sqlite" : nil)
+            if dv.dedup?.count ?? 0 > 0 { log.info("delivery: \(dv.dedup?.count ?? 0) envelope ids already delivered are remembered") }
+        }
+        guard let j = dv.journal, let rs = source as? any ResumableSource else { return }
+        if let p = try j.position() { try rs.resume(from: p) }
+        let rows = try j.pending()
+        if !rows.isEmpty { log.info("journal: \(rows.count) unacknowledged envelopes from an earlier run go again") }
+        for (row, output, bytes) in rows {
+            guard output >= 0, output < outputNames.count,
+                  let e = try? bytes.withUnsafeBytes({ (b: UnsafeRawBufferPointer) throws(DecodeError) -> Envelope in try EnvelopeCodec.decode(b, limits: limits) }) else {
+                dv.completedRows.append(row)
+                deadLetter(Envelope(intent: "journal.corrupt", payload: Array(bytes.prefix(65536))), reason: "journal \(j.path): row \(row) does not decode")
+                continue
+            }
+            let t = dv.newToken(inLane: -1, id: e.id)
+            dv.tokens[Int(t)].open = false
+            dv.roots[t] = DeliveryState.Root(envelope: e, output: output, rowid: row, deadline: 0)
+            redeliver(t, why: "unacknowledged when the last run ended")
+        }
+    }
+
+    /// Delivery figures for `pipectl status` (metrics).
+    func deliveryStatus(_ st: inout [(String, AttrValue)]) {
+        guard let dv = delivery else { return }
+        st.append(("delivery.unacked", .int(Int64(dv.roots.count))))
+        st.append(("delivery.acks_sent", .int(Int64(clamping: dv.acksSent))))
+        st.append(("delivery.acks_received", .int(Int64(clamping: dv.acksReceived))))
+        if dv.redelivered > 0 { st.append(("delivery.redelivered", .int(Int64(clamping: dv.redelivered)))) }
+        if dv.undeliverable > 0 { st.append(("delivery.undeliverable", .int(Int64(clamping: dv.undeliverable)))) }
+        if dv.duplicates > 0 { st.append(("delivery.duplicates", .int(Int64(clamping: dv.duplicates)))) }
+        if dv.lost > 0 { st.append(("delivery.lost_with_consumer", .int(Int64(clamping: dv.lost)))) }
+        if dv.unknownAcks > 0 { st.append(("delivery.unknown_acks", .int(Int64(clamping: dv.unknownAcks)))) }
+    }
+}
