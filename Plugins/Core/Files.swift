@@ -121,6 +121,7 @@ public final class StdoutSinkStage: Stage {
     public var tickInterval: UInt64? { 100_000_000 }
     public func tick(context: any StageContext) throws { try writer?.flush() }
     public func drain(context: any StageContext) throws { try writer?.flush() }
+    public func commit(context: any StageContext) throws { try writer?.flush() }
 }
 
 /// `file-source`: reads a JSONL file of envelopes; a bad line is dead-lettered with its line

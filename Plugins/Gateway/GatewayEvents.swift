@@ -200,6 +200,8 @@ public final class GatewayEventsSink: Stage {
     public var tickInterval: UInt64? { 200_000_000 }
     public func tick(context: any StageContext) throws { flush(); report(context) }
     public func drain(context: any StageContext) throws { flush(); report(context) }
+    /// Under at-least-once delivery: the events reach the file before their envelopes are acknowledged.
+    public func commit(context: any StageContext) throws { flush() }
     public func stop() { flush(); if let f = file { fclose(f); file = nil } }
     func report(_ c: any StageContext) {
         c.report("dispatched", .int(Int64(dispatched))); c.report("executed", .int(Int64(executed)))

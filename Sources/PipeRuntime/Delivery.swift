@@ -42,18 +42,25 @@ final class DeliveryState {
     let timeoutNs: UInt64
     var tokens: [Token] = []
     var free: [Int32] = []
-    /// (output lane index, envelope id) -> the token its copy counts against.
-    var outstanding: [Key: Int32] = [:]
+    /// (envelope id, output lane index) -> the token its copy counts against.
+    var outstanding = IDTable(capacity: 8192)
     /// The same id outstanding more than once on one lane (a redelivery racing its original).
     var extra: [Key: [Int32]] = [:]
     /// The token emits are attributed to now (-1: none).
     var current: Int32 = -1
+    /// The attempt of the input being handled: what the stage emits meanwhile carries at least it.
+    var currentAttempt: UInt32 = 1
+    /// Inside `process`: the input (its lane and id) a token is made for on the first emit.
+    var handling = false
+    var inputLane: Int32 = -1
+    var inputID = EnvelopeID(hi: 0, lo: 0)
     var redelivering = false
     /// Per input lane: ids to acknowledge once the stage has committed.
     var acksOut: [[EnvelopeID]]
     var acksWaiting = 0
-    // A source's side.
-    var roots: [Int32: Root] = [:]
+    // A source's side: roots by token.
+    var roots: [Root?] = []
+    var rootCount = 0
     var timeouts = Ring<(deadline: UInt64, token: Int32)>()
     var unjournaled: [Int32] = []
     var completedRows: [Int64] = []
@@ -84,39 +91,57 @@ final class DeliveryState {
         return Int32(tokens.count - 1)
     }
 
+    func root(_ t: Int32) -> Root? { Int(t) < roots.count ? roots[Int(t)] : nil }
+    func setRoot(_ t: Int32, _ r: Root) {
+        while roots.count <= Int(t) { roots.append(nil) }
+        if roots[Int(t)] == nil { rootCount += 1 }
+        roots[Int(t)] = r
+    }
+    @discardableResult func removeRoot(_ t: Int32) -> Root? {
+        guard Int(t) < roots.count, let r = roots[Int(t)] else { return nil }
+        roots[Int(t)] = nil
+        rootCount -= 1
+        return r
+    }
+
     /// A copy of `id` was queued on output lane `lane` for token `t`.
     @inline(__always) func register(lane: Int, id: EnvelopeID, token t: Int32) {
-        let k = Key(lane: Int32(lane), hi: id.hi, lo: id.lo)
-        if let other = outstanding.updateValue(t, forKey: k) {
-            outstanding[k] = other
-            extra[k, default: []].append(t)
+        if outstanding.insert(id, tag: Int32(lane), value: t) != nil {
+            extra[Key(lane: Int32(lane), hi: id.hi, lo: id.lo), default: []].append(t)
         }
         tokens[Int(t)].pending += 1
     }
 
-    /// Removes one outstanding copy of `k`; returns its token.
-    func take(_ k: Key) -> Int32? {
-        guard let t = outstanding.removeValue(forKey: k) else { return nil }
-        if var more = extra[k] {
-            outstanding[k] = more.removeFirst()
-            extra[k] = more.isEmpty ? nil : more
+    /// Removes one outstanding copy of `id` on `lane`; returns its token.
+    @inline(__always) func take(lane: Int, id: EnvelopeID) -> Int32? {
+        guard let t = outstanding.remove(id, tag: Int32(lane)) else { return nil }
+        if !extra.isEmpty {
+            let k = Key(lane: Int32(lane), hi: id.hi, lo: id.lo)
+            if var more = extra[k] {
+                outstanding.insert(id, tag: Int32(lane), value: more.removeFirst())
+                extra[k] = more.isEmpty ? nil : more
+            }
         }
         return t
     }
 
-    /// Removes every outstanding copy of `k` that counts against `t`.
-    func drop(_ k: Key, token t: Int32) -> Int32 {
+    /// Removes every outstanding copy of `id` on `lane` that counts against `t`.
+    func drop(lane: Int, id: EnvelopeID, token t: Int32) -> Int32 {
         var n: Int32 = 0
-        if var more = extra[k] {
+        let k = Key(lane: Int32(lane), hi: id.hi, lo: id.lo)
+        if !extra.isEmpty, var more = extra[k] {
             let before = more.count
             more.removeAll { $0 == t }
             n += Int32(before - more.count)
             extra[k] = more.isEmpty ? nil : more
         }
-        if outstanding[k] == t {
+        if outstanding.value(id, tag: Int32(lane)) == t {
             n += 1
-            outstanding[k] = nil
-            if var more = extra[k] { outstanding[k] = more.removeFirst(); extra[k] = more.isEmpty ? nil : more }
+            outstanding.remove(id, tag: Int32(lane))
+            if !extra.isEmpty, var more = extra[k] {
+                outstanding.insert(id, tag: Int32(lane), value: more.removeFirst())
+                extra[k] = more.isEmpty ? nil : more
+            }
         }
         return n
     }
@@ -202,14 +227,22 @@ final class SourceJournal {
     }
 }
 
-/// The ids a sink has taken most recently (`dedup_window` of them): a redelivered envelope whose
-/// id is here is acknowledged without being written again. Seeded at start from the sink's own
-/// output (``Stage/deliveredIDs(limit:context:)``), or else kept in SQLite
-/// (`<run dir>/state/<stage>.delivered.sqlite`), saved before the acknowledgements leave.
+/// The ids a sink has taken recently (the last `dedup_window` of them, at least): a redelivered
+/// envelope whose id is here is acknowledged without being handled again. Taking an envelope costs
+/// one sequential write into a ring; the hash index over the ring is brought up to date only when
+/// a later attempt (a possible redelivery) is looked up, so a run without redeliveries never pays
+/// for hashing. An index entry names a ring slot and counts only while that slot still holds the id.
+/// Seeded at start from the sink's own output (``Stage/deliveredIDs(limit:context:)``), or else
+/// kept in SQLite (`<run dir>/state/<stage>.delivered.sqlite`), saved before the acknowledgements leave.
 final class DedupWindow {
     let capacity: Int
-    private var members: Set<EnvelopeID> = []
-    private var order = Ring<EnvelopeID>()
+    private var ring: [EnvelopeID]
+    private let mask: Int
+    /// Ids taken in total; the ring holds the last `ring.count` of them.
+    private var head = 0
+    private var index = IDTable(capacity: 1024)
+    /// The index covers ring entries taken before this count.
+    private var indexed = 0
     private var unsaved: [EnvelopeID] = []
     private let db: Database?
     private let insert: Statement?
@@ -217,6 +250,10 @@ final class DedupWindow {
 
     init(capacity: Int, seed: [EnvelopeID], path: String?) throws {
         self.capacity = capacity
+        var n = 1024
+        while n < capacity { n <<= 1 }
+        ring = Array(repeating: EnvelopeID(hi: 0, lo: 0), count: n)
+        mask = n - 1
         var ids = seed
         if let path {
             let d = try Database(path: path)
@@ -230,18 +267,32 @@ final class DedupWindow {
             insert = try d.prepare("INSERT INTO delivered (id) VALUES (?)")
             db = d
         } else { db = nil; insert = nil }
-        members.reserveCapacity(min(capacity, max(ids.count, 1024)))
         for id in ids.suffix(capacity) { add(id, save: false) }
     }
 
-    var count: Int { members.count }
-    @inline(__always) func contains(_ id: EnvelopeID) -> Bool { members.contains(id) }
+    var count: Int { min(head, ring.count) }
 
-    func add(_ id: EnvelopeID, save: Bool = true) {
-        guard members.insert(id).inserted else { return }
-        order.append(id)
-        if order.count > capacity { members.remove(order.peek(0)); order.removeFirst() }
+    @inline(__always) func add(_ id: EnvelopeID, save: Bool = true) {
+        ring[head & mask] = id
+        head += 1
         if save && db != nil { unsaved.append(id) }
+    }
+
+    func contains(_ id: EnvelopeID) -> Bool {
+        let oldest = max(0, head - ring.count)
+        if indexed < oldest || index.count > 2 * ring.count {
+            // Too far behind (or full of stale entries): start the index over.
+            index = IDTable(capacity: min(ring.count, max(1024, head - oldest)))
+            indexed = oldest
+        }
+        while indexed < head {
+            let slot = Int32(indexed & mask)
+            let x = ring[indexed & mask]
+            if index.insert(x, value: slot) != nil { index.update(x, value: slot) }
+            indexed += 1
+        }
+        guard let slot = index.value(id) else { return false }
+        return ring[Int(slot)] == id && head > 0
     }
 
     /// Writes the ids taken since the last save (one transaction); trims the table now and then.
@@ -275,9 +326,9 @@ extension RunnerCore {
         let tok = dv.tokens[Int(t)]
         if tok.inLane >= 0 {
             if tok.live { dv.acksOut[Int(tok.inLane)].append(tok.id); dv.acksWaiting += 1 }
-        } else if let r = dv.roots.removeValue(forKey: t) {
+        } else if let r = dv.removeRoot(t) {
             if r.rowid > 0 { dv.completedRows.append(r.rowid) }
-            statsDirty = statsDirty || dv.roots.isEmpty
+            if dv.rootCount == 0 { statsDirty = true }
         }
         dv.free.append(t)
     }
@@ -288,10 +339,10 @@ extension RunnerCore {
     func consumerRestarted(_ li: Int) {
         guard let dv = delivery else { return }
         var hit: [Int32] = []
-        for (k, t) in dv.outstanding where k.lane == Int32(li) { hit.append(t) }
+        dv.outstanding.forEach { _, lane, t in if lane == Int32(li) { hit.append(t) } }
         for (k, ts) in dv.extra where k.lane == Int32(li) { hit += ts }
         guard !hit.isEmpty else { return }
-        dv.outstanding = dv.outstanding.filter { $0.key.lane != Int32(li) }
+        dv.outstanding.removeAll { _, lane, _ in lane == Int32(li) }
         dv.extra = dv.extra.filter { $0.key.lane != Int32(li) }
         dv.lost &+= UInt64(hit.count)
         log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer restarted with \(hit.count) envelopes unacknowledged; \(source != nil ? "sending them again" : "the source will send them again")")
@@ -309,12 +360,9 @@ extension RunnerCore {
 
     /// Sends root `t` again with `attempt` raised, or dead-letters it after `max_attempts`.
     func redeliver(_ t: Int32, why: String) {
-        guard let dv = delivery, var r = dv.roots[t] else { return }
+        guard let dv = delivery, var r = dv.root(t) else { return }
         // Forget the copies still out: acknowledgements of either attempt now count once.
-        for li in outLanes.indices {
-            let n = dv.drop(DeliveryState.Key(lane: Int32(li), hi: r.envelope.id.hi, lo: r.envelope.id.lo), token: t)
-            dv.tokens[Int(t)].pending -= n
-        }
+        for li in outLanes.indices { dv.tokens[Int(t)].pending -= dv.drop(lane: li, id: r.envelope.id, token: t) }
         dv.tokens[Int(t)].pending = 0
         if Int(r.envelope.attempt) >= dv.settings.maxAttempts {
             dv.undeliverable += 1
@@ -325,7 +373,7 @@ extension RunnerCore {
         }
         r.envelope.attempt &+= 1
         r.deadline = monotonicNs() &+ dv.timeoutNs
-        dv.roots[t] = r
+        dv.setRoot(t, r)
         dv.timeouts.append((r.deadline, t))
         dv.redelivered += 1
         audit(.about(r.envelope, decision: "redeliver", reason: "attempt \(r.envelope.attempt): \(why)"))
@@ -343,7 +391,7 @@ extension RunnerCore {
         var n = 0
         while !dv.timeouts.isEmpty {
             let (deadline, t) = dv.timeouts.peek(0)
-            guard let r = dv.roots[t], r.deadline == deadline else { dv.timeouts.removeFirst(); continue }
+            guard let r = dv.root(t), r.deadline == deadline else { dv.timeouts.removeFirst(); continue }
             if deadline > now { return deadline }
             dv.timeouts.removeFirst()
             redeliver(t, why: "no acknowledgement within \(dv.settings.ackTimeoutMs) ms")
@@ -356,11 +404,11 @@ extension RunnerCore {
     /// Whether a source may produce more now (`max_pending` unacknowledged at most).
     var pendingRoom: Int {
         guard let dv = delivery else { return Int.max }
-        return Swift.max(0, dv.settings.maxPending - dv.roots.count)
+        return Swift.max(0, dv.settings.maxPending - dv.rootCount)
     }
 
     /// Nothing the source emitted waits for an acknowledgement.
-    var deliverySettled: Bool { delivery?.roots.isEmpty ?? true }
+    var deliverySettled: Bool { (delivery?.rootCount ?? 0) == 0 }
 
     /// Once per loop pass, before lanes are flushed: journal what the source emitted (before it
     /// leaves), then commit the stage, save the sink's window and acknowledge upstream.
@@ -369,11 +417,11 @@ extension RunnerCore {
         if let j = dv.journal, !dv.unjournaled.isEmpty || !dv.completedRows.isEmpty {
             var new: [(output: Int, envelope: [UInt8])] = []
             var which: [Int32] = []
-            for t in dv.unjournaled { if let r = dv.roots[t] { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) } }
+            for t in dv.unjournaled { if let r = dv.root(t) { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) } }
             let position = dv.unjournaled.isEmpty ? nil : (source as? any ResumableSource)?.position()
             do {
                 let rows = try j.write(new: new, done: dv.completedRows, position: position)
-                for (t, row) in zip(which, rows) { dv.roots[t]?.rowid = row }
+                for (t, row) in zip(which, rows) { dv.roots[Int(t)]?.rowid = row }
                 dv.unjournaled.removeAll(keepingCapacity: true)
                 dv.completedRows.removeAll(keepingCapacity: true)
             } catch {
@@ -432,7 +480,7 @@ extension RunnerCore {
             }
             let t = dv.newToken(inLane: -1, id: e.id)
             dv.tokens[Int(t)].open = false
-            dv.roots[t] = DeliveryState.Root(envelope: e, output: output, rowid: row, deadline: 0)
+            dv.setRoot(t, DeliveryState.Root(envelope: e, output: output, rowid: row, deadline: 0))
             redeliver(t, why: "unacknowledged when the last run ended")
         }
     }
@@ -440,7 +488,7 @@ extension RunnerCore {
     /// Delivery figures for `pipectl status` (metrics).
     func deliveryStatus(_ st: inout [(String, AttrValue)]) {
         guard let dv = delivery else { return }
-        st.append(("delivery.unacked", .int(Int64(dv.roots.count))))
+        st.append(("delivery.unacked", .int(Int64(dv.rootCount))))
         st.append(("delivery.acks_sent", .int(Int64(clamping: dv.acksSent))))
         st.append(("delivery.acks_received", .int(Int64(clamping: dv.acksReceived))))
         if dv.redelivered > 0 { st.append(("delivery.redelivered", .int(Int64(clamping: dv.redelivered)))) }

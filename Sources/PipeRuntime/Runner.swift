@@ -336,8 +336,9 @@ final class RunnerCore: StageContext {
         // A source's emit outside a redelivery is a new root: kept until acknowledged.
         if dv.current < 0, source != nil, output.index >= 0, output.index < outputLanes.count {
             let t = dv.newToken(inLane: -1, id: envelope.id)
-            dv.roots[t] = DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: monotonicNs() &+ dv.timeoutNs)
-            dv.timeouts.append((dv.roots[t]?.deadline ?? 0, t))
+            let deadline = coarseMonotonicNs() &+ dv.timeoutNs
+            dv.setRoot(t, DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: deadline))
+            dv.timeouts.append((deadline, t))
             if dv.journal != nil { dv.unjournaled.append(t) }
             dv.current = t
             emitToLanes(envelope, to: output)
@@ -351,6 +352,9 @@ final class RunnerCore: StageContext {
 
     func emitToLanes(_ envelope: consuming Envelope, to output: OutputHandle) {
         guard output.index >= 0, output.index < outputLanes.count else { return }
+        // What is emitted while handling a redelivered input is a redelivery too (sinks look up
+        // only later attempts in their window).
+        if let dv = delivery, envelope.attempt < dv.currentAttempt { envelope.attempt = dv.currentAttempt }
         if output.index != deadLetterHandle.index, !(delivery?.redelivering ?? false) {
             do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
                 deadLetter(envelope, reason: "cannot emit on '\(output.name)': \(error.reason)")
@@ -373,7 +377,7 @@ final class RunnerCore: StageContext {
                 let old = outLanes[li].queue.peek(0)
                 outLanes[li].queue.removeFirst()
                 // Dropped by policy: as good as acknowledged.
-                if let dv = delivery, let t = dv.take(DeliveryState.Key(lane: Int32(li), hi: old.id.hi, lo: old.id.lo)) { release(t) }
+                if let dv = delivery, let t = dv.take(lane: li, id: old.id) { release(t) }
                 if outLanes[li].bytesBound != nil { outLanes[li].queueBytes -= EnvelopeCodec.encodedSize(old) }
                 outLanes[li].dropped += 1
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
@@ -386,7 +390,10 @@ final class RunnerCore: StageContext {
             default: break
             }
             if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
-            if let dv = delivery, dv.current >= 0 { dv.register(lane: li, id: envelope.id, token: dv.current) }
+            if let dv = delivery {
+                if dv.current < 0 && dv.handling { dv.current = dv.newToken(inLane: dv.inputLane, id: dv.inputID) }
+                if dv.current >= 0 { dv.register(lane: li, id: envelope.id, token: dv.current) }
+            }
             // Fan-out copies to every group but the last, which takes the envelope itself.
             if n == groups.count - 1 { outLanes[li].queue.append(consume envelope); return }
             outLanes[li].queue.append(copy envelope)
@@ -738,7 +745,7 @@ final class RunnerCore: StageContext {
                 do {
                     try f.forEachAckID(limit: Swift.max(limits.maxBatchEnvelopes, 4096)) { id in
                         dv.acksReceived += 1
-                        if let t = dv.take(DeliveryState.Key(lane: Int32(li), hi: id.hi, lo: id.lo)) { release(t) } else { dv.unknownAcks += 1 }
+                        if let t = dv.take(lane: li, id: id) { release(t) } else { dv.unknownAcks += 1 }
                     }
                 } catch { errors += 1; log.warning("malformed ACK on lane \(outLanes[li].id): \(error)") }
             } else { errors += 1 }
@@ -839,19 +846,28 @@ final class RunnerCore: StageContext {
 
     func deliver(_ e: Envelope, lane li: Int) {
         guard let dv = delivery else { deliverToStage(e, lane: li); return }
-        // A sink drops what it already has (a redelivery) and acknowledges it again.
-        if isSink, let dd = dv.dedup, dd.contains(e.id) {
+        // A sink drops what it already has (a redelivery) and acknowledges it again. A first
+        // attempt cannot be a redelivery: only later attempts are looked up.
+        if isSink, e.attempt > 1, let dd = dv.dedup, dd.contains(e.id) {
             dv.duplicates += 1
             dv.acksOut[li].append(e.id); dv.acksWaiting += 1
             return
         }
-        let t = dv.newToken(inLane: Int32(li), id: e.id)
-        dv.current = t
+        // The token is made on the first emit (most sinks and filters never need one).
+        dv.handling = true; dv.inputLane = Int32(li); dv.inputID = e.id
+        dv.currentAttempt = e.attempt
         deliverToStage(e, lane: li)
-        dv.current = -1
-        dv.tokens[Int(t)].open = false
+        dv.handling = false
+        dv.currentAttempt = 1
         if isSink { dv.dedup?.add(e.id) }
-        if dv.tokens[Int(t)].pending == 0 { complete(t) }
+        let t = dv.current
+        if t >= 0 {
+            dv.current = -1
+            dv.tokens[Int(t)].open = false
+            if dv.tokens[Int(t)].pending == 0 { complete(t) }
+        } else {
+            dv.acksOut[li].append(e.id); dv.acksWaiting += 1
+        }
     }
 
     func deliverToStage(_ e: Envelope, lane li: Int) {

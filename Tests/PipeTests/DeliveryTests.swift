@@ -6,6 +6,7 @@ import PipeKitTesting
 import PipeRegistry
 import PipeStore
 import CoreStages
+@testable import PipeRuntime
 
 /// Ids of a JSONL output file, in order.
 func outputIDs(_ path: String) throws -> [String] {
@@ -260,5 +261,58 @@ struct DeliveryTests {
         #expect(rb.status != 0)
         let failure = sb["failure"]?.stringValue ?? rb.stderr
         #expect(failure.contains("belongs to pipeline 'first'"), "\(failure)")
+    }
+}
+
+@Suite("Delivery bookkeeping: the id table and the dedup window")
+struct DeliveryTableTests {
+    @Test func idTable_agreesWithADictionaryUnderRandomInsertsAndRemoves() {
+        var g = SplitMix64(state: 99)
+        var t = IDTable(capacity: 4)
+        var ref: [String: Int32] = [:]
+        // Few distinct ids and lanes, so that runs collide, wrap and shift back on removal.
+        let ids = (0..<300).map { _ in EnvelopeID(hi: g.next() % 3, lo: g.next() % 500) }
+        for step in 0..<200_000 {
+            let id = ids[Int(g.next() % UInt64(ids.count))], tag = Int32(g.next() % 3)
+            let k = "\(id)/\(tag)"
+            switch g.next() % 3 {
+            case 0:
+                let v = Int32(step % 1000)
+                let had = t.insert(id, tag: tag, value: v)
+                #expect(had == ref[k], "step \(step)")
+                if ref[k] == nil { ref[k] = v }
+            case 1:
+                #expect(t.remove(id, tag: tag) == ref.removeValue(forKey: k), "step \(step)")
+            default:
+                #expect(t.value(id, tag: tag) == ref[k], "step \(step)")
+            }
+            if step % 20_000 == 0 { #expect(t.count == ref.count) }
+        }
+        var walked = 0
+        t.forEach { id, tag, v in walked += 1; #expect(ref["\(id)/\(tag)"] == v) }
+        #expect(walked == ref.count)
+        t.removeAll { _, tag, _ in tag == 1 }
+        #expect(t.count == ref.filter { !$0.key.hasSuffix("/1") }.count)
+    }
+
+    @Test func dedupWindow_remembersTheLastWindowAndOnlyThat() throws {
+        let w = try DedupWindow(capacity: 1024, seed: [], path: nil)
+        for i in 0..<5000 { w.add(EnvelopeID(hi: 7, lo: UInt64(i)), save: false) }
+        #expect(w.contains(EnvelopeID(hi: 7, lo: 4999)))
+        #expect(w.contains(EnvelopeID(hi: 7, lo: 5000 - 1024)))
+        #expect(!w.contains(EnvelopeID(hi: 7, lo: 5000 - 1025)))
+        #expect(!w.contains(EnvelopeID(hi: 8, lo: 1)))
+        // Looked up, then more arrive: the index catches up, and ids that left the ring are gone.
+        for i in 5000..<6000 { w.add(EnvelopeID(hi: 7, lo: UInt64(i)), save: false) }
+        #expect(w.contains(EnvelopeID(hi: 7, lo: 5999)))
+        #expect(!w.contains(EnvelopeID(hi: 7, lo: 4000)))
+        // Persisted windows come back after a restart.
+        let path = Paths.tempDir("dedup") + "/d.sqlite"
+        let a = try DedupWindow(capacity: 1024, seed: [], path: path)
+        for i in 0..<10 { a.add(EnvelopeID(hi: 1, lo: UInt64(i))) }
+        try a.save()
+        let b = try DedupWindow(capacity: 1024, seed: [EnvelopeID(hi: 2, lo: 0)], path: path)
+        #expect(b.contains(EnvelopeID(hi: 1, lo: 9)) && b.contains(EnvelopeID(hi: 2, lo: 0)))
+        #expect(!b.contains(EnvelopeID(hi: 1, lo: 10)))
     }
 }
