@@ -107,7 +107,25 @@ public enum PipelineSchema {
             ("type", .string("object")), ("required", .list([.string("stages")])), ("additionalProperties", .bool(false)),
             ("properties", obj([
                 ("pipeline", name), ("name", name), ("version", obj([("const", .int(1))])),
-                ("audit", obj([("enum", .list([.string("decisions"), .string("all")]))])),
+                ("audit", obj([("oneOf", .list([
+                    obj([("enum", .list([.string("decisions"), .string("all")]))]),
+                    obj([("type", .string("object")), ("additionalProperties", .bool(false)), ("properties", obj([
+                        ("level", obj([("enum", .list([.string("decisions"), .string("all")]))])),
+                        ("log", obj([("type", .string("string"))])), ("key", obj([("type", .string("string"))])),
+                        ("checkpoint_every", obj([("type", .string("integer")), ("minimum", .int(1)), ("maximum", .int(100_000_000))])),
+                        ("checkpoint_interval_s", obj([("type", .string("number")), ("exclusiveMinimum", .int(0)), ("maximum", .int(86_400))])),
+                    ]))]),
+                ]))])),
+                ("delivery", obj([("oneOf", .list([
+                    obj([("enum", .list(DeliverySpec.Mode.allCases.map { .string($0.rawValue) }))]),
+                    obj([("type", .string("object")), ("additionalProperties", .bool(false)), ("properties", obj([
+                        ("mode", obj([("enum", .list(DeliverySpec.Mode.allCases.map { .string($0.rawValue) }))])),
+                        ("ack_timeout_ms", obj([("type", .string("integer")), ("minimum", .int(10)), ("maximum", .int(86_400_000))])),
+                        ("max_pending", obj([("type", .string("integer")), ("minimum", .int(1)), ("maximum", .int(10_000_000))])),
+                        ("max_attempts", obj([("type", .string("integer")), ("minimum", .int(1)), ("maximum", .int(1_000_000))])),
+                        ("dedup_window", obj([("type", .string("integer")), ("minimum", .int(1)), ("maximum", .int(100_000_000))])),
+                    ]))]),
+                ])), ("description", .string("at-least-once: end-to-end acknowledgements, redelivery, sink deduplication (docs/delivery.md)"))])),
                 ("dead_letter", obj([("type", .string("object")), ("additionalProperties", .bool(false)),
                                      ("properties", obj([("path", obj([("type", .string("string"))]))]))])),
                 ("limits", obj([("type", .string("object")), ("additionalProperties", .bool(false)), ("properties", obj([
