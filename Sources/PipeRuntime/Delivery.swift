@@ -24,6 +24,15 @@ final class DeliveryState {
         /// False when a copy was lost with a restarted consumer: the token completes silently and
         /// the source's redelivery brings the envelope again.
         var live: Bool
+        /// Copies registered under another generation are stale (a redelivered root's earlier
+        /// attempt, or an earlier token that had this index).
+        var gen: UInt64
+    }
+    /// One copy sent (or queued) on an output lane, in lane order.
+    struct Sent {
+        var id: EnvelopeID
+        var token: Int32
+        var gen: UInt64
     }
     struct Root {
         var envelope: Envelope
@@ -32,20 +41,24 @@ final class DeliveryState {
         var rowid: Int64
         var deadline: UInt64
     }
-    struct Key: Hashable {
-        var lane: Int32
-        var hi: UInt64
-        var lo: UInt64
-    }
 
     let settings: DeliverySpec
     let timeoutNs: UInt64
     var tokens: [Token] = []
     var free: [Int32] = []
-    /// (envelope id, output lane index) -> the token its copy counts against.
-    var outstanding = IDTable(capacity: 8192)
-    /// The same id outstanding more than once on one lane (a redelivery racing its original).
-    var extra: [Key: [Int32]] = [:]
+    /// Per output lane, the copies not yet acknowledged, in the order they were queued. A lane
+    /// delivers in order and its consumer acknowledges in the order its inputs complete, which is
+    /// almost always that order: an acknowledgement is matched against the head, with no hashing.
+    var sent: [Ring<Sent>]
+    /// Acknowledgements that did not match their lane's head (a filter acknowledges at once what
+    /// it drops while earlier envelopes are still downstream; a `drop_oldest` drop): (id, lane) ->
+    /// how many. Settled when the head reaches them, or by a walk of the lane when many pile up.
+    var early = IDTable(capacity: 64)
+    var earlyCount: [Int]
+    var earlyTotal = 0
+    /// When lanes with early acknowledgements are next walked (a lost head must not hold them).
+    var nextWalk: UInt64 = 0
+    var nextGen: UInt64 = 1
     /// The token emits are attributed to now (-1: none).
     var current: Int32 = -1
     /// The attempt of the input being handled: what the stage emits meanwhile carries at least it.
@@ -78,14 +91,17 @@ final class DeliveryState {
     var duplicates: UInt64 = 0
     var lost: UInt64 = 0
 
-    init(settings: DeliverySpec, inLanes: Int) {
+    init(settings: DeliverySpec, inLanes: Int, outLanes: Int) {
         self.settings = settings
         timeoutNs = UInt64(settings.ackTimeoutMs) * 1_000_000
         acksOut = Array(repeating: [], count: inLanes)
+        sent = Array(repeating: Ring<Sent>(), count: outLanes)
+        earlyCount = Array(repeating: 0, count: outLanes)
     }
 
     func newToken(inLane: Int32, id: EnvelopeID) -> Int32 {
-        let t = Token(inLane: inLane, id: id, pending: 0, open: true, live: true)
+        nextGen &+= 1
+        let t = Token(inLane: inLane, id: id, pending: 0, open: true, live: true, gen: nextGen)
         if let i = free.popLast() { tokens[Int(i)] = t; return i }
         tokens.append(t)
         return Int32(tokens.count - 1)
@@ -106,45 +122,11 @@ final class DeliveryState {
 
     /// A copy of `id` was queued on output lane `lane` for token `t`.
     @inline(__always) func register(lane: Int, id: EnvelopeID, token t: Int32) {
-        if outstanding.insert(id, tag: Int32(lane), value: t) != nil {
-            extra[Key(lane: Int32(lane), hi: id.hi, lo: id.lo), default: []].append(t)
-        }
+        sent[lane].append(Sent(id: id, token: t, gen: tokens[Int(t)].gen))
         tokens[Int(t)].pending += 1
     }
 
-    /// Removes one outstanding copy of `id` on `lane`; returns its token.
-    @inline(__always) func take(lane: Int, id: EnvelopeID) -> Int32? {
-        guard let t = outstanding.remove(id, tag: Int32(lane)) else { return nil }
-        if !extra.isEmpty {
-            let k = Key(lane: Int32(lane), hi: id.hi, lo: id.lo)
-            if var more = extra[k] {
-                outstanding.insert(id, tag: Int32(lane), value: more.removeFirst())
-                extra[k] = more.isEmpty ? nil : more
-            }
-        }
-        return t
-    }
-
-    /// Removes every outstanding copy of `id` on `lane` that counts against `t`.
-    func drop(lane: Int, id: EnvelopeID, token t: Int32) -> Int32 {
-        var n: Int32 = 0
-        let k = Key(lane: Int32(lane), hi: id.hi, lo: id.lo)
-        if !extra.isEmpty, var more = extra[k] {
-            let before = more.count
-            more.removeAll { $0 == t }
-            n += Int32(before - more.count)
-            extra[k] = more.isEmpty ? nil : more
-        }
-        if outstanding.value(id, tag: Int32(lane)) == t {
-            n += 1
-            outstanding.remove(id, tag: Int32(lane))
-            if !extra.isEmpty, var more = extra[k] {
-                outstanding.insert(id, tag: Int32(lane), value: more.removeFirst())
-                extra[k] = more.isEmpty ? nil : more
-            }
-        }
-        return n
-    }
+    @inline(__always) func isStale(_ x: Sent) -> Bool { tokens[Int(x.token)].gen != x.gen }
 }
 
 /// A durable source's journal (`<run dir>/state/<stage>.journal.sqlite`, WAL): the envelopes it
@@ -313,6 +295,79 @@ final class DedupWindow {
 }
 
 extension RunnerCore {
+    /// The consumer of output lane `li` acknowledged `id` (or the copy was dropped by policy).
+    @inline(__always) func acknowledged(lane li: Int, id: EnvelopeID) {
+        guard let dv = delivery else { return }
+        dropStaleHeads(li)
+        if !dv.sent[li].isEmpty, dv.sent[li].peek(0).id == id {
+            let h = dv.sent[li].peek(0)
+            dv.sent[li].removeFirst()
+            release(h.token)
+            if dv.earlyCount[li] > 0 { settleEarly(li) }
+            return
+        }
+        // Out of order: remembered until the head gets there.
+        if let n = dv.early.insert(id, tag: Int32(li), value: 1) { dv.early.update(id, tag: Int32(li), value: n + 1) }
+        dv.earlyCount[li] += 1; dv.earlyTotal += 1
+        if dv.earlyCount[li] > Swift.max(4096, dv.sent[li].count / 4) { walkLane(li) }
+    }
+
+    @inline(__always) func dropStaleHeads(_ li: Int) {
+        guard let dv = delivery else { return }
+        while !dv.sent[li].isEmpty, dv.isStale(dv.sent[li].peek(0)) { dv.sent[li].removeFirst() }
+    }
+
+    /// Pops heads that were acknowledged early.
+    func settleEarly(_ li: Int) {
+        guard let dv = delivery else { return }
+        while true {
+            dropStaleHeads(li)
+            guard dv.earlyCount[li] > 0, !dv.sent[li].isEmpty else { return }
+            let h = dv.sent[li].peek(0)
+            guard let n = dv.early.value(h.id, tag: Int32(li)) else { return }
+            if n > 1 { dv.early.update(h.id, tag: Int32(li), value: n - 1) } else { dv.early.remove(h.id, tag: Int32(li)) }
+            dv.earlyCount[li] -= 1; dv.earlyTotal -= 1
+            dv.sent[li].removeFirst()
+            release(h.token)
+        }
+    }
+
+    /// Many acknowledgements wait behind a head that is not coming (a copy lost on the way): walk
+    /// the lane once, settling every copy acknowledged early and dropping stale ones; what is
+    /// left in `early` for the lane names nothing outstanding (an earlier incarnation's) and goes.
+    func walkLane(_ li: Int) {
+        guard let dv = delivery else { return }
+        var keep = Ring<DeliveryState.Sent>()
+        var done: [Int32] = []
+        while !dv.sent[li].isEmpty {
+            let x = dv.sent[li].peek(0)
+            dv.sent[li].removeFirst()
+            if dv.isStale(x) { continue }
+            if let n = dv.early.value(x.id, tag: Int32(li)) {
+                if n > 1 { dv.early.update(x.id, tag: Int32(li), value: n - 1) } else { dv.early.remove(x.id, tag: Int32(li)) }
+                dv.earlyCount[li] -= 1; dv.earlyTotal -= 1
+                done.append(x.token)
+            } else { keep.append(x) }
+        }
+        dv.sent[li] = keep
+        var unknown = 0
+        dv.early.forEach { _, lane, n in if lane == Int32(li) { unknown += Int(n) } }
+        if unknown > 0 {
+            dv.early.removeAll { _, lane, _ in lane == Int32(li) }
+            dv.earlyCount[li] -= unknown; dv.earlyTotal -= unknown
+            dv.unknownAcks &+= UInt64(unknown)
+        }
+        for t in done { release(t) }
+    }
+
+    /// Once a second at most: lanes holding early acknowledgements are walked, so that a head
+    /// whose acknowledgement never comes holds nothing behind it for long.
+    func walkLanesIfDue(_ now: UInt64) {
+        guard let dv = delivery, dv.earlyTotal > 0, now >= dv.nextWalk else { return }
+        dv.nextWalk = now &+ 1_000_000_000
+        for li in dv.earlyCount.indices where dv.earlyCount[li] > 0 { walkLane(li) }
+    }
+
     /// One outstanding copy of token `t` was acknowledged (or dropped by policy).
     @inline(__always) func release(_ t: Int32) {
         guard let dv = delivery else { return }
@@ -339,11 +394,16 @@ extension RunnerCore {
     func consumerRestarted(_ li: Int) {
         guard let dv = delivery else { return }
         var hit: [Int32] = []
-        dv.outstanding.forEach { _, lane, t in if lane == Int32(li) { hit.append(t) } }
-        for (k, ts) in dv.extra where k.lane == Int32(li) { hit += ts }
+        while !dv.sent[li].isEmpty {
+            let x = dv.sent[li].peek(0)
+            dv.sent[li].removeFirst()
+            if !dv.isStale(x) { hit.append(x.token) }
+        }
+        if dv.earlyCount[li] > 0 {
+            dv.early.removeAll { _, lane, _ in lane == Int32(li) }
+            dv.earlyTotal -= dv.earlyCount[li]; dv.earlyCount[li] = 0
+        }
         guard !hit.isEmpty else { return }
-        dv.outstanding.removeAll { _, lane, _ in lane == Int32(li) }
-        dv.extra = dv.extra.filter { $0.key.lane != Int32(li) }
         dv.lost &+= UInt64(hit.count)
         log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer restarted with \(hit.count) envelopes unacknowledged; \(source != nil ? "sending them again" : "the source will send them again")")
         var roots: [Int32] = []
@@ -361,8 +421,10 @@ extension RunnerCore {
     /// Sends root `t` again with `attempt` raised, or dead-letters it after `max_attempts`.
     func redeliver(_ t: Int32, why: String) {
         guard let dv = delivery, var r = dv.root(t) else { return }
-        // Forget the copies still out: acknowledgements of either attempt now count once.
-        for li in outLanes.indices { dv.tokens[Int(t)].pending -= dv.drop(lane: li, id: r.envelope.id, token: t) }
+        // The copies still out become stale (a new generation); a late acknowledgement of one
+        // still settles the new attempt's copy of the same id (the sink has the envelope).
+        dv.nextGen &+= 1
+        dv.tokens[Int(t)].gen = dv.nextGen
         dv.tokens[Int(t)].pending = 0
         if Int(r.envelope.attempt) >= dv.settings.maxAttempts {
             dv.undeliverable += 1

@@ -291,7 +291,7 @@ final class RunnerCore: StageContext {
             kv = try SQLiteKeyValueStore(path: a.runDirectory + "/state/\(a.stage).kv.sqlite")
         }
         if a.delivery.mode == .atLeastOnce {
-            let dv = DeliveryState(settings: a.delivery, inLanes: inLanes.count)
+            let dv = DeliveryState(settings: a.delivery, inLanes: inLanes.count, outLanes: outLanes.count)
             if let rs = stage as? any ResumableSource, rs.durable {
                 mkdir(a.runDirectory + "/state", 0o700)
                 dv.journal = try SourceJournal(path: a.runDirectory + "/state/\(a.stage).journal.sqlite", pipeline: a.pipeline, stage: a.stage, kind: a.kind)
@@ -377,7 +377,7 @@ final class RunnerCore: StageContext {
                 let old = outLanes[li].queue.peek(0)
                 outLanes[li].queue.removeFirst()
                 // Dropped by policy: as good as acknowledged.
-                if let dv = delivery, let t = dv.take(lane: li, id: old.id) { release(t) }
+                if delivery != nil { acknowledged(lane: li, id: old.id) }
                 if outLanes[li].bytesBound != nil { outLanes[li].queueBytes -= EnvelopeCodec.encodedSize(old) }
                 outLanes[li].dropped += 1
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
@@ -745,7 +745,7 @@ final class RunnerCore: StageContext {
                 do {
                     try f.forEachAckID(limit: Swift.max(limits.maxBatchEnvelopes, 4096)) { id in
                         dv.acksReceived += 1
-                        if let t = dv.take(lane: li, id: id) { release(t) } else { dv.unknownAcks += 1 }
+                        acknowledged(lane: li, id: id)
                     }
                 } catch { errors += 1; log.warning("malformed ACK on lane \(outLanes[li].id): \(error)") }
             } else { errors += 1 }
@@ -897,7 +897,10 @@ final class RunnerCore: StageContext {
 
     func flushAll() {
         flushAudit()
-        settleDelivery()
+        if delivery != nil {
+            walkLanesIfDue(coarseMonotonicNs())
+            settleDelivery()
+        }
         let t = monotonicNs()
         for i in outLanes.indices {
             flush(i)
