@@ -52,7 +52,8 @@ public final class FileSinkStage: Stage {
     }
     public func start(context: any StageContext) throws {
         let p = context.resolvePath(path)
-        writer = try LineWriter(path: p, append: append)
+        // A restarted worker keeps what its earlier incarnation wrote (and acknowledged).
+        writer = try LineWriter(path: p, append: append || context.restarts > 0)
         context.report("path", .string(p))
     }
     public var tickInterval: UInt64? { 200_000_000 }
@@ -68,31 +69,52 @@ public final class FileSinkStage: Stage {
     public func stop() { try? writer?.flush(sync: sync); writer = nil }
     /// Before its envelopes are acknowledged, their lines reach the file (fsync with `fsync: true`).
     public func commit(context: any StageContext) throws { try writer?.flush(sync: sync) }
-    /// The ids of the file's last lines (when appending: a truncated file has none). A line torn by
-    /// a crash (no newline) is cut off first: its envelope was never acknowledged and comes again.
+    /// The ids of the file's last `limit` lines (when appending, or after a restart: a file
+    /// truncated at start has none), read from the end of the file backwards. A line torn by a
+    /// crash (no newline) is cut off first: its envelope was never acknowledged and comes again.
     public func deliveredIDs(limit: Int, context: any StageContext) throws -> [EnvelopeID]? {
-        guard append else { return [] }
+        guard append || context.restarts > 0 else { return [] }
         let p = context.resolvePath(path)
-        guard let data = FileManager.default.contents(atPath: p), !data.isEmpty else { return [] }
-        let bytes = [UInt8](data)
+        writer?.seal()
+        let fd = open(p, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_size > 0 else { return [] }
+        // Read backwards in 1 MiB blocks until `limit` + 1 newlines are in hand (or the start).
+        var blocks: [[UInt8]] = []
+        var pos = Int(st.st_size)
+        var newlines = 0
+        while pos > 0 && newlines <= limit {
+            let n = min(1 << 20, pos)
+            pos -= n
+            var b = [UInt8](repeating: 0, count: n)
+            let got = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, n, off_t(pos)) }
+            guard got == n else { throw StageError.halt("\(p): cannot read back its tail: \(String(cString: strerror(errno)))") }
+            newlines += b.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
+            blocks.append(b)
+        }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(blocks.reduce(0) { $0 + $1.count })
+        for b in blocks.reversed() { bytes += b }
         var end = bytes.count
         if bytes[end - 1] != 0x0A {
             end = (bytes.lastIndex(of: 0x0A) ?? -1) + 1
-            writer?.seal()
-            guard truncate(p, off_t(end)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
+            let cut = Int(st.st_size) - (bytes.count - end)
+            guard truncate(p, off_t(cut)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
             context.logger.warning("\(p): cut off a torn last line (\(bytes.count - end) bytes) left by a crash")
-            writer = try LineWriter(path: p, append: true)
         }
-        // Lines start with {"id":"<32 hex>" (EnvelopeJSONL writes id first).
+        // Lines start with {"id":"<32 hex>" (EnvelopeJSONL writes id first). The first line of
+        // the buffer counts only when the buffer starts at the start of the file.
+        let prefix = Array("{\"id\":\"".utf8)
         var ids: [EnvelopeID] = []
-        var lineStart = end
+        var lineEnd = end
         var i = end - 1
         while i >= 0 && ids.count < limit {
-            if i == 0 || bytes[i - 1] == 0x0A {
-                let s = i
-                if lineStart - s >= 40, bytes[s] == 0x7B, Array(bytes[(s + 1)..<(s + 7)]) == Array("\"id\":\"".utf8),
-                   let id = EnvelopeID(hex: String(decoding: bytes[(s + 7)..<(s + 39)], as: UTF8.self)) { ids.append(id) }
-                lineStart = s
+            if i == 0 ? pos == 0 : bytes[i - 1] == 0x0A {
+                if lineEnd - i >= 40, Array(bytes[i..<(i + 7)]) == prefix,
+                   let id = EnvelopeID(hex: String(decoding: bytes[(i + 7)..<(i + 39)], as: UTF8.self)) { ids.append(id) }
+                lineEnd = i
             }
             i -= 1
         }

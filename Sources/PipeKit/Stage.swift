@@ -78,11 +78,15 @@ public protocol StageContext: AnyObject {
     func count(_ metric: String, by amount: Int)
     /// How many lanes feed input `port` (a merging stage, like the aligner, waits for each).
     func laneCount(port: String) -> Int
+    /// How often this stage's worker was restarted before this incarnation (0: the first). A sink
+    /// that truncates its output at start keeps it on a restart.
+    var restarts: Int { get }
 }
 
 extension StageContext {
     public func count(_ metric: String) { count(metric, by: 1) }
     public func laneCount(port: String) -> Int { 1 }
+    public var restarts: Int { 0 }
     /// `path` if absolute, else resolved against the run directory.
     public func resolvePath(_ path: String) -> String {
         if path.hasPrefix("/") { return path }

@@ -35,11 +35,13 @@ public final class StageHarness: StageContext {
     /// Lanes feeding each input port (default 1), as `laneCount(port:)` reports them.
     public var laneCounts: [String: Int] = [:]
     public func laneCount(port: String) -> Int { laneCounts[port] ?? 1 }
+    /// As if the stage's worker had been restarted this often.
+    public let restarts: Int
     var nextTick: UInt64?
 
     public init(_ descriptor: StageDescriptor, config: ConfigValue? = nil, stageID: String = "test", startNs: UInt64 = 1_000_000_000,
                 auditLevel: AuditLevel = .decisions, runDirectory: String = "/tmp", store: (any KeyValueStore)? = nil,
-                laneCounts: [String: Int] = [:]) throws {
+                laneCounts: [String: Int] = [:], restarts: Int = 0) throws {
         let issues = validateConfig(config, fields: descriptor.fields)
         if !issues.isEmpty { throw StageError.halt("invalid config: " + issues.map(\.message).joined(separator: "; ")) }
         let reader = ConfigReader(config, fields: descriptor.fields)
@@ -55,6 +57,7 @@ public final class StageHarness: StageContext {
         self.runDirectory = runDirectory
         self.store = store
         self.laneCounts = laneCounts
+        self.restarts = restarts
         self.outputNames = descriptor.allOutputs(reader)
         try stage.start(context: self)
         if let t = stage.tickInterval { nextTick = now + t }

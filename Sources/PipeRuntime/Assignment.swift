@@ -54,6 +54,8 @@ public struct Assignment: Sendable, Equatable {
     public var tapEndpoint: String = ""
     /// How often the runner reports STATS (default 100 ms).
     public var statsIntervalMs: Int = 100
+    /// How often this stage's worker was restarted before this incarnation (0: the first).
+    public var restarts: Int = 0
     /// The pipeline's name (a durable source's journal is bound to it).
     public var pipeline: String = ""
     /// Acknowledgements, redelivery and deduplication (docs/delivery.md).
@@ -65,7 +67,7 @@ public struct Assignment: Sendable, Equatable {
             ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
             ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
             ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null), ("tap", .string(tapEndpoint)), ("stats_interval_ms", .int(Int64(statsIntervalMs))),
-            ("pipeline", .string(pipeline)),
+            ("pipeline", .string(pipeline)), ("restarts", .int(Int64(restarts))),
             ("delivery", .object([("mode", .string(delivery.mode.rawValue)), ("ack_timeout_ms", .int(Int64(delivery.ackTimeoutMs))),
                                   ("max_pending", .int(Int64(delivery.maxPending))), ("max_attempts", .int(Int64(delivery.maxAttempts))),
                                   ("dedup_window", .int(Int64(delivery.dedupWindow)))])),
@@ -115,6 +117,7 @@ public struct Assignment: Sendable, Equatable {
         tapEndpoint = v["tap"]?.stringValue ?? ""
         statsIntervalMs = Int(max(10, min(60_000, v["stats_interval_ms"]?.intValue ?? 100)))
         pipeline = v["pipeline"]?.stringValue ?? ""
+        restarts = Int(max(0, v["restarts"]?.intValue ?? 0))
         if let d = v["delivery"] {
             guard let m = DeliverySpec.Mode(rawValue: try s(d["mode"], "delivery.mode")) else { throw .protocolError("ASSIGN: bad delivery mode") }
             delivery.mode = m

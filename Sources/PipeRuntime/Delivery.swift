@@ -63,6 +63,11 @@ final class DeliveryState {
     var current: Int32 = -1
     /// The attempt of the input being handled: what the stage emits meanwhile carries at least it.
     var currentAttempt: UInt32 = 1
+    /// What `currentAttempt` returns to: 2 for a source whose worker restarted (it may send again
+    /// what its earlier incarnation sent, and sinks look up only later attempts).
+    var baseAttempt: UInt32 = 1
+    /// Emits that create no root (a dead letter for an undeliverable envelope).
+    var untracked = false
     /// Inside `process`: the input (its lane and id) a token is made for on the first emit.
     var handling = false
     var inputLane: Int32 = -1
@@ -75,7 +80,9 @@ final class DeliveryState {
     var roots: [Root?] = []
     var rootCount = 0
     var timeouts = Ring<(deadline: UInt64, token: Int32)>()
-    var unjournaled: [Int32] = []
+    var unjournaled: [(token: Int32, gen: UInt64)] = []
+    /// Journal rows of redelivered roots, with the envelope at its new attempt.
+    var attemptUpdates: [(Int64, [UInt8])] = []
     var completedRows: [Int64] = []
     var journal: SourceJournal?
     /// A journal write failed: nothing more may leave (it would not be recoverable).
@@ -138,6 +145,7 @@ final class SourceJournal {
     private let insert: Statement
     private let remove: Statement
     private let setMeta: Statement
+    private let update: Statement
 
     init(path: String, pipeline: String, stage: String, kind: String) throws {
         self.path = path
@@ -149,6 +157,7 @@ final class SourceJournal {
             insert = try db.prepare("INSERT INTO pending (output, envelope) VALUES (?, ?)")
             remove = try db.prepare("DELETE FROM pending WHERE rowid = ?")
             setMeta = try db.prepare("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)")
+            update = try db.prepare("UPDATE pending SET envelope = ? WHERE rowid = ?")
         } catch {
             throw RuntimeError.io("journal \(path): \(error) (a corrupt journal: move it away to start the source afresh, losing what it held)")
         }
@@ -189,7 +198,7 @@ final class SourceJournal {
     }
 
     /// One transaction: new envelopes (returns their rows), acknowledged rows gone, the position.
-    func write(new: [(output: Int, envelope: [UInt8])], done: [Int64], position: [UInt8]?) throws -> [Int64] {
+    func write(new: [(output: Int, envelope: [UInt8])], done: [Int64], updates: [(Int64, [UInt8])] = [], position: [UInt8]?) throws -> [Int64] {
         var rows: [Int64] = []
         rows.reserveCapacity(new.count)
         do {
@@ -199,6 +208,7 @@ final class SourceJournal {
                 rows.append(db.lastInsertRowID)
             }
             for r in done { try remove.run([.int(r)]) }
+            for (row, e) in updates { try update.run([.blob(e), .int(row)]) }
             if let p = position { try setMeta.run([.text("position"), .blob(p)]) }
             try db.execute("COMMIT")
         } catch {
@@ -209,22 +219,63 @@ final class SourceJournal {
     }
 }
 
+/// The last ids written into a ring (one sequential write each), with a hash index over the ring
+/// brought up to date only when something is looked up, so that writing never hashes. An index
+/// entry names a ring slot and counts only while that slot still holds the id.
+struct IDRing {
+    private var ring: [EnvelopeID] = []
+    private var mask = 0
+    private let size: Int
+    /// Ids written in total; the ring holds the last `size` of them.
+    private(set) var head = 0
+    private var index = IDTable(capacity: 64)
+    /// The index covers ring entries written before this count.
+    private var indexed = 0
+
+    init(capacity: Int) {
+        var n = 1024
+        while n < capacity { n <<= 1 }
+        size = n
+    }
+
+    var count: Int { Swift.min(head, size) }
+
+    @inline(__always) mutating func add(_ id: EnvelopeID) {
+        if ring.isEmpty { ring = Array(repeating: EnvelopeID(hi: 0, lo: 0), count: size); mask = size - 1 }
+        ring[head & mask] = id
+        head += 1
+    }
+
+    mutating func contains(_ id: EnvelopeID) -> Bool {
+        guard head > 0 else { return false }
+        let oldest = Swift.max(0, head - size)
+        if indexed < oldest || index.count > 2 * size {
+            // Too far behind (or full of stale entries): start the index over.
+            index = IDTable(capacity: Swift.min(size, Swift.max(1024, head - oldest)))
+            indexed = oldest
+        }
+        while indexed < head {
+            let slot = Int32(indexed & mask)
+            let x = ring[indexed & mask]
+            if index.insert(x, value: slot) != nil { index.update(x, value: slot) }
+            indexed += 1
+        }
+        guard let slot = index.value(id) else { return false }
+        return ring[Int(slot)] == id
+    }
+}
+
 /// The ids a sink has taken recently (the last `dedup_window` of them, at least): a redelivered
-/// envelope whose id is here is acknowledged without being handled again. Taking an envelope costs
-/// one sequential write into a ring; the hash index over the ring is brought up to date only when
-/// a later attempt (a possible redelivery) is looked up, so a run without redeliveries never pays
-/// for hashing. An index entry names a ring slot and counts only while that slot still holds the id.
-/// Seeded at start from the sink's own output (``Stage/deliveredIDs(limit:context:)``), or else
-/// kept in SQLite (`<run dir>/state/<stage>.delivered.sqlite`), saved before the acknowledgements leave.
+/// envelope whose id is here is acknowledged without being handled again. Only later attempts
+/// (possible redeliveries) are looked up among all ids; a first attempt is looked up only among
+/// the ids that arrived as later attempts (a redelivery can overtake its original through
+/// another replica), which is empty in a run without redeliveries. Seeded at start from the
+/// sink's own output (``Stage/deliveredIDs(limit:context:)``), or else kept in SQLite
+/// (`<run dir>/state/<stage>.delivered.sqlite`), saved before the acknowledgements leave.
 final class DedupWindow {
     let capacity: Int
-    private var ring: [EnvelopeID]
-    private let mask: Int
-    /// Ids taken in total; the ring holds the last `ring.count` of them.
-    private var head = 0
-    private var index = IDTable(capacity: 1024)
-    /// The index covers ring entries taken before this count.
-    private var indexed = 0
+    private var all: IDRing
+    private var later: IDRing
     private var unsaved: [EnvelopeID] = []
     private let db: Database?
     private let insert: Statement?
@@ -232,10 +283,8 @@ final class DedupWindow {
 
     init(capacity: Int, seed: [EnvelopeID], path: String?) throws {
         self.capacity = capacity
-        var n = 1024
-        while n < capacity { n <<= 1 }
-        ring = Array(repeating: EnvelopeID(hi: 0, lo: 0), count: n)
-        mask = n - 1
+        all = IDRing(capacity: capacity)
+        later = IDRing(capacity: capacity)
         var ids = seed
         if let path {
             let d = try Database(path: path)
@@ -252,30 +301,18 @@ final class DedupWindow {
         for id in ids.suffix(capacity) { add(id, save: false) }
     }
 
-    var count: Int { min(head, ring.count) }
+    var count: Int { all.count }
 
-    @inline(__always) func add(_ id: EnvelopeID, save: Bool = true) {
-        ring[head & mask] = id
-        head += 1
+    @inline(__always) func add(_ id: EnvelopeID, later isLater: Bool = false, save: Bool = true) {
+        all.add(id)
+        if isLater { later.add(id) }
         if save && db != nil { unsaved.append(id) }
     }
 
-    func contains(_ id: EnvelopeID) -> Bool {
-        let oldest = max(0, head - ring.count)
-        if indexed < oldest || index.count > 2 * ring.count {
-            // Too far behind (or full of stale entries): start the index over.
-            index = IDTable(capacity: min(ring.count, max(1024, head - oldest)))
-            indexed = oldest
-        }
-        while indexed < head {
-            let slot = Int32(indexed & mask)
-            let x = ring[indexed & mask]
-            if index.insert(x, value: slot) != nil { index.update(x, value: slot) }
-            indexed += 1
-        }
-        guard let slot = index.value(id) else { return false }
-        return ring[Int(slot)] == id && head > 0
-    }
+    /// Whether `id` was taken (a later attempt is looked up here).
+    func contains(_ id: EnvelopeID) -> Bool { all.contains(id) }
+    /// Whether `id` arrived as a later attempt (a first attempt is looked up here).
+    @inline(__always) func seenLater(_ id: EnvelopeID) -> Bool { later.head > 0 && later.contains(id) }
 
     /// Writes the ids taken since the last save (one transaction); trims the table now and then.
     func save() throws {
@@ -430,11 +467,16 @@ extension RunnerCore {
             dv.undeliverable += 1
             dv.tokens[Int(t)].open = false
             complete(t)
+            // Not a new root: a dead letter that is itself lost must not come round again.
+            dv.untracked = true
             deadLetter(r.envelope, reason: "undeliverable: not acknowledged after \(r.envelope.attempt) attempts (\(why))")
+            dv.untracked = false
             return
         }
         r.envelope.attempt &+= 1
-        r.deadline = monotonicNs() &+ dv.timeoutNs
+        // Backoff: each attempt waits twice as long as the one before, up to 16 timeouts.
+        r.deadline = monotonicNs() &+ dv.timeoutNs &* UInt64(1 << Swift.min(4, Int(r.envelope.attempt) - 1))
+        if r.rowid > 0 { dv.attemptUpdates.append((r.rowid, EnvelopeCodec.encode(r.envelope))) }
         dv.setRoot(t, r)
         dv.timeouts.append((r.deadline, t))
         dv.redelivered += 1
@@ -453,9 +495,16 @@ extension RunnerCore {
         var n = 0
         while !dv.timeouts.isEmpty {
             let (deadline, t) = dv.timeouts.peek(0)
-            guard let r = dv.root(t), r.deadline == deadline else { dv.timeouts.removeFirst(); continue }
+            guard var r = dv.root(t), r.deadline == deadline else { dv.timeouts.removeFirst(); continue }
             if deadline > now { return deadline }
             dv.timeouts.removeFirst()
+            // Still waiting in this source's own queue (backpressure): not lost, not due.
+            if outputLanes[r.output].contains(where: { !outLanes[$0].queue.isEmpty }) {
+                r.deadline = now &+ dv.timeoutNs
+                dv.setRoot(t, r)
+                dv.timeouts.append((r.deadline, t))
+                continue
+            }
             redeliver(t, why: "no acknowledgement within \(dv.settings.ackTimeoutMs) ms")
             n += 1
             if n >= 4096 { return now }  // the rest on the next pass
@@ -476,16 +525,21 @@ extension RunnerCore {
     /// leaves), then commit the stage, save the sink's window and acknowledge upstream.
     func settleDelivery() {
         guard let dv = delivery, !dv.journalBroken else { return }
-        if let j = dv.journal, !dv.unjournaled.isEmpty || !dv.completedRows.isEmpty {
+        if let j = dv.journal, !dv.unjournaled.isEmpty || !dv.completedRows.isEmpty || !dv.attemptUpdates.isEmpty {
             var new: [(output: Int, envelope: [UInt8])] = []
             var which: [Int32] = []
-            for t in dv.unjournaled { if let r = dv.root(t) { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) } }
+            // A root that completed in this pass (dropped, spilled, no lanes) left no row to write;
+            // its token may already name a newer root, which the generation tells apart.
+            for (t, gen) in dv.unjournaled where dv.tokens[Int(t)].gen == gen {
+                if let r = dv.root(t), r.rowid == 0 { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) }
+            }
             let position = dv.unjournaled.isEmpty ? nil : (source as? any ResumableSource)?.position()
             do {
-                let rows = try j.write(new: new, done: dv.completedRows, position: position)
+                let rows = try j.write(new: new, done: dv.completedRows, updates: dv.attemptUpdates, position: position)
                 for (t, row) in zip(which, rows) { dv.roots[Int(t)]?.rowid = row }
                 dv.unjournaled.removeAll(keepingCapacity: true)
                 dv.completedRows.removeAll(keepingCapacity: true)
+                dv.attemptUpdates.removeAll(keepingCapacity: true)
             } catch {
                 dv.journalBroken = true
                 fail("journal \(j.path): write failed (\(error)); nothing more is sent, and a restart resumes from what the journal holds")
@@ -522,6 +576,11 @@ extension RunnerCore {
     /// (its position restored, what it held sent again with `attempt` raised).
     func startDelivery() throws {
         guard let dv = delivery else { return }
+        if source != nil && a.restarts > 0 && !(dv.journal != nil) {
+            // A non-durable source starting over may send again what it sent before: as later
+            // attempts, so that sinks look them up.
+            dv.baseAttempt = 2; dv.currentAttempt = 2
+        }
         if isSink {
             let seed = try stage.deliveredIDs(limit: dv.settings.dedupWindow, context: self)
             mkdir(a.runDirectory + "/state", 0o700)
@@ -553,9 +612,11 @@ extension RunnerCore {
         st.append(("delivery.unacked", .int(Int64(dv.rootCount))))
         st.append(("delivery.acks_sent", .int(Int64(clamping: dv.acksSent))))
         st.append(("delivery.acks_received", .int(Int64(clamping: dv.acksReceived))))
-        if dv.redelivered > 0 { st.append(("delivery.redelivered", .int(Int64(clamping: dv.redelivered)))) }
-        if dv.undeliverable > 0 { st.append(("delivery.undeliverable", .int(Int64(clamping: dv.undeliverable)))) }
-        if dv.duplicates > 0 { st.append(("delivery.duplicates", .int(Int64(clamping: dv.duplicates)))) }
+        if source != nil {
+            st.append(("delivery.redelivered", .int(Int64(clamping: dv.redelivered))))
+            st.append(("delivery.undeliverable", .int(Int64(clamping: dv.undeliverable))))
+        }
+        if isSink { st.append(("delivery.duplicates", .int(Int64(clamping: dv.duplicates)))) }
         if dv.lost > 0 { st.append(("delivery.lost_with_consumer", .int(Int64(clamping: dv.lost)))) }
         if dv.unknownAcks > 0 { st.append(("delivery.unknown_acks", .int(Int64(clamping: dv.unknownAcks)))) }
     }

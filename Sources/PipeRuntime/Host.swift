@@ -343,6 +343,7 @@ public final class PipelineHost: @unchecked Sendable {
                 guard var a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory) else { return }
                 if stages[id]?.plan.role == .source { a.maxEmit = options.maxEnvelopes }
                 a.statsIntervalMs = options.statsIntervalMs
+                a.restarts = stages[id]?.restarts ?? 0
                 controlSeq += 1
                 send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
                 stages[id]?.assigned = true

@@ -323,6 +323,7 @@ final class RunnerCore: StageContext {
     var runDirectory: String { a.runDirectory }
     var store: (any KeyValueStore)? { kv }
     func laneCount(port: String) -> Int { inLanes.reduce(0) { $0 + ($1.arrival.port == port ? 1 : 0) } }
+    var restarts: Int { a.restarts }
 
     func output(_ name: String) throws(StageError) -> OutputHandle {
         guard let i = outputNames.firstIndex(of: name) else {
@@ -334,12 +335,12 @@ final class RunnerCore: StageContext {
     func emit(_ envelope: consuming Envelope, to output: OutputHandle) {
         guard let dv = delivery else { emitToLanes(envelope, to: output); return }
         // A source's emit outside a redelivery is a new root: kept until acknowledged.
-        if dv.current < 0, source != nil, output.index >= 0, output.index < outputLanes.count {
+        if dv.current < 0, !dv.untracked, source != nil, output.index >= 0, output.index < outputLanes.count {
             let t = dv.newToken(inLane: -1, id: envelope.id)
             let deadline = coarseMonotonicNs() &+ dv.timeoutNs
             dv.setRoot(t, DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: deadline))
             dv.timeouts.append((deadline, t))
-            if dv.journal != nil { dv.unjournaled.append(t) }
+            if dv.journal != nil { dv.unjournaled.append((t, dv.tokens[Int(t)].gen)) }
             dv.current = t
             emitToLanes(envelope, to: output)
             dv.current = -1
@@ -355,12 +356,12 @@ final class RunnerCore: StageContext {
         // What is emitted while handling a redelivered input is a redelivery too (sinks look up
         // only later attempts in their window).
         if let dv = delivery, envelope.attempt < dv.currentAttempt { envelope.attempt = dv.currentAttempt }
-        if output.index != deadLetterHandle.index, !(delivery?.redelivering ?? false) {
+        if output.index != deadLetterHandle.index {
             do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
                 deadLetter(envelope, reason: "cannot emit on '\(output.name)': \(error.reason)")
                 return
             }
-            emitted += 1
+            if !(delivery?.redelivering ?? false) { emitted += 1 }
         }
         if a.audit == .all {
             audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
@@ -722,7 +723,7 @@ final class RunnerCore: StageContext {
                 let limit = min(claimed, ceiling)
                 if epoch != outLanes[li].epoch {
                     // The consumer (re)started: count from zero in its new epoch; resend EOS if we had ended.
-                    if delivery != nil { consumerRestarted(li) }
+                    if delivery != nil && outLanes[li].epoch != 0 { consumerRestarted(li) }
                     outLanes[li].epoch = epoch
                     outLanes[li].sentInEpoch = 0
                     outLanes[li].limit = limit
@@ -848,7 +849,7 @@ final class RunnerCore: StageContext {
         guard let dv = delivery else { deliverToStage(e, lane: li); return }
         // A sink drops what it already has (a redelivery) and acknowledges it again. A first
         // attempt cannot be a redelivery: only later attempts are looked up.
-        if isSink, e.attempt > 1, let dd = dv.dedup, dd.contains(e.id) {
+        if isSink, let dd = dv.dedup, e.attempt > 1 ? dd.contains(e.id) : dd.seenLater(e.id) {
             dv.duplicates += 1
             dv.acksOut[li].append(e.id); dv.acksWaiting += 1
             return
@@ -858,8 +859,8 @@ final class RunnerCore: StageContext {
         dv.currentAttempt = e.attempt
         deliverToStage(e, lane: li)
         dv.handling = false
-        dv.currentAttempt = 1
-        if isSink { dv.dedup?.add(e.id) }
+        dv.currentAttempt = dv.baseAttempt
+        if isSink { dv.dedup?.add(e.id, later: e.attempt > 1) }
         let t = dv.current
         if t >= 0 {
             dv.current = -1
@@ -899,6 +900,8 @@ final class RunnerCore: StageContext {
         flushAudit()
         if delivery != nil {
             walkLanesIfDue(coarseMonotonicNs())
+            // Spilled envelopes count as delivered: on disk before anything acknowledges them.
+            for i in outLanes.indices where outLanes[i].spill != nil { commitSpill(i) }
             settleDelivery()
         }
         let t = monotonicNs()

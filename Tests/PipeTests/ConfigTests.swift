@@ -18,7 +18,7 @@ struct ConfigTests {
             "\(f):5:11: unknown stage kind 'generater' (did you mean 'generator'?); `pipectl stages` lists the kinds",
             "\(f):9:14: stage 'src' is a source (generator) and takes no inputs",
             "\(f):10:15: stage 'src': config field 'count' expected integer, got string",
-            "\(f):10:30: stage 'src': unknown config key 'colour'; known keys: count, rate, payload_size, payload, seed, actor, intent, authority, attrs",
+            "\(f):10:30: stage 'src': unknown config key 'colour'; known keys: count, rate, payload_size, payload, seed, actor, intent, authority, attrs, durable",
             "\(f):13:14: stage 'pass' references unknown stage 'nosuch'",
             "\(f):13:22: stage 'src' has no output 'nope'; its outputs: out, dead_letter",
             "\(f):14:9: duplicate stage id 'pass' (first defined at line 11)",

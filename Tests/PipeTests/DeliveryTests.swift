@@ -25,8 +25,9 @@ func journalPending(_ path: String) throws -> Int {
     return Int(q.int(0))
 }
 
+/// A stage's status figure; -1 when the stage or the figure is missing (so `== 0` proves it is there).
 func statusInt(_ s: ConfigValue, _ stageID: String, _ key: String) -> Int {
-    Int(stage(s, stageID)?["status"]?[key]?.intValue ?? 0)
+    Int(stage(s, stageID)?["status"]?[key]?.intValue ?? -1)
 }
 
 /// Waits until `path` has at least `lines` lines (or `seconds` pass).
@@ -101,9 +102,17 @@ struct DeliveryTests {
         #expect(got == [EnvelopeID(hex: a), EnvelopeID(hex: b)].compactMap { $0 })
         #expect(try String(contentsOfFile: path, encoding: .utf8) == "{\"id\":\"\(a)\",\"payload\":1}\n{\"id\":\"\(b)\",\"payload\":2}\n")
         #expect(try h.stage.deliveredIDs(limit: 1, context: h) == [EnvelopeID(hex: b)].compactMap { $0 })
-        // Truncating at start: nothing to recover.
-        let t = try StageHarness(FileSinkStage.descriptor, config: .object([("path", .string(dir + "/fresh.jsonl"))]), runDirectory: dir)
+        // Truncating at start: the old lines are gone, so there is nothing to recover...
+        let fresh = dir + "/fresh.jsonl"
+        try "{\"id\":\"\(a)\",\"payload\":1}\n".write(toFile: fresh, atomically: true, encoding: .utf8)
+        let t = try StageHarness(FileSinkStage.descriptor, config: .object([("path", .string(fresh))]), runDirectory: dir)
+        #expect(try String(contentsOfFile: fresh, encoding: .utf8) == "")
         #expect(try t.stage.deliveredIDs(limit: 10, context: t) == [])
+        // ...but a restarted worker keeps what its earlier incarnation wrote, and knows its ids.
+        try "{\"id\":\"\(a)\",\"payload\":1}\n".write(toFile: fresh, atomically: true, encoding: .utf8)
+        let r = try StageHarness(FileSinkStage.descriptor, config: .object([("path", .string(fresh))]), runDirectory: dir, restarts: 1)
+        #expect(try r.stage.deliveredIDs(limit: 10, context: r) == [EnvelopeID(hex: a)].compactMap { $0 })
+        #expect(try String(contentsOfFile: fresh, encoding: .utf8).count > 0)
     }
 
     @Test func atLeastOnce_fanOutReachesEverySinkOnceAndTheJournalEmpties() throws {
@@ -187,9 +196,10 @@ struct DeliveryTests {
     @Test func killedHost_durableSourceRestarts_nothingLostNothingDuplicated() throws {
         let yaml = """
         pipeline: durable-crash
-        delivery: at-least-once
+        delivery: { mode: at-least-once, max_attempts: 2 }
         stages:
           - { id: gen, kind: generator, config: { count: 300000, seed: 13, payload_size: 16, durable: true } }
+        # Two attempts at most: the journal's replay is the second, and must be the only resend.
           - { id: pass, kind: passthrough, inputs: [gen] }
           - { id: out, kind: file-sink, inputs: [pass], config: { path: out.jsonl, append: true } }
         """
@@ -209,8 +219,9 @@ struct DeliveryTests {
         #expect(ids.count == 300_000)
         #expect(Set(ids).count == 300_000)
         #expect(try journalPending(run + "/state/gen.journal.sqlite") == 0)
-        // The restart sent the journal's unacknowledged envelopes again and the sink knew them.
+        // The restart sent the journal's unacknowledged envelopes again (once each) and the sink knew them.
         #expect(statusInt(s, "gen", "delivery.redelivered") > 0)
+        #expect(statusInt(s, "gen", "delivery.undeliverable") == 0, "nothing was given up on")
         // The same ids as one uninterrupted run.
         let clean = Paths.tempDir("durable-clean")
         let (rc, _) = try runPipeline(file, runDir: clean)
@@ -244,6 +255,57 @@ struct DeliveryTests {
         #expect(r.status == 0)
         let all = try outputIDs(run + "/out.jsonl")
         #expect(all.count == 60_000 && Set(all).count == 60_000)
+    }
+
+    @Test func killedReplica_resendsOvertakeTheirOriginals_andEachIsWrittenOnce() throws {
+        let yaml = """
+        pipeline: replica-crash
+        delivery: at-least-once
+        stages:
+          - { id: gen, kind: generator, config: { count: 400000, seed: 19, payload_size: 16 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: process, replicas: 2 }
+          - { id: out, kind: file-sink, inputs: [pass], config: { path: out.jsonl, include_ingest: false } }
+        """
+        let run = Paths.tempDir("replica-crash")
+        let p = try startPipeline(writeTemp(yaml, "replica-crash.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        #expect(waitForLines(run + "/out.jsonl", atLeast: 50_000) >= 50_000)
+        let st = try pipectlJSON(["status", "--run-dir", run])
+        let pid = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass.0" }?["pid"]?.intValue)
+        #expect(kill(Int32(pid), SIGKILL) == 0)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        let ids = try outputIDs(run + "/out.jsonl")
+        #expect(ids.count == 400_000)
+        #expect(Set(ids).count == 400_000)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(statusInt(s, "gen", "delivery.redelivered") > 0)
+    }
+
+    @Test func durableSource_droppedAndSpilledEnvelopesCountAsDelivered_noJournalRowsLeft() throws {
+        for policy in ["drop_newest", "spill"] {
+            let yaml = """
+            pipeline: durable-\(policy.replacingOccurrences(of: "_", with: "-"))
+            delivery: at-least-once
+            lanes:
+              - { from: gen, to: slow, bound: 16, when_full: \(policy) }
+            stages:
+              - { id: gen, kind: generator, config: { count: 3000, seed: 23, durable: true } }
+              - { id: slow, kind: null-sink, inputs: [gen], config: { delay_us: 100 } }
+            """
+            let run = Paths.tempDir("durable-\(policy)")
+            let (r, s) = try runPipeline(writeTemp(yaml, "durable-\(policy).yaml"), runDir: run)
+            #expect(r.status == 0, "\(policy): \(r.stderr)")
+            let l = try #require(lane(s, from: "gen.out", to: "slow.in"))
+            if policy == "spill" {
+                #expect((l["spilled"]?.intValue ?? 0) > 0, "nothing spilled: the test proves nothing")
+                #expect(l["received"]?.intValue == 3000)
+            } else {
+                #expect((l["dropped"]?.intValue ?? 0) > 0, "nothing dropped: the test proves nothing")
+            }
+            #expect(try journalPending(run + "/state/gen.journal.sqlite") == 0, "\(policy)")
+            #expect(statusInt(s, "gen", "delivery.unacked") == 0)
+        }
     }
 
     @Test func journalOfAnotherPipeline_isRefusedWithAClearError() throws {
