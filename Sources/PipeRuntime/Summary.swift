@@ -45,6 +45,19 @@ public enum SummaryFormatter {
             return "  \(v.id): \(p)"
         }
         if !files.isEmpty { out += "\n\nfiles\n" + files.joined(separator: "\n") }
+        // At-least-once runs: what each source had acknowledged and sent again, what each sink dropped.
+        let delivery = s.stages.compactMap { v -> [String]? in
+            func n(_ k: String) -> String? { v.status.first { $0.0 == k }.map { "\($0.1)" } }
+            // A source counts the acknowledgements it received; any other stage those it sent upstream.
+            guard let acked = n("delivery.redelivered") != nil ? n("delivery.acks_received") : n("delivery.acks_sent") else { return nil }
+            if v.id.hasPrefix("_") { return nil }
+            return [v.id, acked, n("delivery.unacked") ?? "0", n("delivery.redelivered") ?? "-", n("delivery.undeliverable") ?? "-",
+                    n("delivery.duplicates") ?? "-"]
+        }
+        if !delivery.isEmpty {
+            out += "\n\ndelivery (at-least-once; docs/delivery.md)\n"
+            out += table(["stage", "acked", "unacked", "resent", "undeliverable", "duplicates dropped"], delivery)
+        }
         if let f = s.failure { out += "\n\nfailure: \(f)" }
         return out
     }

@@ -308,6 +308,25 @@ struct DeliveryTests {
         }
     }
 
+    @Test func corruptJournal_failsTheRunNamingTheFile() throws {
+        let run = Paths.tempDir("journal-corrupt")
+        try FileManager.default.createDirectory(atPath: run + "/state", withIntermediateDirectories: true)
+        let journal = run + "/state/gen.journal.sqlite"
+        try Data((0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }).write(to: URL(fileURLWithPath: journal))
+        let yaml = """
+        pipeline: corrupt
+        delivery: at-least-once
+        stages:
+          - { id: gen, kind: generator, config: { count: 10, durable: true } }
+          - { id: out, kind: null-sink, inputs: [gen] }
+        """
+        let (r, s) = try runPipeline(writeTemp(yaml, "corrupt.yaml"), runDir: run)
+        #expect(r.status != 0)
+        let failure = s["failure"]?.stringValue ?? r.stderr
+        #expect(failure.contains("journal \(journal)"), "\(failure)")
+        #expect(failure.contains("move it away"), "\(failure)")
+    }
+
     @Test func journalOfAnotherPipeline_isRefusedWithAClearError() throws {
         let run = Paths.tempDir("journal-bind")
         let a = """
