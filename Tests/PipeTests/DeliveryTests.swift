@@ -42,6 +42,25 @@ func waitForLines(_ path: String, atLeast lines: Int, seconds: Double = 60) -> I
     return n
 }
 
+/// Runs `yaml`, kills worker `worker` with SIGKILL once `out.jsonl` has `after` lines, waits for
+/// the run to finish and checks that `out.jsonl` holds `expect` distinct ids, each once. Returns
+/// the run summary.
+func killWorkerMidRun(_ yaml: String, tag: String, worker: String, after: Int, expect n: Int) throws -> ConfigValue {
+    let run = Paths.tempDir(tag)
+    let p = try startPipeline(writeTemp(yaml, tag + ".yaml"), runDir: run)
+    defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+    #expect(waitForLines(run + "/out.jsonl", atLeast: after) >= after)
+    let st = try pipectlJSON(["status", "--run-dir", run])
+    let pid = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == worker }?["pid"]?.intValue)
+    #expect(kill(Int32(pid), SIGKILL) == 0)
+    p.waitUntilExit()
+    #expect(p.terminationStatus == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+    let ids = try outputIDs(run + "/out.jsonl")
+    #expect(ids.count == n)
+    #expect(Set(ids).count == n)
+    return try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+}
+
 @Suite("Delivery: acknowledgements, journals, deduplication, crashes", .serialized)
 struct DeliveryTests {
     @Test func deliveryConfig_isParsedAndBadValuesNameTheirPosition() throws {
@@ -174,20 +193,7 @@ struct DeliveryTests {
           - { id: pass, kind: passthrough, inputs: [gen], placement: process }
           - { id: out, kind: file-sink, inputs: [pass], config: { path: out.jsonl, include_ingest: false } }
         """
-        let run = Paths.tempDir("crash-million")
-        let p = try startPipeline(writeTemp(yaml, "crash-million.yaml"), runDir: run)
-        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
-        let seen = waitForLines(run + "/out.jsonl", atLeast: 100_000)
-        #expect(seen >= 100_000)
-        let st = try pipectlJSON(["status", "--run-dir", run])
-        let pid = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass" }?["pid"]?.intValue)
-        #expect(kill(Int32(pid), SIGKILL) == 0)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
-        let ids = try outputIDs(run + "/out.jsonl")
-        #expect(ids.count == 1_000_000)
-        #expect(Set(ids).count == 1_000_000)
-        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        let s = try killWorkerMidRun(yaml, tag: "crash-million", worker: "pass", after: 100_000, expect: 1_000_000)
         #expect(stage(s, "pass")?["restarts"]?.intValue == 1)
         #expect(statusInt(s, "gen", "delivery.redelivered") > 0)
         #expect(statusInt(s, "gen", "delivery.unacked") == 0)
@@ -266,19 +272,8 @@ struct DeliveryTests {
           - { id: pass, kind: passthrough, inputs: [gen], placement: process, replicas: 2 }
           - { id: out, kind: file-sink, inputs: [pass], config: { path: out.jsonl, include_ingest: false } }
         """
-        let run = Paths.tempDir("replica-crash")
-        let p = try startPipeline(writeTemp(yaml, "replica-crash.yaml"), runDir: run)
-        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
-        #expect(waitForLines(run + "/out.jsonl", atLeast: 50_000) >= 50_000)
-        let st = try pipectlJSON(["status", "--run-dir", run])
-        let pid = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass.0" }?["pid"]?.intValue)
-        #expect(kill(Int32(pid), SIGKILL) == 0)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
-        let ids = try outputIDs(run + "/out.jsonl")
-        #expect(ids.count == 400_000)
-        #expect(Set(ids).count == 400_000)
-        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        let s = try killWorkerMidRun(yaml, tag: "replica-crash", worker: "pass.0", after: 50_000, expect: 400_000)
+        #expect(stage(s, "pass.0")?["restarts"]?.intValue == 1)
         #expect(statusInt(s, "gen", "delivery.redelivered") > 0)
     }
 
