@@ -98,15 +98,24 @@ public final class FileSinkStage: Stage {
         bytes.reserveCapacity(blocks.reduce(0) { $0 + $1.count })
         for b in blocks.reversed() { bytes += b }
         var end = bytes.count
-        if bytes[end - 1] != 0x0A {
-            end = (bytes.lastIndex(of: 0x0A) ?? -1) + 1
-            let cut = Int(st.st_size) - (bytes.count - end)
-            guard truncate(p, off_t(cut)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
-            context.logger.warning("\(p): cut off a torn last line (\(bytes.count - end) bytes) left by a crash")
-        }
-        // Lines start with {"id":"<32 hex>" (EnvelopeJSONL writes id first). The first line of
-        // the buffer counts only when the buffer starts at the start of the file.
+        // Lines start with {"id":"<32 hex>" (EnvelopeJSONL writes id first).
         let prefix = Array("{\"id\":\"".utf8)
+        if bytes[end - 1] != 0x0A {
+            let start = (bytes.lastIndex(of: 0x0A) ?? -1) + 1
+            let torn = bytes[start...]
+            if start > 0 || pos == 0, torn.starts(with: prefix.prefix(torn.count)) || torn.starts(with: prefix) {
+                // One of ours, cut short by a crash: its envelope was never acknowledged.
+                let cut = Int(st.st_size) - torn.count
+                guard truncate(p, off_t(cut)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
+                context.logger.warning("\(p): cut off a torn last line (\(torn.count) bytes) left by a crash")
+                end = start
+            } else {
+                // Not a line this sink writes: keep it, and end it so ours start on a line of their own.
+                try writer?.write([])
+                context.logger.warning("\(p): its last line has no newline and is not an envelope line; left as it is, ended with a newline")
+            }
+        }
+        // The first line of the buffer counts only when the buffer starts at the start of the file.
         var ids: [EnvelopeID] = []
         var lineEnd = end
         var i = end - 1

@@ -33,6 +33,8 @@ final class DeliveryState {
         var id: EnvelopeID
         var token: Int32
         var gen: UInt64
+        /// When it was queued (coarse monotonic ns): a head this old is taken for lost.
+        var at: UInt64
     }
     struct Root {
         var envelope: Envelope
@@ -79,7 +81,12 @@ final class DeliveryState {
     // A source's side: roots by token.
     var roots: [Root?] = []
     var rootCount = 0
-    var timeouts = Ring<(deadline: UInt64, token: Int32)>()
+    /// Coarse monotonic time, refreshed every loop pass (stamps copies and deadlines without a
+    /// clock read per envelope).
+    var clock: UInt64 = coarseMonotonicNs()
+    /// When the open roots are next scanned for overdue acknowledgements (0: at once).
+    var nextScan: UInt64 = 0
+    let scanIntervalNs: UInt64
     var unjournaled: [(token: Int32, gen: UInt64)] = []
     /// Journal rows of redelivered roots, with the envelope at its new attempt.
     var attemptUpdates: [(Int64, [UInt8])] = []
@@ -101,6 +108,7 @@ final class DeliveryState {
     init(settings: DeliverySpec, inLanes: Int, outLanes: Int) {
         self.settings = settings
         timeoutNs = UInt64(settings.ackTimeoutMs) * 1_000_000
+        scanIntervalNs = Swift.max(5_000_000, Swift.min(1_000_000_000, timeoutNs / 8))
         acksOut = Array(repeating: [], count: inLanes)
         sent = Array(repeating: Ring<Sent>(), count: outLanes)
         earlyCount = Array(repeating: 0, count: outLanes)
@@ -128,8 +136,8 @@ final class DeliveryState {
     }
 
     /// A copy of `id` was queued on output lane `lane` for token `t`.
-    @inline(__always) func register(lane: Int, id: EnvelopeID, token t: Int32) {
-        sent[lane].append(Sent(id: id, token: t, gen: tokens[Int(t)].gen))
+    @inline(__always) func register(lane: Int, id: EnvelopeID, token t: Int32, at now: UInt64) {
+        sent[lane].append(Sent(id: id, token: t, gen: tokens[Int(t)].gen, at: now))
         tokens[Int(t)].pending += 1
     }
 
@@ -346,7 +354,7 @@ extension RunnerCore {
         // Out of order: remembered until the head gets there.
         if let n = dv.early.insert(id, tag: Int32(li), value: 1) { dv.early.update(id, tag: Int32(li), value: n + 1) }
         dv.earlyCount[li] += 1; dv.earlyTotal += 1
-        if dv.earlyCount[li] > Swift.max(4096, dv.sent[li].count / 4) { walkLane(li) }
+        if dv.earlyCount[li] > Swift.max(4096, dv.sent[li].count / 4) { walkLane(li) } else { settleEarly(li) }
     }
 
     @inline(__always) func dropStaleHeads(_ li: Int) {
@@ -386,12 +394,22 @@ extension RunnerCore {
                 done.append(x.token)
             } else { keep.append(x) }
         }
+        // A head older than the ack timeout is taken for lost (its consumer dropped it, or lost
+        // it in a restart further down): the source sends its root again by then anyway, and
+        // nothing behind it may wait for it. Its token then completes without acknowledging.
+        let now = coarseMonotonicNs()
+        while !keep.isEmpty, now &- keep.peek(0).at > dv.timeoutNs {
+            let x = keep.peek(0)
+            keep.removeFirst()
+            if dv.tokens[Int(x.token)].inLane >= 0 { dv.tokens[Int(x.token)].live = false }
+            dv.lost &+= 1
+            done.append(x.token)
+        }
         dv.sent[li] = keep
-        var unknown = 0
-        dv.early.forEach { _, lane, n in if lane == Int32(li) { unknown += Int(n) } }
+        let unknown = dv.earlyCount[li]
         if unknown > 0 {
             dv.early.removeAll { _, lane, _ in lane == Int32(li) }
-            dv.earlyCount[li] -= unknown; dv.earlyTotal -= unknown
+            dv.earlyCount[li] = 0; dv.earlyTotal -= unknown
             dv.unknownAcks &+= UInt64(unknown)
         }
         for t in done { release(t) }
@@ -430,6 +448,8 @@ extension RunnerCore {
     /// are never acknowledged (the source's timeout brings them again).
     func consumerRestarted(_ li: Int) {
         guard let dv = delivery else { return }
+        // What was acknowledged out of order is delivered: settle it before counting losses.
+        if dv.earlyCount[li] > 0 { walkLane(li) }
         var hit: [Int32] = []
         while !dv.sent[li].isEmpty {
             let x = dv.sent[li].peek(0)
@@ -478,7 +498,6 @@ extension RunnerCore {
         r.deadline = monotonicNs() &+ dv.timeoutNs &* UInt64(1 << Swift.min(4, Int(r.envelope.attempt) - 1))
         if r.rowid > 0 { dv.attemptUpdates.append((r.rowid, EnvelopeCodec.encode(r.envelope))) }
         dv.setRoot(t, r)
-        dv.timeouts.append((r.deadline, t))
         dv.redelivered += 1
         audit(.about(r.envelope, decision: "redeliver", reason: "attempt \(r.envelope.attempt): \(why)"))
         dv.tokens[Int(t)].open = true
@@ -489,27 +508,29 @@ extension RunnerCore {
         if dv.tokens[Int(t)].pending <= 0 { complete(t) }
     }
 
-    /// Roots whose acknowledgement is overdue go again. Returns the next deadline (or .max).
+    /// Roots whose acknowledgement is overdue go again. The open roots (at most `max_pending`)
+    /// are scanned every `ack_timeout_ms / 8` (5 ms to 1 s): no per-root timer to keep, and
+    /// memory stays bounded by the open roots whatever the backoff. Returns when to look again.
     func checkTimeouts(_ now: UInt64) -> UInt64 {
         guard let dv = delivery else { return .max }
-        var n = 0
-        while !dv.timeouts.isEmpty {
-            let (deadline, t) = dv.timeouts.peek(0)
-            guard var r = dv.root(t), r.deadline == deadline else { dv.timeouts.removeFirst(); continue }
-            if deadline > now { return deadline }
-            dv.timeouts.removeFirst()
+        guard dv.rootCount > 0 else { dv.nextScan = 0; return .max }
+        if now < dv.nextScan { return dv.nextScan }
+        dv.nextScan = now &+ dv.scanIntervalNs
+        var due: [Int32] = []
+        var waiting = false
+        for i in dv.roots.indices {
+            guard let r = dv.roots[i], r.deadline <= now else { continue }
             // Still waiting in this source's own queue (backpressure): not lost, not due.
             if outputLanes[r.output].contains(where: { !outLanes[$0].queue.isEmpty }) {
-                r.deadline = now &+ dv.timeoutNs
-                dv.setRoot(t, r)
-                dv.timeouts.append((r.deadline, t))
+                dv.roots[i]?.deadline = now &+ dv.timeoutNs
+                waiting = true
                 continue
             }
-            redeliver(t, why: "no acknowledgement within \(dv.settings.ackTimeoutMs) ms")
-            n += 1
-            if n >= 4096 { return now }  // the rest on the next pass
+            due.append(Int32(i))
         }
-        return .max
+        if waiting { log.debug("roots past their deadline still wait in this source's lane queue (backpressure); not resent") }
+        for t in due { redeliver(t, why: "no acknowledgement within \(dv.settings.ackTimeoutMs) ms") }
+        return dv.nextScan
     }
 
     /// Whether a source may produce more now (`max_pending` unacknowledged at most).

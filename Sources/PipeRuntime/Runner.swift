@@ -337,9 +337,10 @@ final class RunnerCore: StageContext {
         // A source's emit outside a redelivery is a new root: kept until acknowledged.
         if dv.current < 0, !dv.untracked, source != nil, output.index >= 0, output.index < outputLanes.count {
             let t = dv.newToken(inLane: -1, id: envelope.id)
-            let deadline = coarseMonotonicNs() &+ dv.timeoutNs
+            let deadline = dv.clock &+ dv.timeoutNs
+            // A restarted non-durable source sends as a later attempt; the kept root says so too.
+            if envelope.attempt < dv.baseAttempt { envelope.attempt = dv.baseAttempt }
             dv.setRoot(t, DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: deadline))
-            dv.timeouts.append((deadline, t))
             if dv.journal != nil { dv.unjournaled.append((t, dv.tokens[Int(t)].gen)) }
             dv.current = t
             emitToLanes(envelope, to: output)
@@ -393,7 +394,7 @@ final class RunnerCore: StageContext {
             if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
             if let dv = delivery {
                 if dv.current < 0 && dv.handling { dv.current = dv.newToken(inLane: dv.inputLane, id: dv.inputID) }
-                if dv.current >= 0 { dv.register(lane: li, id: envelope.id, token: dv.current) }
+                if dv.current >= 0 { dv.register(lane: li, id: envelope.id, token: dv.current, at: dv.clock) }
             }
             // Fan-out copies to every group but the last, which takes the envelope itself.
             if n == groups.count - 1 { outLanes[li].queue.append(consume envelope); return }
@@ -898,11 +899,13 @@ final class RunnerCore: StageContext {
 
     func flushAll() {
         flushAudit()
-        if delivery != nil {
-            walkLanesIfDue(coarseMonotonicNs())
-            // Spilled envelopes count as delivered: on disk before anything acknowledges them.
+        if let dv = delivery {
+            dv.clock = coarseMonotonicNs()
+            walkLanesIfDue(dv.clock)
+            // Spilled envelopes count as delivered: on disk before anything acknowledges them
+            // (while a spill write fails, nothing is acknowledged).
             for i in outLanes.indices where outLanes[i].spill != nil { commitSpill(i) }
-            settleDelivery()
+            if !outLanes.contains(where: { $0.spillFailing }) { settleDelivery() }
         }
         let t = monotonicNs()
         for i in outLanes.indices {

@@ -121,6 +121,13 @@ struct DeliveryTests {
         #expect(got == [EnvelopeID(hex: a), EnvelopeID(hex: b)].compactMap { $0 })
         #expect(try String(contentsOfFile: path, encoding: .utf8) == "{\"id\":\"\(a)\",\"payload\":1}\n{\"id\":\"\(b)\",\"payload\":2}\n")
         #expect(try h.stage.deliveredIDs(limit: 1, context: h) == [EnvelopeID(hex: b)].compactMap { $0 })
+        // A last line that is not one of ours is kept, and ended so that ours start on their own line.
+        let foreign = dir + "/foreign.jsonl"
+        try "{\"id\":\"\(a)\",\"payload\":1}\nnot an envelope".write(toFile: foreign, atomically: true, encoding: .utf8)
+        let f = try StageHarness(FileSinkStage.descriptor, config: .object([("path", .string(foreign)), ("append", .bool(true))]), runDirectory: dir)
+        #expect(try f.stage.deliveredIDs(limit: 10, context: f) == [EnvelopeID(hex: a)].compactMap { $0 })
+        try f.stage.commit(context: f)
+        #expect(try String(contentsOfFile: foreign, encoding: .utf8) == "{\"id\":\"\(a)\",\"payload\":1}\nnot an envelope\n")
         // Truncating at start: the old lines are gone, so there is nothing to recover...
         let fresh = dir + "/fresh.jsonl"
         try "{\"id\":\"\(a)\",\"payload\":1}\n".write(toFile: fresh, atomically: true, encoding: .utf8)
@@ -275,6 +282,25 @@ struct DeliveryTests {
         let s = try killWorkerMidRun(yaml, tag: "replica-crash", worker: "pass.0", after: 50_000, expect: 400_000)
         #expect(stage(s, "pass.0")?["restarts"]?.intValue == 1)
         #expect(statusInt(s, "gen", "delivery.redelivered") > 0)
+    }
+
+    @Test func killedSinkWorker_behindTwoTransforms_restartsAppendingAndTheTimeoutResends() throws {
+        // The sink's restart loses copies two hops from the source: the transforms cannot resend,
+        // their lanes' lost heads must not hold later acknowledgements, and the source's timeout
+        // brings the roots again; the restarted file sink keeps its file and knows its ids.
+        let yaml = """
+        pipeline: sink-crash
+        delivery: { mode: at-least-once, ack_timeout_ms: 1000 }
+        stages:
+          - { id: gen, kind: generator, config: { count: 200000, seed: 29, payload_size: 16 } }
+          - { id: a, kind: passthrough, inputs: [gen] }
+          - { id: b, kind: passthrough, inputs: [a] }
+          - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
+        """
+        let s = try killWorkerMidRun(yaml, tag: "sink-crash", worker: "out", after: 40_000, expect: 200_000)
+        #expect(stage(s, "out")?["restarts"]?.intValue == 1)
+        #expect(statusInt(s, "gen", "delivery.redelivered") > 0)
+        #expect(statusInt(s, "gen", "delivery.unacked") == 0)
     }
 
     @Test func durableSource_droppedAndSpilledEnvelopesCountAsDelivered_noJournalRowsLeft() throws {
