@@ -397,13 +397,20 @@ extension RunnerCore {
         // A head older than the ack timeout is taken for lost (its consumer dropped it, or lost
         // it in a restart further down): the source sends its root again by then anyway, and
         // nothing behind it may wait for it. Its token then completes without acknowledging.
+        // A source's root is not done because its copy is lost: it goes again.
         let now = coarseMonotonicNs()
-        while !keep.isEmpty, now &- keep.peek(0).at > dv.timeoutNs {
+        var resend: [Int32] = []
+        // (Only a head that has left: the last `queue.count` copies may still wait in our queue.)
+        while keep.count > outLanes[li].queue.count, now &- keep.peek(0).at > dv.timeoutNs {
             let x = keep.peek(0)
             keep.removeFirst()
-            if dv.tokens[Int(x.token)].inLane >= 0 { dv.tokens[Int(x.token)].live = false }
             dv.lost &+= 1
-            done.append(x.token)
+            if dv.tokens[Int(x.token)].inLane >= 0 {
+                dv.tokens[Int(x.token)].live = false
+                done.append(x.token)
+            } else {
+                resend.append(x.token)
+            }
         }
         dv.sent[li] = keep
         let unknown = dv.earlyCount[li]
@@ -413,6 +420,7 @@ extension RunnerCore {
             dv.unknownAcks &+= UInt64(unknown)
         }
         for t in done { release(t) }
+        for t in resend where dv.root(t) != nil { redeliver(t, why: "its copy on lane \(outLanes[li].id) was not acknowledged within \(dv.settings.ackTimeoutMs) ms") }
     }
 
     /// Once a second at most: lanes holding early acknowledgements are walked, so that a head

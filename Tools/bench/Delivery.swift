@@ -2,8 +2,8 @@ import Foundation
 import PipeRuntime
 
 /// At-least-once delivery's cost (issue 8, docs/delivery.md): generator -> passthrough -> sink
-/// with acknowledgements off and on, measured in the same run (runs interleaved, median of 3),
-/// in-process and with the passthrough in a worker process; then the durable variant (the
+/// with acknowledgements off and on, measured in the same run (runs interleaved),
+/// (median of 5, or 3 with --quick), in-process and with the passthrough in a worker process; then the durable variant (the
 /// generator journaled to SQLite, the sink a file-sink that deduplicates from its own file).
 enum DeliveryBench {
     static func chain(count: Int, placement: String, delivery: String, durable: Bool = false) -> String {
@@ -27,7 +27,7 @@ enum DeliveryBench {
         var lines: [String] = []
         for placement in ["in-process", "process"] {
             var off: [Double] = [], on: [Double] = []
-            for _ in 0..<3 {
+            for _ in 0..<(quick ? 3 : 5) {
                 off.append(try runPipeline(chain(count: n, placement: placement, delivery: "at-most-once"), name: "dv-off").rate)
                 let r = try runPipeline(chain(count: n, placement: placement, delivery: "at-least-once"), name: "dv-on")
                 let acked = r.summary.stages.first { $0.id == "gen" }?.status.first { $0.0 == "delivery.acks_received" }?.1
