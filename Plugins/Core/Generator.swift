@@ -98,6 +98,12 @@ public final class GeneratorStage: ResumableSource {
             }
             context.emit(Envelope(id: id, actor: actor, intent: intent, authority: authority, ingestNs: wall, attrs: attrs, payload: payload), to: out)
         }
-        return pacer.finished ? .exhausted : .active
+        if pacer.finished { return .exhausted }
+        // Rate-limited and caught up: what falls due in the next 200 us leaves as one batch, instead
+        // of a frame (and a wake-up of every stage downstream) per envelope. Measured at 177k/s:
+        // p99 ingest-to-sink 1.8 ms with a frame per envelope (the stages' wake-ups crowded two
+        // cores), see docs/decisions.md.
+        if pacer.rate > 0 && allowed < budget { return .idle(afterNs: 200_000) }
+        return .active
     }
 }
