@@ -271,7 +271,9 @@ final class RunnerCore: StageContext {
         }
         for i in a.inputs {
             let s = try zmq.socket(.push)
-            try s.setSendHWM(1000)
+            // Under at-least-once the return path carries acknowledgements, which must never be
+            // dropped at a high-water mark: their volume is bounded by what the lane carried.
+            try s.setSendHWM(a.delivery.mode == .atLeastOnce ? 0 : 1000)
             try s.connect(i.returnEndpoint)
             inIndex[i.lane] = inLanes.count
             let transport = i.returnEndpoint.range(of: "://").map { String(i.returnEndpoint[..<$0.lowerBound]) } ?? "inproc"
@@ -724,7 +726,10 @@ final class RunnerCore: StageContext {
                 let limit = min(claimed, ceiling)
                 if epoch != outLanes[li].epoch {
                     // The consumer (re)started: count from zero in its new epoch; resend EOS if we had ended.
-                    if delivery != nil && outLanes[li].epoch != 0 { consumerRestarted(li) }
+                    // A consumer that restarts starts an epoch of its own (from its start time); one
+                    // that saw this producer restart moves to epoch + 1, and may first send a
+                    // CREDIT of the epoch before (queued for our predecessor): neither lost anything.
+                    if delivery != nil && outLanes[li].epoch != 0 && epoch != outLanes[li].epoch &+ 1 { consumerRestarted(li) }
                     outLanes[li].epoch = epoch
                     outLanes[li].sentInEpoch = 0
                     outLanes[li].limit = limit
