@@ -42,6 +42,8 @@ final class DeliveryState {
         /// Journal row; 0 when not journaled.
         var rowid: Int64
         var deadline: UInt64
+        /// The token's generation when the root was made (a resend changes the token's, not this).
+        var born: UInt64 = 0
     }
 
     let settings: DeliverySpec
@@ -559,8 +561,8 @@ extension RunnerCore {
             var which: [Int32] = []
             // A root that completed in this pass (dropped, spilled, no lanes) left no row to write;
             // its token may already name a newer root, which the generation tells apart.
-            for (t, gen) in dv.unjournaled where dv.tokens[Int(t)].gen == gen {
-                if let r = dv.root(t), r.rowid == 0 { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) }
+            for (t, gen) in dv.unjournaled {
+                if let r = dv.root(t), r.born == gen, r.rowid == 0 { new.append((r.output, EnvelopeCodec.encode(r.envelope))); which.append(t) }
             }
             let position = dv.unjournaled.isEmpty ? nil : (source as? any ResumableSource)?.position()
             do {

@@ -342,7 +342,7 @@ final class RunnerCore: StageContext {
             let deadline = dv.clock &+ dv.timeoutNs
             // A restarted non-durable source sends as a later attempt; the kept root says so too.
             if envelope.attempt < dv.baseAttempt { envelope.attempt = dv.baseAttempt }
-            dv.setRoot(t, DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: deadline))
+            dv.setRoot(t, DeliveryState.Root(envelope: copy envelope, output: output.index, rowid: 0, deadline: deadline, born: dv.tokens[Int(t)].gen))
             if dv.journal != nil { dv.unjournaled.append((t, dv.tokens[Int(t)].gen)) }
             dv.current = t
             emitToLanes(envelope, to: output)
