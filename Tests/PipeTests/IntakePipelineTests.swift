@@ -23,132 +23,134 @@ private func expectedHome(_ name: String) -> String {
     }
 }
 
-@Suite("Continuity intake: running pipelines", .serialized)
-struct IntakePipelineTests {
-    @Test func continuityInbox_everyFileLandsWhereTheTableSays_eachAudited() throws {
-        let run = Paths.tempDir("continuity")
-        let (r, s) = try runPipeline(Paths.root + "/pipelines/continuity-inbox.yaml", runDir: run, timeout: 90)
-        #expect(r.status == 0, "\(r.stderr)")
-        let dropped = try String(contentsOfFile: run + "/dropped.jsonl", encoding: .utf8).split(separator: "\n")
-            .compactMap { try? JSON.parse(String($0)) }.compactMap { $0["attrs"]?["filename"]?.stringValue }
-        #expect(dropped.count == 33)
-        #expect(ls(run + "/inbox").isEmpty)
-        for name in dropped {
-            let home = expectedHome(name)
-            #expect(ls(run + "/" + home).contains(name), "\(name) should be in \(home)/")
+extension ExclusivePipelines {
+    @Suite("Continuity intake: running pipelines", .serialized)
+    struct IntakePipelineTests {
+        @Test func continuityInbox_everyFileLandsWhereTheTableSays_eachAudited() throws {
+            let run = Paths.tempDir("continuity")
+            let (r, s) = try runPipeline(Paths.root + "/pipelines/continuity-inbox.yaml", runDir: run, timeout: 90)
+            #expect(r.status == 0, "\(r.stderr)")
+            let dropped = try String(contentsOfFile: run + "/dropped.jsonl", encoding: .utf8).split(separator: "\n")
+                .compactMap { try? JSON.parse(String($0)) }.compactMap { $0["attrs"]?["filename"]?.stringValue }
+            #expect(dropped.count == 33)
+            #expect(ls(run + "/inbox").isEmpty)
+            for name in dropped {
+                let home = expectedHome(name)
+                #expect(ls(run + "/" + home).contains(name), "\(name) should be in \(home)/")
+            }
+            #expect(ls(run + "/outbox") == Set((1...3).flatMap { ["capsule-\($0).tza", "data-\($0).json.tza"] }))
+            // Every arrival was classified once and moved once, with an audit record for each.
+            let audits = try auditLines(run)
+            for name in dropped {
+                let mine = audits.filter { filename($0) == name }
+                #expect(mine.filter { decision($0) == "classify" }.count == 1, "\(name)")
+                let moves = mine.filter { ["quarantine", "triage", "reject", "archive"].contains(decision($0)) }
+                #expect(moves.count == 1, "\(name): \(mine.map(decision))")
+            }
+            let forks = audits.filter { ["trusted-fork", "triage-fork", "reject-invalid"].contains(decision($0)) }
+            #expect(Dictionary(grouping: forks, by: decision).mapValues(\.count) == ["trusted-fork": 3, "triage-fork": 3, "reject-invalid": 3])
+            #expect(audits.filter { decision($0) == "move-failed" }.isEmpty)
+            #expect(stage(s, "sniff")?["received"] == .int(33))
         }
-        #expect(ls(run + "/outbox") == Set((1...3).flatMap { ["capsule-\($0).tza", "data-\($0).json.tza"] }))
-        // Every arrival was classified once and moved once, with an audit record for each.
-        let audits = try auditLines(run)
-        for name in dropped {
-            let mine = audits.filter { filename($0) == name }
-            #expect(mine.filter { decision($0) == "classify" }.count == 1, "\(name)")
-            let moves = mine.filter { ["quarantine", "triage", "reject", "archive"].contains(decision($0)) }
-            #expect(moves.count == 1, "\(name): \(mine.map(decision))")
-        }
-        let forks = audits.filter { ["trusted-fork", "triage-fork", "reject-invalid"].contains(decision($0)) }
-        #expect(Dictionary(grouping: forks, by: decision).mapValues(\.count) == ["trusted-fork": 3, "triage-fork": 3, "reject-invalid": 3])
-        #expect(audits.filter { decision($0) == "move-failed" }.isEmpty)
-        #expect(stage(s, "sniff")?["received"] == .int(33))
-    }
 
-    @Test func filesDroppedIntoARunningIntake_landWhereTheTableSays() throws {
-        let run = Paths.tempDir("live-intake")
-        let keys = run + "/keys"
-        try FileManager.default.createDirectory(atPath: keys, withIntermediateDirectories: true)
-        let key = try SigningKey(seed: [UInt8](repeating: 3, count: 32))
-        try KeyFiles.writeSecret(Hex.encode(key.publicKey), to: keys + "/sender.pub")
-        // The example pipeline with its simulator removed: the test is the outside writer.
-        var yaml = try String(contentsOfFile: Paths.root + "/pipelines/continuity-inbox.yaml", encoding: .utf8)
-        yaml = yaml.replacingOccurrences(of: #"(?s)  - id: drops.*?include_ingest: false \}\n"#, with: "", options: .regularExpression)
-        yaml = yaml.replacingOccurrences(of: "low: 20, high: 60, idle_exit_ms: 1500", with: "low: 2, high: 6, idle_exit_ms: 0")
-        yaml = yaml.replacingOccurrences(of: "trusted_keys: [ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c]", with: "trusted_keys: [keys/sender.pub]")
-        yaml = yaml.replacingOccurrences(of: "interval_ms: 1000, scans: 3", with: "interval_ms: 200, scans: 0")
-        #expect(!yaml.contains("kind: intake-sim"))
-        let file = writeTemp(yaml, "live-intake.yaml")
-        let p = try startPipeline(file, runDir: run)
-        defer { if p.isRunning { p.terminate() } }
-        let inbox = run + "/inbox"
-        var waited = 0
-        while !FileManager.default.fileExists(atPath: inbox) && waited < 200 { usleep(20_000); waited += 1 }
-        var rng = SplitMix64(state: 5)
-        let mix = try IntakeSimStage.mix(round: 1, key: key, profile: "continuity", rng: &rng, wallNs: 1)
-        func put(_ name: String, _ bytes: [UInt8]) { #expect(IntakeSimStage.write(bytes, to: inbox + "/" + name) == nil) }
-        for d in mix where d.style == .plain { put(d.name, d.content) }
-        // The upload is staged, then renamed well after the coalescing window.
-        let upload = mix.first { $0.style == .staged }
-        put("upload-1.csv.part", upload?.content ?? [])
-        // The same name written three times quickly.
-        for i in 1...3 { put("burst-1.log", Array("version \(i)\n".utf8)) }
-        usleep(400_000)
-        #expect(ls(inbox).contains("upload-1.csv.part"))          // still waiting for its rename
-        #expect(rename(inbox + "/upload-1.csv.part", inbox + "/upload-1.csv") == 0)
-        let names = mix.map(\.name)
-        let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline && !names.allSatisfy({ ls(run + "/" + expectedHome($0)).contains($0) }) { usleep(50_000) }
-        for n in names { #expect(ls(run + "/" + expectedHome(n)).contains(n), "\(n) should be in \(expectedHome(n))/") }
-        // pipectl status shows the inbox depth and its watermark state.
-        // (Stage reports travel with STATS every 100 ms: poll until the last move shows.)
-        var inboxStatus: ConfigValue?
-        for _ in 0..<50 {
-            let status = try pipectlJSON(["status", "--run-dir", run])
-            inboxStatus = status["stages"]?.listValue?.first { $0["id"]?.stringValue == "inbox" }?["status"]
-            if inboxStatus?["inbox_depth"] == .int(0) { break }
-            usleep(100_000)
+        @Test func filesDroppedIntoARunningIntake_landWhereTheTableSays() throws {
+            let run = Paths.tempDir("live-intake")
+            let keys = run + "/keys"
+            try FileManager.default.createDirectory(atPath: keys, withIntermediateDirectories: true)
+            let key = try SigningKey(seed: [UInt8](repeating: 3, count: 32))
+            try KeyFiles.writeSecret(Hex.encode(key.publicKey), to: keys + "/sender.pub")
+            // The example pipeline with its simulator removed: the test is the outside writer.
+            var yaml = try String(contentsOfFile: Paths.root + "/pipelines/continuity-inbox.yaml", encoding: .utf8)
+            yaml = yaml.replacingOccurrences(of: #"(?s)  - id: drops.*?include_ingest: false \}\n"#, with: "", options: .regularExpression)
+            yaml = yaml.replacingOccurrences(of: "low: 20, high: 60, idle_exit_ms: 1500", with: "low: 2, high: 6, idle_exit_ms: 0")
+            yaml = yaml.replacingOccurrences(of: "trusted_keys: [ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c]", with: "trusted_keys: [keys/sender.pub]")
+            yaml = yaml.replacingOccurrences(of: "interval_ms: 1000, scans: 3", with: "interval_ms: 200, scans: 0")
+            #expect(!yaml.contains("kind: intake-sim"))
+            let file = writeTemp(yaml, "live-intake.yaml")
+            let p = try startPipeline(file, runDir: run)
+            defer { if p.isRunning { p.terminate() } }
+            let inbox = run + "/inbox"
+            var waited = 0
+            while !FileManager.default.fileExists(atPath: inbox) && waited < 200 { usleep(20_000); waited += 1 }
+            var rng = SplitMix64(state: 5)
+            let mix = try IntakeSimStage.mix(round: 1, key: key, profile: "continuity", rng: &rng, wallNs: 1)
+            func put(_ name: String, _ bytes: [UInt8]) { #expect(IntakeSimStage.write(bytes, to: inbox + "/" + name) == nil) }
+            for d in mix where d.style == .plain { put(d.name, d.content) }
+            // The upload is staged, then renamed well after the coalescing window.
+            let upload = mix.first { $0.style == .staged }
+            put("upload-1.csv.part", upload?.content ?? [])
+            // The same name written three times quickly.
+            for i in 1...3 { put("burst-1.log", Array("version \(i)\n".utf8)) }
+            usleep(400_000)
+            #expect(ls(inbox).contains("upload-1.csv.part"))          // still waiting for its rename
+            #expect(rename(inbox + "/upload-1.csv.part", inbox + "/upload-1.csv") == 0)
+            let names = mix.map(\.name)
+            let deadline = Date().addingTimeInterval(30)
+            while Date() < deadline && !names.allSatisfy({ ls(run + "/" + expectedHome($0)).contains($0) }) { usleep(50_000) }
+            for n in names { #expect(ls(run + "/" + expectedHome(n)).contains(n), "\(n) should be in \(expectedHome(n))/") }
+            // pipectl status shows the inbox depth and its watermark state.
+            // (Stage reports travel with STATS every 100 ms: poll until the last move shows.)
+            var inboxStatus: ConfigValue?
+            for _ in 0..<50 {
+                let status = try pipectlJSON(["status", "--run-dir", run])
+                inboxStatus = status["stages"]?.listValue?.first { $0["id"]?.stringValue == "inbox" }?["status"]
+                if inboxStatus?["inbox_depth"] == .int(0) { break }
+                usleep(100_000)
+            }
+            #expect(inboxStatus?["inbox_depth"] == .int(0))
+            #expect(["normal", "recovering"].contains(inboxStatus?["inbox_state"]?.stringValue ?? ""), "\(inboxStatus.map { JSON.serialize($0) } ?? "")")
+            p.terminate()
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 0)
+            let audits = try auditLines(run)
+            // One arrival for the staged upload (after the rename) and one for the rewritten name.
+            #expect(audits.filter { decision($0) == "classify" && filename($0) == "upload-1.csv" }.count == 1)
+            #expect(audits.filter { decision($0) == "classify" && filename($0).hasPrefix("upload-1.csv.") }.isEmpty)
+            #expect(audits.filter { decision($0) == "classify" && filename($0) == "burst-1.log" }.count == 1)
+            #expect(FileManager.default.contents(atPath: run + "/quarantine/burst-1.log") == Data("version 3\n".utf8))
+            #expect(audits.first { decision($0) == "reject-invalid" }?["erachter"]?["reason"]?.stringValue == "block 0 signature does not verify")
+            #expect(audits.first { decision($0) == "triage-fork" }?["erachter"]?["reason"]?.stringValue?.contains("surface name 'report-1.tza' but arrived as 'report-1.txt'") == true)
+            // Eleven files at once pushed the inbox past high 6: the transitions are audited.
+            let states = audits.filter { decision($0) == "inbox-state" }.compactMap { $0["erachter"]?["reason"]?.stringValue }
+            #expect(states.contains { $0.hasPrefix("normal -> ") }, "\(states)")
+            #expect(audits.contains { decision($0) == "police-finding" })
         }
-        #expect(inboxStatus?["inbox_depth"] == .int(0))
-        #expect(["normal", "recovering"].contains(inboxStatus?["inbox_state"]?.stringValue ?? ""), "\(inboxStatus.map { JSON.serialize($0) } ?? "")")
-        p.terminate()
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
-        let audits = try auditLines(run)
-        // One arrival for the staged upload (after the rename) and one for the rewritten name.
-        #expect(audits.filter { decision($0) == "classify" && filename($0) == "upload-1.csv" }.count == 1)
-        #expect(audits.filter { decision($0) == "classify" && filename($0).hasPrefix("upload-1.csv.") }.isEmpty)
-        #expect(audits.filter { decision($0) == "classify" && filename($0) == "burst-1.log" }.count == 1)
-        #expect(FileManager.default.contents(atPath: run + "/quarantine/burst-1.log") == Data("version 3\n".utf8))
-        #expect(audits.first { decision($0) == "reject-invalid" }?["erachter"]?["reason"]?.stringValue == "block 0 signature does not verify")
-        #expect(audits.first { decision($0) == "triage-fork" }?["erachter"]?["reason"]?.stringValue?.contains("surface name 'report-1.tza' but arrived as 'report-1.txt'") == true)
-        // Eleven files at once pushed the inbox past high 6: the transitions are audited.
-        let states = audits.filter { decision($0) == "inbox-state" }.compactMap { $0["erachter"]?["reason"]?.stringValue }
-        #expect(states.contains { $0.hasPrefix("normal -> ") }, "\(states)")
-        #expect(audits.contains { decision($0) == "police-finding" })
-    }
 
-    @Test func sealAndUnseal_fromTheCommandLine() throws {
-        let d = Paths.tempDir("seal-cli")
-        let keys = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/keys"], timeout: 30)
-        #expect(keys.status == 0)
-        try FileManager.default.createDirectory(atPath: d + "/src/sub", withIntermediateDirectories: true)
-        try "hello\n".write(toFile: d + "/src/a.txt", atomically: false, encoding: .utf8)
-        try Data((0..<150_000).map { UInt8(truncatingIfNeeded: $0) }).write(to: URL(fileURLWithPath: d + "/src/sub/b.bin"))
-        let seal = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/src.tza"], timeout: 30)
-        #expect(seal.status == 0, "\(seal.stderr)")
-        #expect(seal.stdout.contains("sealed 2 file(s)"))
-        let ok = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza", "--verify", "--pub", d + "/keys/signing.pub", "-o", d + "/out", "--json"], timeout: 30)
-        #expect(ok.status == 0, "\(ok.stderr)")
-        let v = try JSON.parse(ok.stdout)
-        #expect(v["valid"] == .bool(true) && v["signer_trusted"] == .bool(true) && v["surface"] == .string("src.tza"))
-        #expect(FileManager.default.contents(atPath: d + "/out/sub/b.bin") == FileManager.default.contents(atPath: d + "/src/sub/b.bin"))
-        // A container signed by another key fails --pub; a flipped byte fails without it.
-        let other = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/other"], timeout: 30)
-        #expect(other.status == 0)
-        let wrongKey = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza", "--verify", "--pub", d + "/other/signing.pub"], timeout: 30)
-        #expect(wrongKey.status == 1 && wrongKey.stdout.contains("is not a trusted key"))
-        var bytes = [UInt8](FileManager.default.contents(atPath: d + "/src.tza") ?? Data())
-        bytes[bytes.count / 2] ^= 0x20
-        try Data(bytes).write(to: URL(fileURLWithPath: d + "/bad.tza"))
-        let bad = try runProcess(Paths.pipectl, ["unseal", d + "/bad.tza", "--verify", "-o", d + "/bad-out"], timeout: 30)
-        #expect(bad.status == 1 && bad.stdout.contains("INVALID: block"))
-        #expect(!FileManager.default.fileExists(atPath: d + "/bad-out/a.txt"))      // nothing unpacked
-        let usage = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza"], timeout: 30)
-        #expect(usage.status != 0 && usage.stderr.contains("Usage"))
-        // Sealing refuses symlinks and never overwrites without --force.
-        try FileManager.default.createSymbolicLink(atPath: d + "/src/link", withDestinationPath: "/etc/hostname")
-        let sym = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/x.tza"], timeout: 30)
-        #expect(sym.status != 0 && sym.stderr.contains("is a symlink"))
-        try FileManager.default.removeItem(atPath: d + "/src/link")
-        let again = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/src.tza"], timeout: 30)
-        #expect(again.status != 0 && again.stderr.contains("exists"))
+        @Test func sealAndUnseal_fromTheCommandLine() throws {
+            let d = Paths.tempDir("seal-cli")
+            let keys = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/keys"], timeout: 30)
+            #expect(keys.status == 0)
+            try FileManager.default.createDirectory(atPath: d + "/src/sub", withIntermediateDirectories: true)
+            try "hello\n".write(toFile: d + "/src/a.txt", atomically: false, encoding: .utf8)
+            try Data((0..<150_000).map { UInt8(truncatingIfNeeded: $0) }).write(to: URL(fileURLWithPath: d + "/src/sub/b.bin"))
+            let seal = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/src.tza"], timeout: 30)
+            #expect(seal.status == 0, "\(seal.stderr)")
+            #expect(seal.stdout.contains("sealed 2 file(s)"))
+            let ok = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza", "--verify", "--pub", d + "/keys/signing.pub", "-o", d + "/out", "--json"], timeout: 30)
+            #expect(ok.status == 0, "\(ok.stderr)")
+            let v = try JSON.parse(ok.stdout)
+            #expect(v["valid"] == .bool(true) && v["signer_trusted"] == .bool(true) && v["surface"] == .string("src.tza"))
+            #expect(FileManager.default.contents(atPath: d + "/out/sub/b.bin") == FileManager.default.contents(atPath: d + "/src/sub/b.bin"))
+            // A container signed by another key fails --pub; a flipped byte fails without it.
+            let other = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/other"], timeout: 30)
+            #expect(other.status == 0)
+            let wrongKey = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza", "--verify", "--pub", d + "/other/signing.pub"], timeout: 30)
+            #expect(wrongKey.status == 1 && wrongKey.stdout.contains("is not a trusted key"))
+            var bytes = [UInt8](FileManager.default.contents(atPath: d + "/src.tza") ?? Data())
+            bytes[bytes.count / 2] ^= 0x20
+            try Data(bytes).write(to: URL(fileURLWithPath: d + "/bad.tza"))
+            let bad = try runProcess(Paths.pipectl, ["unseal", d + "/bad.tza", "--verify", "-o", d + "/bad-out"], timeout: 30)
+            #expect(bad.status == 1 && bad.stdout.contains("INVALID: block"))
+            #expect(!FileManager.default.fileExists(atPath: d + "/bad-out/a.txt"))      // nothing unpacked
+            let usage = try runProcess(Paths.pipectl, ["unseal", d + "/src.tza"], timeout: 30)
+            #expect(usage.status != 0 && usage.stderr.contains("Usage"))
+            // Sealing refuses symlinks and never overwrites without --force.
+            try FileManager.default.createSymbolicLink(atPath: d + "/src/link", withDestinationPath: "/etc/hostname")
+            let sym = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/x.tza"], timeout: 30)
+            #expect(sym.status != 0 && sym.stderr.contains("is a symlink"))
+            try FileManager.default.removeItem(atPath: d + "/src/link")
+            let again = try runProcess(Paths.pipehost, ["seal", d + "/src", "--key", d + "/keys/signing.key", "-o", d + "/src.tza"], timeout: 30)
+            #expect(again.status != 0 && again.stderr.contains("exists"))
+        }
     }
 }

@@ -1,3 +1,4 @@
+import Testing
 import Foundation
 import PipeAudit
 import PipeKit
@@ -115,3 +116,9 @@ func mountTmpfs(_ dir: String, size: String, for test: String) throws -> Bool {
 }
 
 func unmount(_ dir: String) { _ = try? runProcess("/bin/umount", [dir], timeout: 10) }
+
+/// Suites whose pipelines are timing-sensitive (an inbox coalescing a rewritten file) or heavy
+/// (million-envelope crash runs) run one after another, never side by side: on 2 cores a crash
+/// test's load starved the intake simulator long enough to split a 3-write rewrite (seen in CI).
+@Suite("Pipelines that must not share the machine", .serialized)
+enum ExclusivePipelines {}
