@@ -81,51 +81,56 @@ public final class FileSinkStage: Stage {
         defer { close(fd) }
         var st = stat()
         guard fstat(fd, &st) == 0, st.st_size > 0 else { return [] }
-        // Read backwards in 1 MiB blocks until `limit` + 1 newlines are in hand (or the start).
-        var blocks: [[UInt8]] = []
-        var pos = Int(st.st_size)
-        var newlines = 0
-        while pos > 0 && newlines <= limit {
-            let n = min(1 << 20, pos)
-            pos -= n
+        func read(_ at: Int, _ n: Int) throws -> [UInt8] {
             var b = [UInt8](repeating: 0, count: n)
-            let got = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, n, off_t(pos)) }
+            let got = b.withUnsafeMutableBytes { pread(fd, $0.baseAddress, n, off_t(at)) }
             guard got == n else { throw StageError.halt("\(p): cannot read back its tail: \(String(cString: strerror(errno)))") }
-            newlines += b.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
-            blocks.append(b)
+            return b
         }
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(blocks.reduce(0) { $0 + $1.count })
-        for b in blocks.reversed() { bytes += b }
-        var end = bytes.count
         // Lines start with {"id":"<32 hex>" (EnvelopeJSONL writes id first).
         let prefix = Array("{\"id\":\"".utf8)
-        if bytes[end - 1] != 0x0A {
-            let start = (bytes.lastIndex(of: 0x0A) ?? -1) + 1
-            let torn = bytes[start...]
-            if start > 0 || pos == 0, torn.starts(with: prefix.prefix(torn.count)) || torn.starts(with: prefix) {
+        var fileEnd = Int(st.st_size)
+        if try read(fileEnd - 1, 1) != [0x0A] {
+            // Find where the unterminated last line starts, reading backwards.
+            var p0 = fileEnd, start = 0
+            while p0 > 0 {
+                let n = min(1 << 20, p0)
+                p0 -= n
+                if let i = try read(p0, n).lastIndex(of: 0x0A) { start = p0 + i + 1; break }
+            }
+            let head = try read(start, min(prefix.count, fileEnd - start))
+            if head.starts(with: prefix.prefix(head.count)) {
                 // One of ours, cut short by a crash: its envelope was never acknowledged.
-                let cut = Int(st.st_size) - torn.count
-                guard truncate(p, off_t(cut)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
-                context.logger.warning("\(p): cut off a torn last line (\(torn.count) bytes) left by a crash")
-                end = start
+                guard truncate(p, off_t(start)) == 0 else { throw StageError.halt("\(p): cannot cut off a torn last line: \(String(cString: strerror(errno)))") }
+                context.logger.warning("\(p): cut off a torn last line (\(fileEnd - start) bytes) left by a crash")
+                fileEnd = start
             } else {
                 // Not a line this sink writes: keep it, and end it so ours start on a line of their own.
                 try writer?.write([])
                 context.logger.warning("\(p): its last line has no newline and is not an envelope line; left as it is, ended with a newline")
             }
         }
-        // The first line of the buffer counts only when the buffer starts at the start of the file.
+        // Backwards, a block (1 MiB) at a time, carrying only the partial line at a block's start.
         var ids: [EnvelopeID] = []
-        var lineEnd = end
-        var i = end - 1
-        while i >= 0 && ids.count < limit {
-            if i == 0 ? pos == 0 : bytes[i - 1] == 0x0A {
-                if lineEnd - i >= 40, Array(bytes[i..<(i + 7)]) == prefix,
-                   let id = EnvelopeID(hex: String(decoding: bytes[(i + 7)..<(i + 39)], as: UTF8.self)) { ids.append(id) }
-                lineEnd = i
+        var carry: [UInt8] = []
+        var pos = fileEnd
+        while pos > 0 && ids.count < limit {
+            let n = min(1 << 20, pos)
+            pos -= n
+            var buf = try read(pos, n)
+            buf += carry
+            var lineEnd = buf.count
+            var i = buf.count - 1
+            while i >= 0 && ids.count < limit {
+                // A line starts after a newline, or at the start of the file.
+                if i == 0 ? pos == 0 : buf[i - 1] == 0x0A {
+                    if lineEnd - i >= 40, Array(buf[i..<(i + 7)]) == prefix,
+                       let id = EnvelopeID(hex: String(decoding: buf[(i + 7)..<(i + 39)], as: UTF8.self)) { ids.append(id) }
+                    lineEnd = i
+                }
+                i -= 1
             }
-            i -= 1
+            carry = Array(buf[0..<lineEnd])
         }
         return ids.reversed()
     }

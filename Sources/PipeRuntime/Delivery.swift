@@ -70,8 +70,6 @@ final class DeliveryState {
     /// What `currentAttempt` returns to: 2 for a source whose worker restarted (it may send again
     /// what its earlier incarnation sent, and sinks look up only later attempts).
     var baseAttempt: UInt32 = 1
-    /// Emits that create no root (a dead letter for an undeliverable envelope).
-    var untracked = false
     /// Inside `process`: the input (its lane and id) a token is made for on the first emit.
     var handling = false
     var inputLane: Int32 = -1
@@ -286,6 +284,10 @@ final class DedupWindow {
     let capacity: Int
     private var all: IDRing
     private var later: IDRing
+    /// After a restart with a remembered window, first attempts are looked up among all ids
+    /// until this many more have been taken (which arrived as later attempts before the restart
+    /// is not known).
+    private var strictFirstAttempts = 0
     private var unsaved: [EnvelopeID] = []
     private let db: Database?
     private let insert: Statement?
@@ -309,6 +311,7 @@ final class DedupWindow {
             db = d
         } else { db = nil; insert = nil }
         for id in ids.suffix(capacity) { add(id, save: false) }
+        if !ids.isEmpty { strictFirstAttempts = capacity }
     }
 
     var count: Int { all.count }
@@ -316,13 +319,17 @@ final class DedupWindow {
     @inline(__always) func add(_ id: EnvelopeID, later isLater: Bool = false, save: Bool = true) {
         all.add(id)
         if isLater { later.add(id) }
+        if strictFirstAttempts > 0 && save { strictFirstAttempts -= 1 }
         if save && db != nil { unsaved.append(id) }
     }
 
     /// Whether `id` was taken (a later attempt is looked up here).
     func contains(_ id: EnvelopeID) -> Bool { all.contains(id) }
     /// Whether `id` arrived as a later attempt (a first attempt is looked up here).
-    @inline(__always) func seenLater(_ id: EnvelopeID) -> Bool { later.head > 0 && later.contains(id) }
+    @inline(__always) func seenLater(_ id: EnvelopeID) -> Bool {
+        if strictFirstAttempts > 0 { return all.contains(id) }
+        return later.head > 0 && later.contains(id)
+    }
 
     /// Writes the ids taken since the last save (one transaction); trims the table now and then.
     func save() throws {
@@ -343,7 +350,7 @@ final class DedupWindow {
 
 extension RunnerCore {
     /// The consumer of output lane `li` acknowledged `id` (or the copy was dropped by policy).
-    @inline(__always) func acknowledged(lane li: Int, id: EnvelopeID) {
+    @inline(__always) func acknowledged(lane li: Int, id: EnvelopeID, mayWalk: Bool = true) {
         guard let dv = delivery else { return }
         dropStaleHeads(li)
         if !dv.sent[li].isEmpty, dv.sent[li].peek(0).id == id {
@@ -356,7 +363,10 @@ extension RunnerCore {
         // Out of order: remembered until the head gets there.
         if let n = dv.early.insert(id, tag: Int32(li), value: 1) { dv.early.update(id, tag: Int32(li), value: n + 1) }
         dv.earlyCount[li] += 1; dv.earlyTotal += 1
-        if dv.earlyCount[li] > Swift.max(4096, dv.sent[li].count / 4) { walkLane(li) } else { settleEarly(li) }
+        if dv.earlyCount[li] > Swift.max(4096, dv.sent[li].count / 4) {
+            // Not from inside an emit (a walk may resend): the next loop pass walks instead.
+            if mayWalk { walkLane(li) } else { dv.nextWalk = 0 }
+        } else { settleEarly(li) }
     }
 
     @inline(__always) func dropStaleHeads(_ li: Int) {
@@ -428,7 +438,7 @@ extension RunnerCore {
     /// Once a second at most: lanes holding early acknowledgements are walked, so that a head
     /// whose acknowledgement never comes holds nothing behind it for long.
     func walkLanesIfDue(_ now: UInt64) {
-        guard let dv = delivery, dv.earlyTotal > 0, now >= dv.nextWalk else { return }
+        guard let dv = delivery, dv.earlyTotal > 0, now >= dv.nextWalk || dv.nextWalk == 0 else { return }
         dv.nextWalk = now &+ 1_000_000_000
         for li in dv.earlyCount.indices where dv.earlyCount[li] > 0 { walkLane(li) }
     }
@@ -493,14 +503,18 @@ extension RunnerCore {
         dv.nextGen &+= 1
         dv.tokens[Int(t)].gen = dv.nextGen
         dv.tokens[Int(t)].pending = 0
-        if Int(r.envelope.attempt) >= dv.settings.maxAttempts {
+        let saved = (dv.current, dv.redelivering)
+        defer { dv.current = saved.0; dv.redelivering = saved.1 }
+        // A dead letter is never given up on (it would only be dead-lettered again): it is sent
+        // again, with backoff, until the dead-letter sink has it.
+        if Int(r.envelope.attempt) >= dv.settings.maxAttempts && r.output != deadLetterHandle.index {
             dv.undeliverable += 1
             dv.tokens[Int(t)].open = false
             complete(t)
-            // Not a new root: a dead letter that is itself lost must not come round again.
-            dv.untracked = true
+            // The dead letter is a new root (journaled in the same transaction that deletes this
+            // one's row): a crash between the two loses nothing.
+            dv.current = -1; dv.redelivering = false
             deadLetter(r.envelope, reason: "undeliverable: not acknowledged after \(r.envelope.attempt) attempts (\(why))")
-            dv.untracked = false
             return
         }
         r.envelope.attempt &+= 1
@@ -553,8 +567,9 @@ extension RunnerCore {
     var deliverySettled: Bool { (delivery?.rootCount ?? 0) == 0 }
 
     /// Once per loop pass, before lanes are flushed: journal what the source emitted (before it
-    /// leaves), then commit the stage, save the sink's window and acknowledge upstream.
-    func settleDelivery() {
+    /// leaves), then (unless `acknowledge` is false: a spill write is failing) commit the stage,
+    /// save the sink's window and acknowledge upstream.
+    func settleDelivery(acknowledge: Bool = true) {
         guard let dv = delivery, !dv.journalBroken else { return }
         if let j = dv.journal, !dv.unjournaled.isEmpty || !dv.completedRows.isEmpty || !dv.attemptUpdates.isEmpty {
             var new: [(output: Int, envelope: [UInt8])] = []
@@ -578,7 +593,7 @@ extension RunnerCore {
                 return
             }
         }
-        guard dv.acksWaiting > 0 else { return }
+        guard acknowledge, dv.acksWaiting > 0 else { return }
         do { try stage.commit(context: self) } catch {
             handleStageError(error, envelope: nil)
             return

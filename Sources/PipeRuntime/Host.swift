@@ -214,6 +214,13 @@ public final class PipelineHost: @unchecked Sendable {
             }
         }
         log.info("pipeline '\(plan.spec.name)' running: \(plan.stages.count) stages, \(plan.lanes.count) lanes; control \(RunDirectory.controlEndpoint(dir))")
+        // A durable pipeline resumes after a crash; a file sink that truncates at start would then
+        // lose what it had written (and acknowledged).
+        if plan.spec.delivery.mode == .atLeastOnce, plan.spec.stages.contains(where: { $0.config?["durable"]?.boolValue == true }) {
+            for st in plan.spec.stages where st.kind == "file-sink" && st.config?["append"]?.boolValue != true {
+                log.warning("stage '\(st.id)': a file-sink without `append: true` truncates its file when the host starts again, losing what a durable source will not send again (docs/delivery.md)")
+            }
+        }
         loop()
         shutdown()
         return summary()

@@ -103,6 +103,8 @@ final class RunnerCore: StageContext {
         let whenFull: WhenFull
         let loopBack: Bool
         var epoch: UInt32 = 0
+        /// Epochs this lane has left behind (a late CREDIT of one is ignored).
+        var retiredEpochs: [UInt32] = []
         var limit: UInt64 = 0
         var sentInEpoch: UInt64 = 0
         var transmitted: UInt64 = 0
@@ -337,7 +339,7 @@ final class RunnerCore: StageContext {
     func emit(_ envelope: consuming Envelope, to output: OutputHandle) {
         guard let dv = delivery else { emitToLanes(envelope, to: output); return }
         // A source's emit outside a redelivery is a new root: kept until acknowledged.
-        if dv.current < 0, !dv.untracked, source != nil, output.index >= 0, output.index < outputLanes.count {
+        if dv.current < 0, source != nil, output.index >= 0, output.index < outputLanes.count {
             let t = dv.newToken(inLane: -1, id: envelope.id)
             let deadline = dv.clock &+ dv.timeoutNs
             // A restarted non-durable source sends as a later attempt; the kept root says so too.
@@ -381,7 +383,7 @@ final class RunnerCore: StageContext {
                 let old = outLanes[li].queue.peek(0)
                 outLanes[li].queue.removeFirst()
                 // Dropped by policy: as good as acknowledged.
-                if delivery != nil { acknowledged(lane: li, id: old.id) }
+                if delivery != nil { acknowledged(lane: li, id: old.id, mayWalk: false) }
                 if outLanes[li].bytesBound != nil { outLanes[li].queueBytes -= EnvelopeCodec.encodedSize(old) }
                 outLanes[li].dropped += 1
                 audit(.about(old, decision: "drop", reason: "lane \(outLanes[li].id) to \(outLanes[li].to) full (drop_oldest)"))
@@ -720,6 +722,9 @@ final class RunnerCore: StageContext {
         msg.withBytes { raw in
             guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else { errors += 1; return }
             if f.header.type == .credit, let (epoch, claimed) = try? f.credit() {
+                // A CREDIT of an epoch already replaced (queued behind the new one on another
+                // pipe) says nothing current: taking it would flip the lane back and forth.
+                if outLanes[li].retiredEpochs.contains(epoch) { return }
                 outLanes[li].hasCredit = true
                 // An honest consumer never grants past what we sent in its epoch plus the bound.
                 let ceiling = epoch == outLanes[li].epoch ? outLanes[li].sentInEpoch &+ UInt64(outLanes[li].bound) : UInt64(outLanes[li].bound)
@@ -729,11 +734,17 @@ final class RunnerCore: StageContext {
                     // A consumer that restarts starts an epoch of its own (from its start time); one
                     // that saw this producer restart moves to epoch + 1, and may first send a
                     // CREDIT of the epoch before (queued for our predecessor): neither lost anything.
-                    if delivery != nil && outLanes[li].epoch != 0 && epoch != outLanes[li].epoch &+ 1 { consumerRestarted(li) }
+                    let restarted = delivery != nil && outLanes[li].epoch != 0 && epoch != outLanes[li].epoch &+ 1
+                    if outLanes[li].epoch != 0 {
+                        outLanes[li].retiredEpochs.append(outLanes[li].epoch)
+                        if outLanes[li].retiredEpochs.count > 4 { outLanes[li].retiredEpochs.removeFirst() }
+                    }
                     outLanes[li].epoch = epoch
                     outLanes[li].sentInEpoch = 0
                     outLanes[li].limit = limit
                     outLanes[li].sentFrames.removeAll(); outLanes[li].inFlightBytes = 0
+                    // What the restarted consumer lost goes again under the new epoch's credits.
+                    if restarted { consumerRestarted(li) }
                     if outLanes[li].eosSent { outLanes[li].eosSent = false; sendEOS(li) }
                 } else if limit > outLanes[li].limit {
                     outLanes[li].limit = limit
@@ -910,7 +921,7 @@ final class RunnerCore: StageContext {
             // Spilled envelopes count as delivered: on disk before anything acknowledges them
             // (while a spill write fails, nothing is acknowledged).
             for i in outLanes.indices where outLanes[i].spill != nil { commitSpill(i) }
-            if !outLanes.contains(where: { $0.spillFailing }) { settleDelivery() }
+            settleDelivery(acknowledge: !outLanes.contains(where: { $0.spillFailing }))
         }
         let t = monotonicNs()
         for i in outLanes.indices {

@@ -403,6 +403,19 @@ struct DeliveryTableTests {
         #expect(t.count == ref.filter { !$0.key.hasSuffix("/1") }.count)
     }
 
+    @Test func fileSinkTail_isReadBlockByBlockAcrossBoundaries() throws {
+        let dir = Paths.tempDir("tail")
+        let path = dir + "/big.jsonl"
+        // About 2.6 MiB: lines straddle the 1 MiB blocks the reader takes from the end.
+        let ids = (0..<30_000).map { EnvelopeID(hi: 0xabc, lo: UInt64($0)) }
+        var text = ""
+        for (n, id) in ids.enumerated() { text += "{\"id\":\"\(id)\",\"payload\":\"\(String(repeating: "x", count: n % 90))\"}\n" }
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        let h = try StageHarness(FileSinkStage.descriptor, config: .object([("path", .string(path)), ("append", .bool(true))]), runDirectory: dir)
+        #expect(try h.stage.deliveredIDs(limit: 25_000, context: h) == Array(ids.suffix(25_000)))
+        #expect(try h.stage.deliveredIDs(limit: 100_000, context: h) == ids)
+    }
+
     @Test func dedupWindow_remembersTheLastWindowAndOnlyThat() throws {
         let w = try DedupWindow(capacity: 1024, seed: [], path: nil)
         for i in 0..<5000 { w.add(EnvelopeID(hi: 7, lo: UInt64(i)), save: false) }
