@@ -182,11 +182,20 @@ public enum FrameEncoder {
         var w = start(.heartbeat, lane: lane, seq: seq); w.u64(timeNs); return w.buffer
     }
     public static func ack(lane: UInt32, seq: UInt64, ids: [EnvelopeID]) -> [UInt8] {
-        var w = start(.ack, lane: lane, seq: seq, capacity: 24 + 16 * ids.count)
-        w.u32(UInt32(ids.count))
-        // Ids travel big-endian: the little-endian writer takes the byte-swapped halves.
-        for id in ids { w.u64(id.hi.byteSwapped); w.u64(id.lo.byteSwapped) }
-        return w.buffer
+        ids.withUnsafeBufferPointer { ack(lane: lane, seq: seq, ids: $0) }
+    }
+    /// An ACK frame written in place (the runner sends one per lane and loop pass, 16 bytes an id).
+    public static func ack(lane: UInt32, seq: UInt64, ids: UnsafeBufferPointer<EnvelopeID>) -> [UInt8] {
+        let size = FrameHeader.size + 4 + 16 * ids.count
+        return [UInt8](unsafeUninitializedCapacity: size) { buf, n in
+            guard let base = buf.baseAddress else { n = 0; return }
+            var w = RawWriter(UnsafeMutableRawPointer(base))
+            w.u8(FrameHeader.magic.0); w.u8(FrameHeader.magic.1); w.u8(FrameHeader.version); w.u8(FrameType.ack.rawValue)
+            w.u32(lane); w.u64(seq)
+            w.u32(UInt32(ids.count))
+            for id in ids { w.id(id) }
+            n = size
+        }
     }
     public static func command(seq: UInt64, _ c: RunnerCommand) -> [UInt8] {
         var w = start(.command, lane: FrameHeader.controlLane, seq: seq); w.u8(c.code.rawValue); w.u64(c.argument); return w.buffer

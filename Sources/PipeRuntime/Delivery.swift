@@ -81,6 +81,8 @@ final class DeliveryState {
     // A source's side: roots by token.
     var roots: [Root?] = []
     var rootCount = 0
+    /// The last open root was acknowledged (the runner reports at once).
+    var rootsEmptied = false
     /// Coarse monotonic time, refreshed every loop pass (stamps copies and deadlines without a
     /// clock read per envelope).
     var clock: UInt64 = coarseMonotonicNs()
@@ -142,6 +144,64 @@ final class DeliveryState {
     }
 
     @inline(__always) func isStale(_ x: Sent) -> Bool { tokens[Int(x.token)].gen != x.gen }
+
+    // The acknowledgement hot path lives here, on the state itself: called on the runner's
+    // `delivery` it cost a retain and release of this object per call, several per envelope.
+
+    /// An acknowledgement of `id` on output lane `li` (or a copy dropped by policy). Returns true
+    /// when so many wait out of order that the lane should be walked.
+    @inline(__always) func acknowledge(lane li: Int, id: EnvelopeID) -> Bool {
+        dropStaleHeads(li)
+        if !sent[li].isEmpty, sent[li].peek(0).id == id {
+            let h = sent[li].peek(0)
+            sent[li].removeFirst()
+            release(h.token)
+            if earlyCount[li] > 0 { settleEarly(li) }
+            return false
+        }
+        // Out of order: remembered until the head gets there.
+        if let n = early.insert(id, tag: Int32(li), value: 1) { early.update(id, tag: Int32(li), value: n + 1) }
+        earlyCount[li] += 1; earlyTotal += 1
+        if earlyCount[li] > Swift.max(4096, sent[li].count / 4) { return true }
+        settleEarly(li)
+        return false
+    }
+
+    @inline(__always) func dropStaleHeads(_ li: Int) {
+        while !sent[li].isEmpty, isStale(sent[li].peek(0)) { sent[li].removeFirst() }
+    }
+
+    /// Pops heads that were acknowledged early.
+    func settleEarly(_ li: Int) {
+        while true {
+            dropStaleHeads(li)
+            guard earlyCount[li] > 0, !sent[li].isEmpty else { return }
+            let h = sent[li].peek(0)
+            guard let n = early.value(h.id, tag: Int32(li)) else { return }
+            if n > 1 { early.update(h.id, tag: Int32(li), value: n - 1) } else { early.remove(h.id, tag: Int32(li)) }
+            earlyCount[li] -= 1; earlyTotal -= 1
+            sent[li].removeFirst()
+            release(h.token)
+        }
+    }
+
+    /// One outstanding copy of token `t` was acknowledged (or dropped by policy).
+    @inline(__always) func release(_ t: Int32) {
+        tokens[Int(t)].pending -= 1
+        if tokens[Int(t)].pending <= 0 && !tokens[Int(t)].open { complete(t) }
+    }
+
+    /// Token `t` is done: acknowledge the input upstream, or let the source forget the root.
+    func complete(_ t: Int32) {
+        let tok = tokens[Int(t)]
+        if tok.inLane >= 0 {
+            if tok.live { acksOut[Int(tok.inLane)].append(tok.id); acksWaiting += 1 }
+        } else if let r = removeRoot(t) {
+            if r.rowid > 0 { completedRows.append(r.rowid) }
+            if rootCount == 0 { rootsEmptied = true }
+        }
+        free.append(t)
+    }
 }
 
 /// A durable source's journal (`<run dir>/state/<stage>.journal.sqlite`, WAL): the envelopes it
@@ -352,40 +412,9 @@ extension RunnerCore {
     /// The consumer of output lane `li` acknowledged `id` (or the copy was dropped by policy).
     @inline(__always) func acknowledged(lane li: Int, id: EnvelopeID, mayWalk: Bool = true) {
         guard let dv = delivery else { return }
-        dropStaleHeads(li)
-        if !dv.sent[li].isEmpty, dv.sent[li].peek(0).id == id {
-            let h = dv.sent[li].peek(0)
-            dv.sent[li].removeFirst()
-            release(h.token)
-            if dv.earlyCount[li] > 0 { settleEarly(li) }
-            return
-        }
-        // Out of order: remembered until the head gets there.
-        if let n = dv.early.insert(id, tag: Int32(li), value: 1) { dv.early.update(id, tag: Int32(li), value: n + 1) }
-        dv.earlyCount[li] += 1; dv.earlyTotal += 1
-        if dv.earlyCount[li] > Swift.max(4096, dv.sent[li].count / 4) {
+        if dv.acknowledge(lane: li, id: id) {
             // Not from inside an emit (a walk may resend): the next loop pass walks instead.
             if mayWalk { walkLane(li) } else { dv.nextWalk = 0 }
-        } else { settleEarly(li) }
-    }
-
-    @inline(__always) func dropStaleHeads(_ li: Int) {
-        guard let dv = delivery else { return }
-        while !dv.sent[li].isEmpty, dv.isStale(dv.sent[li].peek(0)) { dv.sent[li].removeFirst() }
-    }
-
-    /// Pops heads that were acknowledged early.
-    func settleEarly(_ li: Int) {
-        guard let dv = delivery else { return }
-        while true {
-            dropStaleHeads(li)
-            guard dv.earlyCount[li] > 0, !dv.sent[li].isEmpty else { return }
-            let h = dv.sent[li].peek(0)
-            guard let n = dv.early.value(h.id, tag: Int32(li)) else { return }
-            if n > 1 { dv.early.update(h.id, tag: Int32(li), value: n - 1) } else { dv.early.remove(h.id, tag: Int32(li)) }
-            dv.earlyCount[li] -= 1; dv.earlyTotal -= 1
-            dv.sent[li].removeFirst()
-            release(h.token)
         }
     }
 
@@ -443,25 +472,8 @@ extension RunnerCore {
         for li in dv.earlyCount.indices where dv.earlyCount[li] > 0 { walkLane(li) }
     }
 
-    /// One outstanding copy of token `t` was acknowledged (or dropped by policy).
-    @inline(__always) func release(_ t: Int32) {
-        guard let dv = delivery else { return }
-        dv.tokens[Int(t)].pending -= 1
-        if dv.tokens[Int(t)].pending <= 0 && !dv.tokens[Int(t)].open { complete(t) }
-    }
-
-    /// Token `t` is done: acknowledge the input upstream, or let the source forget the root.
-    func complete(_ t: Int32) {
-        guard let dv = delivery else { return }
-        let tok = dv.tokens[Int(t)]
-        if tok.inLane >= 0 {
-            if tok.live { dv.acksOut[Int(tok.inLane)].append(tok.id); dv.acksWaiting += 1 }
-        } else if let r = dv.removeRoot(t) {
-            if r.rowid > 0 { dv.completedRows.append(r.rowid) }
-            if dv.rootCount == 0 { statsDirty = true }
-        }
-        dv.free.append(t)
-    }
+    func release(_ t: Int32) { delivery?.release(t) }
+    func complete(_ t: Int32) { delivery?.complete(t) }
 
     /// The consumer of output lane `li` restarted: what it had not acknowledged is gone with it.
     /// A source sends its roots again at once; a transform's inputs that waited for those copies
@@ -609,7 +621,8 @@ extension RunnerCore {
             while start < ids.count {
                 let end = Swift.min(ids.count, start + chunk)
                 inLanes[li].seq += 1
-                _ = try? inLanes[li].ret.send(FrameEncoder.ack(lane: inLanes[li].id, seq: inLanes[li].seq, ids: Array(ids[start..<end])), dontWait: true)
+                let frame = ids.withUnsafeBufferPointer { FrameEncoder.ack(lane: inLanes[li].id, seq: inLanes[li].seq, ids: UnsafeBufferPointer(rebasing: $0[start..<end])) }
+                _ = try? inLanes[li].ret.send(frame, dontWait: true)
                 start = end
             }
             dv.acksSent &+= UInt64(ids.count)

@@ -350,7 +350,7 @@ final class RunnerCore: StageContext {
             emitToLanes(envelope, to: output)
             dv.current = -1
             dv.tokens[Int(t)].open = false
-            if dv.tokens[Int(t)].pending == 0 { complete(t) }
+            if dv.tokens[Int(t)].pending == 0 { dv.complete(t) }
             return
         }
         emitToLanes(envelope, to: output)
@@ -360,7 +360,7 @@ final class RunnerCore: StageContext {
         guard output.index >= 0, output.index < outputLanes.count else { return }
         // What is emitted while handling a redelivered input is a redelivery too (sinks look up
         // only later attempts in their window).
-        if let dv = delivery, envelope.attempt < dv.currentAttempt { envelope.attempt = dv.currentAttempt }
+        if let dv = delivery, dv.currentAttempt > 1, envelope.attempt < dv.currentAttempt { envelope.attempt = dv.currentAttempt }
         if output.index != deadLetterHandle.index {
             do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
                 deadLetter(envelope, reason: "cannot emit on '\(output.name)': \(error.reason)")
@@ -372,6 +372,8 @@ final class RunnerCore: StageContext {
             audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
         }
         let groups = outputGroups[output.index]
+        // Read once: every lane's registration names the same id.
+        let emittedID: EnvelopeID? = delivery != nil ? envelope.id : nil
         for (n, group) in groups.enumerated() {
             let li = pick(output.index, n, group)
             switch outLanes[li].whenFull {
@@ -398,7 +400,7 @@ final class RunnerCore: StageContext {
             if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
             if let dv = delivery {
                 if dv.current < 0 && dv.handling { dv.current = dv.newToken(inLane: dv.inputLane, id: dv.inputID) }
-                if dv.current >= 0 { dv.register(lane: li, id: envelope.id, token: dv.current, at: dv.clock) }
+                if dv.current >= 0 { dv.register(lane: li, id: emittedID ?? envelope.id, token: dv.current, at: dv.clock) }
             }
             // Fan-out copies to every group but the last, which takes the envelope itself.
             if n == groups.count - 1 { outLanes[li].queue.append(consume envelope); return }
@@ -763,7 +765,7 @@ final class RunnerCore: StageContext {
                 do {
                     try f.forEachAckID(limit: Swift.max(limits.maxBatchEnvelopes, 4096)) { id in
                         dv.acksReceived += 1
-                        acknowledged(lane: li, id: id)
+                        if dv.acknowledge(lane: li, id: id) { walkLane(li) }
                     }
                 } catch { errors += 1; log.warning("malformed ACK on lane \(outLanes[li].id): \(error)") }
             } else { errors += 1 }
@@ -864,27 +866,28 @@ final class RunnerCore: StageContext {
 
     func deliver(_ e: Envelope, lane li: Int) {
         guard let dv = delivery else { deliverToStage(e, lane: li); return }
+        let id = e.id, attempt = e.attempt
         // A sink drops what it already has (a redelivery) and acknowledges it again. A first
         // attempt cannot be a redelivery: only later attempts are looked up.
-        if isSink, let dd = dv.dedup, e.attempt > 1 ? dd.contains(e.id) : dd.seenLater(e.id) {
+        if isSink, let dd = dv.dedup, attempt > 1 ? dd.contains(id) : dd.seenLater(id) {
             dv.duplicates += 1
-            dv.acksOut[li].append(e.id); dv.acksWaiting += 1
+            dv.acksOut[li].append(id); dv.acksWaiting += 1
             return
         }
         // The token is made on the first emit (most sinks and filters never need one).
-        dv.handling = true; dv.inputLane = Int32(li); dv.inputID = e.id
-        dv.currentAttempt = e.attempt
+        dv.handling = true; dv.inputLane = Int32(li); dv.inputID = id
+        dv.currentAttempt = attempt
         deliverToStage(e, lane: li)
         dv.handling = false
         dv.currentAttempt = dv.baseAttempt
-        if isSink { dv.dedup?.add(e.id, later: e.attempt > 1) }
+        if isSink { dv.dedup?.add(id, later: attempt > 1) }
         let t = dv.current
         if t >= 0 {
             dv.current = -1
             dv.tokens[Int(t)].open = false
-            if dv.tokens[Int(t)].pending == 0 { complete(t) }
+            if dv.tokens[Int(t)].pending == 0 { dv.complete(t) }
         } else {
-            dv.acksOut[li].append(e.id); dv.acksWaiting += 1
+            dv.acksOut[li].append(id); dv.acksWaiting += 1
         }
     }
 
@@ -917,6 +920,7 @@ final class RunnerCore: StageContext {
         flushAudit()
         if let dv = delivery {
             dv.clock = coarseMonotonicNs()
+            if dv.rootsEmptied { dv.rootsEmptied = false; statsDirty = true }
             walkLanesIfDue(dv.clock)
             // Spilled envelopes count as delivered: on disk before anything acknowledges them
             // (while a spill write fails, nothing is acknowledged).
