@@ -50,6 +50,11 @@ public struct PipelineValidator {
             let reader = ConfigReader(s.config, fields: d.fields)
             if issues.isEmpty {
                 for i in d.check(reader) { error(i.key.flatMap { s.configKeyPos[$0] } ?? s.configPos, "stage '\(s.id)': \(i.message)") }
+                // A journal is only emptied by acknowledgements: without them it would grow forever.
+                if reader.bool("durable") == true && spec.delivery.mode != .atLeastOnce {
+                    error(s.configKeyPos["durable"] ?? s.configPos,
+                          "stage '\(s.id)': `durable: true` needs `delivery: at-least-once` (without acknowledgements nothing would ever leave the journal; docs/delivery.md)")
+                }
             }
             if outputsOf[s.id] == nil { outputsOf[s.id] = d.allOutputs(reader) }
         }

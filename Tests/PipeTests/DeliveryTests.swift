@@ -89,7 +89,10 @@ extension ExclusivePipelines {
             #expect(got.contains("p.yaml:2:19: delivery.mode must be at-most-once or at-least-once"), "\(got)")
             #expect(got.contains { $0.hasPrefix("p.yaml:2:33: unknown delivery key 'ack_timeout' (did you mean 'ack_timeout_ms'?)") }, "\(got)")
             #expect(got.contains("p.yaml:2:62: delivery.max_pending must be an integer from 1 to 10000000"), "\(got)")
-            let scalar = PipelineLoader.load(text: "pipeline: p\ndelivery: sometimes\nstages: [{ id: gen, kind: generator }]\n", file: "p.yaml", registry: builtInStages).1
+            // A journal needs acknowledgements to empty it.
+        let durableAlone = PipelineLoader.load(text: "pipeline: p\nstages:\n  - { id: gen, kind: generator, config: { durable: true } }\n", file: "p.yaml", registry: builtInStages).1
+        #expect(durableAlone.map(\.description) == ["p.yaml:3:43: stage 'gen': `durable: true` needs `delivery: at-least-once` (without acknowledgements nothing would ever leave the journal; docs/delivery.md)"])
+        let scalar = PipelineLoader.load(text: "pipeline: p\ndelivery: sometimes\nstages: [{ id: gen, kind: generator }]\n", file: "p.yaml", registry: builtInStages).1
             #expect(scalar.first?.description.hasPrefix("p.yaml:2:11: delivery must be at-most-once or at-least-once") == true)
         }
 
