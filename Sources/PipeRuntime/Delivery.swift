@@ -680,3 +680,55 @@ extension RunnerCore {
         if dv.unknownAcks > 0 { st.append(("delivery.unknown_acks", .int(Int64(clamping: dv.unknownAcks)))) }
     }
 }
+
+/// What a durable source's journal holds, read without changing it (`pipectl journal`).
+public struct JournalInfo: Sendable {
+    public var pipeline: String
+    public var stage: String
+    public var kind: String
+    /// The source's saved position (its own encoding), or nil before the first write.
+    public var position: [UInt8]?
+    /// Envelopes sent and not acknowledged: a restart with this run directory sends them again.
+    public var pending: Int
+    /// The lowest and highest attempt among them.
+    public var attempts: ClosedRange<UInt32>?
+
+    /// Opens `path` read-only; a file that is not a journal gives a clear error.
+    public static func read(path: String) throws(RuntimeError) -> JournalInfo {
+        guard access(path, R_OK) == 0 else { throw .io("\(path): cannot read it (\(String(cString: strerror(errno))))") }
+        do {
+            let db = try Database(path: path, readOnly: true)
+            var meta: [String: [UInt8]] = [:]
+            let q = try db.prepare("SELECT k, v FROM meta")
+            try q.bind([])
+            while try q.step() { meta[q.text(0)] = q.blob(1) }
+            guard let p = meta["pipeline"], let s = meta["stage"], let k = meta["kind"] else {
+                throw RuntimeError.io("\(path): not a source journal (no pipeline, stage and kind binding)")
+            }
+            var info = JournalInfo(pipeline: String(decoding: p, as: UTF8.self), stage: String(decoding: s, as: UTF8.self),
+                                   kind: String(decoding: k, as: UTF8.self), position: meta["position"], pending: 0, attempts: nil)
+            let rows = try db.prepare("SELECT envelope FROM pending ORDER BY rowid")
+            try rows.bind([])
+            while try rows.step() {
+                info.pending += 1
+                let raw = rows.blobInPlace(0)
+                if let e = try? EnvelopeCodec.decode(raw, limits: .standard) {
+                    info.attempts = info.attempts.map { min($0.lowerBound, e.attempt)...max($0.upperBound, e.attempt) } ?? e.attempt...e.attempt
+                }
+            }
+            return info
+        } catch let e as RuntimeError { throw e }
+        catch { throw .io("\(path): not a readable source journal (\(error))") }
+    }
+
+    /// The position in words, for the kinds whose encoding is known here.
+    public var positionText: String {
+        guard let p = position else { return "none yet" }
+        func u64(_ at: Int) -> UInt64 { p[at..<(at + 8)].reversed().reduce(0) { $0 << 8 | UInt64($1) } }
+        switch (kind, p.count) {
+        case ("generator", 17): return "\(u64(0)) envelopes emitted"
+        case ("file-source", 16): return "byte offset \(u64(0)), after line \(u64(8))"
+        default: return "\(p.count) bytes: \(Hex.encode(p))"
+        }
+    }
+}

@@ -170,3 +170,32 @@ struct PipelineGraph {
         return s
     }
 }
+
+struct JournalCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "journal",
+        abstract: "Show what a durable source's journal holds: its pipeline and stage, its position, and what it would send again on a restart.",
+        discussion: "FILE is <run dir>/state/<stage>.journal.sqlite (docs/delivery.md). The file is only read.")
+    @Argument(help: "The journal file.") var file: String
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        let info: JournalInfo
+        do { info = try JournalInfo.read(path: file) } catch { fail("\(error)") }
+        if json {
+            printJSON(.object([("file", .string(file)), ("pipeline", .string(info.pipeline)), ("stage", .string(info.stage)), ("kind", .string(info.kind)),
+                               ("position", .string(info.positionText)), ("pending", .int(Int64(info.pending))),
+                               ("attempts", info.attempts.map { .list([.int(Int64($0.lowerBound)), .int(Int64($0.upperBound))]) } ?? .null)]))
+            return
+        }
+        print("journal \(file)")
+        print("  pipeline \(info.pipeline), stage \(info.stage) (\(info.kind))")
+        print("  position: \(info.positionText)")
+        if info.pending == 0 {
+            print("  unacknowledged: none (a run with this run directory goes on from the position; a finished source emits nothing more)")
+        } else {
+            let a = info.attempts.map { $0.lowerBound == $0.upperBound ? "attempt \($0.lowerBound)" : "attempts \($0.lowerBound)-\($0.upperBound)" } ?? "undecodable"
+            print("  unacknowledged: \(info.pending) (\(a)); a run with this run directory sends them again first")
+        }
+    }
+}

@@ -168,7 +168,14 @@ extension ExclusivePipelines {
             #expect(statusInt(s, "a", "delivery.acks_sent") == 20000)
             #expect(statusInt(s, "gen", "delivery.redelivered") == 0)
             #expect(statusInt(s, "gen", "delivery.unacked") == 0)
-            // Run again with the same run directory: the durable source is done, nothing new arrives.
+            // pipectl journal reads the journal back: bound to its stage, at its end, nothing pending.
+        let j = try pipectlJSON(["journal", run + "/state/gen.journal.sqlite"])
+        #expect(j["pipeline"]?.stringValue == "fan" && j["stage"]?.stringValue == "gen" && j["kind"]?.stringValue == "generator")
+        #expect(j["position"]?.stringValue == "20000 envelopes emitted")
+        #expect(j["pending"]?.intValue == 0)
+        let notJournal = try runProcess(Paths.pipectl, ["journal", run + "/audit.db"], timeout: 30)
+        #expect(notJournal.status == 1 && notJournal.stderr.contains("not a readable source journal"), "\(notJournal.stderr)")
+        // Run again with the same run directory: the durable source is done, nothing new arrives.
             let (r2, _) = try runPipeline(writeTemp(yaml, "fan.yaml"), runDir: run)
             #expect(r2.status == 0)
             #expect(try outputIDs(run + "/a.jsonl").count == 20000)
