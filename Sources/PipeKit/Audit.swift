@@ -1,5 +1,5 @@
 /// One audited decision, with the four provenance layers of the TIBET tokens (CONCEPTS.md,
-/// "Audit and provenance"). The schema is fixed; the hash-chained log (a later issue) stores
+/// "Audit and provenance"). The schema is fixed; the hash-chained log (PipeAudit, docs/audit-log.md) stores
 /// exactly these fields.
 public struct AuditRecord: Sendable, Hashable {
     /// What was decided (`erin`): e.g. `dead-letter`, `quarantine`, `block`, `route`.

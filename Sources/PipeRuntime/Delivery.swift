@@ -460,7 +460,7 @@ extension RunnerCore {
             dv.earlyCount[li] = 0; dv.earlyTotal -= unknown
             dv.unknownAcks &+= UInt64(unknown)
         }
-        for t in done { release(t) }
+        for t in done { dv.release(t) }
         for t in resend where dv.root(t) != nil { redeliver(t, why: "its copy on lane \(outLanes[li].id) was not acknowledged within \(dv.settings.ackTimeoutMs) ms") }
     }
 
@@ -472,8 +472,6 @@ extension RunnerCore {
         for li in dv.earlyCount.indices where dv.earlyCount[li] > 0 { walkLane(li) }
     }
 
-    func release(_ t: Int32) { delivery?.release(t) }
-    func complete(_ t: Int32) { delivery?.complete(t) }
 
     /// The consumer of output lane `li` restarted: what it had not acknowledged is gone with it.
     /// A source sends its roots again at once; a transform's inputs that waited for those copies
@@ -501,7 +499,7 @@ extension RunnerCore {
             dv.tokens[Int(t)].pending -= 1
             if dv.tokens[Int(t)].pending <= 0 && !dv.tokens[Int(t)].open {
                 if dv.tokens[Int(t)].inLane < 0 { continue }  // redelivered below
-                complete(t)
+                dv.complete(t)
             }
         }
         for t in Set(roots).sorted() { redeliver(t, why: "lane \(outLanes[li].id) consumer restarted") }
@@ -522,7 +520,7 @@ extension RunnerCore {
         if Int(r.envelope.attempt) >= dv.settings.maxAttempts && r.output != deadLetterHandle.index {
             dv.undeliverable += 1
             dv.tokens[Int(t)].open = false
-            complete(t)
+            dv.complete(t)
             // The dead letter is a new root (journaled in the same transaction that deletes this
             // one's row): a crash between the two loses nothing.
             dv.current = -1; dv.redelivering = false
@@ -541,7 +539,7 @@ extension RunnerCore {
         emit(r.envelope, to: OutputHandle(index: r.output, name: outputNames[r.output]))
         dv.current = -1; dv.redelivering = false
         dv.tokens[Int(t)].open = false
-        if dv.tokens[Int(t)].pending <= 0 { complete(t) }
+        if dv.tokens[Int(t)].pending <= 0 { dv.complete(t) }
     }
 
     /// Roots whose acknowledgement is overdue go again. The open roots (at most `max_pending`)

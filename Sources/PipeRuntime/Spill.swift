@@ -10,7 +10,8 @@ import PipeStore
 ///
 /// Writes are buffered for one runner loop pass and committed in one transaction (`commit`),
 /// so a crash can lose at most that pass; envelopes read back into the lane are in memory like
-/// any other in-flight envelope (acknowledgements are the delivery issue's).
+/// any other in-flight envelope. Under at-least-once delivery a spilled envelope counts as
+/// delivered once committed here; what is read back is sent untracked (docs/delivery.md).
 final class SpillQueue {
     private let db: Database
     private let insert: Statement
