@@ -153,12 +153,14 @@ public struct PipelineLoader {
                     }
                     spec.metrics = MetricsSpec(listen: s, host: String(s[..<colon]), port: port)
                 }
+            case "remote":
+                spec.remote = remote(v)
             case "lanes":
                 guard let seq = v.sequence else { error(pos(v), "lanes must be a list of overrides"); continue }
                 for item in seq { if let o = laneOverride(item) { spec.lanes.append(o) } }
             default:
                 var m = "unknown top-level key '\(key)'"
-                let known = ["pipeline", "version", "audit", "delivery", "dead_letter", "limits", "defaults", "stages", "lanes", "metrics"]
+                let known = ["pipeline", "version", "audit", "delivery", "dead_letter", "limits", "defaults", "stages", "lanes", "metrics", "remote"]
                 if let s = didYouMean(key, among: known) { m += " (did you mean '\(s)'?)" }
                 error(pos(k), m)
             }
@@ -195,6 +197,63 @@ public struct PipelineLoader {
                 error(pos(k), msg + " (expected \(DeliverySpec.keys.joined(separator: ", ")))")
             }
         }
+    }
+
+    /// `remote: { listen, advertise, key, insecure, worker_wait_s, down_after_ms, workers: { NAME: { key } } }`.
+    mutating func remote(_ v: Node) -> RemoteSpec? {
+        guard let m = v.mapping else { error(pos(v), "remote must be a mapping { \(RemoteSpec.keys.joined(separator: ", ")) }"); return nil }
+        var r = RemoteSpec()
+        r.pos = pos(v)
+        var sawListen = false
+        for (k, x) in m {
+            switch k.string {
+            case "listen":
+                sawListen = true
+                guard let s = scalarString(x), s.hasPrefix("tcp://"), let colon = s.lastIndex(of: ":"), colon > s.index(s.startIndex, offsetBy: 6),
+                      let port = Int(s[s.index(after: colon)...]), port > 0, port <= 65535 else {
+                    error(pos(x), "remote.listen must be tcp://HOST:PORT with a port from 1 to 65535, e.g. tcp://127.0.0.1:7800"); continue
+                }
+                r.listen = s; r.listenHost = String(s[s.index(s.startIndex, offsetBy: 6)..<colon]); r.listenPort = port
+            case "advertise":
+                if let s = scalarString(x), !s.isEmpty, !s.contains("/"), !s.contains(":"), s != "*" { r.advertise = s }
+                else { error(pos(x), "remote.advertise must be a host name or IPv4 address workers can reach (no scheme, no port)") }
+            case "key":
+                if let s = scalarString(x), !s.isEmpty { r.key = s } else { error(pos(x), "remote.key must be the path of the host's curve.key (from `pipehost keygen`)") }
+            case "insecure":
+                if let b = x.bool { r.insecure = b } else { error(pos(x), "remote.insecure must be true or false") }
+            case "worker_wait_s":
+                if let d = x.float ?? x.int.map(Double.init), d > 0, d <= 86_400 { r.workerWaitSeconds = d }
+                else { error(pos(x), "remote.worker_wait_s must be a number of seconds from 0 to 86400") }
+            case "down_after_ms":
+                if let n = x.int, n >= 200, n <= 600_000 { r.downAfterMs = n } else { error(pos(x), "remote.down_after_ms must be an integer from 200 to 600000") }
+            case "workers":
+                guard let wm = x.mapping else { error(pos(x), "remote.workers must be a mapping { NAME: { key: Z85 or FILE } }"); continue }
+                for (wk, wv) in wm {
+                    guard let name = wk.string, isValidName(name) else { error(pos(wk), "worker name must match [a-z0-9_-]+"); continue }
+                    if r.workers.contains(where: { $0.name == name }) { error(pos(wk), "worker '\(name)' is listed twice"); continue }
+                    var key: String?
+                    if let s = scalarString(wv), !s.isEmpty { key = s }
+                    else if let em = wv.mapping {
+                        for (ek, ev) in em {
+                            if ek.string == "key", let s = scalarString(ev), !s.isEmpty { key = s }
+                            else { error(pos(ek), "unknown worker key '\(ek.string ?? "?")' (expected key: a Z85 public key or a curve.pub file)") }
+                        }
+                    }
+                    guard let key else { error(pos(wv), "worker '\(name)' needs key: a Z85 CURVE public key or the path of its curve.pub"); continue }
+                    r.workers.append(.init(name: name, key: key, pos: pos(wv)))
+                }
+            default:
+                var msg = "unknown remote key '\(k.string ?? "?")'"
+                if let s = didYouMean(k.string ?? "", among: RemoteSpec.keys) { msg += " (did you mean '\(s)'?)" }
+                error(pos(k), msg + " (expected \(RemoteSpec.keys.joined(separator: ", ")))")
+            }
+        }
+        if !sawListen { error(pos(v), "remote needs listen: tcp://HOST:PORT (where workers connect)") }
+        if sawListen, r.advertise == nil, ["*", "0.0.0.0", ""].contains(r.listenHost) {
+            error(pos(v), "remote.listen binds every address; say advertise: ADDRESS (the one workers reach this host at)")
+        }
+        if !r.insecure && r.key == nil { error(pos(v), "remote needs key: the host's curve.key (from `pipehost keygen`), or insecure: true for plaintext tcp") }
+        return r
     }
 
     mutating func placement(_ n: Node) -> Placement? {

@@ -30,6 +30,10 @@ public enum Placement: Sendable, Hashable, CustomStringConvertible {
     public var description: String {
         switch self { case .inProcess: return "in-process"; case .process: return "process"; case .worker(let n): return "worker:\(n)" }
     }
+    /// Whether the stage runs on a remote worker (lanes over tcp).
+    public var isRemote: Bool { if case .worker = self { return true }; return false }
+    /// The remote worker's name, if any.
+    public var workerName: String? { if case .worker(let n) = self { return n }; return nil }
 }
 
 /// What a full lane does to its producer.
@@ -188,6 +192,39 @@ public struct DeliverySpec: Sendable, Hashable {
     public static let keys = ["mode", "ack_timeout_ms", "max_pending", "max_attempts", "dedup_window"]
 }
 
+/// `remote:`: where remote workers connect in, how they are authenticated, and who they are
+/// (docs/operations.md, "Remote workers").
+public struct RemoteSpec: Sendable, Hashable {
+    /// One allowed worker: its name (what `placement: { worker: NAME }` says) and CURVE public key.
+    public struct WorkerKey: Sendable, Hashable {
+        public var name: String
+        /// A Z85 public key, or the path of a `curve.pub` file (relative to the pipeline file).
+        public var key: String
+        public var pos: SourcePos
+        public init(name: String, key: String, pos: SourcePos) { self.name = name; self.key = key; self.pos = pos }
+    }
+    /// `tcp://HOST:PORT`: the registration and control endpoint workers connect to.
+    public var listen: String = ""
+    public var listenHost: String = ""
+    public var listenPort: Int = 0
+    /// The address workers reach the host's lane endpoints at (default: the listen host).
+    public var advertise: String?
+    /// The host's CURVE secret key file (`curve.key` from `pipehost keygen`).
+    public var key: String?
+    /// Plaintext tcp, no authentication (a warning at start).
+    public var insecure = false
+    /// How long the host waits for a worker to come (its stages wait meanwhile).
+    public var workerWaitSeconds: Double = 120
+    /// A stage is `down` when its runner has been silent this long.
+    public var downAfterMs: Int = 3000
+    public var workers: [WorkerKey] = []
+    public var pos: SourcePos = .start
+    public init() {}
+    public static let keys = ["listen", "advertise", "key", "insecure", "worker_wait_s", "down_after_ms", "workers"]
+    /// The host part workers connect to for lanes.
+    public var laneHost: String { advertise ?? listenHost }
+}
+
 /// A parsed pipeline file.
 public struct PipelineSpec: Sendable, Hashable {
     public var file: String
@@ -203,6 +240,7 @@ public struct PipelineSpec: Sendable, Hashable {
     public var lanes: [LaneOverride]
     public var metrics: MetricsSpec?
     public var delivery = DeliverySpec()
+    public var remote: RemoteSpec?
     public init(file: String, name: String, audit: AuditLevel = .decisions, deadLetterPath: String = "dead-letters.jsonl",
                 defaultPlacement: Placement = .inProcess, defaultLane: LaneSettings = LaneSettings(),
                 limits: WireLimits = .standard, stages: [StageSpec] = [], lanes: [LaneOverride] = []) {

@@ -57,6 +57,17 @@ public struct PipelineValidator {
                 }
             }
             if outputsOf[s.id] == nil { outputsOf[s.id] = d.allOutputs(reader) }
+            if case .worker(let name) = s.placement ?? spec.defaultPlacement {
+                if let r = spec.remote {
+                    if !r.workers.contains(where: { $0.name == name }) {
+                        var m = "stage '\(s.id)': placement on worker '\(name)', which remote.workers does not list"
+                        if let sug = didYouMean(name, among: r.workers.map(\.name)) { m += " (did you mean '\(sug)'?)" }
+                        error(s.pos, m)
+                    }
+                } else {
+                    error(s.pos, "stage '\(s.id)': placement { worker: \(name) } needs a `remote:` section (listen, key, workers)")
+                }
+            }
         }
         // Inputs.
         for si in spec.stages.indices {

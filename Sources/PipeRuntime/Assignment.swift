@@ -17,6 +17,10 @@ public struct Assignment: Sendable, Equatable {
         public var bytes: Int?
         /// The producer's return endpoint (credits flow back there).
         public var returnEndpoint: String
+        /// Bind the return PUSH at `returnEndpoint` instead of connecting (a remote producer connects to it).
+        public var bindReturnEndpoint = false
+        /// On tcp: the worker whose authenticated connection alone may send on this lane.
+        public var peer: String?
     }
     public struct OutputLane: Sendable, Equatable {
         public var lane: UInt32
@@ -30,6 +34,10 @@ public struct Assignment: Sendable, Equatable {
         public var loopBack: Bool
         /// Lanes with the same group share envelopes round-robin (replicas of one consumer).
         public var group: Int
+        /// Bind the lane's PUSH at `endpoint` instead of connecting (a remote consumer connects to it).
+        public var bind = false
+        /// On tcp: the worker whose authenticated connection alone may return credits on this lane.
+        public var peer: String?
     }
     public struct Output: Sendable, Equatable {
         public var name: String
@@ -60,6 +68,11 @@ public struct Assignment: Sendable, Equatable {
     public var pipeline: String = ""
     /// Acknowledgements, redelivery and deduplication (docs/delivery.md).
     public var delivery = DeliverySpec()
+    /// Endpoints the input PULL and the return PULL connect to (a remote stage binds nothing).
+    public var connectInput: [String] = []
+    public var connectReturn: [String] = []
+    /// How tcp lanes are secured (nil: this stage has none).
+    public var tcp: TCPSecurity?
 
     public var json: ConfigValue {
         .object([
@@ -72,19 +85,23 @@ public struct Assignment: Sendable, Equatable {
                                   ("max_pending", .int(Int64(delivery.maxPending))), ("max_attempts", .int(Int64(delivery.maxAttempts))),
                                   ("dedup_window", .int(Int64(delivery.dedupWindow)))])),
             ("bind_in", .list(bindInput.map(ConfigValue.string))), ("bind_ret", .list(bindReturn.map(ConfigValue.string))),
+            ("connect_in", .list(connectInput.map(ConfigValue.string))), ("connect_ret", .list(connectReturn.map(ConfigValue.string))),
+            ("tcp", tcp.map { t in .object([("mode", .string(t.curve ? "curve" : "plain")), ("server_key", .string(t.serverPublicKey)),
+                                          ("server_secret", t.serverSecretKey.map(ConfigValue.string) ?? .null)]) } ?? .null),
             ("inputs", .list(inputs.map { i in
                 .object([("lane", .int(Int64(i.lane))), ("port", .string(i.port)), ("port_index", .int(Int64(i.portIndex))),
                          ("lane_index", .int(Int64(i.laneIndex))), ("from", .string(i.from)), ("loop_back", .bool(i.loopBack)),
                          ("max_hops", i.maxHops.map { .int(Int64($0)) } ?? .null), ("bound", .int(Int64(i.bound))),
                          ("bytes", i.bytes.map { .int(Int64($0)) } ?? .null),
-                         ("ret", .string(i.returnEndpoint))])
+                         ("ret", .string(i.returnEndpoint)), ("bind_ret", .bool(i.bindReturnEndpoint)),
+                         ("peer", i.peer.map(ConfigValue.string) ?? .null)])
             })),
             ("outputs", .list(outputs.map { o in
                 .object([("name", .string(o.name)), ("lanes", .list(o.lanes.map { l in
                     .object([("lane", .int(Int64(l.lane))), ("to", .string(l.to)), ("connect", .string(l.endpoint)),
                              ("bound", .int(Int64(l.bound))), ("bytes", l.bytes.map { .int(Int64($0)) } ?? .null),
                              ("when_full", .string(l.whenFull.rawValue)), ("loop_back", .bool(l.loopBack)),
-                             ("group", .int(Int64(l.group)))])
+                             ("group", .int(Int64(l.group))), ("bind", .bool(l.bind)), ("peer", l.peer.map(ConfigValue.string) ?? .null)])
                 }))])
             })),
         ])
@@ -128,13 +145,20 @@ public struct Assignment: Sendable, Equatable {
         }
         bindInput = (v["bind_in"]?.listValue ?? []).compactMap(\.stringValue)
         bindReturn = (v["bind_ret"]?.listValue ?? []).compactMap(\.stringValue)
+        connectInput = (v["connect_in"]?.listValue ?? []).compactMap(\.stringValue)
+        connectReturn = (v["connect_ret"]?.listValue ?? []).compactMap(\.stringValue)
+        if let t = v["tcp"], t != .null {
+            tcp = TCPSecurity(curve: t["mode"]?.stringValue == "curve", serverPublicKey: t["server_key"]?.stringValue ?? "",
+                              serverSecretKey: t["server_secret"]?.stringValue)
+        }
         var ins: [Input] = []
         for x in v["inputs"]?.listValue ?? [] {
             guard let inLane = UInt32(exactly: try i(x["lane"], "lane")) else { throw .protocolError("ASSIGN: bad lane id") }
             ins.append(Input(lane: inLane, port: try s(x["port"], "port"), portIndex: try i(x["port_index"], "port_index"),
                              laneIndex: try i(x["lane_index"], "lane_index"), from: try s(x["from"], "from"),
                              loopBack: x["loop_back"]?.boolValue ?? false, maxHops: x["max_hops"]?.intValue.map(Int.init),
-                             bound: try i(x["bound"], "bound"), bytes: x["bytes"]?.intValue.map(Int.init), returnEndpoint: try s(x["ret"], "ret")))
+                             bound: try i(x["bound"], "bound"), bytes: x["bytes"]?.intValue.map(Int.init), returnEndpoint: try s(x["ret"], "ret"),
+                             bindReturnEndpoint: x["bind_ret"]?.boolValue ?? false, peer: x["peer"]?.stringValue))
         }
         inputs = ins
         var outs: [Output] = []
@@ -145,11 +169,62 @@ public struct Assignment: Sendable, Equatable {
                 guard let outLane = UInt32(exactly: try i(l["lane"], "lane")) else { throw .protocolError("ASSIGN: bad lane id") }
                 lanes.append(OutputLane(lane: outLane, to: try s(l["to"], "to"), endpoint: try s(l["connect"], "connect"),
                                         bound: try i(l["bound"], "bound"), bytes: l["bytes"]?.intValue.map(Int.init), whenFull: wf, loopBack: l["loop_back"]?.boolValue ?? false,
-                                        group: Int(l["group"]?.intValue ?? 0)))
+                                        group: Int(l["group"]?.intValue ?? 0), bind: l["bind"]?.boolValue ?? false, peer: l["peer"]?.stringValue))
             }
             outs.append(Output(name: try s(x["name"], "name"), lanes: lanes))
         }
         outputs = outs
+    }
+}
+
+/// How a stage's tcp lanes are secured: CURVE (the host is the server of every tcp connection;
+/// only the host's own runners get its secret key) or plaintext (`remote.insecure`).
+public struct TCPSecurity: Sendable, Equatable {
+    public var curve: Bool
+    public var serverPublicKey: String
+    /// Set for runners in the host's own process tree (they bind tcp); never sent to a remote worker.
+    public var serverSecretKey: String?
+    public init(curve: Bool, serverPublicKey: String, serverSecretKey: String?) {
+        self.curve = curve; self.serverPublicKey = serverPublicKey; self.serverSecretKey = serverSecretKey
+    }
+    /// The ZAP domain of every tcp listener of the host.
+    public static let zapDomain = "pipehost"
+}
+
+/// The tcp ports of one run: every socket facing a remote worker is bound by the host side
+/// (remote workers only connect), on ports the host reserves at start.
+public struct RemoteLayout: Sendable {
+    /// Where host-side sockets bind (the listen host) and where workers connect (the advertised host).
+    public var bindHost: String
+    public var connectHost: String
+    public var security: TCPSecurity
+    /// Host-side stage -> port of its tcp input (remote producers connect) and return (remote consumers' credits).
+    public var stageIn: [String: Int] = [:]
+    public var stageRet: [String: Int] = [:]
+    /// Lane -> port bound by the host-side producer's PUSH (remote consumer) or consumer's return PUSH (remote producer).
+    public var laneData: [UInt32: Int] = [:]
+    public var laneRet: [UInt32: Int] = [:]
+    public init(bindHost: String, connectHost: String, security: TCPSecurity) {
+        self.bindHost = bindHost; self.connectHost = connectHost; self.security = security
+    }
+    func bind(_ port: Int) -> String { "tcp://\(bindHost):\(port)" }
+    func connect(_ port: Int) -> String { "tcp://\(connectHost):\(port)" }
+
+    /// Reserves a port for every host-side tcp socket of `plan` (the kernel picks free ones).
+    public static func make(plan: PipelinePlan, bindHost: String, connectHost: String, security: TCPSecurity,
+                            reserve: () throws(RuntimeError) -> Int) throws(RuntimeError) -> RemoteLayout {
+        var r = RemoteLayout(bindHost: bindHost, connectHost: connectHost, security: security)
+        let remote = Set(plan.stages.filter { $0.placement.isRemote }.map(\.id))
+        for l in plan.lanes where l.transport == "tcp" {
+            if remote.contains(l.to) {
+                r.laneData[l.id] = try reserve()
+                if r.stageRet[l.from] == nil { r.stageRet[l.from] = try reserve() }
+            } else {
+                if r.stageIn[l.to] == nil { r.stageIn[l.to] = try reserve() }
+                r.laneRet[l.id] = try reserve()
+            }
+        }
+        return r
     }
 }
 
@@ -164,28 +239,62 @@ extension PipelinePlan {
     }
 
     /// The assignment for one stage.
-    public func assignment(for id: String, runTag: String, runDir: String) -> Assignment? {
+    public func assignment(for id: String, runTag: String, runDir: String, remote: RemoteLayout? = nil) -> Assignment? {
         guard let st = stage(id) else { return nil }
         let ins = lanes.filter { $0.to == id }
         let outs = lanes.filter { $0.from == id }
-        let bindIn = Array(Set(ins.map { inputEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
-        let bindRet = Array(Set(outs.map { returnEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
+        let isRemote = st.placement.isRemote
+        let r = remote
+        let worker = { (s: String) in self.stage(s)?.placement.workerName }
+        // Non-tcp binds first: the tcp ones are made after the socket becomes a CURVE server.
+        var bindIn = Array(Set(ins.filter { $0.transport != "tcp" }.map { inputEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
+        var bindRet = Array(Set(outs.filter { $0.transport != "tcp" }.map { returnEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
+        if !isRemote, let r {
+            if let p = r.stageIn[id] { bindIn.append(r.bind(p)) }
+            if let p = r.stageRet[id] { bindRet.append(r.bind(p)) }
+        }
         let inputs = ins.map { l in
-            Assignment.Input(lane: l.id, port: l.port, portIndex: l.portIndex, laneIndex: l.laneIndex, from: l.fromRef, loopBack: l.loopBack,
-                             maxHops: l.maxHops, bound: l.settings.bound, bytes: l.settings.bytes,
-                             returnEndpoint: returnEndpoint(l.from, transport: l.transport, runTag: runTag, runDir: runDir))
+            var i = Assignment.Input(lane: l.id, port: l.port, portIndex: l.portIndex, laneIndex: l.laneIndex, from: l.fromRef, loopBack: l.loopBack,
+                                     maxHops: l.maxHops, bound: l.settings.bound, bytes: l.settings.bytes,
+                                     returnEndpoint: returnEndpoint(l.from, transport: l.transport, runTag: runTag, runDir: runDir))
+            if l.transport == "tcp", let r {
+                if isRemote {
+                    i.returnEndpoint = r.connect(r.stageRet[l.from] ?? 0)
+                } else {
+                    i.returnEndpoint = r.bind(r.laneRet[l.id] ?? 0); i.bindReturnEndpoint = true; i.peer = worker(l.from)
+                }
+            }
+            return i
         }
         let outputs = st.outputs.map { name in
             Assignment.Output(name: name, lanes: outs.filter { $0.output == name }.map { l in
-                Assignment.OutputLane(lane: l.id, to: l.toRef, endpoint: inputEndpoint(l.to, transport: l.transport, runTag: runTag, runDir: runDir),
-                                      bound: l.settings.bound, bytes: l.settings.bytes, whenFull: l.settings.whenFull, loopBack: l.loopBack,
-                                      group: l.group)
+                var o = Assignment.OutputLane(lane: l.id, to: l.toRef, endpoint: inputEndpoint(l.to, transport: l.transport, runTag: runTag, runDir: runDir),
+                                              bound: l.settings.bound, bytes: l.settings.bytes, whenFull: l.settings.whenFull, loopBack: l.loopBack,
+                                              group: l.group)
+                if l.transport == "tcp", let r {
+                    if isRemote {
+                        o.endpoint = r.connect(r.stageIn[l.to] ?? 0)
+                    } else {
+                        o.endpoint = r.bind(r.laneData[l.id] ?? 0); o.bind = true; o.peer = worker(l.to)
+                    }
+                }
+                return o
             })
         }
         var a = Assignment(stage: id, kind: st.kind, config: st.config, audit: spec.audit, runDirectory: runDir,
                            maxEnvelopeBytes: spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: spec.limits.maxBatchEnvelopes,
-                           bindInput: bindIn, bindReturn: bindRet, inputs: inputs, outputs: outputs, usesStore: st.usesStore)
-        if !outs.isEmpty { a.tapEndpoint = tapEndpoint(id, runDir: runDir) }
+                           bindInput: isRemote ? [] : bindIn, bindReturn: isRemote ? [] : bindRet, inputs: inputs, outputs: outputs, usesStore: st.usesStore)
+        if let r, isRemote {
+            a.connectInput = ins.compactMap { r.laneData[$0.id].map(r.connect) }
+            a.connectReturn = outs.compactMap { r.laneRet[$0.id].map(r.connect) }
+        }
+        if let r, ins.contains(where: { $0.transport == "tcp" }) || outs.contains(where: { $0.transport == "tcp" }) {
+            var t = r.security
+            if isRemote { t.serverSecretKey = nil }
+            a.tcp = t
+        }
+        // A remote producer's tap would be a socket file on another machine.
+        if !outs.isEmpty && !isRemote { a.tapEndpoint = tapEndpoint(id, runDir: runDir) }
         a.pipeline = spec.name
         a.delivery = spec.delivery
         return a

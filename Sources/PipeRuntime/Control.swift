@@ -27,6 +27,7 @@ public enum ControlProtocol {
         },
         Command(name: "status", summary: "The host's and every stage's status report.") { h, _, _ in .success(h.statusJSON()) },
         Command(name: "lanes", summary: "Every lane: from, to, transport, bound, sent, received, depth, credits.") { h, _, _ in .success(h.lanesJSON()) },
+        Command(name: "workers", summary: "Remote workers: name, key, state, address, stages, last seen.") { h, _, _ in .success(h.workersJSON()) },
         Command(name: "stop", summary: "Graceful stop: sources stop, lanes drain, sinks flush.") { h, _, _ in
             if !h.stopping { h.beginStop(reason: "pipectl stop") }
             return .success(.object([("stopping", .bool(true))]))
@@ -97,7 +98,8 @@ extension PipelineHost {
         .object([
             ("host", .object([("pipeline", .string(plan.spec.name)), ("file", .string(plan.spec.file)), ("pid", .int(Int64(getpid()))),
                               ("run_dir", .string(options.runDirectory)), ("state", .string(stopping ? "stopping (\(stopReason))" : "running")),
-                              ("uptime_s", .double(Double(monotonicNs() - startNs) / 1e9)), ("audit_records", .int(Int64(auditCount))), ("audit", auditJSON())])),
+                              ("uptime_s", .double(Double(monotonicNs() - startNs) / 1e9)), ("audit_records", .int(Int64(auditCount))), ("audit", auditJSON()),
+                              ("remote", remoteJSON())])),
             ("stages", .list(stageViews().map(\.json))),
         ])
     }
@@ -128,7 +130,7 @@ extension LaneView {
         return .object([
             ("id", .int(Int64(id))), ("from", .string(from)), ("to", .string(to)), ("transport", .string(transport)),
             ("bound", .int(Int64(bound))), ("bytes", bytesBound.map { .int(Int64($0)) } ?? .null), ("when_full", .string(whenFull)),
-            ("loop_back", .bool(loopBack)), ("state", .string(state.rawValue)),
+            ("loop_back", .bool(loopBack)), ("state", .string(down ? "down" : state.rawValue)),
             ("low", .int(Int64(low))), ("high", .int(Int64(high))), ("release", .int(Int64(release))),
             ("sent", .int(Int64(clamping: sent))), ("received", .int(Int64(clamping: received))), ("depth", .int(depth)),
             ("queued", .int(Int64(clamping: queued))), ("credits", .int(Int64(clamping: credits))), ("eos", .bool(endOfStream)),

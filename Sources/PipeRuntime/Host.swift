@@ -91,6 +91,8 @@ public struct LaneView: Sendable {
     public var latency = DurationHistogram()
     /// The producer's tap endpoint (`pipectl tap`).
     public var tap: String = ""
+    /// Whether an end of the lane is a remote stage whose worker is absent or silent.
+    public var down = false
     /// Share of the last second the producer was blocked on this lane.
     public var blockedFraction: Double = 0
     /// Wall times (ns) of the producer's and the consumer's reports behind `sent` and `received`.
@@ -158,6 +160,8 @@ public final class PipelineHost: @unchecked Sendable {
     var lastHeartbeat: UInt64 = 0
     var signalsAtStop: Int32 = 0
     var controlSeq: UInt64 = 0
+    /// Remote workers (nil when every stage runs on this host).
+    var remote: RemoteHost?
 
     public init(plan: PipelinePlan, registry: StageRegistry, options: HostOptions) throws(RuntimeError) {
         self.plan = plan; self.registry = registry; self.options = options
@@ -204,13 +208,15 @@ public final class PipelineHost: @unchecked Sendable {
             throw .io("cannot bind host endpoints in \(dir): \(error)")
         }
         startNs = monotonicNs()
+        try openRemote()
+        defer { closeRemote() }
         try startMetrics()
         for id in order {
             guard let st = stages[id] else { continue }
             switch st.plan.placement {
             case .inProcess: startThread(id)
             case .process: try spawnWorker(id)
-            case .worker: throw .plan("remote workers are not yet supported")
+            case .worker: stages[id]?.startedNs = monotonicNs()  // waits for its worker to connect
             }
         }
         log.info("pipeline '\(plan.spec.name)' running: \(plan.stages.count) stages, \(plan.lanes.count) lanes; control \(RunDirectory.controlEndpoint(dir))")
@@ -274,10 +280,16 @@ public final class PipelineHost: @unchecked Sendable {
         guard let rr = runnerRouter, let cr = controlRouter else { return }
         var poller = ZMQPoller()
         poller.add(rr); poller.add(cr)
+        if let rm = remote {
+            poller.add(rm.router)
+            if let z = rm.zap { poller.add(z) }
+            if let m = rm.monitor { poller.add(m) }
+        }
         while true {
             _ = try? poller.poll(timeoutMs: 20)
             while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) }
             while let parts = try? cr.receiveParts(dontWait: true) { handleControl(parts) }
+            pollRemote()
             let now = monotonicNs()
             let signals = signalStop.load(ordering: .relaxed)
             if signals != 0 && !stopping {
@@ -291,10 +303,19 @@ public final class PipelineHost: @unchecked Sendable {
             }
             reapChildren()
             if failure == nil, let silent = order.first(where: {
-                guard let st = stages[$0] else { return false }
+                guard let st = stages[$0], !st.plan.placement.isRemote else { return false }
                 return st.stats == nil && !st.childExited && now > st.startedNs && now - st.startedNs > 30_000_000_000
             }) {
                 failure = "stage '\(silent)' did not start within 30 s (no report from its runner)"
+            }
+            // A remote stage waits for its worker up to remote.worker_wait_s (also after it went down).
+            if failure == nil, let rm = remote, let missing = order.first(where: {
+                guard let st = stages[$0], st.plan.placement.isRemote, st.stats?.flags.contains(.finished) != true else { return false }
+                let since = rm.lastFrame[$0] ?? st.startedNs
+                return now > since && Double(now - since) / 1e9 > rm.spec.workerWaitSeconds
+            }) {
+                let w = stages[missing]?.plan.placement.workerName ?? "?"
+                failure = "stage '\(missing)': no runner from worker '\(w)' for \(rm.spec.workerWaitSeconds) s (remote.worker_wait_s); `pipectl workers` shows who connected"
             }
             if failure != nil { broadcast(.abort); break }
             checkLoops()
@@ -319,6 +340,10 @@ public final class PipelineHost: @unchecked Sendable {
     }
 
     func send(_ id: String, _ frame: [UInt8]) {
+        if let rm = remote, stages[id]?.plan.placement.isRemote == true {
+            if let r = rm.routes[id] { _ = try? rm.router.send(parts: [r, frame], dontWait: true) }
+            return
+        }
         _ = try? runnerRouter?.send(parts: [Array(id.utf8), frame], dontWait: true)
     }
 
@@ -336,47 +361,60 @@ public final class PipelineHost: @unchecked Sendable {
         guard stages[id] != nil else { log.warning("frame from unknown runner '\(id)'"); return }
         parts[1].withUnsafeBytes { raw in
             guard let f = try? FrameView(raw) else { log.warning("malformed frame from runner '\(id)'"); return }
-            switch f.header.type {
-            case .hello:
+            if f.header.type == .hello {
                 guard let h = try? Hello.decode(f), h.protocolVersion == Hello.protocolVersion else {
                     log.error("runner '\(id)' speaks another protocol version"); return
                 }
                 _ = h.pid  // informational: for child workers the pid from posix_spawn is the one we wait for
-                if failure != nil || shuttingDown {
-                    controlSeq += 1
-                    send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort)))
-                    return
-                }
-                guard var a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory) else { return }
-                if stages[id]?.plan.role == .source { a.maxEmit = options.maxEnvelopes }
-                a.statsIntervalMs = options.statsIntervalMs
-                a.restarts = stages[id]?.restarts ?? 0
-                controlSeq += 1
-                send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
-                stages[id]?.assigned = true
-                if stopping { controlSeq += 1; send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .stop))) }
-            case .stats:
-                guard var r = try? StatsReport.decode(f) else { log.warning("bad STATS from '\(id)'"); return }
-                if let b = stages[id]?.base { r = Self.add(base: b, to: r) }
-                if r.flags.contains(.failed), failure == nil {
-                    let reason = r.status.first { $0.0 == "error" }?.1.description ?? "failed"
-                    failure = "stage '\(id)' failed: \(reason)"
-                }
-                stages[id]?.stats = r
-                observeLanes(of: id)
-            case .audit:
-                    // One or more binary records (runners batch them); the writer validates each.
-                guard f.body.count <= 4 << 20 else {
-                    log.error("stage '\(id)': AUDIT frame of \(f.body.count) bytes refused (over 4 MiB)")
-                    auditWriter?.submit(AuditRecord(decision: "audit-refused", stage: "host", intent: "audit.integrity",
-                                                    reason: "stage '\(id)' sent an AUDIT frame of \(f.body.count) bytes (over 4 MiB)",
-                                                    details: ["from_stage": .string(id)]))
-                    return
-                }
-                auditCount += auditWriter?.submit(frame: f.body, from: id) ?? 0
-            default:
-                log.warning("unexpected \(f.header.type) frame from runner '\(id)'")
+                if stages[id]?.plan.placement.isRemote == true { log.warning("runner '\(id)' is placed on a remote worker; refused locally"); return }
+                assign(id)
+                return
             }
+            handleRunnerFrame(id, f)
+        }
+    }
+
+    /// Sends a stage its ASSIGN (or ABORT when the run is ending).
+    func assign(_ id: String) {
+        if failure != nil || shuttingDown {
+            controlSeq += 1
+            send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort)))
+            return
+        }
+        guard var a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory, remote: remote?.layout) else { return }
+        if stages[id]?.plan.role == .source { a.maxEmit = options.maxEnvelopes }
+        a.statsIntervalMs = options.statsIntervalMs
+        a.restarts = stages[id]?.restarts ?? 0
+        controlSeq += 1
+        send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
+        stages[id]?.assigned = true
+        if stopping { controlSeq += 1; send(id, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .stop))) }
+    }
+
+    /// STATS and AUDIT from a runner, local or remote.
+    func handleRunnerFrame(_ id: String, _ f: FrameView) {
+        switch f.header.type {
+        case .stats:
+            guard var r = try? StatsReport.decode(f) else { log.warning("bad STATS from '\(id)'"); return }
+            if let b = stages[id]?.base { r = Self.add(base: b, to: r) }
+            if r.flags.contains(.failed), failure == nil {
+                let reason = r.status.first { $0.0 == "error" }?.1.description ?? "failed"
+                failure = "stage '\(id)' failed: \(reason)"
+            }
+            stages[id]?.stats = r
+            observeLanes(of: id)
+        case .audit:
+            // One or more binary records (runners batch them); the writer validates each.
+            guard f.body.count <= 4 << 20 else {
+                log.error("stage '\(id)': AUDIT frame of \(f.body.count) bytes refused (over 4 MiB)")
+                auditWriter?.submit(AuditRecord(decision: "audit-refused", stage: "host", intent: "audit.integrity",
+                                                reason: "stage '\(id)' sent an AUDIT frame of \(f.body.count) bytes (over 4 MiB)",
+                                                details: ["from_stage": .string(id)]))
+                return
+            }
+            auditCount += auditWriter?.submit(frame: f.body, from: id) ?? 0
+        default:
+            log.warning("unexpected \(f.header.type) frame from runner '\(id)'")
         }
     }
 
@@ -485,7 +523,11 @@ public final class PipelineHost: @unchecked Sendable {
         v.spilled = p?.spilled ?? 0
         v.spillDepth = UInt64(p?.spillDepth ?? 0)
         v.latency = c?.latency ?? DurationHistogram()
-        v.tap = plan.tapEndpoint(l.from, runDir: options.runDirectory)
+        v.tap = stages[l.from]?.plan.placement.isRemote == true ? "" : plan.tapEndpoint(l.from, runDir: options.runDirectory)
+        if remote != nil {
+            let now = monotonicNs()
+            v.down = remoteDown(l.from, now: now) || remoteDown(l.to, now: now)
+        }
         v.sentReportNs = stages[l.from]?.stats?.timeNs ?? 0
         v.receivedReportNs = stages[l.to]?.stats?.timeNs ?? 0
         if let m = laneMonitors[l.id] {
@@ -506,7 +548,11 @@ public final class PipelineHost: @unchecked Sendable {
                 state = f.contains(.failed) ? "failed" : f.contains(.finished) ? "finished" : f.contains(.awaitingLoopClose) ? "awaiting-loop-close"
                     : f.contains(.exhausted) ? "exhausted" : f.contains(.idle) ? "idle" : "busy"
             } else if st.childExited { state = "down" }
-            let pid: Int32? = st.plan.placement == .process ? st.pid : getpid()
+            if let w = st.plan.placement.workerName {
+                if remote?.routes[id] == nil { state = "waiting for worker \(w)" }
+                else if remoteDown(id, now: monotonicNs()) { state = "down (worker \(w) silent)" }
+            }
+            let pid: Int32? = st.plan.placement == .process ? st.pid : st.plan.placement.isRemote ? nil : getpid()
             var v = StageView(id: id, kind: st.plan.kind, placement: st.plan.placement.description, pid: pid, state: state,
                               received: s?.received ?? 0, emitted: s?.emitted ?? 0, deadLettered: s?.deadLettered ?? 0, errors: s?.errors ?? 0,
                               restarts: st.restarts, status: (s?.status ?? []).filter { $0.0 != "pid" })
@@ -545,6 +591,7 @@ public final class PipelineHost: @unchecked Sendable {
         }
         if let rr = runnerRouter { while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) } }
         runnerRouter?.close(); controlRouter?.close()
+        closeRemote()
         metricsServer?.stop()
         unlink(options.runDirectory + "/metrics.addr")
         closeAuditLog()

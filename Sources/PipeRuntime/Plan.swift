@@ -60,8 +60,8 @@ public struct PipelinePlan: Sendable {
         for s in spec.stages {
             guard let d = registry[s.kind] else { throw .plan("unknown stage kind '\(s.kind)'") }
             let placement = s.placement ?? spec.defaultPlacement
-            if case .worker(let name) = placement {
-                throw .plan("stage '\(s.id)': placement { worker: \(name) } (remote workers over tcp) is not yet supported; use `process` or `in-process`")
+            if case .worker(let name) = placement, spec.remote?.workers.contains(where: { $0.name == name }) != true {
+                throw .plan("stage '\(s.id)': placement on worker '\(name)', which the `remote:` section does not list")
             }
             let reader = ConfigReader(s.config, fields: d.fields)
             let ids = s.replicas > 1 ? (0..<s.replicas).map { "\(s.id).\($0)" } : [s.id]
@@ -100,6 +100,13 @@ public struct PipelinePlan: Sendable {
             guard let target = stages.first(where: { $0.id == x.to }) else { continue }
             let settings = PipelineValidator.settings(for: e, in: spec)
             let same = placementOf[x.from] == .inProcess && placementOf[x.to] == .inProcess
+            let remoteFrom = placementOf[x.from]?.isRemote == true, remoteTo = placementOf[x.to]?.isRemote == true
+            if (remoteFrom && placementOf[x.to] == .process) || (remoteTo && placementOf[x.from] == .process) {
+                throw .plan("the lane \(x.from).\(e.output) -> \(x.to).\(e.port) joins a remote stage and a `placement: process` stage; tcp lanes end in the host process (where the ZAP handler authenticates workers), so place that end in-process")
+            }
+            if remoteFrom && remoteTo {
+                throw .plan("the lane \(x.from).\(e.output) -> \(x.to).\(e.port) joins two remote stages; remote workers only connect to the host, so one end must run in the host (in-process or process)")
+            }
             let key = "\(x.to).\(e.port)"
             let li = perPort[key, default: 0]
             perPort[key] = li + 1
@@ -109,7 +116,8 @@ public struct PipelinePlan: Sendable {
             if let g = groups[gkey] { group = g } else { group = nextGroup[out, default: 0]; nextGroup[out] = group + 1; groups[gkey] = group }
             lanes.append(PlannedLane(id: UInt32(i + 1), from: x.from, output: e.output, to: x.to, port: e.port,
                                      portIndex: target.ports.firstIndex(of: e.port) ?? 0, laneIndex: li, loopBack: e.loopBack,
-                                     maxHops: e.maxHops, settings: settings, transport: same ? "inproc" : "ipc", group: group))
+                                     maxHops: e.maxHops, settings: settings,
+                                     transport: remoteFrom || remoteTo ? "tcp" : same ? "inproc" : "ipc", group: group))
         }
         return PipelinePlan(spec: spec, stages: stages, lanes: lanes, component: Self.components(stages.map(\.id), lanes))
     }

@@ -20,6 +20,13 @@ public final class StageRunner: @unchecked Sendable {
     /// For worker processes: the host's pid; the runner stops when it is reparented away from it.
     let parentPid: Int32?
     var log: Logger
+    /// On a remote worker: its CURVE key pair (a client of the host on every tcp connection), and
+    /// the local directory that replaces the host's run directory.
+    public var clientKeys: CurveKeyPair?
+    public var localRunDirectory: String?
+
+    /// The host's CURVE public key, for a remote runner (with `clientKeys`).
+    public var serverKey: String?
 
     public init(context: ZMQContext, controlEndpoint: String, stageID: String, registry: StageRegistry, location: String, parentPid: Int32? = nil) {
         self.zmq = context; self.controlEndpoint = controlEndpoint; self.stageID = stageID; self.registry = registry
@@ -38,7 +45,11 @@ public final class StageRunner: @unchecked Sendable {
         }
         do {
             let control = try zmq.socket(.dealer)
-            try control.setIdentity(Array(stageID.utf8))
+            // Remote runners leave their routing id to the host's ROUTER: it maps the connection to
+            // a stage only after an authorized HELLO, so no peer can take over another's route.
+            if !controlEndpoint.hasPrefix("tcp://") { try control.setIdentity(Array(stageID.utf8)) }
+            if controlEndpoint.hasPrefix("tcp://") { try TCPLinks.prepare(control) }
+            if let k = clientKeys, let server = serverKey { try control.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: server) }
             // Unbounded queue + non-blocking sends: a dead host must never wedge the runner
             // (the parent and silence checks then end it).
             try control.setSendHWM(0)
@@ -67,10 +78,12 @@ public final class StageRunner: @unchecked Sendable {
                 switch outcome {
                 case .failure(let e): log.error("\(e)"); return 1
                 case .success(nil): continue
-                case .success(let a?):
+                case .success(var a?):
                     let core: RunnerCore
                     do {
-                        core = try RunnerCore(assignment: a, zmq: zmq, control: control, registry: registry, location: location, log: log)
+                        if let d = localRunDirectory { a.runDirectory = d; a.tapEndpoint = "" }
+                        core = try RunnerCore(assignment: a, zmq: zmq, control: control, registry: registry, location: location, log: log,
+                                              clientKeys: clientKeys)
                     } catch {
                         // Tell the host, or it would wait for a stage that will never report.
                         let reason = "cannot start: \(error)"
@@ -185,6 +198,10 @@ final class RunnerCore: StageContext {
     var outputNames: [String] = []
     var deadLetterHandle: OutputHandle
     var kv: (any KeyValueStore)?
+    /// tcp lanes: the worker that owns each lane (the sender its frames must come from).
+    var lanePeers: [UInt32: String] = [:]
+    let checkPeers: Bool
+    var foreignFrames: UInt64 = 0
     let incarnation: UInt64
     /// At-least-once bookkeeping (docs/delivery.md); nil under at-most-once.
     var delivery: DeliveryState?
@@ -218,8 +235,11 @@ final class RunnerCore: StageContext {
     var statsDirty = true
     var parentPid: Int32?
 
-    init(assignment a: Assignment, zmq: ZMQContext, control: ZMQSocket, registry: StageRegistry, location: String, log: Logger) throws {
+    init(assignment a: Assignment, zmq: ZMQContext, control: ZMQSocket, registry: StageRegistry, location: String, log: Logger,
+         clientKeys: CurveKeyPair? = nil) throws {
         self.a = a; self.zmq = zmq; self.control = control; self.location = location; self.log = log
+        let links = TCPLinks(security: a.tcp, clientKeys: clientKeys)
+        checkPeers = a.inputs.contains { $0.peer != nil } || a.outputs.contains { $0.lanes.contains { $0.peer != nil } }
         limits = WireLimits(maxEnvelopeBytes: a.maxEnvelopeBytes, maxBatchEnvelopes: a.maxBatchEnvelopes)
         guard let d = registry[a.kind] else { throw RuntimeError.plan("unknown stage kind '\(a.kind)'") }
         let reader = ConfigReader(a.config, fields: d.fields)
@@ -231,16 +251,18 @@ final class RunnerCore: StageContext {
         outputNames = a.outputs.map(\.name)
         deadLetterHandle = OutputHandle(index: outputNames.firstIndex(of: deadLetterOutput) ?? -1, name: deadLetterOutput)
         let maxMsg = Int64(limits.maxFrameBytes)
-        if !a.bindInput.isEmpty {
+        if !a.bindInput.isEmpty || !a.connectInput.isEmpty {
             let s = try zmq.socket(.pull)
             try s.setReceiveHWM(0); try s.setMaxMessageSize(maxMsg)
-            for e in a.bindInput { try Self.prepareIPC(e); try s.bind(e); Self.restrict(e) }
+            for e in a.bindInput { try links.bind(s, e) }
+            for e in a.connectInput { try links.connect(s, e) }
             inSocket = s
         }
-        if !a.bindReturn.isEmpty {
+        if !a.bindReturn.isEmpty || !a.connectReturn.isEmpty {
             let s = try zmq.socket(.pull)
-            try s.setReceiveHWM(0)
-            for e in a.bindReturn { try Self.prepareIPC(e); try s.bind(e); Self.restrict(e) }
+            try s.setReceiveHWM(0); try s.setMaxMessageSize(65_536 + 16 * Int64(Swift.max(4096, a.maxBatchEnvelopes)))
+            for e in a.bindReturn { try links.bind(s, e) }
+            for e in a.connectReturn { try links.connect(s, e) }
             retSocket = s
         }
         for o in a.outputs {
@@ -250,7 +272,8 @@ final class RunnerCore: StageContext {
                 byGroup[l.group, default: []].append(outLanes.count)
                 let s = try zmq.socket(.push)
                 try s.setSendHWM(Int32(clamping: l.bound + 64))
-                try s.connect(l.endpoint)
+                if l.bind { try links.bind(s, l.endpoint) } else { try links.connect(s, l.endpoint) }
+                if let p = l.peer { lanePeers[l.lane] = p }
                 outIndex[l.lane] = outLanes.count
                 idx.append(outLanes.count)
                 var lane = OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack)
@@ -276,7 +299,8 @@ final class RunnerCore: StageContext {
             // Under at-least-once the return path carries acknowledgements, which must never be
             // dropped at a high-water mark: their volume is bounded by what the lane carried.
             try s.setSendHWM(a.delivery.mode == .atLeastOnce ? 0 : 1000)
-            try s.connect(i.returnEndpoint)
+            if i.bindReturnEndpoint { try links.bind(s, i.returnEndpoint) } else { try links.connect(s, i.returnEndpoint) }
+            if let p = i.peer { lanePeers[i.lane] = p }
             inIndex[i.lane] = inLanes.count
             let transport = i.returnEndpoint.range(of: "://").map { String(i.returnEndpoint[..<$0.lowerBound]) } ?? "inproc"
             inLanes.append(InLane(id: i.lane, arrival: Arrival(port: i.port, portIndex: i.portIndex, laneIndex: i.laneIndex, from: i.from,
@@ -302,6 +326,25 @@ final class RunnerCore: StageContext {
             }
             delivery = dv
         }
+    }
+
+    /// Whether a tcp frame is from the worker that owns its lane: messages over an authenticated
+    /// connection carry the worker name the ZAP handler gave it (User-Id); inproc and ipc ones carry
+    /// none and are the host's own. A frame for a lane the sender does not own is refused and counted.
+    func peerAllowed(_ msg: ZMQMessage, lane: UInt32) -> Bool {
+        guard checkPeers, let user = msg.property("User-Id"), !user.isEmpty else { return true }
+        if lanePeers[lane] == user { return true }
+        foreignFrames += 1
+        report("refused_frames", .int(Int64(clamping: foreignFrames)))
+        // The first few and then every thousandth are audited and logged: a flood stays counted, not written.
+        if foreignFrames <= 10 || foreignFrames % 1000 == 0 {
+            log.warning("refused a frame on lane \(lane) from worker '\(user)', which does not own that lane (\(foreignFrames) so far)")
+            audit(AuditRecord(decision: "frame-refused", intent: "remote.lane",
+                              reason: "worker '\(user)' sent a frame on lane \(lane), which belongs to '\(lanePeers[lane] ?? "the host")'",
+                              details: ["worker": .string(user), "lane": .int(Int64(lane)), "refused_so_far": .int(Int64(clamping: foreignFrames))]))
+        }
+        statsDirty = true
+        return false
     }
 
     static func prepareIPC(_ endpoint: String) throws {
@@ -723,6 +766,7 @@ final class RunnerCore: StageContext {
     func handleReturn(_ msg: ZMQMessage) {
         msg.withBytes { raw in
             guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else { errors += 1; return }
+            guard peerAllowed(msg, lane: f.header.lane) else { return }
             if f.header.type == .credit, let (epoch, claimed) = try? f.credit() {
                 // A CREDIT of an epoch already replaced (queued behind the new one on another
                 // pipe) says nothing current: taking it would flip the lane back and forth.
@@ -785,6 +829,7 @@ final class RunnerCore: StageContext {
                 deadLetter(Envelope(intent: "lane.unknown-lane", payload: Array(raw.prefix(65536))), reason: "frame for unknown lane \(f.header.lane)")
                 return
             }
+            guard peerAllowed(msg, lane: f.header.lane) else { return }
             switch f.header.type {
             case .data:
                 // The producer counted every envelope the frame declares; if the frame is broken
@@ -1095,3 +1140,46 @@ final class RunnerCore: StageContext {
     }
 }
 
+
+/// A CURVE key pair in Z85.
+public struct CurveKeyPair: Sendable, Equatable {
+    public var publicKey: String
+    public var secretKey: String
+    public init(publicKey: String, secretKey: String) { self.publicKey = publicKey; self.secretKey = secretKey }
+}
+
+/// Binds and connects a runner's sockets: ipc/inproc as they are; tcp with CURVE (the host side
+/// is the server, a remote worker the client) or plaintext when the pipeline says `insecure`.
+struct TCPLinks {
+    let security: TCPSecurity?
+    let clientKeys: CurveKeyPair?
+
+    /// tcp options of every link: keepalive-style ZeroMQ heartbeats, so a vanished peer is noticed.
+    static func prepare(_ s: ZMQSocket) throws {
+        try s.setInt(75, 1000)   // ZMQ_HEARTBEAT_IVL
+        try s.setInt(77, 5000)   // ZMQ_HEARTBEAT_TIMEOUT
+        try s.setInt(76, 10_000) // ZMQ_HEARTBEAT_TTL
+    }
+
+    func bind(_ s: ZMQSocket, _ e: String) throws {
+        guard e.hasPrefix("tcp://") else { try RunnerCore.prepareIPC(e); try s.bind(e); RunnerCore.restrict(e); return }
+        guard let t = security else { throw RuntimeError.plan("tcp endpoint \(e) without tcp security settings") }
+        try Self.prepare(s)
+        if t.curve {
+            guard let secret = t.serverSecretKey else { throw RuntimeError.plan("tcp bind \(e) needs the host's CURVE secret key") }
+            try s.makeCurveServer(secretKey: secret, domain: TCPSecurity.zapDomain)
+        }
+        try s.bind(e)
+    }
+
+    func connect(_ s: ZMQSocket, _ e: String) throws {
+        guard e.hasPrefix("tcp://") else { try s.connect(e); return }
+        guard let t = security else { throw RuntimeError.plan("tcp endpoint \(e) without tcp security settings") }
+        try Self.prepare(s)
+        if t.curve {
+            guard let k = clientKeys else { throw RuntimeError.plan("tcp connect \(e) needs this worker's CURVE key pair") }
+            try s.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: t.serverPublicKey)
+        }
+        try s.connect(e)
+    }
+}

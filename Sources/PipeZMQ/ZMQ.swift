@@ -153,6 +153,34 @@ public final class ZMQSocket: @unchecked Sendable {
     /// Whether more parts of the current multipart message follow.
     public var hasMore: Bool { (try? getInt(ZMQ_RCVMORE)) == 1 }
 
+    // MARK: security
+
+    /// Makes this socket a CURVE server for the binds that follow (binds made earlier keep the
+    /// mechanism they had). Clients are authenticated by the context's ZAP handler in `domain`.
+    public func makeCurveServer(secretKey: String, domain: String) throws(ZMQError) {
+        try setInt(ZMQ_CURVE_SERVER, 1)
+        try setBytes(ZMQ_CURVE_SECRETKEY, Array(secretKey.utf8))
+        try setBytes(ZMQ_ZAP_DOMAIN, Array(domain.utf8))
+    }
+    /// Makes this socket a CURVE client of the server with `serverKey` for the connects that follow.
+    public func makeCurveClient(publicKey: String, secretKey: String, serverKey: String) throws(ZMQError) {
+        try setBytes(ZMQ_CURVE_SERVERKEY, Array(serverKey.utf8))
+        try setBytes(ZMQ_CURVE_PUBLICKEY, Array(publicKey.utf8))
+        try setBytes(ZMQ_CURVE_SECRETKEY, Array(secretKey.utf8))
+    }
+    /// A plaintext (NULL mechanism) listener that still asks the ZAP handler in `domain`, so
+    /// that every connection is seen (and can be refused by address).
+    public func setZAPDomain(_ domain: String) throws(ZMQError) { try setBytes(ZMQ_ZAP_DOMAIN, Array(domain.utf8)) }
+
+    /// Sends the socket's handshake events (failed and succeeded) to an inproc PAIR endpoint;
+    /// read them with ``ZMQMonitorEvent/receive(from:)``.
+    public func monitorHandshakes(_ endpoint: String) throws(ZMQError) {
+        let s = try h("monitor")
+        let events = ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+            | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED
+        if zmq_socket_monitor(s, endpoint, events) != 0 { throw .last("zmq_socket_monitor \(endpoint)") }
+    }
+
     // MARK: send / receive
 
     /// Sends one part. Returns false when `dontWait` and the message could not be queued (EAGAIN).
@@ -250,6 +278,77 @@ public final class ZMQMessage {
     }
     public var bytes: [UInt8] { withBytes { Array($0) } }
     public var hasMore: Bool { zmq_msg_more(pointer) == 1 }
+    /// A metadata property of the connection the message came in on ("User-Id" set by the ZAP
+    /// handler, "Peer-Address", ...), or nil where there is none (inproc, ipc without ZAP).
+    public func property(_ name: String) -> String? {
+        guard let p = zmq_msg_gets(pointer, name) else { return nil }
+        return String(cString: p)
+    }
+}
+
+/// One socket-monitor event (two parts: `u16 event, u32 value`, then the endpoint).
+public struct ZMQMonitorEvent: Sendable {
+    public var event: Int32
+    public var value: UInt32
+    public var endpoint: String
+    public var isHandshakeFailure: Bool {
+        event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0
+    }
+    public var isHandshakeSuccess: Bool { event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED }
+    public var isDisconnect: Bool { event == ZMQ_EVENT_DISCONNECTED }
+    /// What failed, for a log line.
+    public var reason: String {
+        switch event {
+        case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH: return "authentication refused (status \(value))"
+        case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            switch value {
+            case 0x1100_0002: return "security mechanism mismatch: a plaintext peer talking to CURVE, or the other way round"
+            case 0x1100_0001: return "CURVE handshake did not decrypt: the client's server key is not this host's key"
+            default: return "handshake protocol error 0x\(String(value, radix: 16))"
+            }
+        case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL: return "handshake failed (\(String(cString: zmq_strerror(Int32(bitPattern: value)))))"
+        case ZMQ_EVENT_HANDSHAKE_SUCCEEDED: return "handshake succeeded"
+        case ZMQ_EVENT_DISCONNECTED: return "disconnected"
+        default: return "event 0x\(String(event, radix: 16))"
+        }
+    }
+    /// Takes one event from a PAIR socket connected to a monitor endpoint; nil when none is queued.
+    public static func receive(from s: ZMQSocket) -> ZMQMonitorEvent? {
+        guard let parts = try? s.receiveParts(dontWait: true), parts.count == 2, parts[0].count == 6 else { return nil }
+        let p = parts[0]
+        let ev = Int32(p[0]) | Int32(p[1]) << 8
+        let v = UInt32(p[2]) | UInt32(p[3]) << 8 | UInt32(p[4]) << 16 | UInt32(p[5]) << 24
+        return ZMQMonitorEvent(event: ev, value: v, endpoint: String(decoding: parts[1], as: UTF8.self))
+    }
+}
+
+/// One ZAP request (RFC 27): a peer asking to connect to a listener with a ZAP domain.
+public struct ZAPRequest: Sendable {
+    /// The routing envelope of the handler's ROUTER socket, echoed in the reply.
+    public var routing: [[UInt8]]
+    public var requestID: [UInt8]
+    public var domain: String
+    public var address: String
+    public var mechanism: String
+    /// The client's CURVE public key (Z85), for mechanism CURVE.
+    public var clientKey: String?
+
+    /// Parses the parts after the routing envelope; nil for anything that is not ZAP 1.0.
+    public static func parse(_ parts: [[UInt8]]) -> ZAPRequest? {
+        guard let empty = parts.firstIndex(where: { $0.isEmpty }) else { return nil }
+        let body = Array(parts[(empty + 1)...])
+        guard body.count >= 6, String(decoding: body[0], as: UTF8.self) == "1.0" else { return nil }
+        let mech = String(decoding: body[5], as: UTF8.self)
+        var key: String?
+        if mech == "CURVE", body.count >= 7, body[6].count == 32 { key = ZMQCurve.z85(body[6]) }
+        return ZAPRequest(routing: Array(parts[...empty]), requestID: body[1], domain: String(decoding: body[2], as: UTF8.self),
+                          address: String(decoding: body[3], as: UTF8.self), mechanism: mech, clientKey: key)
+    }
+    /// The reply: 200 with the user id the connection's messages will carry, or 400 with a reason.
+    public func reply(allow userID: String?, reason: String) -> [[UInt8]] {
+        routing + [Array("1.0".utf8), requestID, Array((userID != nil ? "200" : "400").utf8), Array(reason.utf8),
+                   Array((userID ?? "").utf8), []]
+    }
 }
 
 /// `zmq_poll` over a fixed set of sockets.
@@ -295,5 +394,24 @@ public enum ZMQCurve {
         guard zmq_curve_keypair(&pub, &sec) == 0 else { throw .last("zmq_curve_keypair") }
         func s(_ a: [CChar]) -> String { a.withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0).prefix(40), as: UTF8.self) } }
         return (s(pub), s(sec))
+    }
+    /// The public key (Z85) of a Z85 secret key; nil when `secretKey` is not a CURVE secret key.
+    public static func publicKey(secretKey: String) -> String? {
+        guard secretKey.utf8.count == 40 else { return nil }
+        var pub = [CChar](repeating: 0, count: 41)
+        guard zmq_curve_public(&pub, secretKey) == 0 else { return nil }
+        return pub.withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0).prefix(40), as: UTF8.self) }
+    }
+    /// Whether `key` is a well-formed Z85 CURVE key (40 characters that decode to 32 bytes).
+    public static func isKey(_ key: String) -> Bool {
+        guard key.utf8.count == 40 else { return false }
+        var out = [UInt8](repeating: 0, count: 32)
+        return zmq_z85_decode(&out, key) != nil
+    }
+    /// Z85 text of 32 key bytes.
+    public static func z85(_ bytes: [UInt8]) -> String {
+        var out = [CChar](repeating: 0, count: bytes.count * 5 / 4 + 1)
+        _ = zmq_z85_encode(&out, bytes, bytes.count)
+        return out.withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0).prefix(while: { $0 != 0 }), as: UTF8.self) }
     }
 }

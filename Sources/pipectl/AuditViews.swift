@@ -45,8 +45,8 @@ struct AuditViews {
                 ("model", .string(executed ? (d["program"]?.stringValue ?? d["executor"]?.stringValue ?? "unknown") : "lane:\(lane)")),
                 ("route_class", .string(executed ? (hops > 0 ? "relay" : "local") : "triage")),
                 ("surface", .string(r.stage.isEmpty ? "unknown" : r.stage)),
-                // Where the deciding stage ran: a thread of the host (inproc) or a worker process (ipc).
-                ("transport", .string(r.location.hasPrefix("worker:") ? "ipc" : "inproc")),
+                // Where the deciding stage ran: a thread of the host (inproc), a worker process (ipc), a remote worker (tcp).
+                ("transport", .string(r.location.hasPrefix("remote:") ? "tcp" : r.location.hasPrefix("worker:") ? "ipc" : "inproc")),
                 ("status", .string(executed ? (d["outcome"]?.stringValue ?? "unknown") : (r.decision == "preempt" ? "preempted" : "rejected"))),
                 ("latency_ms", .double(Double(d["latency_us"]?.intValue ?? 0) / 1000)),
                 ("lane_class", .string(lane)),

@@ -104,16 +104,39 @@ struct Status: ParsableCommand {
 }
 
 struct Workers: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "The stages running in worker processes: pid, state, restarts, counters.")
+    static let configuration = CommandConfiguration(
+        abstract: "Remote workers (name, key, state, address, stages, last seen) and the stages running outside the host process.",
+        discussion: """
+        Worker states: up (every stage placed on it reports), partly down, down (its runners went silent: remote.down_after_ms),
+        absent (never registered in this run), cut-off (refused after sending garbage).
+        """)
     @OptionGroup var host: HostOptions
     @Flag(help: "Print as JSON.") var json = false
 
     func run() throws {
         let v = host.call("status")
-        let workers = (v["stages"]?.listValue ?? []).filter { $0["placement"]?.stringValue != "in-process" }
-        if json { printJSON(.list(workers)); return }
-        if workers.isEmpty { print("no worker processes (every stage runs in-process)"); return }
-        print(StageTable.render(workers, ["stage", "kind", "placement", "pid", "state", "restarts", "in", "out", "busy", "errors"]))
+        let remote = host.call("workers").listValue ?? []
+        let stages = (v["stages"]?.listValue ?? []).filter { $0["placement"]?.stringValue != "in-process" }
+        if json { printJSON(.object([("workers", .list(remote)), ("stages", .list(stages))])); return }
+        if remote.isEmpty && stages.isEmpty { print("no workers (every stage runs in-process)"); return }
+        if !remote.isEmpty {
+            let r = v["host"]?["remote"] ?? .null
+            print("remote workers on \(r["listen"]?.stringValue ?? "?") (\(r["security"]?.stringValue ?? "?")); refused connections: \(r["refused"]?.intValue ?? 0), failed handshakes: \(r["handshake_failures"]?.intValue ?? 0)")
+            let rows = remote.map { w -> [String] in
+                let placed = (w["stages"]?.listValue ?? []).compactMap(\.stringValue)
+                let up = Set((w["stages_up"]?.listValue ?? []).compactMap(\.stringValue))
+                return [w["name"]?.stringValue ?? "", w["state"]?.stringValue ?? "", w["address"]?.stringValue.flatMap { $0.isEmpty ? nil : $0 } ?? "-",
+                        placed.map { up.contains($0) ? $0 : $0 + " (down)" }.joined(separator: ", "),
+                        w["last_seen_ms"]?.intValue.map { String(format: "%.1f s ago", Double($0) / 1000) } ?? "never",
+                        String(w["registrations"]?.intValue ?? 0), String(w["bad_frames"]?.intValue ?? 0),
+                        String((w["key"]?.stringValue ?? "").prefix(12)) + "..."]
+            }
+            print(SummaryFormatter.table(["worker", "state", "address", "stages", "last seen", "registrations", "bad frames", "key"], rows))
+            print("")
+        }
+        if !stages.isEmpty {
+            print(StageTable.render(stages, ["stage", "kind", "placement", "pid", "state", "restarts", "in", "out", "busy", "errors"]))
+        }
     }
 }
 

@@ -118,23 +118,68 @@ struct Seal: ParsableCommand {
 
 struct Worker: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "(internal) Run one stage as a worker process; the host spawns this for `placement: process`.")
-    @Option(help: "The host's runner endpoint (ipc://...).") var connect: String
-    @Option(help: "The stage id to ask for.") var stage: String
+        abstract: "Run stages as a worker: a remote worker that connects in over tcp, or (internal) a child worker the host spawns.",
+        discussion: """
+            Remote: pipehost worker --connect tcp://HOST:PORT --key worker/curve.key --server-key host/curve.pub
+            The worker registers, runs the stages the pipeline places on it (placement: { worker: NAME },
+            NAME being the name its public key has in remote.workers), and exits 0 when they finish.
+            Start it from a supervisor (deploy/pipehost-worker.service, deploy/k8s-worker.yaml).
+            Child: the host runs `pipehost worker --connect ipc://... --stage ID` for placement: process.
+            """)
+    @Option(help: "The host's endpoint: tcp://HOST:PORT (remote.listen) or, for a child worker, ipc://...") var connect: String
+    @Option(help: "(child workers) The stage id to ask for.") var stage: String?
+    @Option(help: "This worker's CURVE secret key file (curve.key from `pipehost keygen`).") var key: String?
+    @Option(name: .customLong("server-key"), help: "The host's CURVE public key: a curve.pub file or the Z85 key.") var serverKey: String?
+    @Option(help: "The worker name to ask for (needed with --insecure; with CURVE the key names the worker).") var name: String?
+    @Flag(help: "Plaintext tcp without authentication (only against a pipeline with remote.insecure: true).") var insecure = false
+    @Option(name: .customLong("run-dir"), help: "Local directory for the stages' state (default /tmp/pipehost-worker-<uid>).") var runDir: String?
+    @Option(name: .customLong("handshake-timeout"), help: "Seconds to wait for the host's answer before giving up (exit 2).") var handshakeTimeout: Double = 10
+    @Option(help: "(not yet supported) An authority grant file.") var grant: String?
+
+    func validate() throws {
+        if connect.hasPrefix("tcp://") {
+            if stage != nil { throw ValidationError("--stage is for child workers; a remote worker is told its stages by the host") }
+            if grant != nil { throw ValidationError("--grant: authority grants are not supported yet; list the worker's key in remote.workers") }
+            if insecure {
+                if key != nil || serverKey != nil { throw ValidationError("--insecure takes no --key or --server-key") }
+                guard let n = name, isValidName(n) else { throw ValidationError("--insecure needs --name NAME ([a-z0-9_-]+): without a key nothing else names the worker") }
+            } else if key == nil || serverKey == nil {
+                throw ValidationError("a tcp worker needs --key (its curve.key) and --server-key (the host's curve.pub), or --insecure --name NAME")
+            }
+            if let n = name, !isValidName(n) { throw ValidationError("--name must match [a-z0-9_-]+") }
+            if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be a positive number of seconds") }
+        } else if connect.hasPrefix("ipc://") || connect.hasPrefix("inproc://") {
+            if stage == nil { throw ValidationError("--stage is required with an ipc:// endpoint") }
+        } else {
+            throw ValidationError("--connect must be tcp://HOST:PORT (a remote worker) or ipc://PATH (a child worker)")
+        }
+    }
 
     func run() throws {
+        if connect.hasPrefix("tcp://") { runRemote() }
         // The host drains us in order, so ignore the terminal's Ctrl-C; the runner exits when the
         // host goes away (reparented, or silent for 15 s).
         signal(SIGINT, SIG_IGN)
-        guard connect.hasPrefix("ipc://") || connect.hasPrefix("inproc://") else {
-            throw ValidationError("--connect must be an ipc:// endpoint (remote tcp workers come with the distributed issue)")
-        }
         let ctx: ZMQContext
         do { ctx = try ZMQContext() } catch { die("worker: \(error)") }
-        let runner = StageRunner(context: ctx, controlEndpoint: connect, stageID: stage, registry: builtInStages,
+        let runner = StageRunner(context: ctx, controlEndpoint: connect, stageID: stage ?? "", registry: builtInStages,
                                  location: "worker:\(getpid())", parentPid: getppid())
         let rc = runner.run()
         ctx.terminate()
         Glibc.exit(rc)
+    }
+
+    func runRemote() -> Never {
+        var keys: CurveKeyPair?
+        var server: String?
+        if !insecure, let k = key, let sk = serverKey {
+            do {
+                keys = try CurveKeys.loadSecret(k)
+                server = try CurveKeys.loadPublic(sk, base: FileManager.default.currentDirectoryPath)
+            } catch { die("pipehost worker: \(error)", code: 2) }
+        }
+        let opts = RemoteWorker.Options(endpoint: connect, keys: keys, serverKey: server, name: name ?? "",
+                                        runDirectory: runDir ?? "/tmp/pipehost-worker-\(getuid())", handshakeTimeoutSeconds: handshakeTimeout)
+        Glibc.exit(RemoteWorker(options: opts, registry: builtInStages).run())
     }
 }

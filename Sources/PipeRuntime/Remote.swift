@@ -1,0 +1,379 @@
+import Foundation
+import Glibc
+import PipeConfig
+import PipeKit
+import PipeSeal
+import PipeZMQ
+
+/// CURVE keys on disk: `curve.key` (Z85 secret, mode 0600) and `curve.pub` from `pipehost keygen`.
+public enum CurveKeys {
+    /// Reads a secret key file; refuses one that others can read (as ssh does).
+    public static func loadSecret(_ path: String) throws(RuntimeError) -> CurveKeyPair {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw .io("cannot read CURVE key \(path): \(String(cString: strerror(errno)))") }
+        if st.st_mode & 0o077 != 0 {
+            throw .io("CURVE secret key \(path) is readable by others (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 600 it")
+        }
+        let text: String
+        do { text = try KeyFiles.read(path) } catch { throw .io("\(error)") }
+        let secret = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let pub = ZMQCurve.publicKey(secretKey: secret) else {
+            throw .io("\(path) is not a CURVE secret key (40 Z85 characters; `pipehost keygen` writes curve.key)")
+        }
+        return CurveKeyPair(publicKey: pub, secretKey: secret)
+    }
+
+    /// A public key given as Z85 text or as the path of a `curve.pub` file (relative to `base`).
+    public static func loadPublic(_ keyOrPath: String, base: String) throws(RuntimeError) -> String {
+        if ZMQCurve.isKey(keyOrPath) { return keyOrPath }
+        let path = keyOrPath.hasPrefix("/") ? keyOrPath : base + "/" + keyOrPath
+        let text: String
+        do { text = try KeyFiles.read(path) } catch { throw .io("\(error)") }
+        let key = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard ZMQCurve.isKey(key) else { throw .io("\(path) is not a CURVE public key (40 Z85 characters; `pipehost keygen` writes curve.pub)") }
+        return key
+    }
+}
+
+/// Reserves a free tcp port on `host` (IPv4 address or name): the kernel picks it, the socket is
+/// closed, and the runner binds it moments later (ZeroMQ listeners set SO_REUSEADDR).
+func reserveTCPPort(host: String) throws(RuntimeError) -> Int {
+    var hints = addrinfo()
+    hints.ai_family = AF_INET
+    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+    var res: UnsafeMutablePointer<addrinfo>?
+    guard getaddrinfo(host, "0", &hints, &res) == 0, let ai = res else { throw .io("cannot resolve remote.listen host '\(host)' (IPv4)") }
+    defer { freeaddrinfo(res) }
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw .io("socket: \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    var one: Int32 = 1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+    guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
+        throw .io("cannot bind a tcp port on \(host): \(String(cString: strerror(errno)))")
+    }
+    var addr = sockaddr_in()
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let rc = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    guard rc == 0 else { throw .io("getsockname: \(String(cString: strerror(errno)))") }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// The host's side of remote workers (docs/operations.md, "Remote workers"): the registration
+/// ROUTER on `remote.listen`, the ZAP handler that authenticates every tcp connection of the
+/// host's context against `remote.workers`, and which connection runs which stage.
+/// Confined to the host thread, like the host.
+final class RemoteHost {
+    struct Worker {
+        var name: String
+        var key: String
+        var connected = false
+        var lastSeenNs: UInt64 = 0
+        var address = ""
+        var registrations = 0
+        var badFrames = 0
+        var cutOff = false
+    }
+
+    let spec: RemoteSpec
+    let router: ZMQSocket
+    let zap: ZMQSocket?
+    let monitor: ZMQSocket?
+    let layout: RemoteLayout
+    /// Public key -> worker name (the allow-list).
+    let names: [String: String]
+    var workers: [String: Worker] = [:]
+    /// stage -> routing id of its runner's connection, and back.
+    var routes: [String: [UInt8]] = [:]
+    var stageOf: [[UInt8]: String] = [:]
+    /// stage -> monotonic time of its last frame.
+    var lastFrame: [String: UInt64] = [:]
+    var refused = 0
+    var handshakeFailures = 0
+    /// Log lines and audit records about refusals: at most `auditBurst` per 10 s for each kind of
+    /// refusal and key (a refused client retries every 100 ms; a flood stays counted, not written).
+    var auditWindows: [String: (start: UInt64, count: Int)] = [:]
+    static let auditBurst = 5
+    let startedNs = monotonicNs()
+
+    init(spec: RemoteSpec, router: ZMQSocket, zap: ZMQSocket?, monitor: ZMQSocket?, layout: RemoteLayout, names: [String: String]) {
+        self.spec = spec; self.router = router; self.zap = zap; self.monitor = monitor; self.layout = layout; self.names = names
+        for (k, n) in names { workers[n] = Worker(name: n, key: k) }
+    }
+
+    func mayAudit(_ now: UInt64, _ what: String) -> Bool {
+        if auditWindows.count > 1000 { auditWindows.removeAll() }  // bounded under a flood of fresh keys
+        var w = auditWindows[what] ?? (now, 0)
+        if now - w.start > 10_000_000_000 { w = (now, 0) }
+        w.count += 1
+        auditWindows[what] = w
+        return w.count <= Self.auditBurst
+    }
+}
+
+extension PipelineHost {
+    /// Opens the remote side when some stage runs on a remote worker: the ZAP handler first (a
+    /// CURVE listener without one would let every client in), then the registration ROUTER, and
+    /// the tcp ports of every lane that crosses to a worker.
+    func openRemote() throws(RuntimeError) {
+        guard plan.stages.contains(where: { $0.placement.isRemote }) else { return }
+        guard let r = plan.spec.remote else { throw .plan("stages are placed on remote workers but the pipeline has no `remote:` section") }
+        let base = (plan.spec.file as NSString).deletingLastPathComponent.isEmpty ? "." : (plan.spec.file as NSString).deletingLastPathComponent
+        var names: [String: String] = [:]
+        for w in r.workers {
+            let key = try CurveKeys.loadPublic(w.key, base: base)
+            if let other = names[key] { throw .plan("workers '\(other)' and '\(w.name)' have the same key") }
+            names[key] = w.name
+        }
+        var security = TCPSecurity(curve: false, serverPublicKey: "", serverSecretKey: nil)
+        if !r.insecure {
+            guard let kp = r.key else { throw .plan("remote needs key: (the host's curve.key) unless insecure: true") }
+            let keys = try CurveKeys.loadSecret(kp.hasPrefix("/") ? kp : base + "/" + kp)
+            security = TCPSecurity(curve: true, serverPublicKey: keys.publicKey, serverSecretKey: keys.secretKey)
+        } else {
+            log.warning("remote.insecure: true: workers connect over plaintext tcp on \(r.listen), with no authentication and no encryption; anyone who can reach the port can run a stage or read its lanes")
+        }
+        do {
+            var zap: ZMQSocket?
+            if security.curve {
+                let z = try zmq.socket(.router)
+                try z.bind("inproc://zeromq.zap.01")
+                zap = z
+            }
+            let router = try zmq.socket(.router)
+            try router.setRouterMandatory(false)
+            try router.setReceiveHWM(10_000); try router.setSendHWM(0)
+            // HELLO, STATS and AUDIT frames only; AUDIT frames are capped at 4 MiB.
+            try router.setMaxMessageSize(Int64(4 << 20) + 64)
+            try TCPLinks.prepare(router)
+            let monitorEndpoint = "inproc://\(runTag)/remote-monitor"
+            try router.monitorHandshakes(monitorEndpoint)
+            let mon = try zmq.socket(.pair)
+            try mon.connect(monitorEndpoint)
+            if let secret = security.serverSecretKey { try router.makeCurveServer(secretKey: secret, domain: TCPSecurity.zapDomain) }
+            try router.bind(r.listen)
+            let layout = try RemoteLayout.make(plan: plan, bindHost: r.listenHost, connectHost: r.laneHost, security: security) { () throws(RuntimeError) -> Int in
+                try reserveTCPPort(host: r.listenHost)
+            }
+            remote = RemoteHost(spec: r, router: router, zap: zap, monitor: mon, layout: layout, names: names)
+        } catch let e as RuntimeError { throw e } catch {
+            throw .io("cannot open the remote endpoint \(r.listen): \(error)")
+        }
+        let placed = plan.stages.filter { $0.placement.isRemote }.map { "\($0.id) on \($0.placement.workerName ?? "")" }
+        log.info("remote workers connect to \(r.listen) (\(security.curve ? "CURVE, server key \(security.serverPublicKey)" : "plaintext")); waiting for: \(placed.joined(separator: ", "))")
+    }
+
+    /// Takes what arrived on the remote side: ZAP requests, handshake events, runner frames.
+    func pollRemote() {
+        guard let rm = remote else { return }
+        if let z = rm.zap { while let parts = try? z.receiveParts(dontWait: true) { handleZAP(parts, rm) } }
+        if let m = rm.monitor {
+            while let ev = ZMQMonitorEvent.receive(from: m) {
+                guard ev.isHandshakeFailure else { continue }
+                rm.handshakeFailures += 1
+                // Refused authentications are the ZAP handler's to report.
+                if ev.event == 0x4000 { continue }
+                if rm.mayAudit(monotonicNs(), "handshake \(ev.value)") {
+                    log.warning("remote: a connection to \(rm.spec.listen) failed its handshake: \(ev.reason) (\(rm.handshakeFailures) so far)")
+                    auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.handshake",
+                                                    reason: "handshake failed on \(rm.spec.listen): \(ev.reason)",
+                                                    details: ["event": .int(Int64(ev.event)), "value": .int(Int64(ev.value)),
+                                                              "failures_so_far": .int(Int64(rm.handshakeFailures))]))
+                }
+            }
+        }
+        while let first = try? rm.router.receiveMessage(dontWait: true) {
+            let routing = first.bytes
+            var body: ZMQMessage?
+            var extra = false
+            while (body.map(\.hasMore) ?? first.hasMore), let m = try? rm.router.receiveMessage() {
+                if body != nil { extra = true }
+                body = m
+            }
+            guard let body, !extra else { remoteGarbage(routing, rm, "a message of more than two parts"); continue }
+            handleRemote(routing: routing, body, rm)
+        }
+    }
+
+    /// ZAP (RFC 27): a CURVE client is let in only with a key on the allow-list; the worker's
+    /// name becomes the connection's User-Id, which every frame from it then carries.
+    func handleZAP(_ parts: [[UInt8]], _ rm: RemoteHost) {
+        guard let req = ZAPRequest.parse(parts) else { return }
+        var name: String?
+        var reason = "OK"
+        if req.mechanism != "CURVE" {
+            reason = "mechanism \(req.mechanism) is not allowed (CURVE only)"
+        } else if let key = req.clientKey, let n = rm.names[key] {
+            if rm.workers[n]?.cutOff == true { reason = "worker '\(n)' was cut off for sending garbage" } else { name = n }
+        } else {
+            reason = "unknown worker key"
+        }
+        _ = try? rm.zap?.send(parts: req.reply(allow: name, reason: reason))
+        guard name == nil else { return }
+        rm.refused += 1
+        let key = req.clientKey ?? ""
+        if rm.mayAudit(monotonicNs(), "zap \(key)") {
+            log.warning("remote: refused a connection from \(req.address) (key \(key.isEmpty ? "none" : key)): \(reason) (\(rm.refused) so far)")
+            auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.authenticate", reason: reason,
+                                            details: ["address": .string(req.address), "key": .string(key), "mechanism": .string(req.mechanism),
+                                                      "refused_so_far": .int(Int64(rm.refused))]))
+        }
+    }
+
+    /// The worker an authenticated connection belongs to: its ZAP User-Id (CURVE). Plaintext
+    /// connections (`insecure`) carry none; their HELLO's name is taken on trust.
+    func remoteWorker(_ msg: ZMQMessage) -> String? {
+        guard let u = msg.property("User-Id"), !u.isEmpty else { return nil }
+        return u
+    }
+
+    func handleRemote(routing: [UInt8], _ msg: ZMQMessage, _ rm: RemoteHost) {
+        let user = remoteWorker(msg)
+        if let u = user { rm.workers[u]?.lastSeenNs = monotonicNs(); if let a = msg.property("Peer-Address") { rm.workers[u]?.address = a } }
+        // A frame from a known runner connection.
+        if let stage = rm.stageOf[routing] {
+            rm.lastFrame[stage] = monotonicNs()
+            msg.withBytes { raw in
+                guard let f = try? FrameView(raw) else { remoteGarbage(routing, rm, "a malformed frame from stage '\(stage)'"); return }
+                if f.header.type == .hello { return }
+                handleRunnerFrame(stage, f)
+            }
+            return
+        }
+        // Otherwise only a HELLO: a worker registering, or one of its runners asking for its stage.
+        let hello: Hello? = msg.withBytes { raw in
+            guard let f = try? FrameView(raw), f.header.type == .hello else { return nil }
+            return try? Hello.decode(f)
+        }
+        guard let h = hello, h.protocolVersion == Hello.protocolVersion else {
+            remoteGarbage(routing, rm, "a frame before HELLO, or a HELLO of another protocol version"); return
+        }
+        if h.worker.hasPrefix("worker:") {
+            let claimed = String(h.worker.dropFirst(7))
+            let name: String
+            if let u = user {
+                if !claimed.isEmpty && claimed != u {
+                    refuseRemote(routing, rm, worker: u, "the connection's key is worker '\(u)' but its HELLO says '\(claimed)'"); return
+                }
+                name = u
+            } else if rm.layout.security.curve {
+                refuseRemote(routing, rm, worker: claimed, "no authenticated worker on this connection"); return
+            } else {
+                guard rm.workers[claimed] != nil else { refuseRemote(routing, rm, worker: claimed, "no worker '\(claimed)' in remote.workers"); return }
+                name = claimed
+            }
+            let stages = plan.stages.filter { $0.placement.workerName == name }.map(\.id)
+            rm.workers[name]?.connected = true
+            rm.workers[name]?.registrations += 1
+            rm.workers[name]?.lastSeenNs = monotonicNs()
+            log.info("remote: worker '\(name)' (pid \(h.pid)\(rm.workers[name].map { $0.address.isEmpty ? "" : ", \($0.address)" } ?? "")) registered; its stages: \(stages.isEmpty ? "none" : stages.joined(separator: ", "))")
+            auditWriter?.submit(AuditRecord(decision: "worker-joined", stage: "host", intent: "remote.register",
+                                            reason: "worker '\(name)' registered for \(stages.isEmpty ? "no stages" : stages.joined(separator: ", "))",
+                                            details: ["worker": .string(name), "pid": .int(Int64(h.pid)), "address": .string(rm.workers[name]?.address ?? "")]))
+            let roster = ConfigValue.object([("worker", .string(name)), ("stages", .list(stages.map(ConfigValue.string))),
+                                             ("pipeline", .string(plan.spec.name))])
+            controlSeq += 1
+            _ = try? rm.router.send(parts: [routing, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(roster))], dontWait: true)
+            return
+        }
+        // A runner asking for stage `h.worker`.
+        let stage = h.worker
+        guard let st = stages[stage] else { refuseRemote(routing, rm, worker: user ?? "?", "it asked for stage '\(stage)', which this pipeline does not have"); return }
+        guard let owner = st.plan.placement.workerName else {
+            refuseRemote(routing, rm, worker: user ?? "?", "it asked for stage '\(stage)', which runs in the host"); return
+        }
+        if let u = user, u != owner {
+            refuseRemote(routing, rm, worker: u, "worker '\(u)' asked for stage '\(stage)', which is placed on worker '\(owner)'"); return
+        }
+        if rm.layout.security.curve && user == nil { refuseRemote(routing, rm, worker: "?", "no authenticated worker on this connection"); return }
+        if let old = rm.routes[stage] {
+            // The stage's runner came back (a restarted worker, or a new connection after a cut):
+            // a new incarnation, counted from zero on top of the old counts.
+            rm.stageOf[old] = nil
+            if stages[stage]?.stats != nil || stages[stage]?.assigned == true {
+                stages[stage]?.restarts += 1
+                if let s = stages[stage]?.stats { stages[stage]?.base = s }
+                stages[stage]?.stats = nil
+                log.warning("remote: stage '\(stage)' is back on worker '\(owner)' (restart \(stages[stage]?.restarts ?? 0))")
+            }
+        }
+        rm.routes[stage] = routing
+        rm.stageOf[routing] = stage
+        rm.lastFrame[stage] = monotonicNs()
+        stages[stage]?.startedNs = monotonicNs()
+        assign(stage)
+    }
+
+    func refuseRemote(_ routing: [UInt8], _ rm: RemoteHost, worker: String, _ reason: String) {
+        rm.refused += 1
+        let loud = rm.mayAudit(monotonicNs(), "authorize \(worker)")
+        if loud { log.warning("remote: refused: \(reason)") }
+        if loud {
+            auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.authorize", reason: reason,
+                                            details: ["worker": .string(worker), "refused_so_far": .int(Int64(rm.refused))]))
+        }
+        controlSeq += 1
+        _ = try? rm.router.send(parts: [routing, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
+    }
+
+    /// A frame that is not the protocol. A worker that keeps sending them is cut off: its runners
+    /// are aborted and its key refused until the host restarts.
+    func remoteGarbage(_ routing: [UInt8], _ rm: RemoteHost, _ what: String) {
+        rm.refused += 1
+        let stage = rm.stageOf[routing]
+        let worker = stage.flatMap { stages[$0]?.plan.placement.workerName }
+        var bad = 0
+        if let w = worker { rm.workers[w]?.badFrames += 1; bad = rm.workers[w]?.badFrames ?? 0 }
+        if rm.mayAudit(monotonicNs(), "garbage \(worker ?? "")") {
+            log.warning("remote: refused \(what)\(worker.map { " (worker '\($0)')" } ?? "")")
+            auditWriter?.submit(AuditRecord(decision: "frame-refused", stage: "host", intent: "remote.frame", reason: "refused \(what)",
+                                            details: ["worker": .string(worker ?? ""), "bad_frames": .int(Int64(bad))]))
+        }
+        if let w = worker, bad >= 100, rm.workers[w]?.cutOff == false {
+            rm.workers[w]?.cutOff = true
+            log.error("remote: worker '\(w)' cut off after \(bad) bad frames; its key is refused until the host restarts")
+            auditWriter?.submit(AuditRecord(decision: "worker-cut-off", stage: "host", intent: "remote.frame",
+                                            reason: "worker '\(w)' sent \(bad) bad frames", details: ["worker": .string(w)]))
+            for (s, r) in rm.routes where stages[s]?.plan.placement.workerName == w {
+                controlSeq += 1
+                _ = try? rm.router.send(parts: [r, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
+                rm.stageOf[r] = nil; rm.routes[s] = nil
+            }
+        }
+    }
+
+    /// Whether a remote stage's runner has been silent longer than `remote.down_after_ms`.
+    func remoteDown(_ id: String, now: UInt64) -> Bool {
+        guard let rm = remote, stages[id]?.plan.placement.isRemote == true else { return false }
+        if stages[id]?.stats?.flags.contains(.finished) == true { return false }
+        guard let t = rm.lastFrame[id] else { return true }
+        return now - t > UInt64(rm.spec.downAfterMs) * 1_000_000
+    }
+
+    func workersJSON() -> ConfigValue {
+        guard let rm = remote else { return .list([]) }
+        let now = monotonicNs()
+        return .list(rm.workers.values.sorted { $0.name < $1.name }.map { w in
+            let placed = plan.stages.filter { $0.placement.workerName == w.name }.map(\.id)
+            let up = placed.filter { rm.routes[$0] != nil && !remoteDown($0, now: now) }
+            let state = w.cutOff ? "cut-off" : !w.connected ? "absent" : up.count == placed.count ? "up" : up.isEmpty ? "down" : "partly down"
+            return .object([("name", .string(w.name)), ("key", .string(w.key)), ("state", .string(state)), ("address", .string(w.address)),
+                            ("stages", .list(placed.map(ConfigValue.string))), ("stages_up", .list(up.map(ConfigValue.string))),
+                            ("registrations", .int(Int64(w.registrations))),
+                            ("last_seen_ms", w.lastSeenNs == 0 ? .null : .int(Int64((now - w.lastSeenNs) / 1_000_000))),
+                            ("bad_frames", .int(Int64(w.badFrames)))])
+        })
+    }
+
+    func remoteJSON() -> ConfigValue {
+        guard let rm = remote else { return .null }
+        return .object([("listen", .string(rm.spec.listen)), ("security", .string(rm.layout.security.curve ? "curve" : "plaintext")),
+                        ("server_key", .string(rm.layout.security.serverPublicKey)), ("refused", .int(Int64(rm.refused))),
+                        ("handshake_failures", .int(Int64(rm.handshakeFailures))), ("workers", workersJSON())])
+    }
+
+    func closeRemote() {
+        guard let rm = remote else { return }
+        rm.router.close(); rm.monitor?.close(); rm.zap?.close()
+    }
+}
