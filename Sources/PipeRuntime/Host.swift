@@ -93,6 +93,8 @@ public struct LaneView: Sendable {
     public var tap: String = ""
     /// Whether an end of the lane is a remote stage whose worker is absent or silent.
     public var down = false
+    /// For a tcp lane: the host-side endpoint its data crosses (what the remote end connects to or sends to).
+    public var endpoint = ""
     /// Share of the last second the producer was blocked on this lane.
     public var blockedFraction: Double = 0
     /// Wall times (ns) of the producer's and the consumer's reports behind `sent` and `received`.
@@ -524,9 +526,11 @@ public final class PipelineHost: @unchecked Sendable {
         v.spillDepth = UInt64(p?.spillDepth ?? 0)
         v.latency = c?.latency ?? DurationHistogram()
         v.tap = stages[l.from]?.plan.placement.isRemote == true ? "" : plan.tapEndpoint(l.from, runDir: options.runDirectory)
-        if remote != nil {
+        if let rm = remote, l.transport == "tcp" {
             let now = monotonicNs()
             v.down = remoteDown(l.from, now: now) || remoteDown(l.to, now: now)
+            let r = rm.layout
+            v.endpoint = r.laneData[l.id].map(r.connect) ?? r.stageIn[l.to].map(r.connect) ?? ""
         }
         v.sentReportNs = stages[l.from]?.stats?.timeNs ?? 0
         v.receivedReportNs = stages[l.to]?.stats?.timeNs ?? 0

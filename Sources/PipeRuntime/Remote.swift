@@ -37,7 +37,7 @@ public enum CurveKeys {
 
 /// Reserves a free tcp port on `host` (IPv4 address or name): the kernel picks it, the socket is
 /// closed, and the runner binds it moments later (ZeroMQ listeners set SO_REUSEADDR).
-func reserveTCPPort(host: String) throws(RuntimeError) -> Int {
+public func reserveTCPPort(host: String) throws(RuntimeError) -> Int {
     var hints = addrinfo()
     hints.ai_family = AF_INET
     hints.ai_socktype = Int32(SOCK_STREAM.rawValue)

@@ -1,0 +1,369 @@
+import Testing
+import Foundation
+import Glibc
+import PipeKit
+import PipeRuntime
+import PipeZMQ
+
+/// A directory with host and worker keys from `pipehost keygen`, and a pipeline whose middle
+/// stage runs on remote worker `edge`, listening on a free loopback port.
+struct RemoteFixture {
+    let dir: String
+    let port: Int
+    var endpoint: String { "tcp://127.0.0.1:\(port)" }
+    var pipeline: String { dir + "/remote.yaml" }
+
+    init(_ tag: String, extraWorkers: [String] = [], insecure: Bool = false, count: Int = 5000, rate: Int? = nil,
+         delivery: String? = nil, downAfterMs: Int? = nil) throws {
+        dir = Paths.tempDir(tag)
+        port = try reserveTCPPort(host: "127.0.0.1")
+        for k in ["host", "edge", "stranger"] + extraWorkers {
+            let r = try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k])
+            #expect(r.status == 0, "\(r.stderr)")
+        }
+        var workers = "    edge: { key: keys/edge/curve.pub }\n"
+        for w in extraWorkers { workers += "    \(w): { key: keys/\(w)/curve.pub }\n" }
+        let rateLine = rate.map { ", rate: \($0)" } ?? ""
+        let yaml = """
+            pipeline: remote-test
+            \(delivery.map { "delivery: \($0)\n" } ?? "")remote:
+              listen: \(endpoint)
+            \(insecure ? "  insecure: true" : "  key: keys/host/curve.key")
+            \(downAfterMs.map { "  down_after_ms: \($0)\n" } ?? "")  workers:
+            \(workers)stages:
+              - id: gen
+                kind: generator
+                config: { count: \(count), seed: 11\(rateLine) }
+              - id: pass
+                kind: passthrough
+                inputs: [gen]
+                placement: { worker: edge }
+              - id: out
+                kind: file-sink
+                inputs: [pass]
+                config: { path: out.jsonl, append: true }
+            """
+        try yaml.write(toFile: pipeline, atomically: true, encoding: .utf8)
+    }
+
+    /// `pipehost worker` as a process; the caller waits for it or kills it.
+    func startWorker(_ key: String, extra: [String] = [], log: String) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Paths.pipehost)
+        var args = ["worker", "--connect", endpoint, "--run-dir", dir + "/w-" + key]
+        if !extra.contains("--insecure") { args += ["--key", dir + "/keys/\(key)/curve.key", "--server-key", dir + "/keys/host/curve.pub"] }
+        p.arguments = args + extra
+        p.standardOutput = FileHandle.nullDevice
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        p.standardError = FileHandle(forWritingAtPath: log)
+        try p.run()
+        return p
+    }
+
+    func worker(_ key: String, extra: [String] = [], timeout: Double = 60) throws -> ProcResult {
+        var args = ["worker", "--connect", endpoint, "--run-dir", dir + "/w-" + key, "--handshake-timeout", "3"]
+        if !extra.contains("--insecure") { args += ["--key", dir + "/keys/\(key)/curve.key", "--server-key", dir + "/keys/host/curve.pub"] }
+        return try runProcess(Paths.pipehost, args + extra, timeout: timeout)
+    }
+}
+
+/// Waits for a process to exit, killing it after `timeout` seconds; returns its status.
+@discardableResult
+func waitExit(_ p: Process, timeout: Double) -> Int32 {
+    let deadline = Date().addingTimeInterval(timeout)
+    while p.isRunning && Date() < deadline { usleep(20_000) }
+    if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+    p.waitUntilExit()
+    return p.terminationStatus
+}
+
+func envelopeIDs(_ path: String) throws -> [String] {
+    try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap { line in
+        (try? JSON.parse(String(line)))?["id"]?.stringValue
+    }
+}
+
+extension ExclusivePipelines {
+@Suite("Remote workers over tcp with CURVE", .serialized)
+struct RemoteWorkerTests {
+    @Test func remoteMiddleStage_givesTheSameOutputAsInProcess() throws {
+        let fx = try RemoteFixture("remote-same")
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(worker, timeout: 20) == 0, "\((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "")")
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "pass")?["placement"]?.stringValue == "worker:edge")
+        #expect(stage(s, "pass")?["received"]?.intValue == 5000)
+        for l in lanes(s) { #expect(l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        #expect(lane(s, from: "gen.out", to: "pass.in")?["transport"]?.stringValue == "tcp")
+        #expect(lane(s, from: "pass.out", to: "out.in")?["transport"]?.stringValue == "tcp")
+        // The same pipeline with every stage in the host: the same envelopes, in the same order.
+        let local = try String(contentsOfFile: fx.pipeline, encoding: .utf8).replacingOccurrences(of: "placement: { worker: edge }", with: "placement: in-process")
+        let localFile = fx.dir + "/local.yaml"
+        try local.write(toFile: localFile, atomically: true, encoding: .utf8)
+        let (r, _) = try runPipeline(localFile, runDir: fx.dir + "/run-local")
+        #expect(r.status == 0, "\(r.stderr)")
+        let remoteIDs = try envelopeIDs(run + "/out.jsonl"), localIDs = try envelopeIDs(fx.dir + "/run-local/out.jsonl")
+        #expect(remoteIDs.count == 5000)
+        #expect(remoteIDs == localIDs)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("worker 'edge' registered for pass"))
+    }
+
+    @Test func strangers_wrongKeys_plaintext_andOtherWorkersStages_areRefusedAndAudited() throws {
+        let fx = try RemoteFixture("remote-refuse", extraWorkers: ["spare"])
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        // A key the host does not list: ZAP says no, and the worker says so.
+        let stranger = try fx.worker("stranger")
+        #expect(stranger.status == 2)
+        #expect(stranger.stderr.contains("refused this worker's key"), "\(stranger.stderr)")
+        // The right worker key with the wrong server key: the handshake cannot decrypt.
+        let bad = try runProcess(Paths.pipehost, ["worker", "--connect", fx.endpoint, "--key", fx.dir + "/keys/edge/curve.key",
+                                                  "--server-key", fx.dir + "/keys/stranger/curve.pub", "--handshake-timeout", "2",
+                                                  "--run-dir", fx.dir + "/w-bad"], timeout: 30)
+        #expect(bad.status == 2)
+        #expect(bad.stderr.contains("--server-key"), "\(bad.stderr)")
+        // Plaintext against a CURVE host.
+        let plain = try fx.worker("edge", extra: ["--insecure", "--name", "edge"])
+        #expect(plain.status == 2)
+        #expect(plain.stderr.contains("expects CURVE"), "\(plain.stderr)")
+        // An allowed worker asking for a stage placed on another worker.
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let spareKeys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
+        let hostPub = try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/")
+        let d = try ctx.socket(.dealer)
+        defer { d.close() }
+        try d.makeCurveClient(publicKey: spareKeys.publicKey, secretKey: spareKeys.secretKey, serverKey: hostPub)
+        try d.setReceiveTimeout(ms: 5000)
+        try d.connect(fx.endpoint)
+        try d.send(Hello(pid: 1, worker: "pass").encode(seq: 1))
+        let answer = try d.receive()
+        let code: RunnerCommand.Code? = try answer.flatMap { bytes in try withFrame(bytes) { f in f.header.type == .command ? try f.command().code : nil } }
+        #expect(code == .abort)
+        // The host still runs the pipeline when its own worker comes.
+        let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(worker, timeout: 20) == 0)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "out")?["received"]?.intValue == 5000)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("unknown worker key"))
+        #expect(audit.contains("the client's server key is not this host's key"))
+        #expect(audit.contains("security mechanism mismatch"))
+        #expect(audit.contains("worker 'spare' asked for stage 'pass', which is placed on worker 'edge'"))
+        #expect(audit.contains("worker-joined"))
+    }
+
+    @Test func insecure_runsPlaintextWithAWarning() throws {
+        let fx = try RemoteFixture("remote-insecure", insecure: true)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        // Without a key nothing names the worker: plaintext workers say who they are.
+        let worker = try fx.startWorker("edge", extra: ["--insecure", "--name", "edge"], log: fx.dir + "/worker.log")
+        #expect(waitExit(host, timeout: 90) == 0)
+        #expect(waitExit(worker, timeout: 20) == 0)
+        let log = try String(contentsOfFile: run + ".host.log", encoding: .utf8)
+        #expect(log.contains("plaintext tcp"), "\(log)")
+        #expect(try envelopeIDs(run + "/out.jsonl").count == 5000)
+        // A CURVE worker cannot talk to a plaintext host either.
+        let curve = try fx.worker("edge")
+        #expect(curve.status == 2)
+    }
+
+    @Test func aFrameOnALaneTheSenderDoesNotOwn_isRefusedCountedAndAudited() throws {
+        let fx = try RemoteFixture("remote-foreign", extraWorkers: ["spare"])
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        // The tcp endpoint of the lane pass -> out, where only edge's runner may send.
+        let lanesNow = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
+        let target = try #require(lanesNow.first { $0["from"]?.stringValue == "pass.out" })
+        let endpoint = try #require(target["endpoint"]?.stringValue)
+        #expect(endpoint.hasPrefix("tcp://127.0.0.1:"))
+        let laneID = UInt32(target["id"]?.intValue ?? 0)
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let keys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
+        let push = try ctx.socket(.push)
+        defer { push.close() }
+        try push.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey,
+                                 serverKey: try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/"))
+        try push.connect(endpoint)
+        let env = Envelope(intent: "forged", payload: Array("not yours".utf8))
+        let frame = [env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: laneID, seq: 1, envelopes: $0) }
+        for _ in 0..<3 { try push.send(frame) }
+        var refused: Int64 = 0
+        let deadline = Date().addingTimeInterval(10)
+        while refused < 3 && Date() < deadline {
+            usleep(100_000)
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            refused = (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["status"]?["refused_frames"]?.intValue ?? 0
+        }
+        #expect(refused == 3)
+        let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
+        #expect(waitExit(host, timeout: 90) == 0)
+        #expect(waitExit(worker, timeout: 20) == 0)
+        // Nothing forged reached the sink; the refusal is in the audit log.
+        let out = try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8)
+        #expect(!out.contains("forged"))
+        #expect(try envelopeIDs(run + "/out.jsonl").count == 5000)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("worker 'spare' sent a frame on lane \(laneID), which belongs to 'edge'"))
+    }
+
+    @Test func aKilledWorker_showsDown_andAReturningOneFinishesTheRunLosingNothing() throws {
+        let fx = try RemoteFixture("remote-kill", count: 6000, rate: 3000,
+                                   delivery: "{ mode: at-least-once, ack_timeout_ms: 500 }", downAfterMs: 600)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let first = try fx.startWorker("edge", log: fx.dir + "/worker1.log")
+        // Let some flow, then kill the worker outright.
+        var got: Int64 = 0
+        var deadline = Date().addingTimeInterval(30)
+        while got < 1000 && Date() < deadline {
+            usleep(50_000)
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            got = (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
+        }
+        #expect(got >= 1000)
+        kill(first.processIdentifier, SIGKILL)
+        first.waitUntilExit()
+        // The host sees it go: the worker and the lanes to it are down.
+        var state = ""
+        deadline = Date().addingTimeInterval(10)
+        while state != "down" && Date() < deadline {
+            usleep(100_000)
+            let w = try pipectlJSON(["workers", "--run-dir", run])
+            state = w["workers"]?.listValue?.first?["state"]?.stringValue ?? ""
+        }
+        #expect(state == "down")
+        let lanesNow = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
+        #expect(lanesNow.first { $0["from"]?.stringValue == "gen.out" }?["state"]?.stringValue == "down")
+        // A new worker takes the stage; what the dead one held is sent again, and the sink drops repeats.
+        let second = try fx.startWorker("edge", log: fx.dir + "/worker2.log")
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(second, timeout: 20) == 0)
+        let ids = try envelopeIDs(run + "/out.jsonl")
+        #expect(ids.count == 6000)
+        #expect(Set(ids).count == 6000)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "pass")?["restarts"]?.intValue == 1)
+    }
+}
+}
+
+@Suite("Remote workers: configuration")
+struct RemoteConfigTests {
+    func validate(_ yaml: String, _ tag: String) throws -> ProcResult {
+        let dir = Paths.tempDir(tag)
+        let f = dir + "/p.yaml"
+        try yaml.write(toFile: f, atomically: true, encoding: .utf8)
+        return try runProcess(Paths.pipectl, ["validate", f])
+    }
+
+    @Test func placementOnAWorkerNeedsARemoteSectionThatListsIt() throws {
+        let base = """
+            stages:
+              - id: gen
+                kind: generator
+              - id: pass
+                kind: passthrough
+                inputs: [gen]
+                placement: { worker: edg }
+            """
+        let none = try validate(base, "rv-none")
+        #expect(none.status == 1)
+        #expect((none.stdout + none.stderr).contains("p.yaml:4:9: stage 'pass': placement { worker: edg } needs a `remote:` section"), "\(none.stdout)\(none.stderr)")
+        let listed = try validate("""
+            remote:
+              listen: tcp://127.0.0.1:7800
+              key: host.key
+              workers:
+                edge: { key: edge.pub }
+            """ + "\n" + base, "rv-listed")
+        #expect(listed.status == 1)
+        #expect((listed.stdout + listed.stderr).contains("which remote.workers does not list (did you mean 'edge'?)"), "\(listed.stdout)\(listed.stderr)")
+    }
+
+    @Test func badRemoteSections_nameLineColumnAndWhatWasExpected() throws {
+        let r = try validate("""
+            remote:
+              listen: 127.0.0.1:7800
+              workerz: {}
+            stages:
+              - id: gen
+                kind: generator
+            """, "rv-bad")
+        #expect(r.status == 1)
+        let text = r.stdout + r.stderr
+        #expect(text.contains("p.yaml:2:11: remote.listen must be tcp://HOST:PORT"), "\(text)")
+        #expect(text.contains("p.yaml:3:3: unknown remote key 'workerz' (did you mean 'workers'?)"), "\(text)")
+        #expect(text.contains("remote needs key:"), "\(text)")
+        let wild = try validate("""
+            remote: { listen: "tcp://0.0.0.0:7800", insecure: true }
+            stages:
+              - id: gen
+                kind: generator
+            """, "rv-wild")
+        #expect((wild.stdout + wild.stderr).contains("say advertise: ADDRESS"))
+    }
+
+    @Test func aLaneBetweenTwoRemoteStages_isRefusedAtStart() throws {
+        let dir = Paths.tempDir("rv-two")
+        let f = dir + "/p.yaml"
+        try """
+            remote:
+              listen: tcp://127.0.0.1:7800
+              insecure: true
+              workers:
+                a: { key: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7" }
+                b: { key: "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID" }
+            stages:
+              - id: gen
+                kind: generator
+                placement: { worker: a }
+              - id: out
+                kind: stdout-sink
+                inputs: [gen]
+                placement: { worker: b }
+            """.write(toFile: f, atomically: true, encoding: .utf8)
+        let r = try runProcess(Paths.pipehost, ["run", f, "--run-dir", dir + "/run"], timeout: 30)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("joins two remote stages"), "\(r.stderr)")
+    }
+}
+
+@Suite("ZAP and CURVE helpers")
+struct ZAPTests {
+    @Test func zapRequestParsesAndRepliesPerRFC27() throws {
+        let kp = try ZMQCurve.keyPair()
+        #expect(ZMQCurve.publicKey(secretKey: kp.secretKey) == kp.publicKey)
+        #expect(ZMQCurve.publicKey(secretKey: "short") == nil)
+        #expect(ZMQCurve.isKey(kp.publicKey))
+        #expect(!ZMQCurve.isKey(String(repeating: "~", count: 41)))
+        var raw = [UInt8](repeating: 0, count: 32)
+        for i in raw.indices { raw[i] = UInt8(i * 7 & 0xff) }
+        let parts: [[UInt8]] = [[0, 1, 2, 3, 4], [], Array("1.0".utf8), Array("7".utf8), Array("pipehost".utf8), Array("10.0.0.2".utf8),
+                                [], Array("CURVE".utf8), raw]
+        let req = try #require(ZAPRequest.parse(parts))
+        #expect(req.domain == "pipehost")
+        #expect(req.address == "10.0.0.2")
+        #expect(req.mechanism == "CURVE")
+        #expect(req.clientKey == ZMQCurve.z85(raw))
+        #expect(req.clientKey?.count == 40)
+        let ok = req.reply(allow: "edge", reason: "OK")
+        #expect(ok == [[0, 1, 2, 3, 4], [], Array("1.0".utf8), Array("7".utf8), Array("200".utf8), Array("OK".utf8), Array("edge".utf8), []])
+        let no = req.reply(allow: nil, reason: "unknown worker key")
+        #expect(no[4] == Array("400".utf8))
+        #expect(no[6] == [])
+        // Another version, or no delimiter: not ZAP.
+        #expect(ZAPRequest.parse([[1], [], Array("2.0".utf8), [], [], [], [], Array("NULL".utf8)]) == nil)
+        #expect(ZAPRequest.parse([Array("1.0".utf8)]) == nil)
+    }
+}
