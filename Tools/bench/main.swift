@@ -137,6 +137,10 @@ do {
         try CapBench.report(quick: quick)
         exit(0)
     }
+    if args.contains("--remote") {
+        try RemoteBench.report(quick: quick)
+        exit(0)
+    }
     if args.contains("--delivery") {
         try DeliveryBench.report(quick: quick)
         exit(0)
