@@ -7,12 +7,13 @@ import PipeZMQ
 
 /// CURVE keys on disk: `curve.key` (Z85 secret, mode 0600) and `curve.pub` from `pipehost keygen`.
 public enum CurveKeys {
-    /// Reads a secret key file; refuses one that others can read (as ssh does).
+    /// Reads a secret key file; refuses one that anybody else can read or the group can change
+    /// (group read is allowed: a Kubernetes secret mounted for a non-root user is 0440).
     public static func loadSecret(_ path: String) throws(RuntimeError) -> CurveKeyPair {
         var st = stat()
         guard stat(path, &st) == 0 else { throw .io("cannot read CURVE key \(path): \(String(cString: strerror(errno)))") }
-        if st.st_mode & 0o077 != 0 {
-            throw .io("CURVE secret key \(path) is readable by others (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 600 it")
+        if st.st_mode & 0o027 != 0 {
+            throw .io("CURVE secret key \(path) is open to others (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 600 it")
         }
         let text: String
         do { text = try KeyFiles.read(path) } catch { throw .io("\(error)") }

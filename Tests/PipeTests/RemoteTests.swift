@@ -112,6 +112,27 @@ struct RemoteWorkerTests {
         #expect(audit.contains("worker 'edge' registered for pass"))
     }
 
+    @Test func theExamplePipeline_runsWithItsWorker() throws {
+        // pipelines/remote/edge.yaml as the README runs it, on a free port, keys made here.
+        let dir = Paths.tempDir("remote-example")
+        let port = try reserveTCPPort(host: "127.0.0.1")
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/remote/edge.yaml", encoding: .utf8)
+        #expect(text.contains("tcp://127.0.0.1:7800"))
+        try text.replacingOccurrences(of: "tcp://127.0.0.1:7800", with: "tcp://127.0.0.1:\(port)")
+            .replacingOccurrences(of: "rate: 5000", with: "rate: 50000")
+            .write(toFile: dir + "/edge.yaml", atomically: true, encoding: .utf8)
+        for k in ["host", "edge"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+        let run = dir + "/run"
+        let host = try startPipeline(dir + "/edge.yaml", runDir: run)
+        let worker = try runProcess(Paths.pipehost, ["worker", "--connect", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/edge/curve.key",
+                                                     "--server-key", dir + "/keys/host/curve.pub", "--run-dir", dir + "/w"], timeout: 60)
+        #expect(worker.status == 0, "\(worker.stderr)")
+        #expect(waitExit(host, timeout: 60) == 0)
+        let ids = try envelopeIDs(run + "/edge.jsonl")
+        #expect(ids.count == 20000)
+        #expect(Set(ids).count == 20000)
+    }
+
     @Test func strangers_wrongKeys_plaintext_andOtherWorkersStages_areRefusedAndAudited() throws {
         let fx = try RemoteFixture("remote-refuse", extraWorkers: ["spare"])
         let run = fx.dir + "/run"
@@ -365,5 +386,25 @@ struct ZAPTests {
         // Another version, or no delimiter: not ZAP.
         #expect(ZAPRequest.parse([[1], [], Array("2.0".utf8), [], [], [], [], Array("NULL".utf8)]) == nil)
         #expect(ZAPRequest.parse([Array("1.0".utf8)]) == nil)
+    }
+}
+
+@Suite("CURVE key files")
+struct CurveKeyFileTests {
+    @Test func aSecretKeyOthersCanRead_isRefused_andAGoodOneGivesItsPublicKey() throws {
+        let dir = Paths.tempDir("curve-keys")
+        let r = try runProcess(Paths.pipehost, ["keygen", "-o", dir])
+        #expect(r.status == 0)
+        let kp = try CurveKeys.loadSecret(dir + "/curve.key")
+        #expect(kp.publicKey == (try CurveKeys.loadPublic(dir + "/curve.pub", base: "/")))
+        #expect(try CurveKeys.loadPublic("curve.pub", base: dir) == kp.publicKey)
+        #expect(try CurveKeys.loadPublic(kp.publicKey, base: "/nonexistent") == kp.publicKey)
+        chmod(dir + "/curve.key", 0o644)
+        #expect(throws: RuntimeError.self) { try CurveKeys.loadSecret(dir + "/curve.key") }
+        chmod(dir + "/curve.key", 0o440)
+        #expect(try CurveKeys.loadSecret(dir + "/curve.key") == kp)
+        // A signing key is not a CURVE key.
+        #expect(throws: RuntimeError.self) { try CurveKeys.loadSecret(dir + "/signing.key") }
+        #expect(throws: RuntimeError.self) { try CurveKeys.loadPublic(dir + "/signing.pub", base: "/") }
     }
 }
