@@ -24,10 +24,16 @@ func linesWithoutIngest(_ path: String) throws -> [String] {
 }
 
 /// Starts `pipehost run` in the background; the caller stops it.
-func startPipeline(_ file: String, runDir: String, extra: [String] = []) throws -> Process {
+func startPipeline(_ file: String, runDir: String, extra: [String] = [], netns: String? = nil) throws -> Process {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: Paths.pipehost)
-    p.arguments = ["run", file, "--run-dir", runDir, "--summary-json", runDir + "/summary.json", "--quiet"] + extra
+    let args = ["run", file, "--run-dir", runDir, "--summary-json", runDir + "/summary.json", "--quiet"] + extra
+    if let ns = netns {
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        p.arguments = ["netns", "exec", ns, Paths.pipehost] + args
+    } else {
+        p.executableURL = URL(fileURLWithPath: Paths.pipehost)
+        p.arguments = args
+    }
     p.standardOutput = FileHandle.nullDevice
     // The host's log, for when a test fails.
     _ = FileManager.default.createFile(atPath: runDir + ".host.log", contents: nil)

@@ -408,3 +408,111 @@ struct CurveKeyFileTests {
         #expect(throws: RuntimeError.self) { try CurveKeys.loadPublic(dir + "/signing.pub", base: "/") }
     }
 }
+
+/// Two network namespaces joined by a veth pair: the host in one, the worker in the other, on
+/// addresses that exist only inside them. Made and removed by the test.
+struct NetnsPair {
+    let host: String, worker: String
+    let hostAddress = "10.231.7.1", workerAddress = "10.231.7.2"
+    var hostVeth: String { "pth\(getpid() % 100000)" }
+    var workerVeth: String { "ptw\(getpid() % 100000)" }
+
+    static func ip(_ args: [String]) throws -> ProcResult { try runProcess("/usr/sbin/ip", args, timeout: 20) }
+
+    /// nil (and a line saying why the test is skipped) where namespaces cannot be made.
+    static func make(for test: String) throws -> NetnsPair? {
+        let pair = NetnsPair(host: "pt-host-\(getpid())", worker: "pt-work-\(getpid())")
+        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else {
+            FileHandle.standardError.write(Data("\(test) skipped: iproute2 (/usr/sbin/ip) is not installed\n".utf8)); return nil
+        }
+        let add = try ip(["netns", "add", pair.host])
+        guard add.status == 0 else {
+            FileHandle.standardError.write(Data("\(test) skipped: cannot make a network namespace (\(add.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))\n".utf8))
+            return nil
+        }
+        for step in [["netns", "add", pair.worker],
+                     ["link", "add", pair.hostVeth, "type", "veth", "peer", "name", pair.workerVeth],
+                     ["link", "set", pair.hostVeth, "netns", pair.host], ["link", "set", pair.workerVeth, "netns", pair.worker],
+                     ["-n", pair.host, "addr", "add", pair.hostAddress + "/24", "dev", pair.hostVeth],
+                     ["-n", pair.worker, "addr", "add", pair.workerAddress + "/24", "dev", pair.workerVeth],
+                     ["-n", pair.host, "link", "set", pair.hostVeth, "up"], ["-n", pair.worker, "link", "set", pair.workerVeth, "up"],
+                     ["-n", pair.host, "link", "set", "lo", "up"], ["-n", pair.worker, "link", "set", "lo", "up"]] {
+            let r = try ip(step)
+            guard r.status == 0 else {
+                pair.remove()
+                FileHandle.standardError.write(Data("\(test) skipped: ip \(step.joined(separator: " ")) failed (\(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))\n".utf8))
+                return nil
+            }
+        }
+        return pair
+    }
+
+    func remove() {
+        _ = try? Self.ip(["netns", "del", host])
+        _ = try? Self.ip(["netns", "del", worker])
+    }
+
+    /// Cuts (or restores) the link on the worker's side.
+    func link(up: Bool) throws { _ = try Self.ip(["-n", worker, "link", "set", workerVeth, up ? "up" : "down"]) }
+}
+
+extension ExclusivePipelines {
+@Suite("Remote workers across network namespaces", .serialized)
+struct NetnsTests {
+    @Test func aPipelineSpanningTwoNamespaces_deliversEverythingInOrder_acrossACutLink() throws {
+        guard let ns = try NetnsPair.make(for: "netns remote worker") else { return }
+        defer { ns.remove() }
+        let fx = try RemoteFixture("remote-netns", count: 8000, rate: 2000, downAfterMs: 500)
+        // Listen on the host namespace's veth address (the fixture's loopback port number is free there too).
+        let yaml = try String(contentsOfFile: fx.pipeline, encoding: .utf8).replacingOccurrences(of: "tcp://127.0.0.1:", with: "tcp://\(ns.hostAddress):")
+        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run, netns: ns.host)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let w = Process()
+        w.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        w.arguments = ["netns", "exec", ns.worker, Paths.pipehost, "worker", "--connect", "tcp://\(ns.hostAddress):\(fx.port)",
+                       "--key", fx.dir + "/keys/edge/curve.key", "--server-key", fx.dir + "/keys/host/curve.pub", "--run-dir", fx.dir + "/w"]
+        w.standardOutput = FileHandle.nullDevice
+        _ = FileManager.default.createFile(atPath: fx.dir + "/worker.log", contents: nil)
+        w.standardError = FileHandle(forWritingAtPath: fx.dir + "/worker.log")
+        try w.run()
+        defer { if w.isRunning { kill(w.processIdentifier, SIGKILL) } }
+        func received() throws -> Int64 {
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
+        }
+        var deadline = Date().addingTimeInterval(30)
+        while try received() < 1000 && Date() < deadline { usleep(50_000) }
+        #expect(try received() >= 1000)
+        // The worker's address is the one inside its namespace.
+        let workers = try pipectlJSON(["workers", "--run-dir", run])
+        #expect(workers["workers"]?.listValue?.first?["address"]?.stringValue == ns.workerAddress)
+        // Cut the link for 2 s: the host sees the worker's lanes go down, then the flow resumes.
+        try ns.link(up: false)
+        var sawDown = false
+        deadline = Date().addingTimeInterval(2)
+        while Date() < deadline {
+            let l = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
+            if l.first(where: { $0["from"]?.stringValue == "gen.out" })?["state"]?.stringValue == "down" { sawDown = true }
+            usleep(100_000)
+        }
+        let atCut = try received()
+        try ns.link(up: true)
+        #expect(sawDown)
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(w, timeout: 30) == 0, "\((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "")")
+        #expect(atCut < 8000)
+        // Everything arrived, in the generator's order.
+        let ids = try envelopeIDs(run + "/out.jsonl")
+        let local = try String(contentsOfFile: fx.pipeline, encoding: .utf8)
+            .replacingOccurrences(of: "placement: { worker: edge }", with: "placement: in-process")
+            .replacingOccurrences(of: "rate: 2000", with: "rate: 0")
+        try local.write(toFile: fx.dir + "/local.yaml", atomically: true, encoding: .utf8)
+        let (r, _) = try runPipeline(fx.dir + "/local.yaml", runDir: fx.dir + "/run-local")
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(ids == (try envelopeIDs(fx.dir + "/run-local/out.jsonl")))
+        #expect(ids.count == 8000)
+    }
+}
+}
