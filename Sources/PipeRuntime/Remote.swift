@@ -191,7 +191,7 @@ extension PipelineHost {
                 if body != nil { extra = true }
                 body = m
             }
-            guard let body, !extra else { remoteGarbage(routing, rm, "a message of more than two parts"); continue }
+            guard let body, !extra else { remoteGarbage(routing, rm, "a message of more than two parts", worker: body.flatMap(remoteWorker)); continue }
             handleRemote(routing: routing, body, rm)
         }
     }
@@ -235,7 +235,7 @@ extension PipelineHost {
         if let stage = rm.stageOf[routing] {
             rm.lastFrame[stage] = monotonicNs()
             msg.withBytes { raw in
-                guard let f = try? FrameView(raw) else { remoteGarbage(routing, rm, "a malformed frame from stage '\(stage)'"); return }
+                guard let f = try? FrameView(raw) else { remoteGarbage(routing, rm, "a malformed frame from stage '\(stage)'", worker: user); return }
                 if f.header.type == .hello { return }
                 handleRunnerFrame(stage, f)
             }
@@ -246,8 +246,12 @@ extension PipelineHost {
             guard let f = try? FrameView(raw), f.header.type == .hello else { return nil }
             return try? Hello.decode(f)
         }
+        // A cut-off worker's connections that were open before stay refused.
+        if let u = user, rm.workers[u]?.cutOff == true {
+            remoteGarbage(routing, rm, "a frame from worker '\(u)', which is cut off", worker: u); return
+        }
         guard let h = hello, h.protocolVersion == Hello.protocolVersion else {
-            remoteGarbage(routing, rm, "a frame before HELLO, or a HELLO of another protocol version"); return
+            remoteGarbage(routing, rm, "a frame before HELLO, or a HELLO of another protocol version", worker: user); return
         }
         if h.worker.hasPrefix("worker:") {
             let claimed = String(h.worker.dropFirst(7))
@@ -317,12 +321,13 @@ extension PipelineHost {
         _ = try? rm.router.send(parts: [routing, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
     }
 
-    /// A frame that is not the protocol. A worker that keeps sending them is cut off: its runners
-    /// are aborted and its key refused until the host restarts.
-    func remoteGarbage(_ routing: [UInt8], _ rm: RemoteHost, _ what: String) {
+    /// A frame that is not the protocol, from the worker `user` (the connection's authenticated
+    /// name) if known. A worker that sends 100 is cut off: its runners are aborted and its key
+    /// refused until the host restarts.
+    func remoteGarbage(_ routing: [UInt8], _ rm: RemoteHost, _ what: String, worker user: String?) {
         rm.refused += 1
         let stage = rm.stageOf[routing]
-        let worker = stage.flatMap { stages[$0]?.plan.placement.workerName }
+        let worker = user ?? stage.flatMap { stages[$0]?.plan.placement.workerName }
         var bad = 0
         if let w = worker { rm.workers[w]?.badFrames += 1; bad = rm.workers[w]?.badFrames ?? 0 }
         if rm.mayAudit(monotonicNs(), "garbage \(worker ?? "")") {

@@ -74,7 +74,10 @@ struct ConfigTests {
         let base = "stages:\n  - { id: g, kind: generator, placement: PLACE }\n  - { id: s, kind: null-sink, inputs: [g] }\n"
         #expect(messages(base.replacingOccurrences(of: "PLACE", with: "in-process")) == [])
         #expect(messages(base.replacingOccurrences(of: "PLACE", with: "process")) == [])
-        #expect(messages(base.replacingOccurrences(of: "PLACE", with: "{ worker: w1 }")) == [])
+        let remote = "remote: { listen: \"tcp://127.0.0.1:7800\", insecure: true, workers: { w1: { key: k.pub } } }\n"
+        #expect(messages(remote + base.replacingOccurrences(of: "PLACE", with: "{ worker: w1 }")) == [])
+        // Without the section that lists it, a worker placement is an error.
+        #expect(messages(base.replacingOccurrences(of: "PLACE", with: "{ worker: w1 }")).first?.contains("needs a `remote:` section") == true)
         #expect(messages(base.replacingOccurrences(of: "PLACE", with: "elsewhere")).first?.contains("placement must be") == true)
     }
 

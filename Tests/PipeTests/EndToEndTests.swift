@@ -190,7 +190,7 @@ struct EndToEndTests {
         // The control protocol: registry-listed commands, versioned replies, subscriptions.
         let client = try ControlClient(endpoint: "ipc://\(run)/control.sock")
         let help = try client.call("help")
-        #expect(help.listValue?.compactMap { $0["name"]?.stringValue } == ["ping", "help", "status", "lanes", "stop", "subscribe", "unsubscribe"])
+        #expect(help.listValue?.compactMap { $0["name"]?.stringValue } == ["ping", "help", "status", "lanes", "workers", "stop", "subscribe", "unsubscribe"])
         #expect(try client.call("subscribe", args: .object([("interval_ms", .int(100))]))["interval_ms"] == .int(100))
         let e1 = try #require(client.nextEvent(timeoutMs: 2000)), e2 = try #require(client.nextEvent(timeoutMs: 2000))
         #expect(e1["event"]?.stringValue == "stats" && e1["result"]?["lanes"]?.listValue?.isEmpty == false)

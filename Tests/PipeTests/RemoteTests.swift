@@ -237,6 +237,43 @@ struct RemoteWorkerTests {
         #expect(audit.contains("worker 'spare' sent a frame on lane \(laneID), which belongs to 'edge'"))
     }
 
+    @Test func aWorkerSendingGarbage_isCutOff_andTheOthersRunOn() throws {
+        let fx = try RemoteFixture("remote-garbage", extraWorkers: ["spare"])
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let keys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
+        let hostPub = try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/")
+        let d = try ctx.socket(.dealer)
+        defer { d.close() }
+        try d.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: hostPub)
+        try d.connect(fx.endpoint)
+        var rng = SystemRandomNumberGenerator()
+        for i in 0..<120 { try d.send((0..<(i % 40 + 1)).map { _ in UInt8.random(in: 0...255, using: &rng) }) }
+        var state = ""
+        let deadline = Date().addingTimeInterval(10)
+        while state != "cut-off" && Date() < deadline {
+            usleep(100_000)
+            let w = try pipectlJSON(["workers", "--run-dir", run])
+            state = w["workers"]?.listValue?.first { $0["name"]?.stringValue == "spare" }?["state"]?.stringValue ?? ""
+        }
+        #expect(state == "cut-off")
+        // Its key is refused from now on.
+        let again = try fx.worker("spare")
+        #expect(again.status == 2)
+        #expect(again.stderr.contains("refused this worker's key"), "\(again.stderr)")
+        // The pipeline's own worker is unaffected.
+        let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
+        #expect(waitExit(host, timeout: 90) == 0)
+        #expect(waitExit(worker, timeout: 20) == 0)
+        #expect(try envelopeIDs(run + "/out.jsonl").count == 5000)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("worker-cut-off"))
+        #expect(audit.contains("worker 'spare' was cut off for sending garbage"))
+    }
+
     @Test func aKilledWorker_showsDown_andAReturningOneFinishesTheRunLosingNothing() throws {
         let fx = try RemoteFixture("remote-kill", count: 6000, rate: 3000,
                                    delivery: "{ mode: at-least-once, ack_timeout_ms: 500 }", downAfterMs: 600)
