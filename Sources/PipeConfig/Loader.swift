@@ -239,9 +239,16 @@ public struct PipelineLoader {
                             else { error(pos(ek), "unknown worker key '\(ek.string ?? "?")' (expected key: a Z85 public key or a curve.pub file)") }
                         }
                     }
-                    guard let key else { error(pos(wv), "worker '\(name)' needs key: a Z85 CURVE public key or the path of its curve.pub"); continue }
-                    r.workers.append(.init(name: name, key: key, pos: pos(wv)))
+                    r.workers.append(.init(name: name, key: key ?? "", pos: pos(wv)))
                 }
+            case "owners":
+                let items = x.sequence.map(Array.init) ?? (scalarString(x) != nil ? [x] : [])
+                if items.isEmpty { error(pos(x), "remote.owners must be a list of owner keys (hex Ed25519 public keys or signing.pub files)") }
+                for it in items {
+                    if let s = scalarString(it), !s.isEmpty { r.owners.append(s) } else { error(pos(it), "an owner must be a hex Ed25519 public key or the path of a signing.pub") }
+                }
+            case "grant_epochs":
+                if let s = scalarString(x), !s.isEmpty { r.grantEpochs = s } else { error(pos(x), "remote.grant_epochs must be a file path") }
             default:
                 var msg = "unknown remote key '\(k.string ?? "?")'"
                 if let s = didYouMean(k.string ?? "", among: RemoteSpec.keys) { msg += " (did you mean '\(s)'?)" }
@@ -249,6 +256,10 @@ public struct PipelineLoader {
             }
         }
         if !sawListen { error(pos(v), "remote needs listen: tcp://HOST:PORT (where workers connect)") }
+        for w in r.workers where w.key.isEmpty && r.owners.isEmpty {
+            error(w.pos, "worker '\(w.name)' needs key: a Z85 CURVE public key or the path of its curve.pub (or list owners: whose grants admit it)")
+        }
+        if !r.owners.isEmpty && r.insecure { error(pos(v), "remote.owners needs CURVE: a grant is checked against the key of the authenticated connection, which plaintext tcp does not have") }
         if sawListen, r.advertise == nil, ["*", "0.0.0.0", ""].contains(r.listenHost) {
             error(pos(v), "remote.listen binds every address; say advertise: ADDRESS (the one workers reach this host at)")
         }

@@ -198,7 +198,8 @@ public struct RemoteSpec: Sendable, Hashable {
     /// One allowed worker: its name (what `placement: { worker: NAME }` says) and CURVE public key.
     public struct WorkerKey: Sendable, Hashable {
         public var name: String
-        /// A Z85 public key, or the path of a `curve.pub` file (relative to the pipeline file).
+        /// A Z85 public key, or the path of a `curve.pub` file (relative to the pipeline file);
+        /// empty: the worker is admitted only with a grant from an owner.
         public var key: String
         public var pos: SourcePos
         public init(name: String, key: String, pos: SourcePos) { self.name = name; self.key = key; self.pos = pos }
@@ -218,9 +219,13 @@ public struct RemoteSpec: Sendable, Hashable {
     /// A stage is `down` when its runner has been silent this long.
     public var downAfterMs: Int = 3000
     public var workers: [WorkerKey] = []
+    /// Owner keys whose grants the host accepts (hex Ed25519 public keys or `signing.pub` paths).
+    public var owners: [String] = []
+    /// Where the highest grant epoch seen per worker key is kept (relative: the run directory).
+    public var grantEpochs = "grant-epochs.sqlite"
     public var pos: SourcePos = .start
     public init() {}
-    public static let keys = ["listen", "advertise", "key", "insecure", "worker_wait_s", "down_after_ms", "workers"]
+    public static let keys = ["listen", "advertise", "key", "insecure", "worker_wait_s", "down_after_ms", "workers", "owners", "grant_epochs"]
     /// The host part workers connect to for lanes.
     public var laneHost: String { advertise ?? listenHost }
 }

@@ -28,6 +28,10 @@ public enum ControlProtocol {
         Command(name: "status", summary: "The host's and every stage's status report.") { h, _, _ in .success(h.statusJSON()) },
         Command(name: "lanes", summary: "Every lane: from, to, transport, bound, sent, received, depth, credits.") { h, _, _ in .success(h.lanesJSON()) },
         Command(name: "workers", summary: "Remote workers: name, key, state, address, stages, last seen.") { h, _, _ in .success(h.workersJSON()) },
+        Command(name: "grant", summary: "Applies an owner's grant ({\"grant\": FILE TEXT}): raises the worker's epoch; a revocation aborts its runners.") { h, args, _ in
+            guard let text = args["grant"]?.stringValue else { return .failure(.plan("grant: args need {\"grant\": the grant file's text}")) }
+            return h.applyGrant(Array(text.utf8))
+        },
         Command(name: "stop", summary: "Graceful stop: sources stop, lanes drain, sinks flush.") { h, _, _ in
             if !h.stopping { h.beginStop(reason: "pipectl stop") }
             return .success(.object([("stopping", .bool(true))]))

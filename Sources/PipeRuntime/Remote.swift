@@ -36,6 +36,13 @@ public enum CurveKeys {
     }
 }
 
+/// Why a grant was refused (the text goes to the log and the audit record).
+struct GrantRefusal: Error, ExpressibleByStringInterpolation, CustomStringConvertible {
+    let description: String
+    init(_ s: String) { description = s }
+    init(stringLiteral s: String) { description = s }
+}
+
 /// Reserves a free tcp port on `host` (IPv4 address or name): the kernel picks it, the socket is
 /// closed, and the runner binds it moments later (ZeroMQ listeners set SO_REUSEADDR).
 public func reserveTCPPort(host: String) throws(RuntimeError) -> Int {
@@ -83,6 +90,11 @@ final class RemoteHost {
     let layout: RemoteLayout
     /// Public key -> worker name (the allow-list).
     let names: [String: String]
+    /// Owners whose grants admit workers (32-byte Ed25519 public keys), and what they admitted:
+    /// worker key -> its name, granted stages and epoch (until revoked).
+    var owners: [[UInt8]] = []
+    var granted: [String: (name: String, stages: Set<String>, epoch: UInt64)] = [:]
+    var epochs: GrantEpochs?
     var workers: [String: Worker] = [:]
     /// stage -> routing id of its runner's connection, and back.
     var routes: [String: [UInt8]] = [:]
@@ -100,6 +112,25 @@ final class RemoteHost {
     init(spec: RemoteSpec, router: ZMQSocket, zap: ZMQSocket?, monitor: ZMQSocket?, layout: RemoteLayout, names: [String: String]) {
         self.spec = spec; self.router = router; self.zap = zap; self.monitor = monitor; self.layout = layout; self.names = names
         for (k, n) in names { workers[n] = Worker(name: n, key: k) }
+        for w in spec.workers where workers[w.name] == nil { workers[w.name] = Worker(name: w.name, key: "") }
+    }
+
+    /// The ZAP domain of the registration endpoint: with owners, any CURVE key may connect there
+    /// to present a grant (and nothing else); lane endpoints admit only known keys.
+    static let registerDomain = "pipehost-register"
+
+    /// The worker name of an admitted key: listed, or granted and not revoked.
+    func name(ofKey key: String) -> String? { names[key] ?? granted[key]?.name }
+    /// The key behind an authenticated User-Id (a name, or `key:<Z85>` for a not yet granted key).
+    func key(ofUser user: String) -> String? {
+        if user.hasPrefix("key:") { return String(user.dropFirst(4)) }
+        return names.first { $0.value == user }?.key ?? granted.first { $0.value.name == user }?.key
+    }
+
+    /// Whether worker `name` may run `stage`: listed by key, or granted that stage (and not revoked).
+    func mayRun(_ stage: String, worker name: String) -> Bool {
+        if names.values.contains(name) { return true }
+        return granted.values.contains { $0.name == name && $0.stages.contains(stage) }
     }
 
     func mayAudit(_ now: UInt64, _ what: String) -> Bool {
@@ -121,10 +152,20 @@ extension PipelineHost {
         guard let r = plan.spec.remote else { throw .plan("stages are placed on remote workers but the pipeline has no `remote:` section") }
         let base = (plan.spec.file as NSString).deletingLastPathComponent.isEmpty ? "." : (plan.spec.file as NSString).deletingLastPathComponent
         var names: [String: String] = [:]
-        for w in r.workers {
+        for w in r.workers where !w.key.isEmpty {
             let key = try CurveKeys.loadPublic(w.key, base: base)
             if let other = names[key] { throw .plan("workers '\(other)' and '\(w.name)' have the same key") }
             names[key] = w.name
+        }
+        var owners: [[UInt8]] = []
+        for o in r.owners {
+            var text = o
+            if Hex.decode(o)?.count != 32 {
+                let path = o.hasPrefix("/") ? o : base + "/" + o
+                do { text = try KeyFiles.read(path).trimmingCharacters(in: .whitespacesAndNewlines) } catch { throw .io("remote.owners: \(error)") }
+            }
+            guard let k = Hex.decode(text), k.count == 32 else { throw .io("remote.owners: '\(o)' is not an Ed25519 public key (hex) or a signing.pub file") }
+            owners.append(k)
         }
         var security = TCPSecurity(curve: false, serverPublicKey: "", serverSecretKey: nil)
         if !r.insecure {
@@ -151,12 +192,18 @@ extension PipelineHost {
             try router.monitorHandshakes(monitorEndpoint)
             let mon = try zmq.socket(.pair)
             try mon.connect(monitorEndpoint)
-            if let secret = security.serverSecretKey { try router.makeCurveServer(secretKey: secret, domain: TCPSecurity.zapDomain) }
+            if let secret = security.serverSecretKey { try router.makeCurveServer(secretKey: secret, domain: RemoteHost.registerDomain) }
             try router.bind(r.listen)
             let layout = try RemoteLayout.make(plan: plan, bindHost: r.listenHost, connectHost: r.laneHost, security: security) { () throws(RuntimeError) -> Int in
                 try reserveTCPPort(host: r.listenHost)
             }
-            remote = RemoteHost(spec: r, router: router, zap: zap, monitor: mon, layout: layout, names: names)
+            let rm = RemoteHost(spec: r, router: router, zap: zap, monitor: mon, layout: layout, names: names)
+            rm.owners = owners
+            if !owners.isEmpty {
+                let path = r.grantEpochs.hasPrefix("/") ? r.grantEpochs : options.runDirectory + "/" + r.grantEpochs
+                do { rm.epochs = try GrantEpochs(path: path) } catch { throw RuntimeError.io("cannot open the grant epochs \(path): \(error)") }
+            }
+            remote = rm
         } catch let e as RuntimeError { throw e } catch {
             throw .io("cannot open the remote endpoint \(r.listen): \(error)")
         }
@@ -204,10 +251,13 @@ extension PipelineHost {
         var reason = "OK"
         if req.mechanism != "CURVE" {
             reason = "mechanism \(req.mechanism) is not allowed (CURVE only)"
-        } else if let key = req.clientKey, let n = rm.names[key] {
+        } else if let key = req.clientKey, let n = rm.name(ofKey: key) {
             if rm.workers[n]?.cutOff == true { reason = "worker '\(n)' was cut off for sending garbage" } else { name = n }
+        } else if let key = req.clientKey, !rm.owners.isEmpty, req.domain == RemoteHost.registerDomain {
+            // May present a grant on the registration endpoint, and do nothing else until it is accepted.
+            name = "key:" + key
         } else {
-            reason = "unknown worker key"
+            reason = rm.owners.isEmpty ? "unknown worker key" : "unknown worker key and no accepted grant"
         }
         _ = try? rm.zap?.send(parts: req.reply(allow: name, reason: reason))
         guard name == nil else { return }
@@ -255,19 +305,30 @@ extension PipelineHost {
         }
         if h.worker.hasPrefix("worker:") {
             let claimed = String(h.worker.dropFirst(7))
-            let name: String
-            if let u = user {
+            var name: String
+            if !h.grant.isEmpty || user?.hasPrefix("key:") == true {
+                guard let u = user, let key = rm.key(ofUser: u) else {
+                    refuseRemote(routing, rm, registering: true, worker: claimed, "a grant needs an authenticated CURVE connection"); return
+                }
+                switch checkGrant(h.grant, key: key, rm) {
+                case .failure(let why): refuseRemote(routing, rm, registering: true, worker: u.hasPrefix("key:") ? claimed : u, why.description); return
+                case .success(let n): name = n
+                }
+                if !claimed.isEmpty && claimed != name {
+                    refuseRemote(routing, rm, registering: true, worker: name, "the grant names worker '\(name)' but the HELLO says '\(claimed)'"); return
+                }
+            } else if let u = user {
                 if !claimed.isEmpty && claimed != u {
-                    refuseRemote(routing, rm, worker: u, "the connection's key is worker '\(u)' but its HELLO says '\(claimed)'"); return
+                    refuseRemote(routing, rm, registering: true, worker: u, "the connection's key is worker '\(u)' but its HELLO says '\(claimed)'"); return
                 }
                 name = u
             } else if rm.layout.security.curve {
-                refuseRemote(routing, rm, worker: claimed, "no authenticated worker on this connection"); return
+                refuseRemote(routing, rm, registering: true, worker: claimed, "no authenticated worker on this connection"); return
             } else {
-                guard rm.workers[claimed] != nil else { refuseRemote(routing, rm, worker: claimed, "no worker '\(claimed)' in remote.workers"); return }
+                guard rm.workers[claimed] != nil else { refuseRemote(routing, rm, registering: true, worker: claimed, "no worker '\(claimed)' in remote.workers"); return }
                 name = claimed
             }
-            let stages = plan.stages.filter { $0.placement.workerName == name }.map(\.id)
+            let stages = plan.stages.filter { $0.placement.workerName == name && rm.mayRun($0.id, worker: name) }.map(\.id)
             rm.workers[name]?.connected = true
             rm.workers[name]?.registrations += 1
             rm.workers[name]?.lastSeenNs = monotonicNs()
@@ -290,6 +351,12 @@ extension PipelineHost {
         if let u = user, u != owner {
             refuseRemote(routing, rm, worker: u, "worker '\(u)' asked for stage '\(stage)', which is placed on worker '\(owner)'"); return
         }
+        if let u = user, u.hasPrefix("key:") {
+            refuseRemote(routing, rm, worker: u, "a runner asked for stage '\(stage)' before its worker's grant was accepted"); return
+        }
+        if !rm.mayRun(stage, worker: owner) {
+            refuseRemote(routing, rm, worker: owner, "worker '\(owner)' asked for stage '\(stage)', which its grant does not name"); return
+        }
         if rm.layout.security.curve && user == nil { refuseRemote(routing, rm, worker: "?", "no authenticated worker on this connection"); return }
         if let old = rm.routes[stage] {
             // The stage's runner came back (a restarted worker, or a new connection after a cut):
@@ -309,7 +376,72 @@ extension PipelineHost {
         assign(stage)
     }
 
-    func refuseRemote(_ routing: [UInt8], _ rm: RemoteHost, worker: String, _ reason: String) {
+    /// Checks a presented grant against the key of the connection it came on (not the key the
+    /// grant claims): signed by a trusted owner, for this key, not expired, not below the highest
+    /// epoch seen for the key (durably), not a revocation, for a worker of this pipeline. Returns
+    /// the worker name it admits.
+    func checkGrant(_ bytes: [UInt8], key: String, _ rm: RemoteHost) -> Result<String, GrantRefusal> {
+        guard !rm.owners.isEmpty else { return .failure("a grant was presented but remote.owners trusts no owner") }
+        guard !bytes.isEmpty else { return .failure("unknown worker key and no grant") }
+        let g: Grant
+        do { g = try Grant.parse(bytes) } catch { return .failure(GrantRefusal("\(error)")) }
+        guard g.verify(owners: rm.owners) else { return .failure("grant not signed by a trusted owner (owner \(Hex.encode(g.owner.prefix(8))))") }
+        guard g.worker == key else { return .failure("grant for another worker's key (\(g.worker.prefix(12))...) presented by \(key.prefix(12))...") }
+        let now = Int64(wallNs() / 1_000_000_000)
+        guard g.expires > now else { return .failure("grant expired at \(RFC3339.format(ns: g.expires * 1_000_000_000))") }
+        guard let store = rm.epochs else { return .failure("no grant epoch store") }
+        do {
+            if let high = try store.highest(key), g.epoch < high {
+                return .failure("replayed grant: epoch \(g.epoch) is below the highest seen for this worker (\(high))")
+            }
+            try store.raise(key, to: g.epoch, nowS: now)
+        } catch { return .failure(GrantRefusal("grant epochs: \(error)")) }
+        if g.isRevocation { rm.granted[key] = nil; return .failure("grant epoch \(g.epoch) revokes this worker") }
+        guard rm.workers[g.name] != nil else { return .failure("grant names worker '\(g.name)', which remote.workers does not list") }
+        if let listed = rm.names[key], listed != g.name { return .failure("key is listed as worker '\(listed)' but the grant names '\(g.name)'") }
+        rm.granted[key] = (g.name, Set(g.stages), g.epoch)
+        return .success(g.name)
+    }
+
+    /// `pipectl grant apply FILE`: an owner's grant given to the running host, usually a
+    /// revocation: the watermark rises, and a revoked worker's runners are aborted.
+    func applyGrant(_ bytes: [UInt8]) -> Result<ConfigValue, RuntimeError> {
+        guard let rm = remote else { return .failure(.plan("this pipeline has no remote workers")) }
+        guard let store = rm.epochs, !rm.owners.isEmpty else { return .failure(.plan("remote.owners trusts no owner")) }
+        let g: Grant
+        do { g = try Grant.parse(bytes) } catch { return .failure(.plan("\(error)")) }
+        guard g.verify(owners: rm.owners) else { return .failure(.plan("grant not signed by a trusted owner")) }
+        let now = Int64(wallNs() / 1_000_000_000)
+        do {
+            if let high = try store.highest(g.worker), g.epoch < high { return .failure(.plan("epoch \(g.epoch) is below the highest seen for this worker (\(high))")) }
+            try store.raise(g.worker, to: g.epoch, nowS: now)
+        } catch { return .failure(.io("grant epochs: \(error)")) }
+        var aborted: [String] = []
+        if g.isRevocation || (rm.granted[g.worker].map { $0.epoch < g.epoch } ?? false) {
+            let old = rm.granted[g.worker]
+            rm.granted[g.worker] = g.isRevocation || g.expires <= now ? nil : (g.name, Set(g.stages), g.epoch)
+            if let name = old?.name {
+                for (s, r) in rm.routes where stages[s]?.plan.placement.workerName == name && !rm.mayRun(s, worker: name) {
+                    controlSeq += 1
+                    _ = try? rm.router.send(parts: [r, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
+                    rm.stageOf[r] = nil; rm.routes[s] = nil
+                    aborted.append(s)
+                }
+            }
+        }
+        let what = g.isRevocation ? "revoked" : "granted \(g.stages.joined(separator: ","))"
+        log.warning("remote: grant epoch \(g.epoch) for key \(g.worker.prefix(12))... applied: \(what)\(aborted.isEmpty ? "" : "; aborted \(aborted.joined(separator: ", "))")")
+        auditWriter?.submit(AuditRecord(decision: g.isRevocation ? "grant-revoked" : "grant-applied", stage: "host", intent: "remote.grant",
+                                        reason: "grant epoch \(g.epoch) for worker '\(g.name)': \(what)",
+                                        details: ["worker_key": .string(g.worker), "epoch": .int(Int64(clamping: g.epoch)),
+                                                  "aborted": .string(aborted.joined(separator: ","))]))
+        return .success(.object([("epoch", .int(Int64(clamping: g.epoch))), ("revoked", .bool(g.isRevocation)),
+                                 ("aborted", .list(aborted.map(ConfigValue.string)))]))
+    }
+
+    /// Refuses a HELLO: logged and audited (rate-limited), and answered with ABORT, or, for a
+    /// registering worker, with a roster that carries the reason (the worker prints it and exits).
+    func refuseRemote(_ routing: [UInt8], _ rm: RemoteHost, registering: Bool = false, worker: String, _ reason: String) {
         rm.refused += 1
         let loud = rm.mayAudit(monotonicNs(), "authorize \(worker)")
         if loud { log.warning("remote: refused: \(reason)") }
@@ -318,7 +450,9 @@ extension PipelineHost {
                                             details: ["worker": .string(worker), "refused_so_far": .int(Int64(rm.refused))]))
         }
         controlSeq += 1
-        _ = try? rm.router.send(parts: [routing, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
+        let answer = registering ? FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(.object([("refused", .string(reason))])))
+                                 : FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))
+        _ = try? rm.router.send(parts: [routing, answer], dontWait: true)
     }
 
     /// A frame that is not the protocol, from the worker `user` (the connection's authenticated

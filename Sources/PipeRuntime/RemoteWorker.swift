@@ -21,6 +21,8 @@ public final class RemoteWorker {
         public var name: String
         public var runDirectory: String
         public var handshakeTimeoutSeconds: Double
+        /// An authority grant (the file's bytes) presented at registration, or empty.
+        public var grant: [UInt8] = []
         public init(endpoint: String, keys: CurveKeyPair?, serverKey: String?, name: String, runDirectory: String, handshakeTimeoutSeconds: Double) {
             self.endpoint = endpoint; self.keys = keys; self.serverKey = serverKey; self.name = name
             self.runDirectory = runDirectory; self.handshakeTimeoutSeconds = handshakeTimeoutSeconds
@@ -51,7 +53,7 @@ public final class RemoteWorker {
             try mon.connect(monEndpoint)
             if let k = options.keys, let sk = options.serverKey { try s.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: sk) }
             try s.connect(options.endpoint)
-            try s.send(Hello(pid: UInt32(getpid()), worker: "worker:" + options.name).encode(seq: 1))
+            try s.send(Hello(pid: UInt32(getpid()), worker: "worker:" + options.name, grant: options.grant).encode(seq: 1))
             let deadline = monotonicNs() + UInt64(options.handshakeTimeoutSeconds * 1e9)
             var poller = ZMQPoller(); poller.add(s); poller.add(mon)
             var lastFailure: String?
@@ -69,6 +71,9 @@ public final class RemoteWorker {
                     guard let f = try? FrameView(raw) else { return .failure(.protocolError("unreadable answer from the host")) }
                     switch f.header.type {
                     case .assign:
+                        if let body = try? f.utf8Body(), let v = try? JSON.parse(body), let why = v["refused"]?.stringValue {
+                            return .failure(.io("the host at \(options.endpoint) refused this worker: \(why)"))
+                        }
                         guard let body = try? f.utf8Body(), let v = try? JSON.parse(body), let w = v["worker"]?.stringValue else {
                             return .failure(.protocolError("unreadable roster from the host"))
                         }

@@ -140,6 +140,30 @@ struct Workers: ParsableCommand {
     }
 }
 
+struct GrantCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "grant", abstract: "Give a running host an owner's grant (usually a revocation: a higher epoch with no stages).",
+        subcommands: [Apply.self])
+
+    struct Apply: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Apply a grant file from `pipehost grant issue`: the worker's epoch rises (durably); a revocation aborts its runners.")
+        @Argument(help: "The grant file.") var file: String
+        @OptionGroup var host: HostOptions
+        @Flag(help: "Print as JSON.") var json = false
+
+        func run() throws {
+            guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
+                fail("pipectl grant apply: cannot read \(file)")
+            }
+            let r = host.call("grant", args: .object([("grant", .string(text))]))
+            if json { printJSON(r); return }
+            let aborted = (r["aborted"]?.listValue ?? []).compactMap(\.stringValue)
+            print("applied grant epoch \(r["epoch"]?.intValue ?? 0)\(r["revoked"]?.boolValue == true ? ": revoked" : "")\(aborted.isEmpty ? "" : "; aborted \(aborted.joined(separator: ", "))")")
+        }
+    }
+}
+
 struct Tap: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Print envelopes flowing on a lane of a running host (header and payload preview).",

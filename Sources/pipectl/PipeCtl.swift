@@ -11,7 +11,7 @@ struct PipeCtl: ParsableCommand {
         commandName: "pipectl",
         abstract: "Inspect pipeline files and running pipehost instances.",
         discussion: "Offline: validate, test, stages, schema, graph FILE, unseal. Against a running host: top, lanes, status, workers, tap, graph (found by the rule in docs/operations.md, or --run-dir/--control).",
-        subcommands: [Validate.self, TestCmd.self, Stages.self, Schema.self, Graph.self, Lanes.self, Status.self, Workers.self, Top.self, Tap.self, Unseal.self, Audit.self, Trace.self, JournalCmd.self, ReceiptsCmd.self, EventsCmd.self])
+        subcommands: [Validate.self, TestCmd.self, Stages.self, Schema.self, Graph.self, Lanes.self, Status.self, Workers.self, GrantCmd.self, Top.self, Tap.self, Unseal.self, Audit.self, Trace.self, JournalCmd.self, ReceiptsCmd.self, EventsCmd.self])
 }
 
 func fail(_ message: String, code: Int32 = 1) -> Never {
@@ -38,8 +38,8 @@ struct HostOptions: ParsableArguments {
         fail("pipectl: several pipehosts are running; choose one with --run-dir:\n" + live.map { "  --run-dir \($0)" }.joined(separator: "\n"))
     }
 
-    func call(_ cmd: String) -> ConfigValue {
-        do { return try ControlClient(endpoint: endpoint()).call(cmd) } catch { fail("pipectl: \(error)") }
+    func call(_ cmd: String, args: ConfigValue = .map([])) -> ConfigValue {
+        do { return try ControlClient(endpoint: endpoint()).call(cmd, args: args) } catch { fail("pipectl: \(error)") }
     }
 }
 

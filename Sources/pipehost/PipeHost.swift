@@ -13,7 +13,7 @@ struct PipeHostCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pipehost",
         abstract: "Runs declarative stream-processing pipelines whose stages are connected by ZeroMQ lanes.",
-        subcommands: [Run.self, Keygen.self, Seal.self, Worker.self])
+        subcommands: [Run.self, Keygen.self, Seal.self, Worker.self, GrantCmd.self])
 }
 
 /// Prints `message` to stderr and exits with `code`.
@@ -134,12 +134,12 @@ struct Worker: ParsableCommand {
     @Flag(help: "Plaintext tcp without authentication (only against a pipeline with remote.insecure: true).") var insecure = false
     @Option(name: .customLong("run-dir"), help: "Local directory for the stages' state (default /tmp/pipehost-worker-<uid>).") var runDir: String?
     @Option(name: .customLong("handshake-timeout"), help: "Seconds to wait for the host's answer before giving up (exit 2).") var handshakeTimeout: Double = 10
-    @Option(help: "(not yet supported) An authority grant file.") var grant: String?
+    @Option(help: "An authority grant file (`pipehost grant issue`), presented when registering.") var grant: String?
 
     func validate() throws {
         if connect.hasPrefix("tcp://") {
             if stage != nil { throw ValidationError("--stage is for child workers; a remote worker is told its stages by the host") }
-            if grant != nil { throw ValidationError("--grant: authority grants are not supported yet; list the worker's key in remote.workers") }
+            if grant != nil && insecure { throw ValidationError("--grant needs CURVE: the host checks it against the connection's key") }
             if insecure {
                 if key != nil || serverKey != nil { throw ValidationError("--insecure takes no --key or --server-key") }
                 guard let n = name, isValidName(n) else { throw ValidationError("--insecure needs --name NAME ([a-z0-9_-]+): without a key nothing else names the worker") }
@@ -178,8 +178,61 @@ struct Worker: ParsableCommand {
                 server = try CurveKeys.loadPublic(sk, base: FileManager.default.currentDirectoryPath)
             } catch { die("pipehost worker: \(error)", code: 2) }
         }
-        let opts = RemoteWorker.Options(endpoint: connect, keys: keys, serverKey: server, name: name ?? "",
+        var opts = RemoteWorker.Options(endpoint: connect, keys: keys, serverKey: server, name: name ?? "",
                                         runDirectory: runDir ?? "/tmp/pipehost-worker-\(getuid())", handshakeTimeoutSeconds: handshakeTimeout)
+        if let g = grant {
+            guard let bytes = FileManager.default.contents(atPath: g) else { die("pipehost worker: cannot read the grant \(g)", code: 2) }
+            do { _ = try Grant.parse(Array(bytes)) } catch { die("pipehost worker: \(g): \(error)", code: 2) }
+            opts.grant = Array(bytes)
+        }
         Glibc.exit(RemoteWorker(options: opts, registry: builtInStages).run())
+    }
+}
+
+struct GrantCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "grant", abstract: "Authority grants for remote workers (docs/operations.md, \"Grants\").",
+        subcommands: [Issue.self])
+
+    struct Issue: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Sign a grant: the worker with this CURVE key may run exactly these stages, under this name, until a time, at an epoch.",
+            discussion: "A revocation is a grant of a higher epoch with --stages \"\" (no stages); give it to the host with `pipectl grant apply FILE`.")
+        @Option(name: .customLong("owner-key"), help: "The owner's signing key (signing.key from `pipehost keygen`).") var ownerKey: String
+        @Option(help: "The worker's CURVE public key: its curve.pub file or the Z85 text.") var worker: String
+        @Option(help: "The worker name the grant admits (remote.workers in the pipeline).") var name: String
+        @Option(help: "Comma-separated stage ids; empty revokes.") var stages: String
+        @Option(help: "Expiry: RFC 3339 (2027-01-31T00:00:00Z) or a duration from now (90s, 30m, 12h, 30d).") var expires: String
+        @Option(help: "The grant's epoch (a non-negative integer; higher replaces lower).") var epoch: UInt64
+        @Option(name: .shortAndLong, help: "Write the grant here (default: stdout).") var output: String?
+
+        func validate() throws {
+            guard isValidName(name) else { throw ValidationError("--name must match [a-z0-9_-]+") }
+            for s in stages.split(separator: ",") where !isValidName(String(s)) { throw ValidationError("--stages: '\(s)' is not a stage id") }
+            guard Issue.expiry(expires, now: 0) != nil else { throw ValidationError("--expires must be RFC 3339 or a duration like 90s, 30m, 12h, 30d") }
+        }
+
+        static func expiry(_ s: String, now: Int64) -> Int64? {
+            if let ns = try? RFC3339.parse(s) { return ns / 1_000_000_000 }
+            let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86_400]
+            guard let u = s.last.flatMap({ units[$0] }), let n = Int64(s.dropLast()), n > 0, n < 100 * 365 * 86_400 / u else { return nil }
+            return now + n * u
+        }
+
+        func run() throws {
+            do {
+                let owner = try KeyFiles.loadSigningKey(ownerKey)
+                let key = try CurveKeys.loadPublic(worker, base: FileManager.default.currentDirectoryPath)
+                guard let exp = Issue.expiry(expires, now: Int64(Date().timeIntervalSince1970)) else { die("--expires: unreadable") }
+                let g = Grant.issue(owner: owner, worker: key, name: name, stages: stages.split(separator: ",").map(String.init),
+                                    expires: exp, epoch: epoch)
+                if let o = output {
+                    guard FileManager.default.createFile(atPath: o, contents: Data(g.text.utf8)) else { die("cannot write \(o)") }
+                    FileHandle.standardError.write(Data("wrote \(o): \(g.isRevocation ? "revocation" : "stages \(g.stages.joined(separator: ","))") for worker '\(name)' (key \(key.prefix(12))...), epoch \(epoch), expires \(RFC3339.format(ns: exp * 1_000_000_000)), owner key id \(Hex.encode(owner.keyID))\n".utf8))
+                } else {
+                    print(g.text, terminator: "")
+                }
+            } catch { die("pipehost grant issue: \(error)") }
+        }
     }
 }

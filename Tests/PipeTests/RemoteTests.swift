@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import PipeKit
 import PipeRuntime
+import PipeSeal
 import PipeZMQ
 
 /// A directory with host and worker keys from `pipehost keygen`, and a pipeline whose middle
@@ -14,14 +15,15 @@ struct RemoteFixture {
     var pipeline: String { dir + "/remote.yaml" }
 
     init(_ tag: String, extraWorkers: [String] = [], insecure: Bool = false, count: Int = 5000, rate: Int? = nil,
-         delivery: String? = nil, downAfterMs: Int? = nil) throws {
+         delivery: String? = nil, downAfterMs: Int? = nil, grants: Bool = false) throws {
         dir = Paths.tempDir(tag)
         port = try reserveTCPPort(host: "127.0.0.1")
-        for k in ["host", "edge", "stranger"] + extraWorkers {
+        for k in ["host", "edge", "stranger", "owner"] + extraWorkers {
             let r = try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k])
             #expect(r.status == 0, "\(r.stderr)")
         }
-        var workers = "    edge: { key: keys/edge/curve.pub }\n"
+        // With grants, edge is listed without a key: only an owner's grant admits it.
+        var workers = grants ? "    edge: {}\n" : "    edge: { key: keys/edge/curve.pub }\n"
         for w in extraWorkers { workers += "    \(w): { key: keys/\(w)/curve.pub }\n" }
         let rateLine = rate.map { ", rate: \($0)" } ?? ""
         let yaml = """
@@ -29,7 +31,7 @@ struct RemoteFixture {
             \(delivery.map { "delivery: \($0)\n" } ?? "")remote:
               listen: \(endpoint)
             \(insecure ? "  insecure: true" : "  key: keys/host/curve.key")
-            \(downAfterMs.map { "  down_after_ms: \($0)\n" } ?? "")  workers:
+            \(downAfterMs.map { "  down_after_ms: \($0)\n" } ?? "")\(grants ? "  owners: [keys/owner/signing.pub]\n" : "")  workers:
             \(workers)stages:
               - id: gen
                 kind: generator
@@ -314,6 +316,86 @@ struct RemoteWorkerTests {
         #expect(stage(s, "pass")?["restarts"]?.intValue == 1)
     }
 }
+}
+
+extension ExclusivePipelines {
+@Suite("Remote workers admitted by grants", .serialized)
+struct GrantPipelineTests {
+    func issue(_ fx: RemoteFixture, key: String, stages: String, epoch: Int, expires: String = "1h", file: String) throws -> String {
+        let path = fx.dir + "/" + file
+        let r = try runProcess(Paths.pipehost, ["grant", "issue", "--owner-key", fx.dir + "/keys/owner/signing.key", "--worker", fx.dir + "/keys/\(key)/curve.pub",
+                                                "--name", "edge", "--stages", stages, "--expires", expires, "--epoch", String(epoch), "-o", path])
+        #expect(r.status == 0, "\(r.stderr)")
+        return path
+    }
+
+    @Test func grants_admitTheirWorker_andRefuseStrangersOthersGrantsExpiryReplaysAndRevocation_acrossARestart() throws {
+        let fx = try RemoteFixture("remote-grants", count: 2000, grants: true)
+        let run = fx.dir + "/run"
+        let g5 = try issue(fx, key: "edge", stages: "pass", epoch: 5, file: "g5.json")
+        let g3 = try issue(fx, key: "edge", stages: "pass", epoch: 3, file: "g3.json")
+        let old = try issue(fx, key: "edge", stages: "pass", epoch: 9, expires: "2020-01-01T00:00:00Z", file: "old.json")
+        var host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let noGrant = try fx.worker("stranger")
+        #expect(noGrant.status == 2 && noGrant.stderr.contains("unknown worker key and no grant"), "\(noGrant.stderr)")
+        let stolen = try fx.worker("stranger", extra: ["--grant", g5])
+        #expect(stolen.status == 2 && stolen.stderr.contains("grant for another worker's key"), "\(stolen.stderr)")
+        let expired = try fx.worker("edge", extra: ["--grant", old])
+        #expect(expired.status == 2 && expired.stderr.contains("grant expired at 2020-01-01"), "\(expired.stderr)")
+        let good = try fx.worker("edge", extra: ["--grant", g5])
+        #expect(good.status == 0, "\(good.stderr)")
+        #expect(waitExit(host, timeout: 60) == 0)
+        #expect(try envelopeIDs(run + "/out.jsonl").count == 2000)
+
+        // The host again, same run directory: the epoch watermark survived.
+        host = try startPipeline(fx.pipeline, runDir: run)
+        let replay = try fx.worker("edge", extra: ["--grant", g3])
+        #expect(replay.status == 2 && replay.stderr.contains("replayed grant: epoch 3 is below the highest seen for this worker (5)"), "\(replay.stderr)")
+        // The owner revokes (epoch 6, no stages): epoch 5 no longer admits the worker.
+        let revoke = try issue(fx, key: "edge", stages: "", epoch: 6, file: "g6.json")
+        let applied = try runProcess(Paths.pipectl, ["grant", "apply", revoke, "--run-dir", run])
+        #expect(applied.status == 0 && applied.stdout.contains("revoked"), "\(applied.stdout)\(applied.stderr)")
+        let revoked = try fx.worker("edge", extra: ["--grant", g5])
+        #expect(revoked.status == 2 && revoked.stderr.contains("epoch 5 is below the highest seen for this worker (6)"), "\(revoked.stderr)")
+        // A new grant at a higher epoch admits it again.
+        let g7 = try issue(fx, key: "edge", stages: "pass", epoch: 7, file: "g7.json")
+        let back = try fx.worker("edge", extra: ["--grant", g7])
+        #expect(back.status == 0, "\(back.stderr)")
+        #expect(waitExit(host, timeout: 60) == 0)
+        let audit = try auditJSONL(run)
+        for reason in ["unknown worker key and no grant", "grant for another worker's key", "grant expired at", "replayed grant: epoch 3",
+                       "grant-revoked", "epoch 5 is below the highest seen for this worker (6)"] {
+            #expect(audit.contains(reason), "audit log lacks '\(reason)'")
+        }
+    }
+}
+}
+
+@Suite("Grants")
+struct GrantTests {
+    @Test func aGrantVerifiesWithItsOwner_andNotWhenAnyFieldChanges() throws {
+        let owner = try SigningKey.generate(), other = try SigningKey.generate()
+        let key = try ZMQCurve.keyPair().publicKey
+        let g = Grant.issue(owner: owner, worker: key, name: "edge", stages: ["b", "a"], expires: 2_000_000_000, epoch: 4)
+        #expect(g.stages == ["a", "b"])
+        #expect(g.verify(owners: [owner.publicKey]))
+        #expect(!g.verify(owners: [other.publicKey]))
+        let back = try Grant.parse(Array(g.text.utf8))
+        #expect(back == g)
+        #expect(back.verify(owners: [other.publicKey, owner.publicKey]))
+        var t = g; t.stages = ["a", "b", "c"]; #expect(!t.verify(owners: [owner.publicKey]))
+        t = g; t.epoch = 5; #expect(!t.verify(owners: [owner.publicKey]))
+        t = g; t.expires += 1; #expect(!t.verify(owners: [owner.publicKey]))
+        t = g; t.name = "edge2"; #expect(!t.verify(owners: [owner.publicKey]))
+        t = g; t.worker = try ZMQCurve.keyPair().publicKey; #expect(!t.verify(owners: [owner.publicKey]))
+        // Signed by another key that claims to be the owner.
+        t = g; t.signature = other.sign(g.signedBytes); #expect(!t.verify(owners: [owner.publicKey]))
+        #expect(Grant.issue(owner: owner, worker: key, name: "edge", stages: [], expires: 1, epoch: 9).isRevocation)
+        #expect(throws: SealError.self) { try Grant.parse(Array("{\"v\":1}".utf8)) }
+        #expect(throws: SealError.self) { try Grant.parse(Array("not json".utf8)) }
+        #expect(throws: SealError.self) { try Grant.parse([UInt8](repeating: 0x20, count: 70_000)) }
+    }
 }
 
 @Suite("Remote workers: configuration")
