@@ -147,9 +147,12 @@ public enum PipelineSchema {
                     ("insecure", obj([("type", .string("boolean"))])),
                     ("worker_wait_s", obj([("type", .string("number")), ("exclusiveMinimum", .int(0)), ("maximum", .int(86_400))])),
                     ("down_after_ms", obj([("type", .string("integer")), ("minimum", .int(200)), ("maximum", .int(600_000))])),
+                    ("owners", obj([("type", .string("array")), ("items", obj([("type", .string("string"))])),
+                                    ("description", .string("owner keys whose grants admit workers"))])),
+                    ("grant_epochs", obj([("type", .string("string"))])),
                     ("workers", obj([("type", .string("object")), ("additionalProperties", obj([("oneOf", .list([
                         obj([("type", .string("string"))]),
-                        obj([("type", .string("object")), ("additionalProperties", .bool(false)), ("required", .list([.string("key")])),
+                        obj([("type", .string("object")), ("additionalProperties", .bool(false)),
                              ("properties", obj([("key", obj([("type", .string("string")),
                                                              ("description", .string("Z85 CURVE public key, or the path of the worker's curve.pub"))]))]))]),
                     ]))]))])),
