@@ -57,6 +57,9 @@ public struct PipelineValidator {
                 }
             }
             if outputsOf[s.id] == nil { outputsOf[s.id] = d.allOutputs(reader) }
+            if d.remoteOnly && !(s.placement ?? spec.defaultPlacement).isRemote {
+                error(s.pos, "stage '\(s.id)' (\(s.kind)) runs only on a remote worker that implements it: give it placement: { worker: NAME }")
+            }
             if case .worker(let name) = s.placement ?? spec.defaultPlacement {
                 if let r = spec.remote {
                     if !r.workers.contains(where: { $0.name == name }) {

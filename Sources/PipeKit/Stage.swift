@@ -219,13 +219,15 @@ public struct StageDescriptor: Sendable {
     public let fields: [ConfigField]
     /// Whether the stage gets a durable key-value store.
     public let usesStore: Bool
+    /// Whether only a remote worker can run the stage (its code is not in this binary: `external`).
+    public let remoteOnly: Bool
     /// Extra validation across fields (nil when fine); runs after field checks pass.
     public let check: @Sendable (ConfigReader) -> [ConfigIssue]
     public let make: @Sendable (ConfigReader) throws -> any Stage
 
     public init(kind: String, summary: String, role: StageRole, inputs: [InputPort] = [InputPort("in", doc: "envelopes to handle")],
                 outputs: @escaping @Sendable (ConfigReader) -> [String] = { _ in ["out"] }, outputsDoc: String = "out",
-                fields: [ConfigField] = [], usesStore: Bool = false,
+                fields: [ConfigField] = [], usesStore: Bool = false, remoteOnly: Bool = false,
                 check: @escaping @Sendable (ConfigReader) -> [ConfigIssue] = { _ in [] },
                 make: @escaping @Sendable (ConfigReader) throws -> any Stage) {
         self.kind = kind; self.summary = summary; self.role = role
@@ -237,7 +239,7 @@ public struct StageDescriptor: Sendable {
             self.outputs = outputs
             self.outputsDoc = outputsDoc
         }
-        self.fields = fields; self.usesStore = usesStore; self.check = check; self.make = make
+        self.fields = fields; self.usesStore = usesStore; self.remoteOnly = remoteOnly; self.check = check; self.make = make
     }
 
     /// The stage's outputs for `config`, plus the implicit `dead_letter`.

@@ -16,6 +16,7 @@ public let builtInStages = StageRegistry([
     FileSourceStage.descriptor,
     PassthroughStage.descriptor,
     HopStage.descriptor,
+    ExternalStage.descriptor,
     FileSinkStage.descriptor,
     NullSinkStage.descriptor,
     StdoutSinkStage.descriptor,

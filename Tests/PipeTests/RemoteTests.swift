@@ -635,3 +635,91 @@ struct NetnsTests {
     }
 }
 }
+
+/// A python3 that has pyzmq (Debian's python3-zmq, which `.ci/run` installs), or nil.
+func pythonWithZMQ() -> String? {
+    var candidates = ["/usr/bin/python3", "/usr/local/bin/python3"]
+    if let path = ProcessInfo.processInfo.environment["PATH"] {
+        candidates += path.split(separator: ":").map { $0 + "/python3" }
+    }
+    for c in candidates where FileManager.default.isExecutableFile(atPath: c) {
+        if let r = try? runProcess(c, ["-c", "import zmq; assert zmq.has('curve')"], timeout: 20), r.status == 0 { return c }
+    }
+    return nil
+}
+
+extension ExclusivePipelines {
+@Suite("External stages: the Python reference worker", .serialized)
+struct ExternalWorkerTests {
+    @Test func aPythonWorkerInTheMiddle_transformsEveryEnvelope_overCURVE() throws {
+        guard let python = pythonWithZMQ() else {
+            FileHandle.standardError.write(Data("external worker test skipped: no python3 with pyzmq (apt-get install python3-zmq)\n".utf8)); return
+        }
+        let dir = Paths.tempDir("external-py")
+        let port = try reserveTCPPort(host: "127.0.0.1")
+        for k in ["host", "py"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+        let yaml = """
+            pipeline: external-test
+            remote:
+              listen: tcp://127.0.0.1:\(port)
+              key: keys/host/curve.key
+              workers:
+                py: { key: keys/py/curve.pub }
+            stages:
+              - { id: gen, kind: generator, config: { count: 3000, seed: 5 } }
+              - { id: up, kind: external, inputs: [gen], placement: { worker: py }, config: { program: upper } }
+              - { id: mid, kind: passthrough, inputs: [up] }
+              - { id: tag, kind: external, inputs: [mid], placement: { worker: py }, config: { program: tag, settings: { lang: python, step: two } } }
+              - { id: out, kind: file-sink, inputs: [tag], config: { path: out.jsonl } }
+            """
+        // (A host stage sits between the two Python stages: a lane cannot join two remote stages.)
+        try yaml.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        let run = dir + "/run"
+        let host = try startPipeline(dir + "/p.yaml", runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let w = try runProcess(python, [Paths.root + "/Tools/ref_worker.py", "--connect", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/py/curve.key",
+                                        "--server-key", dir + "/keys/host/curve.pub"], timeout: 120)
+        #expect(w.status == 0, "\(w.stderr)")
+        #expect(w.stderr.contains("stages: up, tag") || w.stderr.contains("stages: tag, up"), "\(w.stderr)")
+        #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        for l in lanes(s) { #expect(l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        // The same generator in the host alone: the same ids in the same order; the Python stages
+        // upper-cased each payload and tagged it.
+        let local = """
+            pipeline: external-ref
+            stages:
+              - { id: gen, kind: generator, config: { count: 3000, seed: 5 } }
+              - { id: out, kind: file-sink, inputs: [gen], config: { path: out.jsonl } }
+            """
+        try local.write(toFile: dir + "/ref.yaml", atomically: true, encoding: .utf8)
+        let (r, _) = try runPipeline(dir + "/ref.yaml", runDir: dir + "/ref")
+        #expect(r.status == 0)
+        let got = try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8).split(separator: "\n").map { try JSON.parse(String($0)) }
+        let want = try String(contentsOfFile: dir + "/ref/out.jsonl", encoding: .utf8).split(separator: "\n").map { try JSON.parse(String($0)) }
+        #expect(got.count == 3000)
+        #expect(got.map { $0["id"] } == want.map { $0["id"] })
+        for (g, w) in zip(got, want).prefix(3000) {
+            let payload = Data(base64Encoded: g["payload_b64"]?.stringValue ?? "") ?? Data()
+            let original = Data(base64Encoded: w["payload_b64"]?.stringValue ?? "") ?? Data()
+            #expect(String(decoding: payload, as: UTF8.self) == String(decoding: original, as: UTF8.self).uppercased())
+            #expect(g["attrs"]?["program"]?.stringValue == "upper")
+            #expect(g["attrs"]?["lang"]?.stringValue == "python")
+            #expect(g["attrs"]?["step"]?.stringValue == "two")
+            if payload.isEmpty { break }
+        }
+    }
+
+    @Test func anExternalStageOutsideARemoteWorker_isAValidationError() throws {
+        let dir = Paths.tempDir("external-val")
+        try """
+            stages:
+              - { id: gen, kind: generator }
+              - { id: ext, kind: external, inputs: [gen], config: { program: upper } }
+            """.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        let r = try runProcess(Paths.pipectl, ["validate", dir + "/p.yaml"])
+        #expect(r.status == 1)
+        #expect((r.stdout + r.stderr).contains("p.yaml:3:11: stage 'ext' (external) runs only on a remote worker that implements it"), "\(r.stdout)\(r.stderr)")
+    }
+}
+}

@@ -1,0 +1,492 @@
+#!/usr/bin/env python3
+"""Reference worker in Python: runs `external` stages of a pipehost pipeline.
+
+Written from docs/wire-format.md alone (frames, HELLO/ASSIGN registration, DATA, CREDIT, EOS,
+HEARTBEAT, COMMAND, STATS, the envelope encoding) with pyzmq. It connects in like
+`pipehost worker --connect tcp://...` does, registers, and runs each `external` stage of its
+roster. Programs:
+
+  upper  the payload's ASCII letters in upper case; attribute `program` = "upper"
+  tag    every entry of the stage's `settings` becomes a string attribute
+
+Usage:
+  ref_worker.py --connect tcp://HOST:PORT --key worker/curve.key --server-key host/curve.pub
+  ref_worker.py --connect tcp://HOST:PORT --insecure --name NAME
+
+Delivery: at-most-once only (no ACK frames); byte bounds are not enforced here.
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+
+import zmq
+
+MAGIC = b"PL"
+VERSION = 1
+DATA, EOS, CREDIT, ACK, HEARTBEAT, STATS, AUDIT, HELLO, ASSIGN, COMMAND = range(1, 11)
+CMD_LOOP_CLOSED, CMD_STOP, CMD_FINISH, CMD_ABORT = 1, 2, 3, 4
+F_IDLE, F_EXHAUSTED, F_FINISHED, F_FAILED = 0x01, 0x02, 0x04, 0x10
+
+
+def now_ns():
+    return time.time_ns()
+
+
+# --- frames -------------------------------------------------------------------------------------
+
+def header(ftype, lane, seq):
+    return MAGIC + bytes([VERSION, ftype]) + struct.pack("<IQ", lane, seq)
+
+
+def parse_header(b):
+    if len(b) < 16 or b[:2] != MAGIC or b[2] != VERSION:
+        raise ValueError("not a frame")
+    lane, seq = struct.unpack_from("<IQ", b, 4)
+    return b[3], lane, seq, b[16:]
+
+
+def str16(s):
+    raw = s.encode("utf-8")
+    return struct.pack("<H", len(raw)) + raw
+
+
+class Reader:
+    def __init__(self, b):
+        self.b, self.i = b, 0
+
+    def take(self, n):
+        if self.i + n > len(self.b):
+            raise ValueError("truncated")
+        v = self.b[self.i:self.i + n]
+        self.i += n
+        return v
+
+    def u8(self):
+        return self.take(1)[0]
+
+    def u16(self):
+        return struct.unpack("<H", self.take(2))[0]
+
+    def u32(self):
+        return struct.unpack("<I", self.take(4))[0]
+
+    def u64(self):
+        return struct.unpack("<Q", self.take(8))[0]
+
+    def i64(self):
+        return struct.unpack("<q", self.take(8))[0]
+
+    def s16(self):
+        return self.take(self.u16()).decode("utf-8")
+
+
+# --- envelopes (docs/wire-format.md, "Envelope (version 1)") -------------------------------------
+
+def attr_encode(v):
+    if isinstance(v, bool):
+        return b"\x04" + bytes([1 if v else 0])
+    if isinstance(v, int):
+        return b"\x02" + struct.pack("<q", v)
+    if isinstance(v, float):
+        return b"\x03" + struct.pack("<d", v)
+    return b"\x01" + str16(str(v))
+
+
+def attr_decode(r):
+    t = r.u8()
+    if t == 1:
+        return r.s16()
+    if t == 2:
+        return r.i64()
+    if t == 3:
+        return struct.unpack("<d", r.take(8))[0]
+    if t == 4:
+        b = r.u8()
+        if b > 1:
+            raise ValueError("bad bool")
+        return b == 1
+    raise ValueError("bad attr type %d" % t)
+
+
+def decode_envelope(b):
+    r = Reader(b)
+    if r.u8() != 1:
+        raise ValueError("envelope version")
+    flags = r.u8()
+    if flags & ~0x07:
+        raise ValueError("unknown envelope flags")
+    e = {"id": r.take(16)}
+    e["parent"] = r.take(16) if flags & 1 else None
+    e["rank"], e["hops"], e["attempt"], e["ingest_ns"] = r.u64(), r.u32(), r.u32(), r.u64()
+    e["actor"], e["intent"], e["authority"], e["lane"] = r.s16(), r.s16(), r.s16(), r.s16()
+    e["clock"] = [(r.s16(), r.u64()) for _ in range(r.u16())] if flags & 2 else None
+    e["attrs"] = {}
+    for _ in range(r.u16()):
+        k = r.s16()
+        e["attrs"][k] = attr_decode(r)
+    e["sig"] = r.take(72) if flags & 4 else None
+    e["payload"] = r.take(r.u32())
+    if r.i != len(b):
+        raise ValueError("trailing bytes")
+    return e
+
+
+def encode_envelope(e):
+    flags = (1 if e["parent"] else 0) | (2 if e["clock"] is not None else 0) | (4 if e["sig"] else 0)
+    out = bytearray([1, flags]) + e["id"]
+    if e["parent"]:
+        out += e["parent"]
+    out += struct.pack("<QIIQ", e["rank"], e["hops"], e["attempt"], e["ingest_ns"])
+    for s in (e["actor"], e["intent"], e["authority"], e["lane"]):
+        out += str16(s)
+    if e["clock"] is not None:
+        out += struct.pack("<H", len(e["clock"]))
+        for actor, counter in sorted(e["clock"], key=lambda x: x[0].encode()):
+            out += str16(actor) + struct.pack("<Q", counter)
+    keys = sorted(e["attrs"], key=lambda k: k.encode("utf-8"))
+    out += struct.pack("<H", len(keys))
+    for k in keys:
+        out += str16(k) + attr_encode(e["attrs"][k])
+    if e["sig"]:
+        out += e["sig"]
+    out += struct.pack("<I", len(e["payload"])) + e["payload"]
+    return bytes(out)
+
+
+# --- programs -----------------------------------------------------------------------------------
+
+def program_upper(e, settings):
+    e["payload"] = bytes(c - 32 if 97 <= c <= 122 else c for c in e["payload"])
+    e["attrs"]["program"] = "upper"
+    return e
+
+
+def program_tag(e, settings):
+    for k, v in (settings or {}).items():
+        e["attrs"][k] = str(v)
+    return e
+
+
+PROGRAMS = {"upper": program_upper, "tag": program_tag}
+
+
+# --- one stage ----------------------------------------------------------------------------------
+
+class Stage:
+    def __init__(self, ctx, args, stage_id):
+        self.ctx, self.args, self.id = ctx, args, stage_id
+        self.control = self.socket(zmq.DEALER)
+        self.control.connect(args.connect)
+        self.control.send(header(HELLO, 0, 1) + struct.pack("<HI", 1, os.getpid()) + str16(stage_id) + struct.pack("<I", 0))
+        self.seq = 1
+        self.a = None
+        self.finished = self.failed = False
+        self.error = ""
+        self.received = self.emitted = self.errors = 0
+        self.busy_ns = 0
+        self.last_host = time.monotonic()
+        self.next_stats = 0.0
+
+    def socket(self, kind):
+        s = self.ctx.socket(kind)
+        s.linger = 0
+        if self.args.keys:
+            pub, sec, server = self.args.keys
+            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server
+        return s
+
+    def assigned(self, a):
+        self.a = a
+        self.incarnation = now_ns()
+        cfg = a.get("config") or {}
+        if a["kind"] != "external" or cfg.get("program") not in PROGRAMS:
+            self.fail("this worker runs kind external with program %s, not %s %r" % ("/".join(PROGRAMS), a["kind"], cfg.get("program")))
+            return
+        self.program, self.settings = PROGRAMS[cfg["program"]], cfg.get("settings") or {}
+        self.inp = self.socket(zmq.PULL)
+        for ep in a.get("connect_in", []):
+            self.inp.connect(ep)
+        self.ret = self.socket(zmq.PULL)
+        for ep in a.get("connect_ret", []):
+            self.ret.connect(ep)
+        self.ins = {}
+        for i in a["inputs"]:
+            s = self.socket(zmq.PUSH)
+            s.connect(i["ret"])
+            epoch = ((self.incarnation // 1000) & 0xFFFFFFFF) | 1
+            self.ins[i["lane"]] = {"sock": s, "bound": i["bound"], "epoch": epoch, "in_epoch": 0, "received": 0,
+                                   "granted": 0, "eos": False, "incarnation": None, "seq": 0}
+            self.grant(i["lane"])
+        self.outs = {}
+        self.groups = {}  # output name -> {group: [lanes]}
+        for o in a["outputs"]:
+            for l in o["lanes"]:
+                s = self.socket(zmq.PUSH)
+                s.sndhwm = l["bound"] + 64
+                s.connect(l["connect"])
+                self.outs[l["lane"]] = {"sock": s, "bound": l["bound"], "epoch": 0, "limit": 0, "sent_in_epoch": 0,
+                                        "transmitted": 0, "queue": [], "seq": 1, "eos": False, "retired": []}
+                s.send(header(HEARTBEAT, l["lane"], 1) + struct.pack("<Q", self.incarnation), zmq.NOBLOCK)
+                self.groups.setdefault(o["name"], {}).setdefault(l["group"], []).append(l["lane"])
+        self.rr = {}
+
+    def fail(self, why):
+        self.failed, self.error = True, why
+        print("stage %s: %s" % (self.id, why), file=sys.stderr)
+
+    def send_control(self, frame_type, body):
+        self.seq += 1
+        self.control.send(header(frame_type, 0, self.seq) + body)
+
+    def grant(self, lane):
+        i = self.ins[lane]
+        i["granted"] = i["in_epoch"] + i["bound"]
+        i["seq"] += 1
+        i["sock"].send(header(CREDIT, lane, i["seq"]) + struct.pack("<IQ", i["epoch"], i["granted"]), zmq.NOBLOCK)
+
+    def emit(self, e, output="out"):
+        for group, lanes in sorted(self.groups.get(output, {}).items()):
+            k = self.rr.get((output, group), 0)
+            self.rr[(output, group)] = k + 1
+            self.outs[lanes[k % len(lanes)]]["queue"].append(encode_envelope(e))
+        self.emitted += 1
+
+    def on_data(self, lane, body):
+        i = self.ins.get(lane)
+        if i is None:
+            self.errors += 1
+            return
+        r = Reader(body)
+        r.u64()
+        count = r.u32()
+        t0 = time.monotonic_ns()
+        for _ in range(count):
+            raw = r.take(r.u32())
+            i["received"] += 1
+            i["in_epoch"] += 1
+            self.received += 1
+            try:
+                self.emit(self.program(decode_envelope(raw), self.settings))
+            except ValueError as err:
+                self.errors += 1
+                print("stage %s: envelope refused: %s" % (self.id, err), file=sys.stderr)
+            if i["granted"] - i["in_epoch"] <= i["bound"] // 2:
+                self.grant(lane)
+        self.busy_ns += time.monotonic_ns() - t0
+
+    def on_input(self, b):
+        try:
+            ftype, lane, _, body = parse_header(b)
+        except ValueError:
+            self.errors += 1
+            return
+        if ftype == DATA:
+            self.on_data(lane, body)
+        elif ftype == EOS and lane in self.ins:
+            self.ins[lane]["eos"] = True
+        elif ftype == HEARTBEAT and lane in self.ins:
+            inc = struct.unpack_from("<Q", body)[0]
+            i = self.ins[lane]
+            # A restarted producer: move to the next epoch and grant again.
+            if i["incarnation"] is not None and i["incarnation"] != inc:
+                i["epoch"] = (i["epoch"] + 1) & 0xFFFFFFFF
+                i["in_epoch"] = 0
+                self.grant(lane)
+            i["incarnation"] = inc
+
+    def on_return(self, b):
+        try:
+            ftype, lane, _, body = parse_header(b)
+        except ValueError:
+            self.errors += 1
+            return
+        o = self.outs.get(lane)
+        if o is None or ftype != CREDIT:
+            return
+        epoch, claimed = struct.unpack_from("<IQ", body)
+        if epoch in o["retired"]:
+            return
+        if epoch != o["epoch"]:
+            if o["epoch"]:
+                o["retired"] = (o["retired"] + [o["epoch"]])[-4:]
+            o["epoch"], o["sent_in_epoch"], o["limit"] = epoch, 0, min(claimed, o["bound"])
+            if o["eos"]:
+                # A restarted consumer still learns the end.
+                o["seq"] += 1
+                o["sock"].send(header(EOS, lane, o["seq"]) + struct.pack("<Q", o["transmitted"]), zmq.NOBLOCK)
+        else:
+            o["limit"] = max(o["limit"], min(claimed, o["sent_in_epoch"] + o["bound"]))
+
+    def flush(self):
+        for lane, o in self.outs.items():
+            while o["queue"] and o["sent_in_epoch"] < o["limit"]:
+                n = min(len(o["queue"]), o["limit"] - o["sent_in_epoch"], self.a["max_batch_envelopes"], 512)
+                batch = o["queue"][:n]
+                body = struct.pack("<QI", now_ns(), n) + b"".join(struct.pack("<I", len(x)) + x for x in batch)
+                o["seq"] += 1
+                try:
+                    o["sock"].send(header(DATA, lane, o["seq"]) + body, zmq.NOBLOCK)
+                except zmq.Again:
+                    o["seq"] -= 1
+                    break
+                del o["queue"][:n]
+                o["sent_in_epoch"] += n
+                o["transmitted"] += n
+
+    def maybe_finish(self):
+        if self.finished or not all(i["eos"] for i in self.ins.values()):
+            return
+        if any(o["queue"] for o in self.outs.values()):
+            return
+        for lane, o in self.outs.items():
+            if not o["eos"]:
+                o["seq"] += 1
+                o["sock"].send(header(EOS, lane, o["seq"]) + struct.pack("<Q", o["transmitted"]), zmq.NOBLOCK)
+                o["eos"] = True
+        self.finished = True
+        self.next_stats = 0
+
+    def stats(self):
+        flags = (F_FINISHED if self.finished else 0) | (F_FAILED if self.failed else 0)
+        if not self.failed and not any(o["queue"] for o in getattr(self, "outs", {}).values()):
+            flags |= F_IDLE
+        body = str16(self.id) + struct.pack("<QB", now_ns(), flags)
+        body += struct.pack("<QQQQI", self.received, self.emitted, 0, self.errors, 0)
+        body += struct.pack("<Q", self.busy_ns) + b"\x00"
+        lanes = []
+        for lane, o in getattr(self, "outs", {}).items():
+            credits = max(0, o["limit"] - o["sent_in_epoch"])
+            lanes.append(struct.pack("<IBQIIBQQQI", lane, 0, o["transmitted"], credits, len(o["queue"]), 1 if o["eos"] else 0, 0, 0, 0, 0) + b"\x00")
+        for lane, i in getattr(self, "ins", {}).items():
+            credits = max(0, i["granted"] - i["in_epoch"])
+            lanes.append(struct.pack("<IBQIIBQQQI", lane, 1, i["received"], credits, 0, 1 if i["eos"] else 0, 0, 0, 0, 0) + b"\x00")
+        body += struct.pack("<H", len(lanes)) + b"".join(lanes)
+        status = [("language", "python"), ("program", (self.a or {}).get("config", {}).get("program", "") if self.a else "")]
+        if self.error:
+            status.append(("error", self.error))
+        body += struct.pack("<H", len(status)) + b"".join(str16(k) + attr_encode(v) for k, v in status)
+        self.send_control(STATS, body)
+        self.next_stats = time.monotonic() + (self.a or {}).get("stats_interval_ms", 100) / 1000.0
+
+    def on_control(self, b):
+        """Returns False when the stage must end."""
+        self.last_host = time.monotonic()
+        try:
+            ftype, _, _, body = parse_header(b)
+        except ValueError:
+            return True
+        if ftype == ASSIGN and self.a is None:
+            a = json.loads(body.decode("utf-8"))
+            if "refused" in a:
+                print("stage %s refused: %s" % (self.id, a["refused"]), file=sys.stderr)
+                return False
+            self.assigned(a)
+            self.stats()
+        elif ftype == COMMAND:
+            code = body[0]
+            if code in (CMD_FINISH, CMD_ABORT):
+                if self.a is not None:
+                    self.stats()
+                return False
+        return True
+
+    def sockets(self):
+        return [self.control] + ([self.inp, self.ret] if self.a is not None and not self.failed else [])
+
+    def close(self):
+        for s in [self.control] + ([self.inp, self.ret] + [x["sock"] for x in self.ins.values()] + [x["sock"] for x in self.outs.values()]
+                                   if hasattr(self, "inp") else []):
+            s.close(0)
+
+
+def register(ctx, args):
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    if args.keys:
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = args.keys
+    s.connect(args.connect)
+    s.send(header(HELLO, 0, 1) + struct.pack("<HI", 1, os.getpid()) + str16("worker:" + (args.name or "")) + struct.pack("<I", 0))
+    if not s.poll(int(args.handshake_timeout * 1000)):
+        sys.exit("no answer from %s within %s s (host down, wrong --server-key, or a key the host does not allow)" % (args.connect, args.handshake_timeout))
+    ftype, _, _, body = parse_header(s.recv())
+    s.close(0)
+    if ftype == COMMAND:
+        sys.exit("the host refused this worker")
+    roster = json.loads(body.decode("utf-8"))
+    if "refused" in roster:
+        sys.exit("the host refused this worker: " + roster["refused"])
+    return roster
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connect", required=True)
+    p.add_argument("--key", help="this worker's curve.key")
+    p.add_argument("--server-key", help="the host's curve.pub")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--name")
+    p.add_argument("--handshake-timeout", type=float, default=10)
+    args = p.parse_args()
+    if args.insecure:
+        if not args.name:
+            p.error("--insecure needs --name")
+        args.keys = None
+    else:
+        if not (args.key and args.server_key):
+            p.error("give --key and --server-key, or --insecure --name NAME")
+        sec = open(args.key, "rb").read().strip()
+        args.keys = (zmq.curve_public(sec), sec, open(args.server_key, "rb").read().strip())
+    ctx = zmq.Context()
+    roster = register(ctx, args)
+    print("registered as worker %r of pipeline %r; stages: %s" % (roster["worker"], roster.get("pipeline", ""), ", ".join(roster["stages"]) or "none"),
+          file=sys.stderr)
+    stages = [Stage(ctx, args, sid) for sid in roster["stages"]]
+    live = list(stages)
+    while live:
+        poller = zmq.Poller()
+        owner = {}
+        for st in live:
+            for s in st.sockets():
+                poller.register(s, zmq.POLLIN)
+                owner[s] = st
+        events = dict(poller.poll(20))
+        ended = []
+        for s in events:
+            st = owner[s]
+            while True:
+                try:
+                    b = s.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if s is st.control:
+                    if not st.on_control(b):
+                        ended.append(st)
+                        break
+                elif s is st.inp:
+                    st.on_input(b)
+                else:
+                    st.on_return(b)
+        for st in live:
+            if st in ended or st.a is None:
+                continue
+            if not st.failed:
+                st.flush()
+                st.maybe_finish()
+            if time.monotonic() >= st.next_stats:
+                st.stats()
+            if time.monotonic() - st.last_host > 15:
+                print("stage %s: no word from the host for 15 s; stopping" % st.id, file=sys.stderr)
+                ended.append(st)
+        for st in ended:
+            if st in live:
+                live.remove(st)
+                st.close()
+    ctx.term()
+    sys.exit(1 if any(st.failed for st in stages) else 0)
+
+
+if __name__ == "__main__":
+    main()
