@@ -45,7 +45,7 @@ let package = Package(
         // Stage plugins: PipeKit + capability modules only.
         .target(name: "CoreStages", dependencies: ["PipeKit"], path: "Plugins/Core", swiftSettings: hotPath),
         .target(name: "TwinStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Twin"),
-        .target(name: "IntakeStages", dependencies: ["PipeKit", "PipeSniff", "PipeSeal"], path: "Plugins/Intake"),
+        .target(name: "IntakeStages", dependencies: ["PipeKit", "PipeSniff", "PipeSeal", "PipeZMQ"], path: "Plugins/Intake"),
         // The cap pipeline, one target per stage family.
         .target(name: "CausalStages", dependencies: ["PipeKit"], path: "Plugins/Causal"),
         .target(name: "MuxStages", dependencies: ["PipeKit"], path: "Plugins/Mux"),

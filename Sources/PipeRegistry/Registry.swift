@@ -31,6 +31,7 @@ public let builtInStages = StageRegistry([
     ResealSinkStage.descriptor,
     PoliceStage.descriptor,
     IntakeSimStage.descriptor,
+    ZmqInboxStage.descriptor,
     CausalTimeStage.descriptor,
     ExecutorStage.descriptor,
     AlignerStage.descriptor,

@@ -38,68 +38,27 @@ public final class RemoteWorker {
     /// What registration answered: the worker's name and its stages.
     public struct Roster: Sendable { public var worker: String; public var stages: [String]; public var pipeline: String }
 
-    /// Registers with the host. A refused key, a wrong server key and an absent host all end in a
-    /// clear error: ZeroMQ drops what a failed CURVE handshake would carry, so silence past the
-    /// timeout is the signal, sharpened by the socket monitor where it knows more.
+    /// Registers with the host (the HELLO, answered by a roster or a refusal); see ``CurveRequest``.
     public func register(context zmq: ZMQContext) throws(RuntimeError) -> Roster {
-        do {
-            let s = try zmq.socket(.dealer)
-            defer { s.close() }
-            try TCPLinks.prepare(s)
-            let monEndpoint = "inproc://worker-monitor-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-            try s.monitorHandshakes(monEndpoint)
-            let mon = try zmq.socket(.pair)
-            defer { mon.close() }
-            try mon.connect(monEndpoint)
-            if let k = options.keys, let sk = options.serverKey { try s.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: sk) }
-            try s.connect(options.endpoint)
-            try s.send(Hello(pid: UInt32(getpid()), worker: "worker:" + options.name, grant: options.grant).encode(seq: 1))
-            let deadline = monotonicNs() + UInt64(options.handshakeTimeoutSeconds * 1e9)
-            var poller = ZMQPoller(); poller.add(s); poller.add(mon)
-            var lastFailure: String?
-            while monotonicNs() < deadline {
-                _ = try poller.poll(timeoutMs: 100)
-                while let ev = ZMQMonitorEvent.receive(from: mon) {
-                    if ev.isHandshakeFailure {
-                        lastFailure = ev.reason
-                        // The host said no: retrying with the same key cannot help.
-                        if ev.event == 0x4000 { throw RuntimeError.io("the host at \(options.endpoint) refused this worker's key (\(ev.reason)); add its curve.pub to remote.workers") }
-                    }
-                }
-                guard let msg = try s.receiveMessage(dontWait: true) else { continue }
-                let roster: Result<Roster?, RuntimeError> = msg.withBytes { raw in
-                    guard let f = try? FrameView(raw) else { return .failure(.protocolError("unreadable answer from the host")) }
-                    switch f.header.type {
-                    case .assign:
-                        if let body = try? f.utf8Body(), let v = try? JSON.parse(body), let why = v["refused"]?.stringValue {
-                            return .failure(.io("the host at \(options.endpoint) refused this worker: \(why)"))
-                        }
-                        guard let body = try? f.utf8Body(), let v = try? JSON.parse(body), let w = v["worker"]?.stringValue else {
-                            return .failure(.protocolError("unreadable roster from the host"))
-                        }
-                        return .success(Roster(worker: w, stages: (v["stages"]?.listValue ?? []).compactMap(\.stringValue),
-                                               pipeline: v["pipeline"]?.stringValue ?? ""))
-                    case .command:
-                        return .failure(.io("the host at \(options.endpoint) refused this worker (see its log and audit log: worker-refused)"))
-                    default: return .success(nil)
-                    }
-                }
-                switch roster {
-                case .success(let r?): return r
-                case .success(nil): continue
-                case .failure(let e): throw e
-                }
+        let hello = Hello(pid: UInt32(getpid()), worker: "worker:" + options.name, grant: options.grant).encode(seq: 1)
+        let req = CurveRequest(endpoint: options.endpoint, keys: options.keys, serverKey: options.serverKey,
+                               timeoutSeconds: options.handshakeTimeoutSeconds, peer: "the host", refusedHint: "add its curve.pub to remote.workers")
+        let reply = try req.send(parts: [hello], context: zmq)
+        let roster: Result<Roster, RuntimeError> = reply.withBytes { raw in
+            guard let f = try? FrameView(raw) else { return .failure(.protocolError("unreadable answer from the host")) }
+            switch f.header.type {
+            case .assign:
+                guard let body = try? f.utf8Body(), let v = try? JSON.parse(body) else { return .failure(.protocolError("unreadable roster from the host")) }
+                if let why = v["refused"]?.stringValue { return .failure(.io("the host at \(options.endpoint) refused this worker: \(why)")) }
+                guard let w = v["worker"]?.stringValue else { return .failure(.protocolError("unreadable roster from the host")) }
+                return .success(Roster(worker: w, stages: (v["stages"]?.listValue ?? []).compactMap(\.stringValue), pipeline: v["pipeline"]?.stringValue ?? ""))
+            case .command:
+                return .failure(.io("the host at \(options.endpoint) refused this worker (see its log and audit log: worker-refused)"))
+            default:
+                return .failure(.protocolError("unexpected \(f.header.type) from the host"))
             }
-            var m = "no answer from \(options.endpoint) within \(options.handshakeTimeoutSeconds) s"
-            if let f = lastFailure {
-                m += ": \(f); " + (options.keys != nil ? "the host dropped the CURVE handshake: is --server-key the host's curve.pub, and does the host run CURVE (not insecure)?"
-                                                       : "the host dropped a plaintext handshake: it probably expects CURVE (give --key and --server-key)")
-            } else if options.keys != nil { m += ": the host is not running or not reachable, or --server-key is not the host's key (a wrong server key makes ZeroMQ drop everything silently)" }
-            else { m += ": the host is not running or not reachable, or it expects CURVE (plaintext workers need `insecure: true`)" }
-            throw RuntimeError.io(m)
-        } catch let e as RuntimeError { throw e } catch {
-            throw RuntimeError.io("cannot reach \(options.endpoint): \(error)")
         }
+        return try roster.get()
     }
 
     /// Runs the roster's stages, each in a runner thread; returns their exit statuses.
@@ -143,6 +102,66 @@ public final class RemoteWorker {
             if codes.allSatisfy({ $0 == 0 }) { log.info("stages finished"); return 0 }
             log.warning("a stage ended without a clean finish (the host went away or aborted); registering again")
             usleep(500_000)
+        }
+    }
+}
+
+/// One request over a CURVE (or plaintext) DEALER and its one-message answer, for clients that
+/// connect to a CURVE server: worker registration and `pipehost send`. A refused key, a wrong
+/// server key and an absent peer all end in a clear error: ZeroMQ drops what a failed CURVE
+/// handshake would carry, so silence past the timeout is the signal, sharpened by the socket's
+/// handshake events where they know more.
+public struct CurveRequest: Sendable {
+    public var endpoint: String
+    public var keys: CurveKeyPair?
+    public var serverKey: String?
+    public var timeoutSeconds: Double
+    /// How the peer is named in errors ("the host", "the peer"), and what to do about a refused key.
+    public var peer: String
+    public var refusedHint: String
+    public init(endpoint: String, keys: CurveKeyPair?, serverKey: String?, timeoutSeconds: Double, peer: String, refusedHint: String) {
+        self.endpoint = endpoint; self.keys = keys; self.serverKey = serverKey; self.timeoutSeconds = timeoutSeconds
+        self.peer = peer; self.refusedHint = refusedHint
+    }
+
+    /// Sends `parts` and returns the last part of the answer.
+    public func send(parts: [[UInt8]], context zmq: ZMQContext) throws(RuntimeError) -> ZMQMessage {
+        do {
+            let s = try zmq.socket(.dealer)
+            defer { s.close() }
+            try TCPLinks.prepare(s)
+            let monEndpoint = "inproc://curve-request-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            try s.monitorHandshakes(monEndpoint)
+            let mon = try zmq.socket(.pair)
+            defer { mon.close() }
+            try mon.connect(monEndpoint)
+            if let k = keys, let sk = serverKey { try s.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: sk) }
+            try s.connect(endpoint)
+            try s.send(parts: parts)
+            let deadline = monotonicNs() + UInt64(timeoutSeconds * 1e9)
+            var poller = ZMQPoller(); poller.add(s); poller.add(mon)
+            var lastFailure: String?
+            while monotonicNs() < deadline {
+                _ = try poller.poll(timeoutMs: 100)
+                while let ev = ZMQMonitorEvent.receive(from: mon) {
+                    guard ev.isHandshakeFailure else { continue }
+                    lastFailure = ev.reason
+                    // The peer said no: retrying with the same key cannot help.
+                    if ev.event == 0x4000 { throw RuntimeError.io("\(peer) at \(endpoint) refused this key (\(ev.reason)); \(refusedHint)") }
+                }
+                guard var msg = try s.receiveMessage(dontWait: true) else { continue }
+                while msg.hasMore, let next = try s.receiveMessage() { msg = next }
+                return msg
+            }
+            var m = "no answer from \(endpoint) within \(timeoutSeconds) s"
+            if let f = lastFailure {
+                m += ": \(f); " + (keys != nil ? "\(peer) dropped the CURVE handshake: is --server-key its curve.pub, and does it run CURVE (not insecure)?"
+                                                : "\(peer) dropped a plaintext handshake: it probably expects CURVE (give --key and --server-key)")
+            } else if keys != nil { m += ": \(peer) is not running or not reachable, or --server-key is not its key (a wrong server key makes ZeroMQ drop everything silently)" }
+            else { m += ": \(peer) is not running or not reachable, or it expects CURVE (plaintext needs `insecure: true`)" }
+            throw RuntimeError.io(m)
+        } catch let e as RuntimeError { throw e } catch {
+            throw RuntimeError.io("cannot reach \(endpoint): \(error)")
         }
     }
 }

@@ -13,7 +13,7 @@ struct PipeHostCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pipehost",
         abstract: "Runs declarative stream-processing pipelines whose stages are connected by ZeroMQ lanes.",
-        subcommands: [Run.self, Keygen.self, Seal.self, Worker.self, GrantCmd.self])
+        subcommands: [Run.self, Keygen.self, Seal.self, Send.self, Worker.self, GrantCmd.self])
 }
 
 /// Prints `message` to stderr and exits with `code`.
@@ -113,6 +113,47 @@ struct Seal: ParsableCommand {
             guard FileManager.default.createFile(atPath: output, contents: Data(bytes)) else { die("cannot write \(output)") }
             print("sealed \(files.count) file(s), \(files.reduce(0) { $0 + $1.data.count }) bytes, into \(output) (\(bytes.count) bytes; surface \(name), profile \(profile), key id \(Hex.encode(k.keyID)))")
         } catch { die("pipehost seal: \(error)") }
+    }
+}
+
+struct Send: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Seal a file or directory and deliver it over CURVE to a peer host's zmq-inbox (docs/intake.md, \"Sealed send\").",
+        discussion: "Exit 0 when the peer stored it, 1 when it refused the container (the reason is printed), 2 when it could not be reached or refused this key.")
+    @Argument(help: "The file or directory to seal and send.") var path: String
+    @Option(help: "The peer's zmq-inbox endpoint, tcp://HOST:PORT.") var to: String
+    @Option(help: "A `pipehost keygen` directory: signing.key seals, curve.key authenticates.") var key: String
+    @Option(name: .customLong("server-key"), help: "The peer's CURVE public key: its curve.pub or the Z85 text.") var serverKey: String
+    @Option(help: "The name to deliver under, which is also the container's surface name (default: PATH's name + .tza).") var name: String?
+    @Option(help: "The surface profile.") var profile = "continuity"
+    @Option(help: "Seconds to wait for the peer's answer.") var timeout: Double = 10
+
+    func validate() throws {
+        guard to.hasPrefix("tcp://") else { throw ValidationError("--to must be tcp://HOST:PORT") }
+        if let n = name, n.isEmpty || n.contains("/") || n.hasPrefix(".") { throw ValidationError("--name must be a plain file name") }
+        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+
+    func run() throws {
+        let sent: (String, Int)
+        do {
+            let signing = try KeyFiles.loadSigningKey(key + "/signing.key")
+            let curve = try CurveKeys.loadSecret(key + "/curve.key")
+            let server = try CurveKeys.loadPublic(serverKey, base: FileManager.default.currentDirectoryPath)
+            let files = try SealedContainer.collect(path: path)
+            let n = name ?? ((path as NSString).standardizingPath as NSString).lastPathComponent + ".tza"
+            let bytes = try SealedContainer.seal(files: files, surfaceName: n, profile: profile, key: signing,
+                                                 createdNs: UInt64(Date().timeIntervalSince1970 * 1e9))
+            let ctx = try ZMQContext()
+            defer { ctx.terminate() }
+            let req = CurveRequest(endpoint: to, keys: curve, serverKey: server, timeoutSeconds: timeout, peer: "the peer",
+                                   refusedHint: "the peer must list this curve.pub in its zmq-inbox senders")
+            let answer = String(decoding: try req.send(parts: [Array(n.utf8), bytes], context: ctx).bytes, as: UTF8.self)
+            if answer.hasPrefix("refused: ") { die("pipehost send: \(to) refused \(n): \(answer.dropFirst(9))", code: 1) }
+            guard answer.hasPrefix("ok ") else { die("pipehost send: unexpected answer from \(to): \(answer.prefix(200))", code: 1) }
+            sent = (String(answer.dropFirst(3)), bytes.count)
+        } catch let e as RuntimeError { die("pipehost send: \(e)", code: 2) } catch { die("pipehost send: \(error)", code: 2) }
+        print("sent \(path) sealed (\(sent.1) bytes) to \(to); stored as \(sent.0)")
     }
 }
 

@@ -143,7 +143,7 @@ struct RemoteWorkerTests {
         // A key the host does not list: ZAP says no, and the worker says so.
         let stranger = try fx.worker("stranger")
         #expect(stranger.status == 2)
-        #expect(stranger.stderr.contains("refused this worker's key"), "\(stranger.stderr)")
+        #expect(stranger.stderr.contains("refused this key"), "\(stranger.stderr)")
         // The right worker key with the wrong server key: the handshake cannot decrypt.
         let bad = try runProcess(Paths.pipehost, ["worker", "--connect", fx.endpoint, "--key", fx.dir + "/keys/edge/curve.key",
                                                   "--server-key", fx.dir + "/keys/stranger/curve.pub", "--handshake-timeout", "2",
@@ -265,7 +265,7 @@ struct RemoteWorkerTests {
         // Its key is refused from now on.
         let again = try fx.worker("spare")
         #expect(again.status == 2)
-        #expect(again.stderr.contains("refused this worker's key"), "\(again.stderr)")
+        #expect(again.stderr.contains("refused this key"), "\(again.stderr)")
         // The pipeline's own worker is unaffected.
         let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
         #expect(waitExit(host, timeout: 90) == 0)
@@ -720,6 +720,48 @@ struct ExternalWorkerTests {
         let r = try runProcess(Paths.pipectl, ["validate", dir + "/p.yaml"])
         #expect(r.status == 1)
         #expect((r.stdout + r.stderr).contains("p.yaml:3:11: stage 'ext' (external) runs only on a remote worker that implements it"), "\(r.stdout)\(r.stderr)")
+    }
+}
+}
+
+extension ExclusivePipelines {
+@Suite("Sealed send to a peer's zmq-inbox", .serialized)
+struct SealedSendTests {
+    @Test func aSealedDirectory_sentOverCURVE_isVerifiedAndFiled_andAStrangerIsRefused() throws {
+        // pipelines/remote/sealed-send.yaml as its comment runs it, on a free port, keys made here.
+        let dir = Paths.tempDir("sealed-send")
+        let port = try reserveTCPPort(host: "127.0.0.1")
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/remote/sealed-send.yaml", encoding: .utf8)
+        #expect(text.contains("tcp://127.0.0.1:7810"))
+        try text.replacingOccurrences(of: "tcp://127.0.0.1:7810", with: "tcp://127.0.0.1:\(port)").write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        for k in ["peer", "alice", "mallory"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+        try FileManager.default.createDirectory(atPath: dir + "/state", withIntermediateDirectories: true)
+        try "continuity state\n".write(toFile: dir + "/state/a.txt", atomically: true, encoding: .utf8)
+        let run = dir + "/run"
+        let host = try startPipeline(dir + "/p.yaml", runDir: run, extra: ["--until-idle", "3"])
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let to = "tcp://127.0.0.1:\(port)"
+        let ok = try runProcess(Paths.pipehost, ["send", dir + "/state", "--to", to, "--key", dir + "/keys/alice", "--server-key", dir + "/keys/peer/curve.pub"])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        #expect(ok.stdout.contains("stored as state.tza"), "\(ok.stdout)")
+        let again = try runProcess(Paths.pipehost, ["send", dir + "/state", "--to", to, "--key", dir + "/keys/alice", "--server-key", dir + "/keys/peer/curve.pub"])
+        #expect(again.stdout.contains("stored as state.tza.1"), "\(again.stdout)")
+        let stranger = try runProcess(Paths.pipehost, ["send", dir + "/state", "--to", to, "--key", dir + "/keys/mallory",
+                                                       "--server-key", dir + "/keys/peer/curve.pub", "--timeout", "3"])
+        #expect(stranger.status == 2)
+        #expect(stranger.stderr.contains("refused this key"), "\(stranger.stderr)")
+        #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        // The first arrived under its surface name: verified and filed as trusted. The second's
+        // name no longer matches its surface name: a triage fork, as the intake table says.
+        #expect(FileManager.default.fileExists(atPath: run + "/trusted/state.tza"))
+        #expect(FileManager.default.fileExists(atPath: run + "/triage/state.tza.1"))
+        let receipts = try String(contentsOfFile: run + "/received.jsonl", encoding: .utf8)
+        #expect(receipts.split(separator: "\n").count == 2)
+        #expect(receipts.contains("\"sender\":\"alice\""))
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("from 'alice' stored as state.tza"))
+        #expect(audit.contains("send-refused"))
+        #expect(audit.contains("unknown sender key"))
     }
 }
 }

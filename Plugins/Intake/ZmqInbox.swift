@@ -1,0 +1,167 @@
+import Foundation
+import Glibc
+import PipeKit
+import PipeSeal
+import PipeZMQ
+
+/// `zmq-inbox`: receives sealed containers from peer hosts (`pipehost send`) over ZeroMQ CURVE
+/// and drops each into an inbox directory (staging name, then rename), where the `inbox` source
+/// picks it up as an arrival like any other: the normal intake (sniff, verify, move) follows.
+/// Emits one `intake.received` envelope per accepted delivery (sender, name, size, sha-256) and
+/// audits every delivery and refusal.
+///
+/// Protocol (docs/intake.md, "Sealed send"): the sender's DEALER sends two parts, a file name and
+/// the container bytes; the stage answers one part, `ok <name as stored>` or `refused: <reason>`.
+/// Senders authenticate with CURVE; only keys in `senders` get in (the stage runs its own ZAP
+/// handler in its own ZeroMQ context, so its allow-list is its own).
+public final class ZmqInboxStage: SourceStage {
+    public static let descriptor = StageDescriptor(
+        kind: "zmq-inbox",
+        summary: "Receives sealed containers from `pipehost send` over ZeroMQ CURVE and drops them into an inbox directory for the intake.",
+        role: .source,
+        fields: [
+            ConfigField("listen", .string, doc: "tcp://HOST:PORT to bind (a CURVE server)."),
+            ConfigField("key", .string, doc: "This host's CURVE secret key file (curve.key of `pipehost keygen`); relative: the run directory."),
+            ConfigField("senders", .map(.string), doc: "Allowed senders: NAME -> CURVE public key (Z85) or a curve.pub path."),
+            ConfigField("dir", .string, default: .string("inbox"), doc: "The inbox directory to drop into (relative: the run directory)."),
+            ConfigField("max_bytes", .int(min: 1, max: 64 << 20), default: .int(900 * 1024),
+                        doc: "Largest container accepted; a larger one is refused (ZeroMQ also cuts a connection sending far more)."),
+            ConfigField("actor", .string, default: .string("zmq-inbox"), doc: "The `actor` header of receipts."),
+        ],
+        check: { r in
+            var issues: [ConfigIssue] = []
+            if let l = r.string("listen"), !l.hasPrefix("tcp://") { issues.append(ConfigIssue(key: "listen", message: "listen must be tcp://HOST:PORT")) }
+            if case .map(let m)? = r.value("senders"), m.isEmpty { issues.append(ConfigIssue(key: "senders", message: "senders must list at least one sender")) }
+            return issues
+        },
+        make: { ZmqInboxStage(config: $0) })
+
+    let listen: String, keyPath: String, dirSpec: String, actor: String
+    let maxBytes: Int
+    let senderSpecs: [(String, String)]
+    var zmq: ZMQContext?
+    var router: ZMQSocket?
+    var zap: ZMQSocket?
+    var allowed: [String: String] = [:]
+    var dir = ""
+    var stopped = false
+    var received = 0, refused = 0
+    var out = OutputHandle(index: 0, name: "out")
+
+    init(config c: ConfigReader) {
+        listen = c.string("listen") ?? ""
+        keyPath = c.string("key") ?? ""
+        dirSpec = c.string("dir") ?? "inbox"
+        actor = c.string("actor") ?? "zmq-inbox"
+        maxBytes = Int(c.int("max_bytes") ?? 900 * 1024)
+        if case .map(let m)? = c.value("senders") { senderSpecs = m.compactMap { e in e.value.stringValue.map { (e.key, $0) } } } else { senderSpecs = [] }
+    }
+
+    static func readKey(_ path: String) throws -> String {
+        guard let d = FileManager.default.contents(atPath: path) else { throw StageError.halt("cannot read \(path)") }
+        return String(decoding: d, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    public func start(context: any StageContext) throws {
+        out = try context.output("out")
+        dir = context.resolvePath(dirSpec)
+        mkdir(dir, 0o700)
+        let secret = try Self.readKey(context.resolvePath(keyPath))
+        guard ZMQCurve.publicKey(secretKey: secret) != nil else { throw StageError.halt("\(keyPath) is not a CURVE secret key (curve.key of `pipehost keygen`)") }
+        for (name, spec) in senderSpecs {
+            let key = ZMQCurve.isKey(spec) ? spec : try Self.readKey(context.resolvePath(spec))
+            guard ZMQCurve.isKey(key) else { throw StageError.halt("sender '\(name)': \(spec) is not a CURVE public key") }
+            allowed[key] = name
+        }
+        do {
+            let ctx = try ZMQContext()
+            // Its own context, so its own ZAP handler: bound before the CURVE listener.
+            let z = try ctx.socket(.router)
+            try z.bind("inproc://zeromq.zap.01")
+            let r = try ctx.socket(.router)
+            try r.setMaxMessageSize(Int64(maxBytes) + 65_536)
+            try r.makeCurveServer(secretKey: secret, domain: "zmq-inbox")
+            try r.bind(listen)
+            zmq = ctx; zap = z; router = r
+        } catch { throw StageError.halt("zmq-inbox: cannot listen on \(listen): \(error)") }
+        context.report("listen", .string(listen))
+        context.report("dir", .string(dir))
+    }
+
+    public func requestStop() { stopped = true }
+
+    public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
+        if stopped { closeSockets(); return .exhausted }
+        guard let r = router, let z = zap else { return .exhausted }
+        while let parts = try? z.receiveParts(dontWait: true), let req = ZAPRequest.parse(parts) {
+            let name = req.clientKey.flatMap { allowed[$0] }
+            _ = try? z.send(parts: req.reply(allow: name, reason: name == nil ? "unknown sender key" : "OK"))
+            if name == nil {
+                refused += 1
+                context.report("refused", .int(Int64(refused)))
+                context.audit(AuditRecord(decision: "send-refused", intent: "intake.send", reason: "unknown sender key",
+                                          details: ["key": .string(req.clientKey ?? ""), "address": .string(req.address)]))
+            }
+        }
+        var n = 0
+        while n < budget, let first = try? r.receiveMessage(dontWait: true) {
+            var parts = [first]
+            while parts[parts.count - 1].hasMore, let m = try? r.receiveMessage() { parts.append(m) }
+            n += 1
+            let routing = first.bytes
+            let sender = parts.last?.property("User-Id") ?? "?"
+            let answer = accept(parts, sender: sender, context: context)
+            _ = try? r.send(parts: [routing, Array(answer.utf8)], dontWait: true)
+        }
+        return n > 0 ? .active : .idle(afterNs: 5_000_000)
+    }
+
+    /// Checks one delivery and drops it into the inbox; returns the answer for the sender.
+    func accept(_ parts: [ZMQMessage], sender: String, context: any StageContext) -> String {
+        func refuse(_ why: String, _ name: String = "") -> String {
+            refused += 1
+            context.report("refused", .int(Int64(refused)))
+            context.audit(AuditRecord(decision: "send-refused", actor: sender, intent: "intake.send", reason: why,
+                                      details: ["sender": .string(sender), "filename": .string(name)]))
+            return "refused: " + why
+        }
+        guard parts.count == 3 else { return refuse("expected two parts (file name, container), got \(parts.count - 1)") }
+        let name = String(decoding: parts[1].bytes, as: UTF8.self)
+        guard !name.isEmpty, name.utf8.count <= 200, !name.hasPrefix("."), !name.contains("/"), !name.contains("\0"), !Sniff.isStaging(name) else {
+            return refuse("bad file name (empty, hidden, a path, a staging name, or over 200 bytes)", name)
+        }
+        let size = parts[2].count
+        guard size <= maxBytes else { return refuse("container of \(size) bytes is over max_bytes \(maxBytes)", name) }
+        let data = parts[2].bytes
+        // Never over an existing file: a second delivery of one name gets a suffix.
+        var stored = name
+        var k = 1
+        while FileManager.default.fileExists(atPath: dir + "/" + stored) { stored = "\(name).\(k)"; k += 1 }
+        let staging = dir + "/.\(stored).\(getpid()).part"
+        let fd = open(staging, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return refuse("cannot write into the inbox: \(String(cString: strerror(errno)))", name) }
+        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        let synced = fsync(fd) == 0
+        Glibc.close(fd)
+        guard written == data.count, synced, rename(staging, dir + "/" + stored) == 0 else {
+            unlink(staging)
+            return refuse("cannot write into the inbox: \(String(cString: strerror(errno)))", name)
+        }
+        received += 1
+        context.report("received", .int(Int64(received)))
+        let sha = Hex.encode(Digest.sha256(data))
+        let attrs: [String: AttrValue] = ["sender": .string(sender), "filename": .string(stored), "size_bytes": .int(Int64(size)), "sha256": .string(sha)]
+        context.audit(AuditRecord(decision: "received", actor: sender, intent: "intake.send",
+                                  reason: "\(size) bytes from '\(sender)' stored as \(stored)", details: attrs))
+        context.emit(Envelope(actor: actor, intent: "intake.received", ingestNs: context.wallClockNs, attrs: attrs, payload: []), to: out)
+        return "ok " + stored
+    }
+
+    func closeSockets() {
+        router?.close(); zap?.close(); router = nil; zap = nil
+        zmq?.terminate(); zmq = nil
+    }
+
+    public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {}
+    public func stop() { closeSockets() }
+}
