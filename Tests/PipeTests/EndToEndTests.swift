@@ -190,7 +190,7 @@ struct EndToEndTests {
         // The control protocol: registry-listed commands, versioned replies, subscriptions.
         let client = try ControlClient(endpoint: "ipc://\(run)/control.sock")
         let help = try client.call("help")
-        #expect(help.listValue?.compactMap { $0["name"]?.stringValue } == ["ping", "help", "status", "lanes", "workers", "stop", "subscribe", "unsubscribe"])
+        #expect(help.listValue?.compactMap { $0["name"]?.stringValue } == ["ping", "help", "status", "lanes", "workers", "grant", "stop", "subscribe", "unsubscribe"])
         #expect(try client.call("subscribe", args: .object([("interval_ms", .int(100))]))["interval_ms"] == .int(100))
         let e1 = try #require(client.nextEvent(timeoutMs: 2000)), e2 = try #require(client.nextEvent(timeoutMs: 2000))
         #expect(e1["event"]?.stringValue == "stats" && e1["result"]?["lanes"]?.listValue?.isEmpty == false)
@@ -434,9 +434,9 @@ struct EndToEndTests {
         #expect(bad.stdout.split(separator: "\n").count == 10)
         let stages = try pipectlJSON(["stages"])
         let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
-        #expect(kinds == ["aligner", "causal-time", "executor", "file-sink", "file-source", "gateway-events", "generator", "hop", "inbox", "intake-sim",
+        #expect(kinds == ["aligner", "causal-time", "executor", "external", "file-sink", "file-source", "gateway-events", "generator", "hop", "inbox", "intake-sim",
                           "mux", "null-sink", "passthrough", "police", "quarantine-sink", "reject-sink", "reseal-sink", "slot-injector", "sniffer",
-                          "stdout-sink", "triage-sink", "twin", "twin-sim", "verify"])
+                          "stdout-sink", "triage-sink", "twin", "twin-sim", "verify", "zmq-inbox"])
         let sniffer = try #require(stages.listValue?.first { $0["kind"]?.stringValue == "sniffer" })
         #expect(sniffer["outputs"] == .list(["ignore", "reject", "quarantine", "trusted-candidate", "triage-disguised", "reseal-candidate",
                                              "observed", "dead_letter"].map { .string($0) }))
