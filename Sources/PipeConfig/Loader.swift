@@ -247,6 +247,18 @@ public struct PipelineLoader {
                 for it in items {
                     if let s = scalarString(it), !s.isEmpty { r.owners.append(s) } else { error(pos(it), "an owner must be a hex Ed25519 public key or the path of a signing.pub") }
                 }
+            case "control":
+                if let c = scalarString(x), c.hasPrefix("tcp://"), let colon = c.lastIndex(of: ":"), Int(c[c.index(after: colon)...]).map({ $0 > 0 && $0 < 65536 }) == true {
+                    r.control = c
+                } else { error(pos(x), "remote.control must be tcp://HOST:PORT (where a remote pipectl connects)") }
+            case "operators":
+                guard let om = x.mapping else { error(pos(x), "remote.operators must be a mapping { NAME: Z85 key or curve.pub path }"); continue }
+                for (ok, ov) in om {
+                    guard let name = ok.string, isValidName(name), let key = scalarString(ov) ?? ov.mapping?.first(where: { $0.key.string == "key" }).flatMap({ scalarString($0.value) }), !key.isEmpty else {
+                        error(pos(ok), "an operator is NAME: KEY (a Z85 CURVE public key or a curve.pub path), NAME matching [a-z0-9_-]+"); continue
+                    }
+                    r.operators.append(.init(name: name, key: key, pos: pos(ov)))
+                }
             case "grant_epochs":
                 if let s = scalarString(x), !s.isEmpty { r.grantEpochs = s } else { error(pos(x), "remote.grant_epochs must be a file path") }
             default:
@@ -258,6 +270,9 @@ public struct PipelineLoader {
         if !sawListen { error(pos(v), "remote needs listen: tcp://HOST:PORT (where workers connect)") }
         for w in r.workers where w.key.isEmpty && r.owners.isEmpty {
             error(w.pos, "worker '\(w.name)' needs key: a Z85 CURVE public key or the path of its curve.pub (or list owners: whose grants admit it)")
+        }
+        if r.control != nil && r.operators.isEmpty && !r.insecure {
+            error(pos(v), "remote.control needs operators: NAME: KEY (the pipectl client keys allowed to connect)")
         }
         if !r.owners.isEmpty && r.insecure { error(pos(v), "remote.owners needs CURVE: a grant is checked against the key of the authenticated connection, which plaintext tcp does not have") }
         if sawListen, r.advertise == nil, ["*", "0.0.0.0", ""].contains(r.listenHost) {

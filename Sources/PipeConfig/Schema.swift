@@ -150,6 +150,8 @@ public enum PipelineSchema {
                     ("owners", obj([("type", .string("array")), ("items", obj([("type", .string("string"))])),
                                     ("description", .string("owner keys whose grants admit workers"))])),
                     ("grant_epochs", obj([("type", .string("string"))])),
+                    ("control", obj([("type", .string("string")), ("pattern", .string("^tcp://.+:[0-9]{1,5}$"))])),
+                    ("operators", obj([("type", .string("object")), ("additionalProperties", obj([("type", .string("string"))]))])),
                     ("workers", obj([("type", .string("object")), ("additionalProperties", obj([("oneOf", .list([
                         obj([("type", .string("string"))]),
                         obj([("type", .string("object")), ("additionalProperties", .bool(false)),

@@ -223,9 +223,12 @@ public struct RemoteSpec: Sendable, Hashable {
     public var owners: [String] = []
     /// Where the highest grant epoch seen per worker key is kept (relative: the run directory).
     public var grantEpochs = "grant-epochs.sqlite"
+    /// `tcp://HOST:PORT` for remote `pipectl` (CURVE; read-only commands), and who may use it.
+    public var control: String?
+    public var operators: [WorkerKey] = []
     public var pos: SourcePos = .start
     public init() {}
-    public static let keys = ["listen", "advertise", "key", "insecure", "worker_wait_s", "down_after_ms", "workers", "owners", "grant_epochs"]
+    public static let keys = ["listen", "advertise", "key", "insecure", "worker_wait_s", "down_after_ms", "workers", "owners", "grant_epochs", "control", "operators"]
     /// The host part workers connect to for lanes.
     public var laneHost: String { advertise ?? listenHost }
 }

@@ -17,22 +17,28 @@ public enum ControlProtocol {
     public struct Command: Sendable {
         public let name: String
         public let summary: String
+        /// Whether a remote caller (tcp, an operator key) may run it; commands that change the
+        /// run (stop, grant) are local only: a remote caller is never treated as local.
+        public var remote = true
         let handle: @Sendable (PipelineHost, ConfigValue, [UInt8]) -> Result<ConfigValue, RuntimeError>
+        init(name: String, remote: Bool = true, summary: String, handle: @escaping @Sendable (PipelineHost, ConfigValue, [UInt8]) -> Result<ConfigValue, RuntimeError>) {
+            self.name = name; self.summary = summary; self.remote = remote; self.handle = handle
+        }
     }
 
     public static let commands: [Command] = [
         Command(name: "ping", summary: "Liveness: pipeline name, host pid, uptime.") { h, _, _ in .success(h.pingJSON()) },
         Command(name: "help", summary: "Lists the control commands.") { _, _, _ in
-            .success(.list(commands.map { .object([("name", .string($0.name)), ("summary", .string($0.summary))]) }))
+            .success(.list(commands.map { .object([("name", .string($0.name)), ("summary", .string($0.summary)), ("remote", .bool($0.remote))]) }))
         },
         Command(name: "status", summary: "The host's and every stage's status report.") { h, _, _ in .success(h.statusJSON()) },
         Command(name: "lanes", summary: "Every lane: from, to, transport, bound, sent, received, depth, credits.") { h, _, _ in .success(h.lanesJSON()) },
         Command(name: "workers", summary: "Remote workers: name, key, state, address, stages, last seen.") { h, _, _ in .success(h.workersJSON()) },
-        Command(name: "grant", summary: "Applies an owner's grant ({\"grant\": FILE TEXT}): raises the worker's epoch; a revocation aborts its runners.") { h, args, _ in
+        Command(name: "grant", remote: false, summary: "Applies an owner's grant ({\"grant\": FILE TEXT}): raises the worker's epoch; a revocation aborts its runners.") { h, args, _ in
             guard let text = args["grant"]?.stringValue else { return .failure(.plan("grant: args need {\"grant\": the grant file's text}")) }
             return h.applyGrant(Array(text.utf8))
         },
-        Command(name: "stop", summary: "Graceful stop: sources stop, lanes drain, sinks flush.") { h, _, _ in
+        Command(name: "stop", remote: false, summary: "Graceful stop: sources stop, lanes drain, sinks flush.") { h, _, _ in
             if !h.stopping { h.beginStop(reason: "pipectl stop") }
             return .success(.object([("stopping", .bool(true))]))
         },
@@ -54,12 +60,17 @@ public enum ControlProtocol {
 }
 
 extension PipelineHost {
+    /// A caller is its routing id behind one byte saying where it came from: 0 the local ipc
+    /// socket, 1 the remote (tcp, CURVE) control endpoint.
     func reply(_ who: [UInt8], _ v: ConfigValue) {
-        _ = try? controlRouter?.send(parts: [who, Array(JSON.serialize(v).utf8)], dontWait: true)
+        guard let via = who.first else { return }
+        let socket = via == 1 ? remote?.control : controlRouter
+        _ = try? socket?.send(parts: [Array(who.dropFirst()), Array(JSON.serialize(v).utf8)], dontWait: true)
     }
 
-    func handleControl(_ parts: [[UInt8]]) {
-        guard parts.count >= 2, let who = parts.first, let body = parts.last else { return }
+    func handleControl(_ parts: [[UInt8]], operator op: String? = nil) {
+        guard parts.count >= 2, let first = parts.first, let body = parts.last else { return }
+        let who = [op == nil ? 0 : 1] + first
         if body.count > 65536 { reply(who, .object([("v", .int(1)), ("ok", .bool(false)), ("error", .string("request too large"))])); return }
         let req: ConfigValue
         do { req = try JSON.parse(bytes: body) } catch {
@@ -73,6 +84,13 @@ extension PipelineHost {
         guard let name = req["cmd"]?.stringValue, let cmd = ControlProtocol.commands.first(where: { $0.name == name }) else {
             let names = ControlProtocol.commands.map(\.name).joined(separator: ", ")
             reply(who, .object([("v", .int(1)), ("id", id), ("ok", .bool(false)), ("error", .string("unknown command '\(req["cmd"]?.stringValue ?? "")'; commands: \(names)"))]))
+            return
+        }
+        if let op, !cmd.remote {
+            log.warning("control: remote operator '\(op)' asked for '\(cmd.name)', which is local only")
+            auditWriter?.submit(AuditRecord(decision: "control-refused", actor: op, stage: "host", intent: "control.\(cmd.name)",
+                                            reason: "'\(cmd.name)' is local only; remote operator '\(op)' refused", details: ["operator": .string(op)]))
+            reply(who, .object([("v", .int(1)), ("id", id), ("ok", .bool(false)), ("error", .string("'\(cmd.name)' is local only (run pipectl on the host); a remote caller may: \(ControlProtocol.commands.filter(\.remote).map(\.name).joined(separator: ", "))"))]))
             return
         }
         switch cmd.handle(self, req["args"] ?? .map([]), who) {
@@ -155,7 +173,8 @@ public final class ControlClient {
     var nextID: Int64 = 1
     public let endpoint: String
 
-    public init(endpoint: String) throws(RuntimeError) {
+    /// `keys` and `serverKey`: a CURVE client of a host's remote control endpoint (tcp).
+    public init(endpoint: String, keys: CurveKeyPair? = nil, serverKey: String? = nil) throws(RuntimeError) {
         self.endpoint = endpoint
         if endpoint.hasPrefix("ipc://") {
             let path = String(endpoint.dropFirst(6))
@@ -165,6 +184,7 @@ public final class ControlClient {
         do {
             zmq = try ZMQContext()
             socket = try zmq.socket(.dealer)
+            if let k = keys, let sk = serverKey { try socket.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: sk) }
             try socket.connect(endpoint)
         } catch { throw .io("cannot connect to \(endpoint): \(error)") }
     }
@@ -185,6 +205,9 @@ public final class ControlClient {
             guard v["id"]?.intValue == id else { continue }
             if v["ok"]?.boolValue == true { return v["result"] ?? .null }
             throw .protocolError(v["error"]?.stringValue ?? "host refused the request")
+        }
+        if endpoint.hasPrefix("tcp://") {
+            throw .io("no pipehost answered at \(endpoint) within \(timeoutMs) ms: is it running with remote.control there, is this --key listed in its remote.operators, and is --server-key its curve.pub? (CURVE drops a refused or mis-keyed handshake silently)")
         }
         throw .io("no pipehost answered at \(endpoint) within \(timeoutMs) ms (is it running?)")
     }

@@ -286,6 +286,7 @@ public final class PipelineHost: @unchecked Sendable {
             poller.add(rm.router)
             if let z = rm.zap { poller.add(z) }
             if let m = rm.monitor { poller.add(m) }
+            if let c = rm.control { poller.add(c) }
         }
         while true {
             _ = try? poller.poll(timeoutMs: 20)

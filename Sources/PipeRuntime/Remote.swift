@@ -95,6 +95,10 @@ final class RemoteHost {
     var owners: [[UInt8]] = []
     var granted: [String: (name: String, stages: Set<String>, epoch: UInt64)] = [:]
     var epochs: GrantEpochs?
+    /// The remote control endpoint (`remote.control`) and its operators: public key -> name.
+    var control: ZMQSocket?
+    var operators: [String: String] = [:]
+    static let controlDomain = "pipehost-control"
     var workers: [String: Worker] = [:]
     /// stage -> routing id of its runner's connection, and back.
     var routes: [String: [UInt8]] = [:]
@@ -148,7 +152,8 @@ extension PipelineHost {
     /// CURVE listener without one would let every client in), then the registration ROUTER, and
     /// the tcp ports of every lane that crosses to a worker.
     func openRemote() throws(RuntimeError) {
-        guard plan.stages.contains(where: { $0.placement.isRemote }) else { return }
+        let hasWorkers = plan.stages.contains(where: { $0.placement.isRemote })
+        guard hasWorkers || plan.spec.remote?.control != nil else { return }
         guard let r = plan.spec.remote else { throw .plan("stages are placed on remote workers but the pipeline has no `remote:` section") }
         let base = (plan.spec.file as NSString).deletingLastPathComponent.isEmpty ? "." : (plan.spec.file as NSString).deletingLastPathComponent
         var names: [String: String] = [:]
@@ -199,6 +204,17 @@ extension PipelineHost {
             }
             let rm = RemoteHost(spec: r, router: router, zap: zap, monitor: mon, layout: layout, names: names)
             rm.owners = owners
+            if let ce = r.control {
+                for o in r.operators { rm.operators[try CurveKeys.loadPublic(o.key, base: base)] = o.name }
+                let c = try zmq.socket(.router)
+                try c.setRouterMandatory(false)
+                try c.setMaxMessageSize(65_536)
+                try TCPLinks.prepare(c)
+                if let secret = security.serverSecretKey { try c.makeCurveServer(secretKey: secret, domain: RemoteHost.controlDomain) }
+                try c.bind(ce)
+                rm.control = c
+                log.info("remote control on \(ce) (\(security.curve ? "CURVE; operators: \(r.operators.map(\.name).joined(separator: ", "))" : "plaintext, read-only")); stop and grant stay local")
+            }
             if !owners.isEmpty {
                 let path = r.grantEpochs.hasPrefix("/") ? r.grantEpochs : options.runDirectory + "/" + r.grantEpochs
                 do { rm.epochs = try GrantEpochs(path: path) } catch { throw RuntimeError.io("cannot open the grant epochs \(path): \(error)") }
@@ -230,6 +246,17 @@ extension PipelineHost {
                 }
             }
         }
+        if let c = rm.control {
+            while let first = try? c.receiveMessage(dontWait: true) {
+                var parts = [first.bytes]
+                var last = first
+                while last.hasMore, let m = try? c.receiveMessage() { parts.append(m.bytes); last = m }
+                let user = last.property("User-Id") ?? ""
+                let op = user.hasPrefix("operator:") ? String(user.dropFirst(9)) : (rm.layout.security.curve ? nil : "insecure")
+                guard let op else { continue }
+                handleControl(parts, operator: op)
+            }
+        }
         while let first = try? rm.router.receiveMessage(dontWait: true) {
             let routing = first.bytes
             var body: ZMQMessage?
@@ -249,7 +276,11 @@ extension PipelineHost {
         guard let req = ZAPRequest.parse(parts) else { return }
         var name: String?
         var reason = "OK"
-        if req.mechanism != "CURVE" {
+        if req.domain == RemoteHost.controlDomain {
+            // The control endpoint admits operators only, never a worker key (and the worker
+            // endpoints never admit an operator key).
+            if req.mechanism == "CURVE", let key = req.clientKey, let op = rm.operators[key] { name = "operator:" + op } else { reason = "unknown operator key" }
+        } else if req.mechanism != "CURVE" {
             reason = "mechanism \(req.mechanism) is not allowed (CURVE only)"
         } else if let key = req.clientKey, let n = rm.name(ofKey: key) {
             if rm.workers[n]?.cutOff == true { reason = "worker '\(n)' was cut off for sending garbage" } else { name = n }
@@ -265,7 +296,8 @@ extension PipelineHost {
         let key = req.clientKey ?? ""
         if rm.mayAudit(monotonicNs(), "zap \(key)") {
             log.warning("remote: refused a connection from \(req.address) (key \(key.isEmpty ? "none" : key)): \(reason) (\(rm.refused) so far)")
-            auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.authenticate", reason: reason,
+            auditWriter?.submit(AuditRecord(decision: req.domain == RemoteHost.controlDomain ? "operator-refused" : "worker-refused", stage: "host",
+                                            intent: req.domain == RemoteHost.controlDomain ? "control.authenticate" : "remote.authenticate", reason: reason,
                                             details: ["address": .string(req.address), "key": .string(key), "mechanism": .string(req.mechanism),
                                                       "refused_so_far": .int(Int64(rm.refused))]))
         }
@@ -514,6 +546,6 @@ extension PipelineHost {
 
     func closeRemote() {
         guard let rm = remote else { return }
-        rm.router.close(); rm.monitor?.close(); rm.zap?.close()
+        rm.router.close(); rm.monitor?.close(); rm.zap?.close(); rm.control?.close()
     }
 }

@@ -24,7 +24,9 @@ func printJSON(_ v: ConfigValue) { print(JSON.serialize(v)) }
 /// How pipectl finds a running host.
 struct HostOptions: ParsableArguments {
     @Option(name: .customLong("run-dir"), help: "The host's run directory (holds control.sock).") var runDir: String?
-    @Option(name: .customLong("control"), help: "The control endpoint, e.g. ipc:///tmp/pipehost-0/hello/control.sock.") var control: String?
+    @Option(name: .customLong("control"), help: "The control endpoint, e.g. ipc:///tmp/pipehost-0/hello/control.sock, or a host's remote.control tcp://HOST:PORT.") var control: String?
+    @Option(name: .customLong("key"), help: "With a tcp:// --control: this operator's CURVE secret key (curve.key), listed in the host's remote.operators.") var key: String?
+    @Option(name: .customLong("server-key"), help: "With a tcp:// --control: the host's CURVE public key (its curve.pub or the Z85 text).") var serverKey: String?
 
     func endpoint() -> String {
         if let c = control { return c }
@@ -38,8 +40,23 @@ struct HostOptions: ParsableArguments {
         fail("pipectl: several pipehosts are running; choose one with --run-dir:\n" + live.map { "  --run-dir \($0)" }.joined(separator: "\n"))
     }
 
+    /// A client for the chosen endpoint; over tcp with this operator's CURVE keys.
+    func client() -> ControlClient {
+        let e = endpoint()
+        do {
+            if e.hasPrefix("tcp://") {
+                guard let k = key, let sk = serverKey else {
+                    fail("pipectl: a tcp:// --control needs --key (this operator's curve.key) and --server-key (the host's curve.pub)")
+                }
+                return try ControlClient(endpoint: e, keys: try CurveKeys.loadSecret(k),
+                                         serverKey: try CurveKeys.loadPublic(sk, base: FileManager.default.currentDirectoryPath))
+            }
+            return try ControlClient(endpoint: e)
+        } catch { fail("pipectl: \(error)") }
+    }
+
     func call(_ cmd: String, args: ConfigValue = .map([])) -> ConfigValue {
-        do { return try ControlClient(endpoint: endpoint()).call(cmd, args: args) } catch { fail("pipectl: \(error)") }
+        do { return try client().call(cmd, args: args) } catch { fail("pipectl: \(error)") }
     }
 }
 

@@ -24,8 +24,7 @@ struct Top: ParsableCommand {
     }
 
     func run() throws {
-        let client: ControlClient
-        do { client = try ControlClient(endpoint: host.endpoint()) } catch { fail("pipectl: \(error)") }
+        let client = host.client()
         let useColor = !noColor && (color || (!once && isatty(STDOUT_FILENO) != 0)) && ProcessInfo.processInfo.environment["NO_COLOR"] == nil
         func frame() -> String {
             do {

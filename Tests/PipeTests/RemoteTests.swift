@@ -765,3 +765,54 @@ struct SealedSendTests {
     }
 }
 }
+
+extension ExclusivePipelines {
+@Suite("Remote pipectl over CURVE", .serialized)
+struct RemoteControlTests {
+    @Test func anOperatorReadsStatusRemotely_butCannotStopTheRun_andStrangersAreRefused() throws {
+        let dir = Paths.tempDir("remote-control")
+        for k in ["host", "ops", "eve"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+        let listen = try reserveTCPPort(host: "127.0.0.1"), control = try reserveTCPPort(host: "127.0.0.1")
+        try """
+            pipeline: remote-control
+            remote:
+              listen: tcp://127.0.0.1:\(listen)
+              control: tcp://127.0.0.1:\(control)
+              key: keys/host/curve.key
+              operators: { ops: keys/ops/curve.pub }
+            stages:
+              - { id: gen, kind: generator, config: { count: 200000, rate: 10000 } }
+              - { id: out, kind: null-sink, inputs: [gen] }
+            """.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        let run = dir + "/run"
+        let host = try startPipeline(dir + "/p.yaml", runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let ep = "tcp://127.0.0.1:\(control)"
+        let remote = ["--control", ep, "--key", dir + "/keys/ops/curve.key", "--server-key", dir + "/keys/host/curve.pub"]
+        let st = try pipectlJSON(["status"] + remote)
+        #expect(st["host"]?["pipeline"]?.stringValue == "remote-control")
+        #expect(try pipectlJSON(["lanes"] + remote).listValue?.isEmpty == false)
+        // A remote caller is never local: stop is refused, audited, and the run goes on.
+        let client = try ControlClient(endpoint: ep, keys: try CurveKeys.loadSecret(dir + "/keys/ops/curve.key"),
+                                       serverKey: try CurveKeys.loadPublic(dir + "/keys/host/curve.pub", base: "/"))
+        #expect(throws: RuntimeError.self) { try client.call("stop") }
+        do { _ = try client.call("stop") } catch { #expect("\(error)".contains("'stop' is local only"), "\(error)") }
+        #expect(try client.call("ping")["pipeline"]?.stringValue == "remote-control")
+        // An unknown key and a plaintext client get nothing.
+        let eve = try runProcess(Paths.pipectl, ["status", "--control", ep, "--key", dir + "/keys/eve/curve.key", "--server-key", dir + "/keys/host/curve.pub"])
+        #expect(eve.status == 1)
+        #expect(eve.stderr.contains("remote.operators"), "\(eve.stderr)")
+        let plain = try ControlClient(endpoint: ep)
+        #expect(throws: RuntimeError.self) { try plain.call("ping", timeoutMs: 1000) }
+        // The local operator can stop it.
+        let stop = try ControlClient(endpoint: "ipc://" + run + "/control.sock")
+        _ = try stop.call("stop")
+        #expect(waitExit(host, timeout: 30) == 0)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect((stage(s, "out")?["received"]?.intValue ?? 0) < 200000)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("'stop' is local only; remote operator 'ops' refused"))
+        #expect(audit.contains("unknown operator key"))
+    }
+}
+}
