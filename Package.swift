@@ -51,7 +51,7 @@ let package = Package(
         .target(name: "MuxStages", dependencies: ["PipeKit"], path: "Plugins/Mux"),
         .target(name: "AlignerStages", dependencies: ["PipeKit"], path: "Plugins/Aligner"),
         .target(name: "SlotStages", dependencies: ["PipeKit"], path: "Plugins/Slots"),
-        .target(name: "ExecutorStages", dependencies: ["PipeKit", "PipeSeal"], path: "Plugins/Executor"),
+        .target(name: "ExecutorStages", dependencies: ["PipeKit", "PipeSeal", "PipeZMQ"], path: "Plugins/Executor"),
         .target(name: "GatewayStages", dependencies: ["PipeKit", "PipeSeal", "ExecutorStages"], path: "Plugins/Gateway"),
 
         // The one stage registry.

@@ -1,6 +1,8 @@
+import Foundation
 import Glibc
 import PipeKit
 import PipeSeal
+import PipeZMQ
 
 /// `executor`: performs each cap through the `echo` or `command` executor and emits a receipt
 /// with the true outcome, the measured latency and the continuation; follow-ups per the
@@ -18,8 +20,11 @@ public final class ExecutorStage: Stage {
         outputs: { _ in ["receipts", "followups", "triage", "triage_resync", "triage_reject"] },
         outputsDoc: "receipts, followups, triage (hop-limit), triage_resync, triage_reject",
         fields: [
-            ConfigField("executor", .enumeration(["echo", "command"]), default: .string("echo"),
-                        doc: "`echo`: the receipt's output is the cap's payload. `command`: run the payload's argv (argv[0] an absolute path on `allow`)."),
+            ConfigField("executor", .enumeration(["echo", "command", "external"]), default: .string("echo"),
+                        doc: "`echo`: the receipt's output is the cap's payload. `command`: run the payload's argv (argv[0] an absolute path on `allow`). `external`: ask the service at `endpoint` (docs/cap-pipeline.md)."),
+            ConfigField("endpoint", .string, optional: true, doc: "`external`: the executor service's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT)."),
+            ConfigField("curve_key", .string, optional: true, doc: "`external` over tcp: this host's CURVE secret key file (curve.key), with `server_key`. Relative to the run directory."),
+            ConfigField("server_key", .string, optional: true, doc: "`external` over tcp: the service's CURVE public key (Z85, or a curve.pub path)."),
             ConfigField("allow", .list(.string), optional: true, doc: "Absolute paths of the programs `command` may run; anything else is rejected."),
             ConfigField("timeout_ms", .int(min: 1, max: 3_600_000), default: .int(5000), doc: "A command still running after this is killed (its process group) and the cap rejected."),
             ConfigField("max_output_bytes", .int(min: 0, max: 256 << 10), default: .int(65536), doc: "Output kept in the receipt (stdout and stderr together); the rest is discarded and `truncated` set."),
@@ -30,6 +35,14 @@ public final class ExecutorStage: Stage {
             ConfigField("batch_ms", .int(min: 0, max: 60_000), default: .int(10), doc: "A batch is signed at the latest this long after its first receipt."),
         ],
         check: { c in
+            if c.string("executor") == "external" {
+                guard let e = c.string("endpoint"), e.hasPrefix("ipc://") || e.hasPrefix("tcp://") else {
+                    return [ConfigIssue(key: "endpoint", message: "the `external` executor needs an `endpoint` (ipc://PATH or tcp://HOST:PORT)")]
+                }
+                if (c.string("curve_key") == nil) != (c.string("server_key") == nil) {
+                    return [ConfigIssue(key: "curve_key", message: "`curve_key` and `server_key` go together (CURVE to the executor service)")]
+                }
+            }
             if c.string("executor") == "command" && (c.strings("allow") ?? []).isEmpty {
                 return [ConfigIssue(key: "allow", message: "the `command` executor needs an `allow` list of absolute program paths")]
             }
@@ -40,7 +53,7 @@ public final class ExecutorStage: Stage {
         },
         make: { try ExecutorStage(config: $0) })
 
-    enum Kind { case echo, command }
+    enum Kind: String { case echo, command, external }
     let kind: Kind
     let allow: Set<String>
     let timeoutNs: UInt64
@@ -51,6 +64,8 @@ public final class ExecutorStage: Stage {
     let batchSize: Int
     let batchNs: UInt64
     var signer: SigningKey?
+    let endpoint: String?, curveKey: String?, serverKey: String?
+    var external: ExternalExecutor?
     var outs: [String: OutputHandle] = [:]
     /// Receipts waiting for their batch signature: canonical bytes, outcome and the cap.
     var pending: [(canonical: [UInt8], outcome: String, cap: Envelope)] = []
@@ -59,7 +74,10 @@ public final class ExecutorStage: Stage {
     var latencySumUs: UInt64 = 0
 
     init(config c: ConfigReader) throws {
-        kind = c.string("executor") == "command" ? .command : .echo
+        kind = Kind(rawValue: c.string("executor") ?? "echo") ?? .echo
+        endpoint = c.string("endpoint")
+        curveKey = c.string("curve_key")
+        serverKey = c.string("server_key")
         allow = Set(c.strings("allow") ?? [])
         timeoutNs = UInt64(c.int("timeout_ms") ?? 5000) * 1_000_000
         maxOutput = Int(c.int("max_output_bytes") ?? 65536)
@@ -72,6 +90,21 @@ public final class ExecutorStage: Stage {
 
     public func start(context: any StageContext) throws {
         for n in ["receipts", "followups", "triage", "triage_resync", "triage_reject"] { outs[n] = try context.output(n) }
+        if kind == .external, let e = endpoint {
+            var keys: (publicKey: String, secretKey: String, serverKey: String)?
+            if let ck = curveKey, let sk = serverKey {
+                func read(_ p: String) throws -> String {
+                    guard let d = FileManager.default.contents(atPath: context.resolvePath(p)) else { throw StageError.halt("executor: cannot read \(context.resolvePath(p))") }
+                    return String(decoding: d, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                }
+                let secret = try read(ck)
+                guard let pub = ZMQCurve.publicKey(secretKey: secret) else { throw StageError.halt("executor: \(ck) is not a CURVE secret key") }
+                let server = ZMQCurve.isKey(sk) ? sk : try read(sk)
+                guard ZMQCurve.isKey(server) else { throw StageError.halt("executor: server_key \(sk) is not a CURVE public key") }
+                keys = (pub, secret, server)
+            }
+            do { external = try ExternalExecutor(endpoint: e, keys: keys) } catch { throw StageError.halt("executor: cannot connect to \(e): \(error)") }
+        }
         if let k = keyPath {
             do {
                 let (key, created) = try KeyFiles.loadOrCreateSigningKey(context.resolvePath(k), create: createKey)
@@ -113,7 +146,7 @@ public final class ExecutorStage: Stage {
         latencySumUs &+= result.latencyNs / 1000
         let latencyUs = Int64(result.latencyNs / 1000)
         var details: [String: AttrValue] = ["outcome": .string(result.outcome), "continuation": .string(continuation),
-                                             "latency_us": .int(latencyUs), "executor": .string(kind == .echo ? "echo" : "command")]
+                                             "latency_us": .int(latencyUs), "executor": .string(kind.rawValue)]
         if let s = result.exitStatus { details["exit_status"] = .int(Int64(s)) }
         if let p = result.program { details["program"] = .string(p) }
         details["hops"] = .int(Int64(cap.hops))
@@ -126,7 +159,7 @@ public final class ExecutorStage: Stage {
         var receipt: [(String, ConfigValue)] = [
             ("cap", .string(cap.id.description)), ("intent", .string(cap.intent)), ("actor", .string(cap.actor)),
             ("outcome", .string(result.outcome)), ("reason", .string(result.reason)), ("continuation", .string(continuation)),
-            ("latency_us", .int(latencyUs)), ("executor", .string(kind == .echo ? "echo" : "command")),
+            ("latency_us", .int(latencyUs)), ("executor", .string(kind.rawValue)),
             ("hops", .int(Int64(cap.hops))), ("rank", .int(Int64(clamping: cap.rank))), ("time_ns", .int(Int64(clamping: context.wallClockNs))),
             ("output", .string(String(decoding: result.output, as: UTF8.self))), ("truncated", .bool(result.truncated)),
         ]
@@ -192,6 +225,17 @@ public final class ExecutorStage: Stage {
             let kept = Array(p.prefix(maxOutput))
             return Outcome(outcome: "executed", reason: "", output: kept, truncated: p.count > maxOutput, exitStatus: nil,
                            latencyNs: CommandRunner.monotonicNs() - t0)
+        case .external:
+            guard let x = external else {
+                return Outcome(outcome: "rejected", reason: "the external executor is not connected", output: [], truncated: false, exitStatus: nil, latencyNs: 0)
+            }
+            let t0 = CommandRunner.monotonicNs()
+            let a = x.perform(cap, timeoutNs: timeoutNs, now: CommandRunner.monotonicNs)
+            let elapsed = CommandRunner.monotonicNs() - t0
+            var o = Outcome(outcome: a.outcome, reason: a.reason, output: Array(a.output.prefix(maxOutput)), truncated: a.output.count > maxOutput,
+                            exitStatus: a.exitStatus, latencyNs: elapsed)
+            o.program = x.endpoint
+            return o
         case .command:
             guard let v = try? JSON.parse(bytes: cap.payload), let list = v["argv"]?.listValue, !list.isEmpty else {
                 return Outcome(outcome: "rejected", reason: "the cap's payload has no {\"argv\": [program, args...]}", output: [], truncated: false, exitStatus: nil, latencyNs: 0)

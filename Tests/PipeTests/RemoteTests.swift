@@ -816,3 +816,72 @@ struct RemoteControlTests {
     }
 }
 }
+
+@Suite("The executor's external kind", .serialized)
+struct ExternalExecutorTests {
+    func receipts(_ path: String) throws -> [ConfigValue] {
+        try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap { try JSON.parse(String($0))["payload"]?["receipt"] }
+    }
+
+    @Test func capsArePerformedByAPythonService_overIpcAndOverCURVE_andTimeOutWithoutOne() throws {
+        guard let python = pythonWithZMQ() else {
+            FileHandle.standardError.write(Data("external executor test skipped: no python3 with pyzmq (apt-get install python3-zmq)\n".utf8)); return
+        }
+        let dir = Paths.tempDir("external-exec")
+        func pipeline(_ name: String, executor: String, count: Int) throws -> String {
+            let f = dir + "/\(name).yaml"
+            try """
+                pipeline: \(name)
+                stages:
+                  - { id: gen, kind: generator, config: { count: \(count), seed: 1 } }
+                  - { id: exec, kind: executor, inputs: [gen], config: { executor: external, \(executor) } }
+                  - { id: receipts, kind: file-sink, inputs: [exec.receipts], config: { path: receipts.jsonl } }
+                """.write(toFile: f, atomically: true, encoding: .utf8)
+            return f
+        }
+        func service(_ args: [String]) throws -> Process {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: python)
+            p.arguments = [Paths.root + "/Tools/ref_executor.py"] + args
+            p.standardOutput = FileHandle.nullDevice; p.standardError = FileHandle.nullDevice
+            try p.run()
+            usleep(300_000)
+            return p
+        }
+        // Over ipc, each execution taking 20 ms: the receipts say executed, with the service's
+        // output and a latency of at least 20 ms.
+        let sock = "ipc://\(dir)/exec.sock"
+        let svc = try service(["--bind", sock, "--delay-ms", "20"])
+        defer { if svc.isRunning { kill(svc.processIdentifier, SIGKILL) } }
+        let (r1, _) = try runPipeline(try pipeline("ipc", executor: "endpoint: \"\(sock)\", timeout_ms: 5000", count: 10), runDir: dir + "/run-ipc")
+        #expect(r1.status == 0, "\(r1.stderr)")
+        let got = try receipts(dir + "/run-ipc/receipts.jsonl")
+        #expect(got.count == 10)
+        for r in got {
+            #expect(r["outcome"]?.stringValue == "executed")
+            #expect(r["executor"]?.stringValue == "external")
+            #expect((r["latency_us"]?.intValue ?? 0) >= 20_000)
+            #expect(r["output"]?.stringValue?.hasPrefix("ABCDEFGHIJ") == true)
+        }
+        kill(svc.processIdentifier, SIGKILL); svc.waitUntilExit()
+        // Over tcp with CURVE: the service admits only the host's key.
+        for k in ["host", "svc"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+        let port = try reserveTCPPort(host: "127.0.0.1")
+        let svc2 = try service(["--bind", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/svc/curve.key", "--clients", dir + "/keys/host/curve.pub"])
+        defer { if svc2.isRunning { kill(svc2.processIdentifier, SIGKILL) } }
+        let curve = "endpoint: \"tcp://127.0.0.1:\(port)\", curve_key: \(dir)/keys/host/curve.key, server_key: \(dir)/keys/svc/curve.pub, timeout_ms: 5000"
+        let (r2, _) = try runPipeline(try pipeline("curve", executor: curve, count: 5), runDir: dir + "/run-curve")
+        #expect(r2.status == 0, "\(r2.stderr)")
+        #expect(try receipts(dir + "/run-curve/receipts.jsonl").map { $0["outcome"]?.stringValue } == Array(repeating: "executed", count: 5))
+        kill(svc2.processIdentifier, SIGKILL); svc2.waitUntilExit()
+        // Nobody answers: each cap is rejected as timed out, and the receipt says so.
+        let (r3, _) = try runPipeline(try pipeline("none", executor: "endpoint: \"ipc://\(dir)/nobody.sock\", timeout_ms: 100", count: 3), runDir: dir + "/run-none")
+        #expect(r3.status == 0, "\(r3.stderr)")
+        let none = try receipts(dir + "/run-none/receipts.jsonl")
+        #expect(none.count == 3)
+        for r in none {
+            #expect(r["outcome"]?.stringValue == "rejected")
+            #expect(r["reason"]?.stringValue?.contains("timed out after 100 ms") == true)
+        }
+    }
+}
