@@ -46,6 +46,13 @@ public final class ZmqInboxStage: SourceStage {
     var dir = ""
     var stopped = false
     var received = 0, refused = 0
+    /// Refusal audit records: at most 20 per 10 s (a refused client retries every 100 ms).
+    var auditWindow: (start: UInt64, count: Int) = (0, 0)
+    func mayAudit(_ now: UInt64) -> Bool {
+        if now &- auditWindow.start > 10_000_000_000 { auditWindow = (now, 0) }
+        auditWindow.count += 1
+        return auditWindow.count <= 20
+    }
     var out = OutputHandle(index: 0, name: "out")
 
     init(config c: ConfigReader) {
@@ -99,8 +106,8 @@ public final class ZmqInboxStage: SourceStage {
             if name == nil {
                 refused += 1
                 context.report("refused", .int(Int64(refused)))
-                context.audit(AuditRecord(decision: "send-refused", intent: "intake.send", reason: "unknown sender key",
-                                          details: ["key": .string(req.clientKey ?? ""), "address": .string(req.address)]))
+                if mayAudit(context.now) { context.audit(AuditRecord(decision: "send-refused", intent: "intake.send", reason: "unknown sender key",
+                                          details: ["key": .string(req.clientKey ?? ""), "address": .string(req.address)])) }
             }
         }
         var n = 0
@@ -121,8 +128,8 @@ public final class ZmqInboxStage: SourceStage {
         func refuse(_ why: String, _ name: String = "") -> String {
             refused += 1
             context.report("refused", .int(Int64(refused)))
-            context.audit(AuditRecord(decision: "send-refused", actor: sender, intent: "intake.send", reason: why,
-                                      details: ["sender": .string(sender), "filename": .string(name)]))
+            if mayAudit(context.now) { context.audit(AuditRecord(decision: "send-refused", actor: sender, intent: "intake.send", reason: why,
+                                      details: ["sender": .string(sender), "filename": .string(name)])) }
             return "refused: " + why
         }
         guard parts.count == 3 else { return refuse("expected two parts (file name, container), got \(parts.count - 1)") }
@@ -143,9 +150,16 @@ public final class ZmqInboxStage: SourceStage {
         let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         let synced = fsync(fd) == 0
         Glibc.close(fd)
-        guard written == data.count, synced, rename(staging, dir + "/" + stored) == 0 else {
+        // A rename that never replaces an existing name (renameat2 RENAME_NOREPLACE): a name taken
+        // meanwhile gets the next suffix. The inbox sees the file moved in, whole.
+        var moved = written == data.count && synced
+        while moved, Self.renameNoReplace(staging, dir + "/" + stored) != 0 {
+            if errno == EEXIST && k < 10_000 { stored = "\(name).\(k)"; k += 1 } else { moved = false }
+        }
+        guard moved else {
+            let why = String(cString: strerror(errno))
             unlink(staging)
-            return refuse("cannot write into the inbox: \(String(cString: strerror(errno)))", name)
+            return refuse("cannot write into the inbox: \(why)", name)
         }
         received += 1
         context.report("received", .int(Int64(received)))
@@ -155,6 +169,24 @@ public final class ZmqInboxStage: SourceStage {
                                   reason: "\(size) bytes from '\(sender)' stored as \(stored)", details: attrs))
         context.emit(Envelope(actor: actor, intent: "intake.received", ingestNs: context.wallClockNs, attrs: attrs, payload: []), to: out)
         return "ok " + stored
+    }
+
+    typealias RenameAt2 = @convention(c) (Int32, UnsafePointer<CChar>, Int32, UnsafePointer<CChar>, UInt32) -> Int32
+    /// glibc's renameat2 (not in Swift's Glibc module); nil where the C library lacks it.
+    static let renameat2: RenameAt2? = {
+        guard let h = dlopen(nil, RTLD_NOW), let f = dlsym(h, "renameat2") else { return nil }
+        return unsafeBitCast(f, to: RenameAt2.self)
+    }()
+
+    /// rename(2) that fails with EEXIST instead of replacing `to`; where the kernel or file system
+    /// cannot, an existence check and a plain rename (racy only against other local writers).
+    static func renameNoReplace(_ from: String, _ to: String) -> Int32 {
+        if let r = renameat2 {
+            let rc = r(-100, from, -100, to, 1)  // AT_FDCWD, RENAME_NOREPLACE
+            if rc == 0 || (errno != EINVAL && errno != ENOSYS) { return rc }
+        }
+        if access(to, F_OK) == 0 { errno = EEXIST; return -1 }
+        return rename(from, to)
     }
 
     func closeSockets() {

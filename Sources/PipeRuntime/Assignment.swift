@@ -187,8 +187,12 @@ public struct TCPSecurity: Sendable, Equatable {
     public init(curve: Bool, serverPublicKey: String, serverSecretKey: String?) {
         self.curve = curve; self.serverPublicKey = serverPublicKey; self.serverSecretKey = serverSecretKey
     }
-    /// The ZAP domain of every tcp listener of the host.
-    public static let zapDomain = "pipehost"
+    /// The ZAP domain of a host-side lane listener: one per port, so the ZAP handler admits on
+    /// each only the workers at the far end of its lanes (another allowed worker connecting to a
+    /// lane port would otherwise get a round-robin share of that lane's envelopes).
+    public static func zapDomain(port: Int) -> String { "pipehost-port:\(port)" }
+    /// The port of a `tcp://HOST:PORT` endpoint.
+    static func port(of endpoint: String) -> Int? { endpoint.split(separator: ":").last.flatMap { Int($0) } }
 }
 
 /// The tcp ports of one run: every socket facing a remote worker is bound by the host side
@@ -204,6 +208,8 @@ public struct RemoteLayout: Sendable {
     /// Lane -> port bound by the host-side producer's PUSH (remote consumer) or consumer's return PUSH (remote producer).
     public var laneData: [UInt32: Int] = [:]
     public var laneRet: [UInt32: Int] = [:]
+    /// Port -> the workers whose connections it admits (the far ends of its lanes).
+    public var admits: [Int: Set<String>] = [:]
     public init(bindHost: String, connectHost: String, security: TCPSecurity) {
         self.bindHost = bindHost; self.connectHost = connectHost; self.security = security
     }
@@ -215,13 +221,20 @@ public struct RemoteLayout: Sendable {
                             reserve: () throws(RuntimeError) -> Int) throws(RuntimeError) -> RemoteLayout {
         var r = RemoteLayout(bindHost: bindHost, connectHost: connectHost, security: security)
         let remote = Set(plan.stages.filter { $0.placement.isRemote }.map(\.id))
+        let worker = { (id: String) in plan.stage(id)?.placement.workerName ?? "" }
         for l in plan.lanes where l.transport == "tcp" {
             if remote.contains(l.to) {
-                r.laneData[l.id] = try reserve()
+                let data = try reserve()
+                r.laneData[l.id] = data
                 if r.stageRet[l.from] == nil { r.stageRet[l.from] = try reserve() }
+                r.admits[data, default: []].insert(worker(l.to))
+                if let p = r.stageRet[l.from] { r.admits[p, default: []].insert(worker(l.to)) }
             } else {
                 if r.stageIn[l.to] == nil { r.stageIn[l.to] = try reserve() }
-                r.laneRet[l.id] = try reserve()
+                let ret = try reserve()
+                r.laneRet[l.id] = ret
+                r.admits[ret, default: []].insert(worker(l.from))
+                if let p = r.stageIn[l.to] { r.admits[p, default: []].insert(worker(l.from)) }
             }
         }
         return r

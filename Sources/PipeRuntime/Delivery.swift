@@ -492,7 +492,7 @@ extension RunnerCore {
         }
         guard !hit.isEmpty else { return }
         dv.lost &+= UInt64(hit.count)
-        log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer restarted with \(hit.count) envelopes unacknowledged; \(source != nil ? "sending them again" : "the source will send them again")")
+        log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer started a new credit epoch (it restarted, or frames were lost on a dropped connection) with \(hit.count) envelopes unacknowledged; \(source != nil ? "sending them again" : "the source will send them again")")
         var roots: [Int32] = []
         for t in hit {
             if dv.tokens[Int(t)].inLane >= 0 { dv.tokens[Int(t)].live = false } else { roots.append(t) }

@@ -2,7 +2,8 @@ import PipeStore
 
 /// The highest grant epoch seen per worker key, in SQLite, so that a replayed older grant is
 /// refused also after the host restarts. Bounded: past `limit` workers, those heard from least
-/// recently are forgotten first (their replay window reopens; docs/operations.md, "Grants").
+/// recently are forgotten first, revoked keys last (a revoked key never registers again, so
+/// by age alone it would go first and reopen its replay window; docs/operations.md, "Grants").
 final class GrantEpochs {
     let db: Database
     let get: Statement, put: Statement, count: Statement, trim: Statement
@@ -12,14 +13,15 @@ final class GrantEpochs {
         db = try Database(path: path)
         // FULL: a raised watermark must be on disk before the registration it refuses later.
         try db.execute("PRAGMA synchronous=FULL")
-        try db.execute("CREATE TABLE IF NOT EXISTS grant_epochs (worker_key TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seen_s INTEGER NOT NULL)")
+        try db.execute("CREATE TABLE IF NOT EXISTS grant_epochs (worker_key TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seen_s INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)")
         get = try db.prepare("SELECT epoch FROM grant_epochs WHERE worker_key = ?")
         put = try db.prepare("""
-            INSERT INTO grant_epochs (worker_key, epoch, seen_s) VALUES (?, ?, ?)
-            ON CONFLICT(worker_key) DO UPDATE SET epoch = max(epoch, excluded.epoch), seen_s = excluded.seen_s
+            INSERT INTO grant_epochs (worker_key, epoch, seen_s, revoked) VALUES (?, ?, ?, ?)
+            ON CONFLICT(worker_key) DO UPDATE SET revoked = CASE WHEN excluded.epoch >= epoch THEN excluded.revoked ELSE revoked END,
+                                                  epoch = max(epoch, excluded.epoch), seen_s = excluded.seen_s
             """)
         count = try db.prepare("SELECT count(*) FROM grant_epochs")
-        trim = try db.prepare("DELETE FROM grant_epochs WHERE worker_key IN (SELECT worker_key FROM grant_epochs ORDER BY seen_s LIMIT ?)")
+        trim = try db.prepare("DELETE FROM grant_epochs WHERE worker_key IN (SELECT worker_key FROM grant_epochs ORDER BY revoked, seen_s LIMIT ?)")
         self.limit = limit
     }
 
@@ -30,8 +32,8 @@ final class GrantEpochs {
     }
 
     /// Records `epoch` for `key` (never lowering it).
-    func raise(_ key: String, to epoch: UInt64, nowS: Int64) throws(StoreError) {
-        try put.run([.text(key), .int(Int64(clamping: epoch)), .int(nowS)])
+    func raise(_ key: String, to epoch: UInt64, nowS: Int64, revoked: Bool = false) throws(StoreError) {
+        try put.run([.text(key), .int(Int64(clamping: epoch)), .int(nowS), .int(revoked ? 1 : 0)])
         try count.bind([])
         let n = try count.step() ? Int(count.int(0)) : 0
         count.reset()

@@ -326,7 +326,7 @@ public final class PipelineHost: @unchecked Sendable {
             publishSubscriptions(now)
             refreshMetrics(now)
             checkAudit(now)
-            if now - lastHeartbeat > 1_000_000_000 { lastHeartbeat = now; heartbeat() }
+            if now - lastHeartbeat > 1_000_000_000 { lastHeartbeat = now; heartbeat(); sweepGrants() }
             if allFinished { broadcast(.finish); break }
         }
     }

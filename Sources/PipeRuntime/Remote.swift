@@ -4,6 +4,7 @@ import PipeConfig
 import PipeKit
 import PipeSeal
 import PipeZMQ
+import Synchronization
 
 /// CURVE keys on disk: `curve.key` (Z85 secret, mode 0600) and `curve.pub` from `pipehost keygen`.
 public enum CurveKeys {
@@ -93,7 +94,7 @@ final class RemoteHost {
     /// Owners whose grants admit workers (32-byte Ed25519 public keys), and what they admitted:
     /// worker key -> its name, granted stages and epoch (until revoked).
     var owners: [[UInt8]] = []
-    var granted: [String: (name: String, stages: Set<String>, epoch: UInt64)] = [:]
+    var granted: [String: (name: String, stages: Set<String>, epoch: UInt64, expires: Int64)] = [:]
     var epochs: GrantEpochs?
     /// The remote control endpoint (`remote.control`) and its operators: public key -> name.
     var control: ZMQSocket?
@@ -107,10 +108,14 @@ final class RemoteHost {
     var lastFrame: [String: UInt64] = [:]
     var refused = 0
     var handshakeFailures = 0
+    /// Well-formed frames from an admitted worker on a connection that has no stage (any more).
+    var staleFrames = 0
     /// Log lines and audit records about refusals: at most `auditBurst` per 10 s for each kind of
     /// refusal and key (a refused client retries every 100 ms; a flood stays counted, not written).
     var auditWindows: [String: (start: UInt64, count: Int)] = [:]
+    var totalWindow: (start: UInt64, count: Int) = (0, 0)
     static let auditBurst = 5
+    static let auditTotal = 40
     let startedNs = monotonicNs()
 
     init(spec: RemoteSpec, router: ZMQSocket, zap: ZMQSocket?, monitor: ZMQSocket?, layout: RemoteLayout, names: [String: String]) {
@@ -134,16 +139,22 @@ final class RemoteHost {
     /// Whether worker `name` may run `stage`: listed by key, or granted that stage (and not revoked).
     func mayRun(_ stage: String, worker name: String) -> Bool {
         if names.values.contains(name) { return true }
+        // At most one granted key per name (a newer grant replaces the key before it).
         return granted.values.contains { $0.name == name && $0.stages.contains(stage) }
     }
 
     func mayAudit(_ now: UInt64, _ what: String) -> Bool {
-        if auditWindows.count > 1000 { auditWindows.removeAll() }  // bounded under a flood of fresh keys
+        // Overall, at most `auditTotal` per 10 s, whatever the kinds (a flood of fresh keys cannot
+        // write more than that, nor reset anyone's window).
+        if now - totalWindow.start > 10_000_000_000 { totalWindow = (now, 0) }
+        guard totalWindow.count < Self.auditTotal else { return false }
+        if auditWindows.count > 1000 { auditWindows.removeAll() }
         var w = auditWindows[what] ?? (now, 0)
         if now - w.start > 10_000_000_000 { w = (now, 0) }
         w.count += 1
         auditWindows[what] = w
-        return w.count <= Self.auditBurst
+        if w.count <= Self.auditBurst { totalWindow.count += 1; return true }
+        return false
     }
 }
 
@@ -189,6 +200,8 @@ extension PipelineHost {
             }
             let router = try zmq.socket(.router)
             try router.setRouterMandatory(false)
+            // A runner that reconnects (same random routing id) takes its route over.
+            try router.setInt(ZMQ_ROUTER_HANDOVER_OPT, 1)
             try router.setReceiveHWM(10_000); try router.setSendHWM(0)
             // HELLO, STATS and AUDIT frames only; AUDIT frames are capped at 4 MiB.
             try router.setMaxMessageSize(Int64(4 << 20) + 64)
@@ -257,7 +270,10 @@ extension PipelineHost {
                 handleControl(parts, operator: op)
             }
         }
-        while let first = try? rm.router.receiveMessage(dontWait: true) {
+        // A budget per pass: a flood waits in ZeroMQ's queues instead of stalling the host loop.
+        var budget = 512
+        while budget > 0, let first = try? rm.router.receiveMessage(dontWait: true) {
+            budget -= 1
             let routing = first.bytes
             var body: ZMQMessage?
             var extra = false
@@ -266,6 +282,10 @@ extension PipelineHost {
                 body = m
             }
             guard let body, !extra else { remoteGarbage(routing, rm, "a message of more than two parts", worker: body.flatMap(remoteWorker)); continue }
+            // Before a HELLO is accepted, nothing legitimate is bigger than a HELLO with a grant.
+            if rm.stageOf[routing] == nil && body.count > 70_000 {
+                remoteGarbage(routing, rm, "a \(body.count)-byte message before HELLO", worker: remoteWorker(body)); continue
+            }
             handleRemote(routing: routing, body, rm)
         }
     }
@@ -283,7 +303,13 @@ extension PipelineHost {
         } else if req.mechanism != "CURVE" {
             reason = "mechanism \(req.mechanism) is not allowed (CURVE only)"
         } else if let key = req.clientKey, let n = rm.name(ofKey: key) {
-            if rm.workers[n]?.cutOff == true { reason = "worker '\(n)' was cut off for sending garbage" } else { name = n }
+            if rm.workers[n]?.cutOff == true { reason = "worker '\(n)' was cut off for sending garbage" }
+            else if req.domain.hasPrefix("pipehost-port:") {
+                // A lane port admits only the workers at the far end of its lanes.
+                let port = Int(req.domain.dropFirst("pipehost-port:".count)) ?? -1
+                if rm.layout.admits[port]?.contains(n) == true { name = n } else { reason = "worker '\(n)' has no lane on port \(port)" }
+            } else if req.domain == RemoteHost.registerDomain { name = n }
+            else { reason = "unknown ZAP domain '\(req.domain)'" }
         } else if let key = req.clientKey, !rm.owners.isEmpty, req.domain == RemoteHost.registerDomain {
             // May present a grant on the registration endpoint, and do nothing else until it is accepted.
             name = "key:" + key
@@ -315,6 +341,10 @@ extension PipelineHost {
         if let u = user { rm.workers[u]?.lastSeenNs = monotonicNs(); if let a = msg.property("Peer-Address") { rm.workers[u]?.address = a } }
         // A frame from a known runner connection.
         if let stage = rm.stageOf[routing] {
+            // The route is the stage's only while the connection is its worker's.
+            if rm.layout.security.curve, user != stages[stage]?.plan.placement.workerName {
+                remoteGarbage(routing, rm, "a frame for stage '\(stage)' from \(user.map { "worker '\($0)'" } ?? "an unauthenticated connection")", worker: user); return
+            }
             rm.lastFrame[stage] = monotonicNs()
             msg.withBytes { raw in
                 guard let f = try? FrameView(raw) else { remoteGarbage(routing, rm, "a malformed frame from stage '\(stage)'", worker: user); return }
@@ -333,6 +363,10 @@ extension PipelineHost {
             remoteGarbage(routing, rm, "a frame from worker '\(u)', which is cut off", worker: u); return
         }
         guard let h = hello, h.protocolVersion == Hello.protocolVersion else {
+            // A well-formed frame from an admitted worker's connection that lost its route (its
+            // stage was given to a newer connection) is stale, not garbage.
+            let wellFormed: Bool = msg.withBytes { raw in (try? FrameView(raw)) != nil }
+            if wellFormed, let u = user, !u.hasPrefix("key:") { rm.staleFrames += 1; return }
             remoteGarbage(routing, rm, "a frame before HELLO, or a HELLO of another protocol version", worker: user); return
         }
         if h.worker.hasPrefix("worker:") {
@@ -342,12 +376,9 @@ extension PipelineHost {
                 guard let u = user, let key = rm.key(ofUser: u) else {
                     refuseRemote(routing, rm, registering: true, worker: claimed, "a grant needs an authenticated CURVE connection"); return
                 }
-                switch checkGrant(h.grant, key: key, rm) {
-                case .failure(let why): refuseRemote(routing, rm, registering: true, worker: u.hasPrefix("key:") ? claimed : u, why.description); return
+                switch checkGrant(h.grant, key: key, claimed: claimed, rm) {
+                case .failure(let why): refuseRemote(routing, rm, registering: true, worker: u, why.description); return
                 case .success(let n): name = n
-                }
-                if !claimed.isEmpty && claimed != name {
-                    refuseRemote(routing, rm, registering: true, worker: name, "the grant names worker '\(name)' but the HELLO says '\(claimed)'"); return
                 }
             } else if let u = user {
                 if !claimed.isEmpty && claimed != u {
@@ -360,6 +391,7 @@ extension PipelineHost {
                 guard rm.workers[claimed] != nil else { refuseRemote(routing, rm, registering: true, worker: claimed, "no worker '\(claimed)' in remote.workers"); return }
                 name = claimed
             }
+            RemoteBans.shared.unban(name, in: options.runDirectory)
             let stages = plan.stages.filter { $0.placement.workerName == name && rm.mayRun($0.id, worker: name) }.map(\.id)
             rm.workers[name]?.connected = true
             rm.workers[name]?.registrations += 1
@@ -390,16 +422,20 @@ extension PipelineHost {
             refuseRemote(routing, rm, worker: owner, "worker '\(owner)' asked for stage '\(stage)', which its grant does not name"); return
         }
         if rm.layout.security.curve && user == nil { refuseRemote(routing, rm, worker: "?", "no authenticated worker on this connection"); return }
-        if let old = rm.routes[stage] {
-            // The stage's runner came back (a restarted worker, or a new connection after a cut):
-            // a new incarnation, counted from zero on top of the old counts.
+        if let old = rm.routes[stage], old != routing {
+            // The old runner, if it is still there, is told to stop.
+            controlSeq += 1
+            _ = try? rm.router.send(parts: [old, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
             rm.stageOf[old] = nil
-            if stages[stage]?.stats != nil || stages[stage]?.assigned == true {
-                stages[stage]?.restarts += 1
-                if let s = stages[stage]?.stats { stages[stage]?.base = s }
-                stages[stage]?.stats = nil
-                log.warning("remote: stage '\(stage)' is back on worker '\(owner)' (restart \(stages[stage]?.restarts ?? 0))")
-            }
+        }
+        if stages[stage]?.assigned == true {
+            // The stage's runner came back (a restarted worker, a new runner after a long cut, a
+            // worker admitted again after a revocation): a new incarnation, counted from zero on
+            // top of the old counts.
+            stages[stage]?.restarts += 1
+            if let s = stages[stage]?.stats { stages[stage]?.base = s }
+            stages[stage]?.stats = nil
+            log.warning("remote: stage '\(stage)' is back on worker '\(owner)' (restart \(stages[stage]?.restarts ?? 0))")
         }
         rm.routes[stage] = routing
         rm.stageOf[routing] = stage
@@ -412,7 +448,7 @@ extension PipelineHost {
     /// grant claims): signed by a trusted owner, for this key, not expired, not below the highest
     /// epoch seen for the key (durably), not a revocation, for a worker of this pipeline. Returns
     /// the worker name it admits.
-    func checkGrant(_ bytes: [UInt8], key: String, _ rm: RemoteHost) -> Result<String, GrantRefusal> {
+    func checkGrant(_ bytes: [UInt8], key: String, claimed: String, _ rm: RemoteHost) -> Result<String, GrantRefusal> {
         guard !rm.owners.isEmpty else { return .failure("a grant was presented but remote.owners trusts no owner") }
         guard !bytes.isEmpty else { return .failure("unknown worker key and no grant") }
         let g: Grant
@@ -420,18 +456,23 @@ extension PipelineHost {
         guard g.verify(owners: rm.owners) else { return .failure("grant not signed by a trusted owner (owner \(Hex.encode(g.owner.prefix(8))))") }
         guard g.worker == key else { return .failure("grant for another worker's key (\(g.worker.prefix(12))...) presented by \(key.prefix(12))...") }
         let now = Int64(wallNs() / 1_000_000_000)
-        guard g.expires > now else { return .failure("grant expired at \(RFC3339.format(ns: g.expires * 1_000_000_000))") }
+        guard g.expires > now else { return .failure("grant expired at \(RFC3339.format(ns: g.expires.multipliedReportingOverflow(by: 1_000_000_000).overflow ? Int64.max : g.expires * 1_000_000_000))") }
         guard let store = rm.epochs else { return .failure("no grant epoch store") }
         do {
             if let high = try store.highest(key), g.epoch < high {
                 return .failure("replayed grant: epoch \(g.epoch) is below the highest seen for this worker (\(high))")
             }
-            try store.raise(key, to: g.epoch, nowS: now)
+            try store.raise(key, to: g.epoch, nowS: now, revoked: g.isRevocation)
         } catch { return .failure(GrantRefusal("grant epochs: \(error)")) }
         if g.isRevocation { rm.granted[key] = nil; return .failure("grant epoch \(g.epoch) revokes this worker") }
         guard rm.workers[g.name] != nil else { return .failure("grant names worker '\(g.name)', which remote.workers does not list") }
         if let listed = rm.names[key], listed != g.name { return .failure("key is listed as worker '\(listed)' but the grant names '\(g.name)'") }
-        rm.granted[key] = (g.name, Set(g.stages), g.epoch)
+        // A worker listed with a key is that key alone; a grant cannot add another.
+        if rm.names[key] == nil, rm.names.values.contains(g.name) { return .failure("worker '\(g.name)' is listed with a key in remote.workers; a grant cannot name it") }
+        if !claimed.isEmpty && claimed != g.name { return .failure("the grant names worker '\(g.name)' but the HELLO says '\(claimed)'") }
+        // One key per worker name: a newer grant for the name replaces the key before it.
+        for (k, v) in rm.granted where v.name == g.name && k != key { rm.granted[k] = nil; revokeRoutes(ofWorker: g.name, rm, reason: "its name was granted to another key") }
+        rm.granted[key] = (g.name, Set(g.stages), g.epoch, g.expires)
         return .success(g.name)
     }
 
@@ -446,20 +487,13 @@ extension PipelineHost {
         let now = Int64(wallNs() / 1_000_000_000)
         do {
             if let high = try store.highest(g.worker), g.epoch < high { return .failure(.plan("epoch \(g.epoch) is below the highest seen for this worker (\(high))")) }
-            try store.raise(g.worker, to: g.epoch, nowS: now)
+            try store.raise(g.worker, to: g.epoch, nowS: now, revoked: g.isRevocation)
         } catch { return .failure(.io("grant epochs: \(error)")) }
         var aborted: [String] = []
         if g.isRevocation || (rm.granted[g.worker].map { $0.epoch < g.epoch } ?? false) {
             let old = rm.granted[g.worker]
-            rm.granted[g.worker] = g.isRevocation || g.expires <= now ? nil : (g.name, Set(g.stages), g.epoch)
-            if let name = old?.name {
-                for (s, r) in rm.routes where stages[s]?.plan.placement.workerName == name && !rm.mayRun(s, worker: name) {
-                    controlSeq += 1
-                    _ = try? rm.router.send(parts: [r, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
-                    rm.stageOf[r] = nil; rm.routes[s] = nil
-                    aborted.append(s)
-                }
-            }
+            rm.granted[g.worker] = g.isRevocation || g.expires <= now ? nil : (g.name, Set(g.stages), g.epoch, g.expires)
+            if let name = old?.name { aborted = revokeRoutes(ofWorker: name, rm, reason: g.isRevocation ? "revoked" : "its grant changed") }
         }
         let what = g.isRevocation ? "revoked" : "granted \(g.stages.joined(separator: ","))"
         log.warning("remote: grant epoch \(g.epoch) for key \(g.worker.prefix(12))... applied: \(what)\(aborted.isEmpty ? "" : "; aborted \(aborted.joined(separator: ", "))")")
@@ -469,6 +503,35 @@ extension PipelineHost {
                                                   "aborted": .string(aborted.joined(separator: ","))]))
         return .success(.object([("epoch", .int(Int64(clamping: g.epoch))), ("revoked", .bool(g.isRevocation)),
                                  ("aborted", .list(aborted.map(ConfigValue.string)))]))
+    }
+
+    /// Aborts the runners of worker `name` whose stages it may no longer run, and bans the name
+    /// on the host's lane sockets until it is admitted again (frames from its open connections
+    /// are then refused, and without its credits the lanes to it stop within one window).
+    @discardableResult
+    func revokeRoutes(ofWorker name: String, _ rm: RemoteHost, reason: String) -> [String] {
+        var aborted: [String] = []
+        for (s, r) in rm.routes where stages[s]?.plan.placement.workerName == name && !rm.mayRun(s, worker: name) {
+            controlSeq += 1
+            _ = try? rm.router.send(parts: [r, FrameEncoder.command(seq: controlSeq, RunnerCommand(code: .abort))], dontWait: true)
+            rm.stageOf[r] = nil; rm.routes[s] = nil
+            aborted.append(s)
+        }
+        if !rm.names.values.contains(name) && !rm.granted.values.contains(where: { $0.name == name }) { RemoteBans.shared.ban(name, in: options.runDirectory) }
+        if !aborted.isEmpty { log.warning("remote: worker '\(name)' \(reason): aborted \(aborted.joined(separator: ", "))") }
+        return aborted
+    }
+
+    /// Grants that expired while their worker ran: treated as revoked (checked once a second).
+    func sweepGrants() {
+        guard let rm = remote, !rm.granted.isEmpty else { return }
+        let now = Int64(wallNs() / 1_000_000_000)
+        for (k, g) in rm.granted where g.expires <= now {
+            rm.granted[k] = nil
+            let aborted = revokeRoutes(ofWorker: g.name, rm, reason: "grant expired")
+            auditWriter?.submit(AuditRecord(decision: "grant-expired", stage: "host", intent: "remote.grant",
+                                            reason: "grant epoch \(g.epoch) for worker '\(g.name)' expired", details: ["worker_key": .string(k), "aborted": .string(aborted.joined(separator: ","))]))
+        }
     }
 
     /// Refuses a HELLO: logged and audited (rate-limited), and answered with ABORT, or, for a
@@ -503,6 +566,7 @@ extension PipelineHost {
         }
         if let w = worker, bad >= 100, rm.workers[w]?.cutOff == false {
             rm.workers[w]?.cutOff = true
+            RemoteBans.shared.ban(w, in: options.runDirectory)
             log.error("remote: worker '\(w)' cut off after \(bad) bad frames; its key is refused until the host restarts")
             auditWriter?.submit(AuditRecord(decision: "worker-cut-off", stage: "host", intent: "remote.frame",
                                             reason: "worker '\(w)' sent \(bad) bad frames", details: ["worker": .string(w)]))
@@ -541,11 +605,28 @@ extension PipelineHost {
         guard let rm = remote else { return .null }
         return .object([("listen", .string(rm.spec.listen)), ("security", .string(rm.layout.security.curve ? "curve" : "plaintext")),
                         ("server_key", .string(rm.layout.security.serverPublicKey)), ("refused", .int(Int64(rm.refused))),
-                        ("handshake_failures", .int(Int64(rm.handshakeFailures))), ("workers", workersJSON())])
+                        ("handshake_failures", .int(Int64(rm.handshakeFailures))), ("stale_frames", .int(Int64(rm.staleFrames))), ("workers", workersJSON())])
     }
 
     func closeRemote() {
         guard let rm = remote else { return }
-        rm.router.close(); rm.monitor?.close(); rm.zap?.close(); rm.control?.close()
+        RemoteBans.shared.clear(run: options.runDirectory)
+        rm.router.close(); rm.monitor?.close(); rm.control?.close()
+        // A CURVE listener without a ZAP handler lets every client in: the handler stays while
+        // any runner thread (and its tcp listeners) is alive.
+        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count { rm.zap?.close() }
+        else { log.warning("runner threads still running at shutdown: the ZAP handler stays open with them") }
     }
+}
+
+/// Worker names whose frames the host's own runners refuse on every tcp lane, even on
+/// connections opened before the worker was revoked, cut off or its grant expired (ZAP only
+/// runs when a connection is made). Per run directory, so hosts in one process do not mix.
+final class RemoteBans: Sendable {
+    static let shared = RemoteBans()
+    let banned = Mutex<Set<String>>([])
+    func ban(_ name: String, in run: String) { _ = banned.withLock { $0.insert(run + "\u{0}" + name) } }
+    func unban(_ name: String, in run: String) { _ = banned.withLock { $0.remove(run + "\u{0}" + name) } }
+    func isBanned(_ name: String, in run: String) -> Bool { banned.withLock { $0.contains(run + "\u{0}" + name) } }
+    func clear(run: String) { banned.withLock { $0 = $0.filter { !$0.hasPrefix(run + "\u{0}") } } }
 }

@@ -45,9 +45,16 @@ public final class StageRunner: @unchecked Sendable {
         }
         do {
             let control = try zmq.socket(.dealer)
-            // Remote runners leave their routing id to the host's ROUTER: it maps the connection to
-            // a stage only after an authorized HELLO, so no peer can take over another's route.
-            if !controlEndpoint.hasPrefix("tcp://") { try control.setIdentity(Array(stageID.utf8)) }
+            // A remote runner's routing id is random (16 bytes, never shown to other workers), so a
+            // reconnection after a cut keeps its route; the host maps it to a stage only after an
+            // authorized HELLO, and checks the connection's worker on every frame.
+            if controlEndpoint.hasPrefix("tcp://") {
+                var id: [UInt8] = [0x72]
+                for _ in 0..<16 { id.append(UInt8.random(in: 0...255)) }
+                try control.setIdentity(id)
+            } else {
+                try control.setIdentity(Array(stageID.utf8))
+            }
             if controlEndpoint.hasPrefix("tcp://") { try TCPLinks.prepare(control) }
             if let k = clientKeys, let server = serverKey { try control.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: server) }
             // Unbounded queue + non-blocking sends: a dead host must never wedge the runner
@@ -140,6 +147,11 @@ final class RunnerCore: StageContext {
         var inFlightBytes = 0
         var queueBytes = 0
         var sentFrames: [(count: UInt64, bytes: Int)] = []
+        /// tcp lanes: EOS goes again every second until the host ends the run (one lost with a
+        /// dropped connection would leave the consumer waiting).
+        var tcp = false
+        var eosAt: UInt64 = 0
+        var beatAt: UInt64 = 0
         var credits: Int { Int(clamping: Int64(clamping: limit) - Int64(clamping: sentInEpoch)) }
         var inFlight: Int { bound - credits + queue.count }
         var bytesRoom: Bool { bytesBound.map { inFlightBytes + queueBytes < $0 } ?? true }
@@ -165,6 +177,9 @@ final class RunnerCore: StageContext {
         /// or the producer, counting bytes, would wait for a count that never comes).
         var bytesBound: Int?
         var bytesSinceGrant = 0
+        /// tcp lanes: the producer's last frame seq, to notice frames lost with a dropped connection.
+        var lastSeq: UInt64 = 0
+        var tcp = false
     }
 
     let a: Assignment
@@ -202,6 +217,7 @@ final class RunnerCore: StageContext {
     var lanePeers: [UInt32: String] = [:]
     let checkPeers: Bool
     var foreignFrames: UInt64 = 0
+    var lostFrames: UInt64 = 0
     let incarnation: UInt64
     /// At-least-once bookkeeping (docs/delivery.md); nil under at-most-once.
     var delivery: DeliveryState?
@@ -277,6 +293,7 @@ final class RunnerCore: StageContext {
                 outIndex[l.lane] = outLanes.count
                 idx.append(outLanes.count)
                 var lane = OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack)
+                lane.tcp = l.endpoint.hasPrefix("tcp://")
                 lane.bytesBound = l.bytes
                 if l.whenFull == .spill && !l.loopBack {
                     let dir = a.runDirectory + "/spill"
@@ -307,6 +324,7 @@ final class RunnerCore: StageContext {
                                                                loopBack: i.loopBack, transport: transport),
                                   maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1,
                                   bytesBound: i.bytes))
+            inLanes[inLanes.count - 1].tcp = transport == "tcp"
         }
         if !a.tapEndpoint.isEmpty {
             let s = try zmq.socket(.xpub)
@@ -333,18 +351,25 @@ final class RunnerCore: StageContext {
     /// none and are the host's own. A frame for a lane the sender does not own is refused and counted.
     func peerAllowed(_ msg: ZMQMessage, lane: UInt32) -> Bool {
         guard checkPeers, let user = msg.property("User-Id"), !user.isEmpty else { return true }
-        if lanePeers[lane] == user { return true }
+        if lanePeers[lane] == user && !RemoteBans.shared.isBanned(user, in: a.runDirectory) { return true }
+        let why = lanePeers[lane] == user ? "worker '\(user)' is revoked or cut off; its frame on lane \(lane) is refused"
+                                          : "worker '\(user)' sent a frame on lane \(lane), which belongs to '\(lanePeers[lane] ?? "the host")'"
+        refuseRemoteFrame(user, lane: lane, why)
+        return false
+    }
+
+    /// Counts (`refused_frames` in the status report) and, for the first ten and then every
+    /// thousandth, logs and audits a frame refused from a remote worker.
+    func refuseRemoteFrame(_ user: String, lane: UInt32, _ why: String) {
         foreignFrames += 1
         report("refused_frames", .int(Int64(clamping: foreignFrames)))
         // The first few and then every thousandth are audited and logged: a flood stays counted, not written.
         if foreignFrames <= 10 || foreignFrames % 1000 == 0 {
-            log.warning("refused a frame on lane \(lane) from worker '\(user)', which does not own that lane (\(foreignFrames) so far)")
-            audit(AuditRecord(decision: "frame-refused", intent: "remote.lane",
-                              reason: "worker '\(user)' sent a frame on lane \(lane), which belongs to '\(lanePeers[lane] ?? "the host")'",
+            log.warning("refused: \(why) (\(foreignFrames) refused so far)")
+            audit(AuditRecord(decision: "frame-refused", intent: "remote.lane", reason: why,
                               details: ["worker": .string(user), "lane": .int(Int64(lane)), "refused_so_far": .int(Int64(clamping: foreignFrames))]))
         }
         statsDirty = true
-        return false
     }
 
     static func prepareIPC(_ endpoint: String) throws {
@@ -570,10 +595,7 @@ final class RunnerCore: StageContext {
         }
         if let t = stage.tickInterval { nextTick = monotonicNs() + t }
         // Announce ourselves on every output lane (producer incarnation) and grant initial credits.
-        for i in outLanes.indices {
-            outLanes[i].seq += 1
-            _ = try? outLanes[i].socket.send(FrameEncoder.heartbeat(lane: outLanes[i].id, seq: outLanes[i].seq, timeNs: incarnation), dontWait: true)
-        }
+        for i in outLanes.indices { beat(i) }
         for i in inLanes.indices { grantCredits(i, force: true) }
 
         var poller = ZMQPoller()
@@ -712,6 +734,8 @@ final class RunnerCore: StageContext {
                     }
                 }
             }
+            if finished { repeatEOS(monotonicNs()) }
+            beatTCP(monotonicNs())
             if statsDirty || monotonicNs() >= nextStats { sendStats() }
             if let pp = parentPid, getppid() != pp {
                 log.error("host process \(pp) is gone; stopping")
@@ -817,19 +841,32 @@ final class RunnerCore: StageContext {
     }
 
     func handleInput(_ msg: ZMQMessage) {
+        // A frame from a remote worker's connection (ZAP named it): garbage from there is
+        // refused and counted, never dead-lettered (a flood would otherwise fill the dead letters).
+        let remoteUser = checkPeers ? msg.property("User-Id").flatMap { $0.isEmpty ? nil : $0 } : nil
         msg.withBytes { raw in
             let f: FrameView
             do { f = try FrameView(raw) } catch {
                 errors += 1
+                if let u = remoteUser { refuseRemoteFrame(u, lane: 0, "a malformed frame (\(error))"); return }
                 deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))), reason: "malformed frame: \(error)")
                 return
             }
             guard let li = inIndex[f.header.lane] else {
                 errors += 1
+                if let u = remoteUser { refuseRemoteFrame(u, lane: f.header.lane, "a frame for unknown lane \(f.header.lane)"); return }
                 deadLetter(Envelope(intent: "lane.unknown-lane", payload: Array(raw.prefix(65536))), reason: "frame for unknown lane \(f.header.lane)")
                 return
             }
             guard peerAllowed(msg, lane: f.header.lane) else { return }
+            // A remote producer may not send past the credits it was given (with slack for an
+            // epoch change): what it floods beyond them is refused, not processed.
+            if let u = remoteUser, f.header.type == .data,
+               inLanes[li].receivedInEpoch + UInt64(f.dataDeclaredCount) > inLanes[li].limitSent + 2 * UInt64(inLanes[li].bound) {
+                refuseRemoteFrame(u, lane: f.header.lane, "DATA past its credits on lane \(f.header.lane)")
+                return
+            }
+            if inLanes[li].tcp { noticeLoss(li, seq: f.header.seq, incarnation: f.header.type == .heartbeat ? try? f.heartbeatTime() : nil) }
             switch f.header.type {
             case .data:
                 // The producer counted every envelope the frame declares; if the frame is broken
@@ -952,6 +989,26 @@ final class RunnerCore: StageContext {
     }
 
     /// Sends a CREDIT when enough was consumed (or `force`): limit = received in epoch + bound.
+    /// A tcp connection that drops takes the frames queued on it along. A gap in the producer's
+    /// frame seqs shows it: the consumer then starts a fresh credit epoch, as a restarted consumer
+    /// would, so credits do not leak away (and under at-least-once the producer sends again what
+    /// it had outstanding on the lane). A producer's new incarnation (HEARTBEAT) starts over at 1.
+    func noticeLoss(_ li: Int, seq: UInt64, incarnation: UInt64?) {
+        let last = inLanes[li].lastSeq
+        if let inc = incarnation, inc != inLanes[li].producerIncarnation { inLanes[li].lastSeq = seq; return }
+        defer { inLanes[li].lastSeq = Swift.max(last, seq) }
+        guard seq > last &+ 1 else { return }
+        let lost = seq - last - 1
+        lostFrames &+= lost
+        report("lost_frames", .int(Int64(clamping: lostFrames)))
+        var fresh = UInt32(truncatingIfNeeded: wallNs() / 1000) | 1
+        if fresh == inLanes[li].epoch || fresh == inLanes[li].epoch &+ 1 { fresh &+= 2 }
+        log.warning("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(lost) frame(s) lost in transit (a dropped connection); new credit epoch")
+        inLanes[li].epoch = fresh
+        inLanes[li].receivedInEpoch = 0
+        grantCredits(li, force: true)
+    }
+
     func grantCredits(_ i: Int, force: Bool) {
         let limit = inLanes[i].receivedInEpoch + UInt64(inLanes[i].bound)
         guard force || limit > inLanes[i].limitSent else { return }
@@ -1087,8 +1144,34 @@ final class RunnerCore: StageContext {
         tapWindow[lane] = w
     }
 
+    /// A HEARTBEAT carrying this producer's incarnation. Its seq is used only when ZeroMQ took
+    /// the frame (a bound socket with no peer yet refuses it), so a consumer sees gaps only
+    /// where frames were really lost.
+    func beat(_ i: Int) {
+        let next = outLanes[i].seq + 1
+        if (try? outLanes[i].socket.send(FrameEncoder.heartbeat(lane: outLanes[i].id, seq: next, timeNs: incarnation), dontWait: true)) == true {
+            outLanes[i].seq = next
+        }
+        outLanes[i].beatAt = monotonicNs()
+    }
+
+    /// tcp lanes: a HEARTBEAT every second. After a dropped connection took a window of frames
+    /// along, it is what shows the consumer the gap (a producer out of credits sends nothing else).
+    func beatTCP(_ now: UInt64) {
+        for i in outLanes.indices where outLanes[i].tcp && now &- outLanes[i].beatAt > 1_000_000_000 { beat(i) }
+    }
+
+    /// On tcp lanes, EOS again once a second after the first (see OutLane.tcp).
+    func repeatEOS(_ now: UInt64) {
+        for i in outLanes.indices where outLanes[i].tcp && outLanes[i].eosSent && now &- outLanes[i].eosAt > 1_000_000_000 {
+            outLanes[i].eosSent = false
+            sendEOS(i)
+        }
+    }
+
     func sendEOS(_ i: Int) {
         guard !outLanes[i].eosSent else { return }
+        outLanes[i].eosAt = monotonicNs()
         outLanes[i].seq += 1
         if (try? outLanes[i].socket.send(FrameEncoder.endOfStream(lane: outLanes[i].id, seq: outLanes[i].seq, total: outLanes[i].transmitted), dontWait: true)) == true {
             outLanes[i].eosSent = true
@@ -1167,7 +1250,8 @@ struct TCPLinks {
         try Self.prepare(s)
         if t.curve {
             guard let secret = t.serverSecretKey else { throw RuntimeError.plan("tcp bind \(e) needs the host's CURVE secret key") }
-            try s.makeCurveServer(secretKey: secret, domain: TCPSecurity.zapDomain)
+            guard let port = TCPSecurity.port(of: e) else { throw RuntimeError.plan("tcp bind \(e): no port") }
+            try s.makeCurveServer(secretKey: secret, domain: TCPSecurity.zapDomain(port: port))
         }
         try s.bind(e)
     }

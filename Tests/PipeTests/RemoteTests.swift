@@ -2,7 +2,7 @@ import Testing
 import Foundation
 import Glibc
 import PipeKit
-import PipeRuntime
+@testable import PipeRuntime
 import PipeSeal
 import PipeZMQ
 
@@ -98,7 +98,7 @@ struct RemoteWorkerTests {
         let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
         #expect(stage(s, "pass")?["placement"]?.stringValue == "worker:edge")
         #expect(stage(s, "pass")?["received"]?.intValue == 5000)
-        for l in lanes(s) { #expect(l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        for l in lanes(s) { #expect(l["sent"] != nil && l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
         #expect(lane(s, from: "gen.out", to: "pass.in")?["transport"]?.stringValue == "tcp")
         #expect(lane(s, from: "pass.out", to: "out.in")?["transport"]?.stringValue == "tcp")
         // The same pipeline with every stage in the host: the same envelopes, in the same order.
@@ -198,25 +198,49 @@ struct RemoteWorkerTests {
         #expect(curve.status == 2)
     }
 
-    @Test func aFrameOnALaneTheSenderDoesNotOwn_isRefusedCountedAndAudited() throws {
+    @Test func lanePortsAdmitOnlyTheirWorkers_andAFrameOnAnotherWorkersLaneIsRefused() throws {
+        // Two workers each run a branch into one host sink: both may connect to the sink's input
+        // port, but each only on its own lane; neither may connect to the other's data port.
         let fx = try RemoteFixture("remote-foreign", extraWorkers: ["spare"])
+        let port = fx.port
+        try """
+            pipeline: remote-foreign
+            remote:
+              listen: tcp://127.0.0.1:\(port)
+              key: keys/host/curve.key
+              workers:
+                edge: { key: keys/edge/curve.pub }
+                spare: { key: keys/spare/curve.pub }
+            stages:
+              - { id: gen, kind: generator, config: { count: 3000, seed: 11 } }
+              - { id: pass, kind: passthrough, inputs: [gen], placement: { worker: edge } }
+              - { id: pass2, kind: passthrough, inputs: [gen], placement: { worker: spare } }
+              - { id: out, kind: file-sink, inputs: [pass, pass2], config: { path: out.jsonl } }
+            """.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
         let run = fx.dir + "/run"
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
-        // The tcp endpoint of the lane pass -> out, where only edge's runner may send.
         let lanesNow = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
-        let target = try #require(lanesNow.first { $0["from"]?.stringValue == "pass.out" })
-        let endpoint = try #require(target["endpoint"]?.stringValue)
-        #expect(endpoint.hasPrefix("tcp://127.0.0.1:"))
-        let laneID = UInt32(target["id"]?.intValue ?? 0)
+        let toPass = try #require(lanesNow.first { $0["to"]?.stringValue == "pass.in" })
+        let passOut = try #require(lanesNow.first { $0["from"]?.stringValue == "pass.out" })
+        let dataPort = try #require(toPass["endpoint"]?.stringValue), sinkPort = try #require(passOut["endpoint"]?.stringValue)
+        let laneID = UInt32(passOut["id"]?.intValue ?? 0)
         let ctx = try ZMQContext()
         defer { ctx.terminate() }
         let keys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
+        let hostPub = try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/")
+        // spare tries to read edge's lane (gen -> pass): ZAP refuses it on that port.
+        let pull = try ctx.socket(.pull)
+        defer { pull.close() }
+        try pull.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: hostPub)
+        try pull.setReceiveTimeout(ms: 300)
+        try pull.connect(dataPort)
+        // spare may reach the sink's input port (its own lane pass2 -> out ends there), but a
+        // frame on edge's lane pass -> out is refused.
         let push = try ctx.socket(.push)
         defer { push.close() }
-        try push.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey,
-                                 serverKey: try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/"))
-        try push.connect(endpoint)
+        try push.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: hostPub)
+        try push.connect(sinkPort)
         let env = Envelope(intent: "forged", payload: Array("not yours".utf8))
         let frame = [env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: laneID, seq: 1, envelopes: $0) }
         for _ in 0..<3 { try push.send(frame) }
@@ -228,15 +252,22 @@ struct RemoteWorkerTests {
             refused = (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["status"]?["refused_frames"]?.intValue ?? 0
         }
         #expect(refused == 3)
-        let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
-        #expect(waitExit(host, timeout: 90) == 0)
-        #expect(waitExit(worker, timeout: 20) == 0)
-        // Nothing forged reached the sink; the refusal is in the audit log.
+        let a = try fx.startWorker("edge", log: fx.dir + "/edge.log")
+        let b = try fx.startWorker("spare", log: fx.dir + "/spare.log")
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(a, timeout: 20) == 0)
+        #expect(waitExit(b, timeout: 20) == 0)
+        // The would-be reader got nothing, edge got every envelope of its lane, nothing forged arrived.
+        #expect(try pull.receive() == nil)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "pass")?["received"]?.intValue == 3000)
+        #expect(stage(s, "pass2")?["received"]?.intValue == 3000)
         let out = try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8)
         #expect(!out.contains("forged"))
-        #expect(try envelopeIDs(run + "/out.jsonl").count == 5000)
+        #expect(try envelopeIDs(run + "/out.jsonl").count == 6000)
         let audit = try auditJSONL(run)
         #expect(audit.contains("worker 'spare' sent a frame on lane \(laneID), which belongs to 'edge'"))
+        #expect(audit.contains("worker 'spare' has no lane on port \(dataPort.split(separator: ":").last.map(String.init) ?? "?")"))
     }
 
     @Test func aWorkerSendingGarbage_isCutOff_andTheOthersRunOn() throws {
@@ -368,6 +399,48 @@ struct GrantPipelineTests {
                        "grant-revoked", "epoch 5 is below the highest seen for this worker (6)"] {
             #expect(audit.contains(reason), "audit log lacks '\(reason)'")
         }
+    }
+
+    @Test func aRevocationAndAnExpiry_stopARunningWorker() throws {
+        let fx = try RemoteFixture("remote-revoke", count: 40000, rate: 4000, grants: true)
+        let run = fx.dir + "/run"
+        let g5 = try issue(fx, key: "edge", stages: "pass", epoch: 5, file: "g5.json")
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        func passState() throws -> String {
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "pass" }?["state"]?.stringValue ?? ""
+        }
+        func waitFor(_ what: (String) -> Bool, _ seconds: Double) throws -> String {
+            var s = try passState()
+            let deadline = Date().addingTimeInterval(seconds)
+            while !what(s) && Date() < deadline { usleep(100_000); s = try passState() }
+            return s
+        }
+        let first = try fx.startWorker("edge", extra: ["--grant", g5], log: fx.dir + "/w1.log")
+        #expect(try waitFor({ $0 == "busy" || $0 == "idle" }, 20) != "")
+        // The owner revokes while it runs: its runner is aborted, the stage waits for a worker.
+        let revoke = try issue(fx, key: "edge", stages: "", epoch: 6, file: "g6.json")
+        let applied = try runProcess(Paths.pipectl, ["grant", "apply", revoke, "--run-dir", run])
+        #expect(applied.stdout.contains("revoked; aborted pass"), "\(applied.stdout)\(applied.stderr)")
+        #expect(waitExit(first, timeout: 20) >= 0)
+        #expect(try waitFor({ $0.hasPrefix("waiting for worker") }, 10).hasPrefix("waiting for worker"))
+        // A grant that expires in 3 s: the worker runs, then the host stops it when it expires.
+        let short = try issue(fx, key: "edge", stages: "pass", epoch: 7, expires: "3s", file: "g7.json")
+        let second = try fx.startWorker("edge", extra: ["--grant", short], log: fx.dir + "/w2.log")
+        #expect(try waitFor({ $0 == "busy" || $0 == "idle" }, 20) != "")
+        #expect(waitExit(second, timeout: 20) >= 0)
+        #expect(try waitFor({ $0.hasPrefix("waiting for worker") }, 10).hasPrefix("waiting for worker"))
+        // A fresh grant finishes the run.
+        let g8 = try issue(fx, key: "edge", stages: "pass", epoch: 8, file: "g8.json")
+        let third = try fx.startWorker("edge", extra: ["--grant", g8], log: fx.dir + "/w3.log")
+        #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(third, timeout: 20) == 0)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("grant-revoked"))
+        #expect(audit.contains("grant epoch 7 for worker 'edge' expired"))
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "pass")?["restarts"]?.intValue == 2)
     }
 }
 }
@@ -633,6 +706,45 @@ struct NetnsTests {
         #expect(ids == (try envelopeIDs(fx.dir + "/run-local/out.jsonl")))
         #expect(ids.count == 8000)
     }
+
+    @Test func aLinkCutLongerThanTheHeartbeatTimeout_losesNothingUnderAtLeastOnce() throws {
+        guard let ns = try NetnsPair.make(for: "netns long cut") else { return }
+        defer { ns.remove() }
+        let fx = try RemoteFixture("remote-netns-long", count: 6000, rate: 1000, delivery: "{ mode: at-least-once, ack_timeout_ms: 1000 }",
+                                   downAfterMs: 1000)
+        let yaml = try String(contentsOfFile: fx.pipeline, encoding: .utf8).replacingOccurrences(of: "tcp://127.0.0.1:", with: "tcp://\(ns.hostAddress):")
+        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run, netns: ns.host)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let w = Process()
+        w.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        w.arguments = ["netns", "exec", ns.worker, Paths.pipehost, "worker", "--connect", "tcp://\(ns.hostAddress):\(fx.port)",
+                       "--key", fx.dir + "/keys/edge/curve.key", "--server-key", fx.dir + "/keys/host/curve.pub", "--run-dir", fx.dir + "/w"]
+        w.standardOutput = FileHandle.nullDevice
+        _ = FileManager.default.createFile(atPath: fx.dir + "/worker.log", contents: nil)
+        w.standardError = FileHandle(forWritingAtPath: fx.dir + "/worker.log")
+        try w.run()
+        defer { if w.isRunning { kill(w.processIdentifier, SIGKILL) } }
+        func received() throws -> Int64 {
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
+        }
+        let deadline = Date().addingTimeInterval(30)
+        while try received() < 1500 && Date() < deadline { usleep(50_000) }
+        // 7 s: ZeroMQ's heartbeats (5 s) drop the connections and what was queued on them.
+        try ns.link(up: false)
+        sleep(7)
+        try ns.link(up: true)
+        #expect(waitExit(host, timeout: 120) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(w, timeout: 30) == 0, "\((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "")")
+        let ids = try envelopeIDs(run + "/out.jsonl")
+        #expect(Set(ids).count == 6000)
+        #expect(ids.count == 6000)
+        // The same runner went on after the cut (its route survived): no restart.
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "pass")?["restarts"]?.intValue == 0)
+    }
 }
 }
 
@@ -683,7 +795,7 @@ struct ExternalWorkerTests {
         #expect(w.stderr.contains("stages: up, tag") || w.stderr.contains("stages: tag, up"), "\(w.stderr)")
         #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
         let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
-        for l in lanes(s) { #expect(l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        for l in lanes(s) { #expect(l["sent"] != nil && l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
         // The same generator in the host alone: the same ids in the same order; the Python stages
         // upper-cased each payload and tagged it.
         let local = """
@@ -883,5 +995,27 @@ struct ExternalExecutorTests {
             #expect(r["outcome"]?.stringValue == "rejected")
             #expect(r["reason"]?.stringValue?.contains("timed out after 100 ms") == true)
         }
+    }
+}
+
+@Suite("Grant epoch watermark")
+struct GrantEpochsTests {
+    @Test func theWatermarkNeverFalls_survivesReopening_andEvictsRevokedKeysLast() throws {
+        let path = Paths.tempDir("grant-epochs") + "/e.sqlite"
+        do {
+            let e = try GrantEpochs(path: path, limit: 3)
+            try e.raise("k-revoked", to: 9, nowS: 1, revoked: true)
+            try e.raise("k-old", to: 1, nowS: 2)
+            try e.raise("k-mid", to: 4, nowS: 3)
+            try e.raise("k-mid", to: 2, nowS: 4)   // lower: the watermark stays
+            #expect(try e.highest("k-mid") == 4)
+            try e.raise("k-new", to: 7, nowS: 5)   // over the limit: the oldest non-revoked key goes
+            #expect(try e.highest("k-old") == nil)
+            #expect(try e.highest("k-revoked") == 9)
+        }
+        let again = try GrantEpochs(path: path, limit: 3)
+        #expect(try again.highest("k-mid") == 4)
+        #expect(try again.highest("k-new") == 7)
+        #expect(try again.highest("nobody") == nil)
     }
 }
