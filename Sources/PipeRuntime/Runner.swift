@@ -180,6 +180,7 @@ final class RunnerCore: StageContext {
         /// tcp lanes: the producer's last frame seq, to notice frames lost with a dropped connection.
         var lastSeq: UInt64 = 0
         var tcp = false
+        var creditAt: UInt64 = 0
     }
 
     let a: Assignment
@@ -736,6 +737,7 @@ final class RunnerCore: StageContext {
             }
             if finished { repeatEOS(monotonicNs()) }
             beatTCP(monotonicNs())
+            recreditTCP(monotonicNs())
             if statsDirty || monotonicNs() >= nextStats { sendStats() }
             if let pp = parentPid, getppid() != pp {
                 log.error("host process \(pp) is gone; stopping")
@@ -1015,7 +1017,17 @@ final class RunnerCore: StageContext {
         inLanes[i].limitSent = limit
         inLanes[i].bytesSinceGrant = 0
         inLanes[i].seq += 1
+        inLanes[i].creditAt = monotonicNs()
         _ = try? inLanes[i].ret.send(FrameEncoder.credit(lane: inLanes[i].id, seq: inLanes[i].seq, epoch: inLanes[i].epoch, limit: limit), dontWait: true)
+    }
+
+    /// tcp lanes: the current CREDIT again every second. A CREDIT is cumulative, so a repeat is
+    /// harmless, and it is what a producer gets when the first one found no connection yet (a
+    /// bound return socket refuses a frame before its peer connects) or was lost with one.
+    func recreditTCP(_ now: UInt64) {
+        for i in inLanes.indices where inLanes[i].tcp && !inLanes[i].eos && now &- inLanes[i].creditAt > 1_000_000_000 {
+            grantCredits(i, force: true)
+        }
     }
 
     func flushAll() {
