@@ -62,11 +62,25 @@ struct RemoteFixture {
         return p
     }
 
+    /// A socket in `ctx` that is a CURVE client of the host as worker `key` (tests posing as a worker).
+    func clientSocket(_ kind: ZMQSocket.Kind, as key: String, in ctx: ZMQContext) throws -> ZMQSocket {
+        let keys = try CurveKeys.loadSecret(dir + "/keys/\(key)/curve.key")
+        let s = try ctx.socket(kind)
+        try s.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: try CurveKeys.loadPublic(dir + "/keys/host/curve.pub", base: "/"))
+        return s
+    }
+
     func worker(_ key: String, extra: [String] = [], timeout: Double = 60) throws -> ProcResult {
         var args = ["worker", "--connect", endpoint, "--run-dir", dir + "/w-" + key, "--handshake-timeout", "3"]
         if !extra.contains("--insecure") { args += ["--key", dir + "/keys/\(key)/curve.key", "--server-key", dir + "/keys/host/curve.pub"] }
         return try runProcess(Paths.pipehost, args + extra, timeout: timeout)
     }
+}
+
+/// What stage `out` of a running host has received.
+func outReceived(_ run: String) throws -> Int64 {
+    let st = try pipectlJSON(["status", "--run-dir", run])
+    return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
 }
 
 /// Waits for a process to exit, killing it after `timeout` seconds; returns its status.
@@ -157,11 +171,8 @@ struct RemoteWorkerTests {
         // An allowed worker asking for a stage placed on another worker.
         let ctx = try ZMQContext()
         defer { ctx.terminate() }
-        let spareKeys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
-        let hostPub = try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/")
-        let d = try ctx.socket(.dealer)
+        let d = try fx.clientSocket(.dealer, as: "spare", in: ctx)
         defer { d.close() }
-        try d.makeCurveClient(publicKey: spareKeys.publicKey, secretKey: spareKeys.secretKey, serverKey: hostPub)
         try d.setReceiveTimeout(ms: 5000)
         try d.connect(fx.endpoint)
         try d.send(Hello(pid: 1, worker: "pass").encode(seq: 1))
@@ -227,19 +238,15 @@ struct RemoteWorkerTests {
         let laneID = UInt32(passOut["id"]?.intValue ?? 0)
         let ctx = try ZMQContext()
         defer { ctx.terminate() }
-        let keys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
-        let hostPub = try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/")
         // spare tries to read edge's lane (gen -> pass): ZAP refuses it on that port.
-        let pull = try ctx.socket(.pull)
+        let pull = try fx.clientSocket(.pull, as: "spare", in: ctx)
         defer { pull.close() }
-        try pull.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: hostPub)
         try pull.setReceiveTimeout(ms: 300)
         try pull.connect(dataPort)
         // spare may reach the sink's input port (its own lane pass2 -> out ends there), but a
         // frame on edge's lane pass -> out is refused.
-        let push = try ctx.socket(.push)
+        let push = try fx.clientSocket(.push, as: "spare", in: ctx)
         defer { push.close() }
-        try push.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: hostPub)
         try push.connect(sinkPort)
         let env = Envelope(intent: "forged", payload: Array("not yours".utf8))
         let frame = [env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: laneID, seq: 1, envelopes: $0) }
@@ -277,11 +284,8 @@ struct RemoteWorkerTests {
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
         let ctx = try ZMQContext()
         defer { ctx.terminate() }
-        let keys = try CurveKeys.loadSecret(fx.dir + "/keys/spare/curve.key")
-        let hostPub = try CurveKeys.loadPublic(fx.dir + "/keys/host/curve.pub", base: "/")
-        let d = try ctx.socket(.dealer)
+        let d = try fx.clientSocket(.dealer, as: "spare", in: ctx)
         defer { d.close() }
-        try d.makeCurveClient(publicKey: keys.publicKey, secretKey: keys.secretKey, serverKey: hostPub)
         try d.connect(fx.endpoint)
         var rng = SystemRandomNumberGenerator()
         for i in 0..<120 { try d.send((0..<(i % 40 + 1)).map { _ in UInt8.random(in: 0...255, using: &rng) }) }
@@ -319,8 +323,7 @@ struct RemoteWorkerTests {
         var deadline = Date().addingTimeInterval(30)
         while got < 1000 && Date() < deadline {
             usleep(50_000)
-            let st = try pipectlJSON(["status", "--run-dir", run])
-            got = (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
+            got = try outReceived(run)
         }
         #expect(got >= 1000)
         kill(first.processIdentifier, SIGKILL)
@@ -644,6 +647,23 @@ struct NetnsPair {
         _ = try? Self.ip(["netns", "del", worker])
     }
 
+    /// Runs the fixture's pipeline in the host namespace, listening on its veth address (the
+    /// fixture's free loopback port is free there too), and its worker in the other namespace.
+    func start(_ fx: RemoteFixture, run: String) throws -> (host: Process, worker: Process) {
+        let yaml = try String(contentsOfFile: fx.pipeline, encoding: .utf8).replacingOccurrences(of: "tcp://127.0.0.1:", with: "tcp://\(hostAddress):")
+        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let host = try startPipeline(fx.pipeline, runDir: run, netns: self.host)
+        let w = Process()
+        w.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        w.arguments = ["netns", "exec", worker, Paths.pipehost, "worker", "--connect", "tcp://\(hostAddress):\(fx.port)",
+                       "--key", fx.dir + "/keys/edge/curve.key", "--server-key", fx.dir + "/keys/host/curve.pub", "--run-dir", fx.dir + "/w"]
+        w.standardOutput = FileHandle.nullDevice
+        _ = FileManager.default.createFile(atPath: fx.dir + "/worker.log", contents: nil)
+        w.standardError = FileHandle(forWritingAtPath: fx.dir + "/worker.log")
+        try w.run()
+        return (host, w)
+    }
+
     /// Cuts (or restores) the link on the worker's side.
     func link(up: Bool) throws { _ = try Self.ip(["-n", worker, "link", "set", workerVeth, up ? "up" : "down"]) }
 }
@@ -655,25 +675,10 @@ struct NetnsTests {
         guard let ns = try NetnsPair.make(for: "netns remote worker") else { return }
         defer { ns.remove() }
         let fx = try RemoteFixture("remote-netns", count: 8000, rate: 2000, downAfterMs: 500)
-        // Listen on the host namespace's veth address (the fixture's loopback port number is free there too).
-        let yaml = try String(contentsOfFile: fx.pipeline, encoding: .utf8).replacingOccurrences(of: "tcp://127.0.0.1:", with: "tcp://\(ns.hostAddress):")
-        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
         let run = fx.dir + "/run"
-        let host = try startPipeline(fx.pipeline, runDir: run, netns: ns.host)
-        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
-        let w = Process()
-        w.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        w.arguments = ["netns", "exec", ns.worker, Paths.pipehost, "worker", "--connect", "tcp://\(ns.hostAddress):\(fx.port)",
-                       "--key", fx.dir + "/keys/edge/curve.key", "--server-key", fx.dir + "/keys/host/curve.pub", "--run-dir", fx.dir + "/w"]
-        w.standardOutput = FileHandle.nullDevice
-        _ = FileManager.default.createFile(atPath: fx.dir + "/worker.log", contents: nil)
-        w.standardError = FileHandle(forWritingAtPath: fx.dir + "/worker.log")
-        try w.run()
-        defer { if w.isRunning { kill(w.processIdentifier, SIGKILL) } }
-        func received() throws -> Int64 {
-            let st = try pipectlJSON(["status", "--run-dir", run])
-            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
-        }
+        let (host, w) = try ns.start(fx, run: run)
+        defer { for p in [host, w] where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        func received() throws -> Int64 { try outReceived(run) }
         var deadline = Date().addingTimeInterval(30)
         while try received() < 1000 && Date() < deadline { usleep(50_000) }
         #expect(try received() >= 1000)
@@ -712,24 +717,10 @@ struct NetnsTests {
         defer { ns.remove() }
         let fx = try RemoteFixture("remote-netns-long", count: 6000, rate: 1000, delivery: "{ mode: at-least-once, ack_timeout_ms: 1000 }",
                                    downAfterMs: 1000)
-        let yaml = try String(contentsOfFile: fx.pipeline, encoding: .utf8).replacingOccurrences(of: "tcp://127.0.0.1:", with: "tcp://\(ns.hostAddress):")
-        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
         let run = fx.dir + "/run"
-        let host = try startPipeline(fx.pipeline, runDir: run, netns: ns.host)
-        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
-        let w = Process()
-        w.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        w.arguments = ["netns", "exec", ns.worker, Paths.pipehost, "worker", "--connect", "tcp://\(ns.hostAddress):\(fx.port)",
-                       "--key", fx.dir + "/keys/edge/curve.key", "--server-key", fx.dir + "/keys/host/curve.pub", "--run-dir", fx.dir + "/w"]
-        w.standardOutput = FileHandle.nullDevice
-        _ = FileManager.default.createFile(atPath: fx.dir + "/worker.log", contents: nil)
-        w.standardError = FileHandle(forWritingAtPath: fx.dir + "/worker.log")
-        try w.run()
-        defer { if w.isRunning { kill(w.processIdentifier, SIGKILL) } }
-        func received() throws -> Int64 {
-            let st = try pipectlJSON(["status", "--run-dir", run])
-            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["received"]?.intValue ?? 0
-        }
+        let (host, w) = try ns.start(fx, run: run)
+        defer { for p in [host, w] where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        func received() throws -> Int64 { try outReceived(run) }
         let deadline = Date().addingTimeInterval(30)
         while try received() < 1500 && Date() < deadline { usleep(50_000) }
         // 7 s: ZeroMQ's heartbeats (5 s) drop the connections and what was queued on them.
