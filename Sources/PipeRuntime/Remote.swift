@@ -110,6 +110,8 @@ final class RemoteHost {
     var handshakeFailures = 0
     /// Well-formed frames from an admitted worker on a connection that has no stage (any more).
     var staleFrames = 0
+    /// The peer address of the message being handled (for refusal records).
+    var currentAddress = ""
     /// Log lines and audit records about refusals: at most `auditBurst` per 10 s for each kind of
     /// refusal and key (a refused client retries every 100 ms; a flood stays counted, not written).
     var auditWindows: [String: (start: UInt64, count: Int)] = [:]
@@ -338,6 +340,8 @@ extension PipelineHost {
 
     func handleRemote(routing: [UInt8], _ msg: ZMQMessage, _ rm: RemoteHost) {
         let user = remoteWorker(msg)
+        // Where the message came from, for the audit record if it is refused.
+        rm.currentAddress = msg.property("Peer-Address") ?? ""
         if let u = user { rm.workers[u]?.lastSeenNs = monotonicNs(); if let a = msg.property("Peer-Address") { rm.workers[u]?.address = a } }
         // A frame from a known runner connection.
         if let stage = rm.stageOf[routing] {
@@ -537,12 +541,13 @@ extension PipelineHost {
     /// Refuses a HELLO: logged and audited (rate-limited), and answered with ABORT, or, for a
     /// registering worker, with a roster that carries the reason (the worker prints it and exits).
     func refuseRemote(_ routing: [UInt8], _ rm: RemoteHost, registering: Bool = false, worker: String, _ reason: String) {
+        let address = rm.currentAddress
         rm.refused += 1
         let loud = rm.mayAudit(monotonicNs(), "authorize \(worker)")
         if loud { log.warning("remote: refused: \(reason)") }
         if loud {
             auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.authorize", reason: reason,
-                                            details: ["worker": .string(worker), "refused_so_far": .int(Int64(rm.refused))]))
+                                            details: ["worker": .string(worker), "address": .string(address), "refused_so_far": .int(Int64(rm.refused))]))
         }
         controlSeq += 1
         let answer = registering ? FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(.object([("refused", .string(reason))])))
