@@ -13,7 +13,10 @@ Usage:
   ref_worker.py --connect tcp://HOST:PORT --key worker/curve.key --server-key host/curve.pub
   ref_worker.py --connect tcp://HOST:PORT --insecure --name NAME
 
-Delivery: at-most-once only (no ACK frames); byte bounds are not enforced here.
+Delivery: at-most-once only (no ACK frames); byte bounds are not enforced here. It does not
+follow the tcp loss rules of the wire format (periodic HEARTBEAT, repeated EOS and CREDIT, gap
+detection): a connection that drops for longer than ZeroMQ's heartbeat timeout can stall its
+lanes. It is a reference for the protocol, not a production worker.
 """
 import argparse
 import json
@@ -229,7 +232,10 @@ class Stage:
                 s.connect(l["connect"])
                 self.outs[l["lane"]] = {"sock": s, "bound": l["bound"], "epoch": 0, "limit": 0, "sent_in_epoch": 0,
                                         "transmitted": 0, "queue": [], "seq": 1, "eos": False, "retired": []}
-                s.send(header(HEARTBEAT, l["lane"], 1) + struct.pack("<Q", self.incarnation), zmq.NOBLOCK)
+                try:
+                    s.send(header(HEARTBEAT, l["lane"], 1) + struct.pack("<Q", self.incarnation), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
                 self.groups.setdefault(o["name"], {}).setdefault(l["group"], []).append(l["lane"])
         self.rr = {}
 
@@ -245,7 +251,10 @@ class Stage:
         i = self.ins[lane]
         i["granted"] = i["in_epoch"] + i["bound"]
         i["seq"] += 1
-        i["sock"].send(header(CREDIT, lane, i["seq"]) + struct.pack("<IQ", i["epoch"], i["granted"]), zmq.NOBLOCK)
+        try:
+            i["sock"].send(header(CREDIT, lane, i["seq"]) + struct.pack("<IQ", i["epoch"], i["granted"]), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # cumulative: the next grant carries it
 
     def emit(self, e, output="out"):
         for group, lanes in sorted(self.groups.get(output, {}).items()):
@@ -315,8 +324,7 @@ class Stage:
             o["epoch"], o["sent_in_epoch"], o["limit"] = epoch, 0, min(claimed, o["bound"])
             if o["eos"]:
                 # A restarted consumer still learns the end.
-                o["seq"] += 1
-                o["sock"].send(header(EOS, lane, o["seq"]) + struct.pack("<Q", o["transmitted"]), zmq.NOBLOCK)
+                self.send_eos(lane, o)
         else:
             o["limit"] = max(o["limit"], min(claimed, o["sent_in_epoch"] + o["bound"]))
 
@@ -343,11 +351,19 @@ class Stage:
             return
         for lane, o in self.outs.items():
             if not o["eos"]:
-                o["seq"] += 1
-                o["sock"].send(header(EOS, lane, o["seq"]) + struct.pack("<Q", o["transmitted"]), zmq.NOBLOCK)
-                o["eos"] = True
-        self.finished = True
-        self.next_stats = 0
+                o["eos"] = self.send_eos(lane, o)
+        if all(o["eos"] for o in self.outs.values()):
+            self.finished = True
+            self.next_stats = 0
+
+    def send_eos(self, lane, o):
+        """EOS on one lane; its seq is taken only when ZeroMQ accepted the frame."""
+        try:
+            o["sock"].send(header(EOS, lane, o["seq"] + 1) + struct.pack("<Q", o["transmitted"]), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        o["seq"] += 1
+        return True
 
     def stats(self):
         flags = (F_FINISHED if self.finished else 0) | (F_FAILED if self.failed else 0)

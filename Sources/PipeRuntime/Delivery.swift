@@ -481,7 +481,8 @@ extension RunnerCore {
         // What was acknowledged out of order is delivered: settle it before counting losses.
         if dv.earlyCount[li] > 0 { walkLane(li) }
         var hit: [Int32] = []
-        while !dv.sent[li].isEmpty {
+        // The last `queue.count` copies have not left our queue: they go in the new epoch, not lost.
+        while dv.sent[li].count > outLanes[li].queue.count {
             let x = dv.sent[li].peek(0)
             dv.sent[li].removeFirst()
             if !dv.isStale(x) { hit.append(x.token) }

@@ -119,7 +119,13 @@ public struct PipelinePlan: Sendable {
                                      maxHops: e.maxHops, settings: settings,
                                      transport: remoteFrom || remoteTo ? "tcp" : same ? "inproc" : "ipc", group: group))
         }
-        return PipelinePlan(spec: spec, stages: stages, lanes: lanes, component: Self.components(stages.map(\.id), lanes))
+        let component = Self.components(stages.map(\.id), lanes)
+        // A loop closes when every lane inside it balances (sent == received); a frame lost with a
+        // dropped tcp connection would keep it open forever.
+        if let l = lanes.first(where: { $0.transport == "tcp" && component[$0.from] == component[$0.to] }) {
+            throw .plan("the lane \(l.fromRef) -> \(l.toRef) is inside a loop and crosses to a remote worker; loops must run on this host for now (a frame lost on a dropped connection would keep the loop from closing)")
+        }
+        return PipelinePlan(spec: spec, stages: stages, lanes: lanes, component: component)
     }
 
     /// Tarjan's SCC, iterative.

@@ -1021,11 +1021,12 @@ final class RunnerCore: StageContext {
         _ = try? inLanes[i].ret.send(FrameEncoder.credit(lane: inLanes[i].id, seq: inLanes[i].seq, epoch: inLanes[i].epoch, limit: limit), dontWait: true)
     }
 
-    /// tcp lanes: the current CREDIT again every second. A CREDIT is cumulative, so a repeat is
-    /// harmless, and it is what a producer gets when the first one found no connection yet (a
-    /// bound return socket refuses a frame before its peer connects) or was lost with one.
+    /// tcp lanes: the current CREDIT again every second until the run ends (also after EOS: a
+    /// redelivery may still need credit). A CREDIT is cumulative, so a repeat is harmless, and it
+    /// is what a producer gets when the first one found no connection yet (a bound return socket
+    /// refuses a frame before its peer connects) or was lost with one.
     func recreditTCP(_ now: UInt64) {
-        for i in inLanes.indices where inLanes[i].tcp && !inLanes[i].eos && now &- inLanes[i].creditAt > 1_000_000_000 {
+        for i in inLanes.indices where inLanes[i].tcp && now &- inLanes[i].creditAt > 1_000_000_000 {
             grantCredits(i, force: true)
         }
     }
@@ -1173,21 +1174,30 @@ final class RunnerCore: StageContext {
         for i in outLanes.indices where outLanes[i].tcp && now &- outLanes[i].beatAt > 1_000_000_000 { beat(i) }
     }
 
-    /// On tcp lanes, EOS again once a second after the first (see OutLane.tcp).
+    /// Once finished: a lane whose EOS has not gone out (refused by a full or unconnected
+    /// socket, or owed again to a new epoch) tries again on every pass; on tcp lanes EOS goes
+    /// again once a second after the first (see OutLane.tcp).
     func repeatEOS(_ now: UInt64) {
-        for i in outLanes.indices where outLanes[i].tcp && outLanes[i].eosSent && now &- outLanes[i].eosAt > 1_000_000_000 {
-            outLanes[i].eosSent = false
-            sendEOS(i)
+        for i in outLanes.indices {
+            if !outLanes[i].eosSent { sendEOS(i) }
+            else if outLanes[i].tcp && now &- outLanes[i].eosAt > 1_000_000_000 { _ = transmitEOS(i) }
         }
     }
 
     func sendEOS(_ i: Int) {
         guard !outLanes[i].eosSent else { return }
-        outLanes[i].eosAt = monotonicNs()
-        outLanes[i].seq += 1
-        if (try? outLanes[i].socket.send(FrameEncoder.endOfStream(lane: outLanes[i].id, seq: outLanes[i].seq, total: outLanes[i].transmitted), dontWait: true)) == true {
-            outLanes[i].eosSent = true
+        if transmitEOS(i) { outLanes[i].eosSent = true }
+    }
+
+    /// One EOS frame; its seq is taken only when ZeroMQ accepted it.
+    func transmitEOS(_ i: Int) -> Bool {
+        let next = outLanes[i].seq + 1
+        guard (try? outLanes[i].socket.send(FrameEncoder.endOfStream(lane: outLanes[i].id, seq: next, total: outLanes[i].transmitted), dontWait: true)) == true else {
+            return false
         }
+        outLanes[i].seq = next
+        outLanes[i].eosAt = monotonicNs()
+        return true
     }
 
     func sendStats() {

@@ -530,6 +530,27 @@ struct RemoteConfigTests {
         #expect((wild.stdout + wild.stderr).contains("say advertise: ADDRESS"))
     }
 
+    @Test func aLoopThroughARemoteWorker_isRefusedAtStart() throws {
+        let dir = Paths.tempDir("rv-loop")
+        let f = dir + "/p.yaml"
+        try """
+            remote:
+              listen: tcp://127.0.0.1:7800
+              insecure: true
+              workers: { a: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7" }
+            stages:
+              - { id: gen, kind: generator, config: { count: 10 } }
+              - id: relay
+                kind: passthrough
+                inputs: [gen, { from: hop.again, loop_back: { max_hops: 3 } }]
+              - { id: hop, kind: hop, inputs: [relay], placement: { worker: a } }
+              - { id: out, kind: null-sink, inputs: [hop] }
+            """.write(toFile: f, atomically: true, encoding: .utf8)
+        let r = try runProcess(Paths.pipehost, ["run", f, "--run-dir", dir + "/run"], timeout: 30)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("is inside a loop and crosses to a remote worker"), "\(r.stderr)")
+    }
+
     @Test func aLaneBetweenTwoRemoteStages_isRefusedAtStart() throws {
         let dir = Paths.tempDir("rv-two")
         let f = dir + "/p.yaml"
