@@ -188,7 +188,9 @@ struct RemoteWorkerTests {
         let audit = try auditJSONL(run)
         #expect(audit.contains("unknown worker key"))
         #expect(audit.contains("the client's server key is not this host's key"))
-        #expect(audit.contains("security mechanism mismatch"))
+        // The plaintext client: libzmq reports a mechanism mismatch, or a broken handshake when the
+        // client hung up first (timing); either is a refused, audited handshake.
+        #expect(audit.contains("security mechanism mismatch") || audit.contains("handshake failed (Broken pipe)"))
         #expect(audit.contains("worker 'spare' asked for stage 'pass', which is placed on worker 'edge'"))
         #expect(audit.contains("worker-joined"))
     }
