@@ -479,6 +479,13 @@ struct GrantTests {
 
 @Suite("Remote workers: configuration")
 struct RemoteConfigTests {
+    /// `pipehost run` of `yaml`, expected to be refused at start (no worker ever connects).
+    func runRefused(_ yaml: String, _ tag: String) throws -> ProcResult {
+        let dir = Paths.tempDir(tag)
+        try yaml.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        return try runProcess(Paths.pipehost, ["run", dir + "/p.yaml", "--run-dir", dir + "/run"], timeout: 30)
+    }
+
     func validate(_ yaml: String, _ tag: String) throws -> ProcResult {
         let dir = Paths.tempDir(tag)
         let f = dir + "/p.yaml"
@@ -534,9 +541,7 @@ struct RemoteConfigTests {
     }
 
     @Test func aLoopThroughARemoteWorker_isRefusedAtStart() throws {
-        let dir = Paths.tempDir("rv-loop")
-        let f = dir + "/p.yaml"
-        try """
+        let r = try runRefused("""
             remote:
               listen: tcp://127.0.0.1:7800
               insecure: true
@@ -548,16 +553,13 @@ struct RemoteConfigTests {
                 inputs: [gen, { from: hop.again, loop_back: { max_hops: 3 } }]
               - { id: hop, kind: hop, inputs: [relay], placement: { worker: a } }
               - { id: out, kind: null-sink, inputs: [hop] }
-            """.write(toFile: f, atomically: true, encoding: .utf8)
-        let r = try runProcess(Paths.pipehost, ["run", f, "--run-dir", dir + "/run"], timeout: 30)
+            """, "rv-loop")
         #expect(r.status != 0)
         #expect(r.stderr.contains("is inside a loop and crosses to a remote worker"), "\(r.stderr)")
     }
 
     @Test func aLaneBetweenTwoRemoteStages_isRefusedAtStart() throws {
-        let dir = Paths.tempDir("rv-two")
-        let f = dir + "/p.yaml"
-        try """
+        let r = try runRefused("""
             remote:
               listen: tcp://127.0.0.1:7800
               insecure: true
@@ -572,8 +574,7 @@ struct RemoteConfigTests {
                 kind: stdout-sink
                 inputs: [gen]
                 placement: { worker: b }
-            """.write(toFile: f, atomically: true, encoding: .utf8)
-        let r = try runProcess(Paths.pipehost, ["run", f, "--run-dir", dir + "/run"], timeout: 30)
+            """, "rv-two")
         #expect(r.status != 0)
         #expect(r.stderr.contains("joins two remote stages"), "\(r.stderr)")
     }
