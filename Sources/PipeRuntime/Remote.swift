@@ -44,28 +44,47 @@ struct GrantRefusal: Error, ExpressibleByStringInterpolation, CustomStringConver
     init(stringLiteral s: String) { description = s }
 }
 
-/// Reserves a free tcp port on `host` (IPv4 address or name): the kernel picks it, the socket is
-/// closed, and the runner binds it moments later (ZeroMQ listeners set SO_REUSEADDR).
-public func reserveTCPPort(host: String) throws(RuntimeError) -> Int {
-    var hints = addrinfo()
-    hints.ai_family = AF_INET
-    hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-    var res: UnsafeMutablePointer<addrinfo>?
-    guard getaddrinfo(host, "0", &hints, &res) == 0, let ai = res else { throw .io("cannot resolve remote.listen host '\(host)' (IPv4)") }
-    defer { freeaddrinfo(res) }
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw .io("socket: \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    var one: Int32 = 1
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-    guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
-        throw .io("cannot bind a tcp port on \(host): \(String(cString: strerror(errno)))")
+/// Free tcp ports on one host, picked by the kernel. Each stays bound (so the kernel cannot pick
+/// it twice) until ``releaseAll()``, just before the runners bind them (ZeroMQ listeners set
+/// SO_REUSEADDR); only another process could take one in between.
+public final class PortReserver {
+    let host: String
+    var fds: [Int32] = []
+    public init(host: String) { self.host = host }
+    deinit { releaseAll() }
+
+    public func reserve() throws(RuntimeError) -> Int {
+        var hints = addrinfo()
+        hints.ai_family = AF_INET
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var res: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, "0", &hints, &res) == 0, let ai = res else { throw .io("cannot resolve remote.listen host '\(host)' (IPv4)") }
+        defer { freeaddrinfo(res) }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw .io("socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0,
+              withUnsafeMutablePointer(to: &addr, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }) == 0 else {
+            let why = String(cString: strerror(errno))
+            close(fd)
+            throw .io("cannot reserve a tcp port on \(host): \(why)")
+        }
+        fds.append(fd)
+        return Int(UInt16(bigEndian: addr.sin_port))
     }
-    var addr = sockaddr_in()
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let rc = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-    guard rc == 0 else { throw .io("getsockname: \(String(cString: strerror(errno)))") }
-    return Int(UInt16(bigEndian: addr.sin_port))
+
+    public func releaseAll() {
+        for fd in fds { close(fd) }
+        fds.removeAll()
+    }
+}
+
+/// One free tcp port on `host` (released at once; for tests and benchmarks).
+public func reserveTCPPort(host: String) throws(RuntimeError) -> Int {
+    try PortReserver(host: host).reserve()
 }
 
 /// The host's side of remote workers (docs/operations.md, "Remote workers"): the registration
@@ -214,8 +233,10 @@ extension PipelineHost {
             try mon.connect(monitorEndpoint)
             if let secret = security.serverSecretKey { try router.makeCurveServer(secretKey: secret, domain: RemoteHost.registerDomain) }
             try router.bind(r.listen)
+            let ports = PortReserver(host: r.listenHost)
+            defer { ports.releaseAll() }
             let layout = try RemoteLayout.make(plan: plan, bindHost: r.listenHost, connectHost: r.laneHost, security: security) { () throws(RuntimeError) -> Int in
-                try reserveTCPPort(host: r.listenHost)
+                try ports.reserve()
             }
             let rm = RemoteHost(spec: r, router: router, zap: zap, monitor: mon, layout: layout, names: names)
             rm.owners = owners

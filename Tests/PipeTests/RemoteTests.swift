@@ -955,7 +955,10 @@ struct RemoteControlTests {
     @Test func anOperatorReadsStatusRemotely_butCannotStopTheRun_andStrangersAreRefused() throws {
         let dir = Paths.tempDir("remote-control")
         for k in ["host", "ops", "eve"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
-        let listen = try reserveTCPPort(host: "127.0.0.1"), control = try reserveTCPPort(host: "127.0.0.1")
+        // Two distinct free ports (a reserver keeps each bound until released).
+        let ports = PortReserver(host: "127.0.0.1")
+        let listen = try ports.reserve(), control = try ports.reserve()
+        ports.releaseAll()
         try """
             pipeline: remote-control
             remote:
