@@ -54,6 +54,20 @@ extension PipelineHost {
         w.sample("pipehost_uptime_seconds", [p], Double(monotonicNs() - startNs) / 1e9)
         w.family("pipehost_audit_records_total", "counter", "Audit records written to the run's audit log.")
         w.sample("pipehost_audit_records_total", [p], Double(auditCount))
+        if let rm = remote {
+            // Remote workers: whether each has every stage placed on it reporting, and what was refused.
+            let now = monotonicNs()
+            w.family("pipehost_worker_up", "gauge", "1 while every stage placed on the remote worker reports, else 0.")
+            for name in rm.workers.keys.sorted() {
+                let placed = plan.stages.filter { $0.placement.workerName == name }.map(\.id)
+                let up = !placed.isEmpty && placed.allSatisfy { rm.routes[$0] != nil && !remoteDown($0, now: now) }
+                w.sample("pipehost_worker_up", [p, ("worker", name)], up ? 1 : 0)
+            }
+            w.family("pipehost_remote_refused_total", "counter", "Connections, registrations and frames the remote endpoint refused.")
+            w.sample("pipehost_remote_refused_total", [p], Double(rm.refused))
+            w.family("pipehost_remote_handshake_failures_total", "counter", "Failed CURVE handshakes on the registration endpoint.")
+            w.sample("pipehost_remote_handshake_failures_total", [p], Double(rm.handshakeFailures))
+        }
         let families: [(String, String, String, (StageState) -> Double)] = [
             ("pipehost_stage_received_total", "counter", "Envelopes a stage took from its input lanes.", { Double($0.stats?.received ?? 0) }),
             ("pipehost_stage_emitted_total", "counter", "Envelopes a stage emitted (dead letters excluded).", { Double($0.stats?.emitted ?? 0) }),

@@ -15,7 +15,7 @@ struct RemoteFixture {
     var pipeline: String { dir + "/remote.yaml" }
 
     init(_ tag: String, extraWorkers: [String] = [], insecure: Bool = false, count: Int = 5000, rate: Int? = nil,
-         delivery: String? = nil, downAfterMs: Int? = nil, grants: Bool = false) throws {
+         delivery: String? = nil, downAfterMs: Int? = nil, grants: Bool = false, metrics: Bool = false) throws {
         dir = Paths.tempDir(tag)
         port = try reserveTCPPort(host: "127.0.0.1")
         for k in ["host", "edge", "stranger", "owner"] + extraWorkers {
@@ -28,7 +28,7 @@ struct RemoteFixture {
         let rateLine = rate.map { ", rate: \($0)" } ?? ""
         let yaml = """
             pipeline: remote-test
-            \(delivery.map { "delivery: \($0)\n" } ?? "")remote:
+            \(delivery.map { "delivery: \($0)\n" } ?? "")\(metrics ? "metrics: { listen: 127.0.0.1:0 }\n" : "")remote:
               listen: \(endpoint)
             \(insecure ? "  insecure: true" : "  key: keys/host/curve.key")
             \(downAfterMs.map { "  down_after_ms: \($0)\n" } ?? "")\(grants ? "  owners: [keys/owner/signing.pub]\n" : "")  workers:
@@ -75,6 +75,23 @@ struct RemoteFixture {
         if !extra.contains("--insecure") { args += ["--key", dir + "/keys/\(key)/curve.key", "--server-key", dir + "/keys/host/curve.pub"] }
         return try runProcess(Paths.pipehost, args + extra, timeout: timeout)
     }
+}
+
+/// The value of one sample line (`name{labels} value`) from a running host's /metrics.
+func scrapeSample(_ run: String, _ series: String) throws -> Double? {
+    let addr = try String(contentsOfFile: run + "/metrics.addr", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+    let r = try runProcess("/usr/bin/python3", ["-c", "import urllib.request,sys; print(urllib.request.urlopen('http://' + sys.argv[1] + '/metrics', timeout=5).read().decode())", addr], timeout: 20)
+    for line in r.stdout.split(separator: "\n") where line.hasPrefix(series + " ") { return Double(line.dropFirst(series.count + 1)) }
+    return nil
+}
+
+/// Waits (up to `seconds`: the host renders its metrics at most once a second) for a sample to
+/// read `value`; returns the last value read.
+func waitSample(_ run: String, _ series: String, _ value: Double, seconds: Double = 5) throws -> Double? {
+    var v = try scrapeSample(run, series)
+    let deadline = Date().addingTimeInterval(seconds)
+    while v != value && Date() < deadline { usleep(200_000); v = try scrapeSample(run, series) }
+    return v
 }
 
 /// What stage `out` of a running host has received.
@@ -314,8 +331,9 @@ struct RemoteWorkerTests {
     }
 
     @Test func aKilledWorker_showsDown_andAReturningOneFinishesTheRunLosingNothing() throws {
-        let fx = try RemoteFixture("remote-kill", count: 6000, rate: 3000,
-                                   delivery: "{ mode: at-least-once, ack_timeout_ms: 500 }", downAfterMs: 600)
+        let fx = try RemoteFixture("remote-kill", count: 12000, rate: 3000,
+                                   delivery: "{ mode: at-least-once, ack_timeout_ms: 500 }", downAfterMs: 600, metrics: true)
+        let upSeries = #"pipehost_worker_up{pipeline="remote-test",worker="edge"}"#
         let run = fx.dir + "/run"
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
@@ -328,6 +346,7 @@ struct RemoteWorkerTests {
             got = try outReceived(run)
         }
         #expect(got >= 1000)
+        #expect(try waitSample(run, upSeries, 1) == 1)
         kill(first.processIdentifier, SIGKILL)
         first.waitUntilExit()
         // The host sees it go: the worker and the lanes to it are down.
@@ -339,6 +358,7 @@ struct RemoteWorkerTests {
             state = w["workers"]?.listValue?.first?["state"]?.stringValue ?? ""
         }
         #expect(state == "down")
+        #expect(try waitSample(run, upSeries, 0) == 0)
         let lanesNow = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
         #expect(lanesNow.first { $0["from"]?.stringValue == "gen.out" }?["state"]?.stringValue == "down")
         // A new worker takes the stage; what the dead one held is sent again, and the sink drops repeats.
@@ -346,8 +366,8 @@ struct RemoteWorkerTests {
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
         #expect(waitExit(second, timeout: 20) == 0)
         let ids = try envelopeIDs(run + "/out.jsonl")
-        #expect(ids.count == 6000)
-        #expect(Set(ids).count == 6000)
+        #expect(ids.count == 12000)
+        #expect(Set(ids).count == 12000)
         let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
         #expect(stage(s, "pass")?["restarts"]?.intValue == 1)
     }
