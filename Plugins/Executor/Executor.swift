@@ -1,4 +1,3 @@
-import Foundation
 import Glibc
 import PipeKit
 import PipeSeal
@@ -93,15 +92,10 @@ public final class ExecutorStage: Stage {
         if kind == .external, let e = endpoint {
             var keys: (publicKey: String, secretKey: String, serverKey: String)?
             if let ck = curveKey, let sk = serverKey {
-                func read(_ p: String) throws -> String {
-                    guard let d = FileManager.default.contents(atPath: context.resolvePath(p)) else { throw StageError.halt("executor: cannot read \(context.resolvePath(p))") }
-                    return String(decoding: d, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-                }
-                let secret = try read(ck)
-                guard let pub = ZMQCurve.publicKey(secretKey: secret) else { throw StageError.halt("executor: \(ck) is not a CURVE secret key") }
-                let server = ZMQCurve.isKey(sk) ? sk : try read(sk)
-                guard ZMQCurve.isKey(server) else { throw StageError.halt("executor: server_key \(sk) is not a CURVE public key") }
-                keys = (pub, secret, server)
+                do {
+                    let own = try CurveKeyFiles.loadSecret(context.resolvePath(ck))
+                    keys = (own.publicKey, own.secretKey, try CurveKeyFiles.loadPublic(sk, base: context.runDirectory))
+                } catch { throw StageError.halt("executor: \(error)") }
             }
             do { external = try ExternalExecutor(endpoint: e, keys: keys) } catch { throw StageError.halt("executor: cannot connect to \(e): \(error)") }
         }

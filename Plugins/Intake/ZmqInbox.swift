@@ -64,22 +64,15 @@ public final class ZmqInboxStage: SourceStage {
         if case .map(let m)? = c.value("senders") { senderSpecs = m.compactMap { e in e.value.stringValue.map { (e.key, $0) } } } else { senderSpecs = [] }
     }
 
-    static func readKey(_ path: String) throws -> String {
-        guard let d = FileManager.default.contents(atPath: path) else { throw StageError.halt("cannot read \(path)") }
-        return String(decoding: d, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
-
     public func start(context: any StageContext) throws {
         out = try context.output("out")
         dir = context.resolvePath(dirSpec)
         mkdir(dir, 0o700)
-        let secret = try Self.readKey(context.resolvePath(keyPath))
-        guard ZMQCurve.publicKey(secretKey: secret) != nil else { throw StageError.halt("\(keyPath) is not a CURVE secret key (curve.key of `pipehost keygen`)") }
-        for (name, spec) in senderSpecs {
-            let key = ZMQCurve.isKey(spec) ? spec : try Self.readKey(context.resolvePath(spec))
-            guard ZMQCurve.isKey(key) else { throw StageError.halt("sender '\(name)': \(spec) is not a CURVE public key") }
-            allowed[key] = name
-        }
+        let secret: String
+        do {
+            secret = try CurveKeyFiles.loadSecret(context.resolvePath(keyPath)).secretKey
+            for (name, spec) in senderSpecs { allowed[try CurveKeyFiles.loadPublic(spec, base: context.runDirectory)] = name }
+        } catch { throw StageError.halt("zmq-inbox: \(error)") }
         do {
             let ctx = try ZMQContext()
             // Its own context, so its own ZAP handler: bound before the CURVE listener.

@@ -6,34 +6,15 @@ import PipeSeal
 import PipeZMQ
 import Synchronization
 
-/// CURVE keys on disk: `curve.key` (Z85 secret, mode 0600) and `curve.pub` from `pipehost keygen`.
+/// CURVE keys on disk (PipeZMQ's CurveKeyFiles), with the runtime's error type.
 public enum CurveKeys {
-    /// Reads a secret key file; refuses one that anybody else can read or the group can change
-    /// (group read is allowed: a Kubernetes secret mounted for a non-root user is 0440).
     public static func loadSecret(_ path: String) throws(RuntimeError) -> CurveKeyPair {
-        var st = stat()
-        guard stat(path, &st) == 0 else { throw .io("cannot read CURVE key \(path): \(String(cString: strerror(errno)))") }
-        if st.st_mode & 0o027 != 0 {
-            throw .io("CURVE secret key \(path) is open to others (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 600 it")
-        }
-        let text: String
-        do { text = try KeyFiles.read(path) } catch { throw .io("\(error)") }
-        let secret = text.trimmingCharacters(in: .whitespacesAndNewlines)
-        guard let pub = ZMQCurve.publicKey(secretKey: secret) else {
-            throw .io("\(path) is not a CURVE secret key (40 Z85 characters; `pipehost keygen` writes curve.key)")
-        }
-        return CurveKeyPair(publicKey: pub, secretKey: secret)
+        do { let k = try CurveKeyFiles.loadSecret(path); return CurveKeyPair(publicKey: k.publicKey, secretKey: k.secretKey) }
+        catch { throw .io(error.description) }
     }
 
-    /// A public key given as Z85 text or as the path of a `curve.pub` file (relative to `base`).
     public static func loadPublic(_ keyOrPath: String, base: String) throws(RuntimeError) -> String {
-        if ZMQCurve.isKey(keyOrPath) { return keyOrPath }
-        let path = keyOrPath.hasPrefix("/") ? keyOrPath : base + "/" + keyOrPath
-        let text: String
-        do { text = try KeyFiles.read(path) } catch { throw .io("\(error)") }
-        let key = text.trimmingCharacters(in: .whitespacesAndNewlines)
-        guard ZMQCurve.isKey(key) else { throw .io("\(path) is not a CURVE public key (40 Z85 characters; `pipehost keygen` writes curve.pub)") }
-        return key
+        do { return try CurveKeyFiles.loadPublic(keyOrPath, base: base) } catch { throw .io(error.description) }
     }
 }
 

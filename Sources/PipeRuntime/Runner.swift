@@ -351,7 +351,11 @@ final class RunnerCore: StageContext {
     /// connection carry the worker name the ZAP handler gave it (User-Id); inproc and ipc ones carry
     /// none and are the host's own. A frame for a lane the sender does not own is refused and counted.
     func peerAllowed(_ msg: ZMQMessage, lane: UInt32) -> Bool {
-        guard checkPeers, let user = msg.property("User-Id"), !user.isEmpty else { return true }
+        peerAllowed(user: checkPeers ? msg.property("User-Id") : nil, lane: lane)
+    }
+
+    func peerAllowed(user: String?, lane: UInt32) -> Bool {
+        guard checkPeers, let user, !user.isEmpty else { return true }
         if lanePeers[lane] == user && !RemoteBans.shared.isBanned(user, in: a.runDirectory) { return true }
         let why = lanePeers[lane] == user ? "worker '\(user)' is revoked or cut off; its frame on lane \(lane) is refused"
                                           : "worker '\(user)' sent a frame on lane \(lane), which belongs to '\(lanePeers[lane] ?? "the host")'"
@@ -860,7 +864,7 @@ final class RunnerCore: StageContext {
                 deadLetter(Envelope(intent: "lane.unknown-lane", payload: Array(raw.prefix(65536))), reason: "frame for unknown lane \(f.header.lane)")
                 return
             }
-            guard peerAllowed(msg, lane: f.header.lane) else { return }
+            guard peerAllowed(user: remoteUser, lane: f.header.lane) else { return }
             // A remote producer may not send past the credits it was given (with slack for an
             // epoch change): what it floods beyond them is refused, not processed.
             if let u = remoteUser, f.header.type == .data,

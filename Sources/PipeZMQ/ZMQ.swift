@@ -415,3 +415,51 @@ public enum ZMQCurve {
         return out.withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0).prefix(while: { $0 != 0 }), as: UTF8.self) }
     }
 }
+
+/// CURVE key files from `pipehost keygen`: `curve.key` (Z85 secret) and `curve.pub` (Z85 public).
+/// One reader for the host, its workers and the stages that speak CURVE themselves.
+public enum CurveKeyFiles {
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// The file's text without surrounding whitespace.
+    static func read(_ path: String) throws(Failure) -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw Failure(description: "cannot read CURVE key \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 512)
+        while bytes.count <= 4096 {
+            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            bytes += buf[0..<n]
+        }
+        let ws: Set<UInt8> = [0x20, 0x09, 0x0a, 0x0d]
+        return String(decoding: bytes.drop(while: { ws.contains($0) }).reversed().drop(while: { ws.contains($0) }).reversed(), as: UTF8.self)
+    }
+
+    /// A key pair from a secret key file. Refuses a file anybody else can read or the group can
+    /// change (group read is allowed: a Kubernetes secret mounted for a non-root user is 0440).
+    public static func loadSecret(_ path: String) throws(Failure) -> (publicKey: String, secretKey: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw Failure(description: "cannot read CURVE key \(path): \(String(cString: strerror(errno)))") }
+        if st.st_mode & 0o027 != 0 {
+            throw Failure(description: "CURVE secret key \(path) is open to others (mode \(String(st.st_mode & 0o777, radix: 8))); chmod 600 it")
+        }
+        let secret = try read(path)
+        guard let pub = ZMQCurve.publicKey(secretKey: secret) else {
+            throw Failure(description: "\(path) is not a CURVE secret key (40 Z85 characters; `pipehost keygen` writes curve.key)")
+        }
+        return (pub, secret)
+    }
+
+    /// A public key given as Z85 text or as the path of a `curve.pub` file (relative to `base`).
+    public static func loadPublic(_ keyOrPath: String, base: String) throws(Failure) -> String {
+        if ZMQCurve.isKey(keyOrPath) { return keyOrPath }
+        let path = keyOrPath.hasPrefix("/") ? keyOrPath : base + "/" + keyOrPath
+        let key = try read(path)
+        guard ZMQCurve.isKey(key) else { throw Failure(description: "\(path) is not a CURVE public key (40 Z85 characters; `pipehost keygen` writes curve.pub)") }
+        return key
+    }
+}
