@@ -947,24 +947,59 @@ struct SealedSendTests {
         let ok = try runProcess(Paths.pipehost, ["send", dir + "/state", "--to", to, "--key", dir + "/keys/alice", "--server-key", dir + "/keys/peer/curve.pub"])
         #expect(ok.status == 0, "\(ok.stderr)")
         #expect(ok.stdout.contains("stored as state.tza"), "\(ok.stdout)")
-        let again = try runProcess(Paths.pipehost, ["send", dir + "/state", "--to", to, "--key", dir + "/keys/alice", "--server-key", dir + "/keys/peer/curve.pub"])
-        #expect(again.stdout.contains("stored as state.tza.1"), "\(again.stdout)")
         let stranger = try runProcess(Paths.pipehost, ["send", dir + "/state", "--to", to, "--key", dir + "/keys/mallory",
                                                        "--server-key", dir + "/keys/peer/curve.pub", "--timeout", "3"])
         #expect(stranger.status == 2)
         #expect(stranger.stderr.contains("refused this key"), "\(stranger.stderr)")
         #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
-        // The first arrived under its surface name: verified and filed as trusted. The second's
-        // name no longer matches its surface name: a triage fork, as the intake table says.
+        // It arrived under its surface name: verified and filed as trusted.
         #expect(FileManager.default.fileExists(atPath: run + "/trusted/state.tza"))
-        #expect(FileManager.default.fileExists(atPath: run + "/triage/state.tza.1"))
         let receipts = try String(contentsOfFile: run + "/received.jsonl", encoding: .utf8)
-        #expect(receipts.split(separator: "\n").count == 2)
+        #expect(receipts.split(separator: "\n").count == 1)
         #expect(receipts.contains("\"sender\":\"alice\""))
         let audit = try auditJSONL(run)
         #expect(audit.contains("from 'alice' stored as state.tza"))
         #expect(audit.contains("send-refused"))
         #expect(audit.contains("unknown sender key"))
+    }
+
+    @Test func aSecondDeliveryOfOneName_getsASuffix_andNeverReplacesTheFirst() throws {
+        // No inbox stage drains the drop directory here, so the first file is certainly still
+        // there when the second arrives (behind an inbox, the first may already have been filed).
+        let dir = Paths.tempDir("sealed-twice")
+        let port = try reserveTCPPort(host: "127.0.0.1")
+        for k in ["peer", "alice"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+        try """
+            pipeline: sealed-twice
+            stages:
+              - id: net
+                kind: zmq-inbox
+                config:
+                  listen: tcp://127.0.0.1:\(port)
+                  key: ${PIPELINE_DIR}/keys/peer/curve.key
+                  senders: { alice: "${PIPELINE_DIR}/keys/alice/curve.pub" }
+                  dir: drop
+              - { id: receipts, kind: file-sink, inputs: [net], config: { path: received.jsonl, include_ingest: false } }
+            """.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        try "first\n".write(toFile: dir + "/state.txt", atomically: true, encoding: .utf8)
+        let run = dir + "/run"
+        let host = try startPipeline(dir + "/p.yaml", runDir: run, extra: ["--until-idle", "3"])
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let send = ["send", dir + "/state.txt", "--to", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/alice", "--server-key", dir + "/keys/peer/curve.pub"]
+        let one = try runProcess(Paths.pipehost, send)
+        #expect(one.status == 0, "\(one.stderr)")
+        #expect(one.stdout.hasSuffix("stored as state.txt.tza\n"), "\(one.stdout)")
+        try "second, longer\n".write(toFile: dir + "/state.txt", atomically: true, encoding: .utf8)
+        let two = try runProcess(Paths.pipehost, send)
+        #expect(two.status == 0, "\(two.stderr)")
+        #expect(two.stdout.hasSuffix("stored as state.txt.tza.1\n"), "\(two.stdout)")
+        #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        let first = try Data(contentsOf: URL(fileURLWithPath: run + "/drop/state.txt.tza"))
+        let second = try Data(contentsOf: URL(fileURLWithPath: run + "/drop/state.txt.tza.1"))
+        #expect(first != second)
+        let receipts = try String(contentsOfFile: run + "/received.jsonl", encoding: .utf8).split(separator: "\n").map { try JSON.parse(String($0)) }
+        #expect(receipts.map { $0["attrs"]?["filename"]?.stringValue } == ["state.txt.tza", "state.txt.tza.1"])
+        #expect(receipts.map { $0["attrs"]?["size_bytes"]?.intValue } == [first.count, second.count].map { Int64($0) })
     }
 }
 }
