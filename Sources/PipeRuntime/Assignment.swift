@@ -208,6 +208,11 @@ public struct RemoteLayout: Sendable {
     /// Lane -> port bound by the host-side producer's PUSH (remote consumer) or consumer's return PUSH (remote producer).
     public var laneData: [UInt32: Int] = [:]
     public var laneRet: [UInt32: Int] = [:]
+    /// A lane between two remote stages, relayed by the host (``LaneRelay``): the port its
+    /// producer's worker sends to (`relayIn`) and the one its consumer's worker returns credits to
+    /// (`relayRet`); the consumer takes data from `laneData`, the producer credits from `laneRet`.
+    public var relayIn: [UInt32: Int] = [:]
+    public var relayRet: [UInt32: Int] = [:]
     /// Port -> the workers whose connections it admits (the far ends of its lanes).
     public var admits: [Int: Set<String>] = [:]
     public init(bindHost: String, connectHost: String, security: TCPSecurity) {
@@ -223,7 +228,12 @@ public struct RemoteLayout: Sendable {
         let remote = Set(plan.stages.filter { $0.placement.isRemote }.map(\.id))
         let worker = { (id: String) in plan.stage(id)?.placement.workerName ?? "" }
         for l in plan.lanes where l.transport == "tcp" {
-            if remote.contains(l.to) {
+            if remote.contains(l.from) && remote.contains(l.to) {
+                let dataIn = try reserve(), dataOut = try reserve(), retIn = try reserve(), retOut = try reserve()
+                r.relayIn[l.id] = dataIn; r.laneData[l.id] = dataOut; r.relayRet[l.id] = retIn; r.laneRet[l.id] = retOut
+                r.admits[dataIn, default: []].insert(worker(l.from)); r.admits[retOut, default: []].insert(worker(l.from))
+                r.admits[dataOut, default: []].insert(worker(l.to)); r.admits[retIn, default: []].insert(worker(l.to))
+            } else if remote.contains(l.to) {
                 let data = try reserve()
                 r.laneData[l.id] = data
                 if r.stageRet[l.from] == nil { r.stageRet[l.from] = try reserve() }
@@ -272,7 +282,7 @@ extension PipelinePlan {
                                      returnEndpoint: returnEndpoint(l.from, transport: l.transport, runTag: runTag, runDir: runDir))
             if l.transport == "tcp", let r {
                 if isRemote {
-                    i.returnEndpoint = r.connect(r.stageRet[l.from] ?? 0)
+                    i.returnEndpoint = r.connect(r.relayRet[l.id] ?? r.stageRet[l.from] ?? 0)
                 } else {
                     i.returnEndpoint = r.bind(r.laneRet[l.id] ?? 0); i.bindReturnEndpoint = true; i.peer = worker(l.from)
                 }
@@ -286,7 +296,7 @@ extension PipelinePlan {
                                               group: l.group)
                 if l.transport == "tcp", let r {
                     if isRemote {
-                        o.endpoint = r.connect(r.stageIn[l.to] ?? 0)
+                        o.endpoint = r.connect(r.relayIn[l.id] ?? r.stageIn[l.to] ?? 0)
                     } else {
                         o.endpoint = r.bind(r.laneData[l.id] ?? 0); o.bind = true; o.peer = worker(l.to)
                     }

@@ -104,9 +104,6 @@ public struct PipelinePlan: Sendable {
             if (remoteFrom && placementOf[x.to] == .process) || (remoteTo && placementOf[x.from] == .process) {
                 throw .plan("the lane \(x.from).\(e.output) -> \(x.to).\(e.port) joins a remote stage and a `placement: process` stage; tcp lanes end in the host process (where the ZAP handler authenticates workers), so place that end in-process")
             }
-            if remoteFrom && remoteTo {
-                throw .plan("the lane \(x.from).\(e.output) -> \(x.to).\(e.port) joins two remote stages; remote workers only connect to the host, so one end must run in the host (in-process or process)")
-            }
             let key = "\(x.to).\(e.port)"
             let li = perPort[key, default: 0]
             perPort[key] = li + 1

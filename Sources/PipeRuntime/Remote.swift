@@ -98,6 +98,8 @@ final class RemoteHost {
     var epochs: GrantEpochs?
     /// The remote control endpoint (`remote.control`) and its operators: public key -> name.
     var control: ZMQSocket?
+    /// Forwards the lanes between two remote stages (nil: there are none).
+    var relay: LaneRelay?
     var operators: [String: String] = [:]
     static let controlDomain = "pipehost-control"
     var workers: [String: Worker] = [:]
@@ -240,6 +242,15 @@ extension PipelineHost {
         } catch let e as RuntimeError { throw e } catch {
             throw .io("cannot open the remote endpoint \(r.listen): \(error)")
         }
+        if let rm = remote, !rm.layout.relayIn.isEmpty {
+            // After the reserved ports were let go (they are these ports).
+            do {
+                let relay = try LaneRelay(context: zmq, plan: plan, layout: rm.layout, runDir: options.runDirectory)
+                relay.start()
+                rm.relay = relay
+                log.info("relaying \(rm.layout.relayIn.count) lane(s) between remote stages through this host")
+            } catch { throw .io("cannot open the ports of the lanes between remote stages: \(error)") }
+        }
         let placed = plan.stages.filter { $0.placement.isRemote }.map { "\($0.id) on \($0.placement.workerName ?? "")" }
         log.info("remote workers connect to \(r.listen) (\(security.curve ? "CURVE, server key \(security.serverPublicKey)" : "plaintext")); waiting for: \(placed.joined(separator: ", "))")
     }
@@ -248,6 +259,11 @@ extension PipelineHost {
     func pollRemote() {
         guard let rm = remote else { return }
         if let z = rm.zap { while let parts = try? z.receiveParts(dontWait: true) { handleZAP(parts, rm) } }
+        if let relay = rm.relay {
+            let (refusals, dropped) = relay.takeRefusals()
+            for r in refusals { remoteGarbage([], rm, r.why, worker: r.worker) }
+            if dropped > 0 { rm.refused += dropped }
+        }
         if let m = rm.monitor {
             while let ev = ZMQMonitorEvent.receive(from: m) {
                 guard ev.isHandshakeFailure else { continue }
@@ -612,12 +628,30 @@ extension PipelineHost {
         guard let rm = remote else { return .null }
         return .object([("listen", .string(rm.spec.listen)), ("security", .string(rm.layout.security.curve ? "curve" : "plaintext")),
                         ("server_key", .string(rm.layout.security.serverPublicKey)), ("refused", .int(Int64(rm.refused))),
-                        ("handshake_failures", .int(Int64(rm.handshakeFailures))), ("stale_frames", .int(Int64(rm.staleFrames))), ("workers", workersJSON())])
+                        ("handshake_failures", .int(Int64(rm.handshakeFailures))), ("stale_frames", .int(Int64(rm.staleFrames))), ("workers", workersJSON()),
+                        ("relays", relaysJSON(rm))])
+    }
+
+    /// The lanes between remote stages that this host relays: where each end connects, frames
+    /// forwarded each way, frames refused.
+    func relaysJSON(_ rm: RemoteHost) -> ConfigValue {
+        let st = rm.relay?.stats() ?? [:]
+        let r = rm.layout
+        return .list(r.relayIn.keys.sorted().map { id in
+            let l = plan.lanes.first { $0.id == id }
+            let s = st[id] ?? (0, 0, 0)
+            return .object([("lane", .int(Int64(id))), ("from", .string(l.map { "\($0.from).\($0.output)" } ?? "")),
+                            ("to", .string(l.map { "\($0.to).\($0.port)" } ?? "")),
+                            ("producer_sends_to", .string(r.relayIn[id].map(r.connect) ?? "")), ("consumer_takes_from", .string(r.laneData[id].map(r.connect) ?? "")),
+                            ("data_frames", .int(Int64(clamping: s.data))), ("return_frames", .int(Int64(clamping: s.back))),
+                            ("refused", .int(Int64(clamping: s.refused)))])
+        })
     }
 
     func closeRemote() {
         guard let rm = remote else { return }
         RemoteBans.shared.clear(run: options.runDirectory)
+        rm.relay?.stop()
         rm.router.close(); rm.monitor?.close(); rm.control?.close()
         // A CURVE listener without a ZAP handler lets every client in: the handler stays while
         // any runner thread (and its tcp listeners) is alive.

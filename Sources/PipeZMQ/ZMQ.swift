@@ -219,6 +219,20 @@ public final class ZMQSocket: @unchecked Sendable {
         }
     }
 
+    /// Sends a received message on (zero-copy: libzmq takes its buffer, and `message` is left
+    /// empty). Returns false, with `message` intact, when `dontWait` and it could not be queued.
+    @discardableResult
+    public func send(_ message: ZMQMessage, dontWait: Bool = false) throws(ZMQError) -> Bool {
+        let s = try h("send")
+        while true {
+            if zmq_msg_send(message.pointer, s, dontWait ? ZMQ_DONTWAIT : 0) >= 0 { return true }
+            let e = zmq_errno()
+            if e == EINTR { continue }
+            if e == EAGAIN && dontWait { return false }
+            throw ZMQError(code: e, operation: "send")
+        }
+    }
+
     /// Sends a multipart message.
     @discardableResult
     public func send(parts: [[UInt8]], dontWait: Bool = false) throws(ZMQError) -> Bool {

@@ -117,7 +117,8 @@ struct Workers: ParsableCommand {
         let v = host.call("status")
         let remote = host.call("workers").listValue ?? []
         let stages = (v["stages"]?.listValue ?? []).filter { $0["placement"]?.stringValue != "in-process" }
-        if json { printJSON(.object([("workers", .list(remote)), ("stages", .list(stages))])); return }
+        let relays = v["host"]?["remote"]?["relays"]?.listValue ?? []
+        if json { printJSON(.object([("workers", .list(remote)), ("stages", .list(stages)), ("relays", .list(relays))])); return }
         if remote.isEmpty && stages.isEmpty { print("no workers (every stage runs in-process)"); return }
         if !remote.isEmpty {
             let r = v["host"]?["remote"] ?? .null
@@ -132,6 +133,15 @@ struct Workers: ParsableCommand {
                         String((w["key"]?.stringValue ?? "").prefix(12)) + "..."]
             }
             print(SummaryFormatter.table(["worker", "state", "address", "stages", "last seen", "registrations", "bad frames", "key"], rows))
+            print("")
+        }
+        if !relays.isEmpty {
+            // Lanes between two remote stages cross this host: their frames, and what was refused on them.
+            print("lanes relayed by the host (between remote stages)")
+            print(SummaryFormatter.table(["lane", "from", "to", "data frames", "return frames", "refused"], relays.map { r in
+                [String(r["lane"]?.intValue ?? 0), r["from"]?.stringValue ?? "", r["to"]?.stringValue ?? "",
+                 String(r["data_frames"]?.intValue ?? 0), String(r["return_frames"]?.intValue ?? 0), String(r["refused"]?.intValue ?? 0)]
+            }))
             print("")
         }
         if !stages.isEmpty {

@@ -50,11 +50,16 @@ struct RemoteFixture {
 
     /// `pipehost worker` as a process; the caller waits for it or kills it.
     func startWorker(_ key: String, extra: [String] = [], log: String) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Paths.pipehost)
         var args = ["worker", "--connect", endpoint, "--run-dir", dir + "/w-" + key]
         if !extra.contains("--insecure") { args += ["--key", dir + "/keys/\(key)/curve.key", "--server-key", dir + "/keys/host/curve.pub"] }
-        p.arguments = args + extra
+        return try Self.spawn(args + extra, log: log)
+    }
+
+    /// `pipehost ARGS` as a process, its stderr in `log`.
+    static func spawn(_ args: [String], log: String) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Paths.pipehost)
+        p.arguments = args
         p.standardOutput = FileHandle.nullDevice
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         p.standardError = FileHandle(forWritingAtPath: log)
@@ -145,23 +150,27 @@ struct RemoteWorkerTests {
         #expect(audit.contains("worker 'edge' registered for pass"))
     }
 
-    @Test func theExamplePipeline_runsWithItsWorker() throws {
-        // pipelines/remote/edge.yaml as the README runs it, on a free port, keys made here.
+    @Test(arguments: [("edge.yaml", 7800, ["edge"], "edge.jsonl"), ("two-workers.yaml", 7801, ["edge", "edge2"], "two-workers.jsonl")])
+    func theExamplePipelines_runWithTheirWorkers(file: String, examplePort: Int, workers: [String], output: String) throws {
+        // pipelines/remote/FILE as its comment runs it, on a free port, keys made here.
         let dir = Paths.tempDir("remote-example")
         let port = try reserveTCPPort(host: "127.0.0.1")
-        let text = try String(contentsOfFile: Paths.root + "/pipelines/remote/edge.yaml", encoding: .utf8)
-        #expect(text.contains("tcp://127.0.0.1:7800"))
-        try text.replacingOccurrences(of: "tcp://127.0.0.1:7800", with: "tcp://127.0.0.1:\(port)")
+        let text = try String(contentsOfFile: Paths.root + "/pipelines/remote/" + file, encoding: .utf8)
+        #expect(text.contains("tcp://127.0.0.1:\(examplePort)"))
+        try text.replacingOccurrences(of: "tcp://127.0.0.1:\(examplePort)", with: "tcp://127.0.0.1:\(port)")
             .replacingOccurrences(of: "rate: 5000", with: "rate: 50000")
-            .write(toFile: dir + "/edge.yaml", atomically: true, encoding: .utf8)
-        for k in ["host", "edge"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
+            .write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
+        for k in ["host"] + workers { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
         let run = dir + "/run"
-        let host = try startPipeline(dir + "/edge.yaml", runDir: run)
-        let worker = try runProcess(Paths.pipehost, ["worker", "--connect", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/edge/curve.key",
-                                                     "--server-key", dir + "/keys/host/curve.pub", "--run-dir", dir + "/w"], timeout: 60)
-        #expect(worker.status == 0, "\(worker.stderr)")
-        #expect(waitExit(host, timeout: 60) == 0)
-        let ids = try envelopeIDs(run + "/edge.jsonl")
+        let host = try startPipeline(dir + "/p.yaml", runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let procs = try workers.map { w in
+            try RemoteFixture.spawn(["worker", "--connect", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/\(w)/curve.key",
+                                     "--server-key", dir + "/keys/host/curve.pub", "--run-dir", dir + "/w-" + w], log: dir + "/\(w).log")
+        }
+        #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        for (w, p) in zip(workers, procs) { #expect(waitExit(p, timeout: 20) == 0, "\((try? String(contentsOfFile: dir + "/\(w).log", encoding: .utf8)) ?? "")") }
+        let ids = try envelopeIDs(run + "/" + output)
         #expect(ids.count == 20000)
         #expect(Set(ids).count == 20000)
     }
@@ -294,6 +303,134 @@ struct RemoteWorkerTests {
         let audit = try auditJSONL(run)
         #expect(audit.contains("worker 'spare' sent a frame on lane \(laneID), which belongs to 'edge'"))
         #expect(audit.contains("worker 'spare' has no lane on port \(dataPort.split(separator: ":").last.map(String.init) ?? "?")"))
+    }
+
+    @Test func lanesBetweenRemoteStages_areRelayedByTheHost_andWhatIsNotTheProtocolIsRefused() throws {
+        // gen (host) -> a (edge) -> b (edge2) -> c (edge2) -> out (host): a -> b joins two workers
+        // and b -> c two stages of one worker; the host carries both.
+        let fx = try RemoteFixture("remote-relay", extraWorkers: ["edge2"], count: 4000)
+        let yaml = """
+            pipeline: remote-relay
+            remote:
+              listen: \(fx.endpoint)
+              key: keys/host/curve.key
+              workers:
+                edge: { key: keys/edge/curve.pub }
+                edge2: { key: keys/edge2/curve.pub }
+            stages:
+              - { id: gen, kind: generator, config: { count: 4000, seed: 11 } }
+              - { id: a, kind: passthrough, inputs: [gen], placement: { worker: edge } }
+              - { id: b, kind: passthrough, inputs: [a], placement: { worker: edge2 } }
+              - { id: c, kind: passthrough, inputs: [b], placement: { worker: edge2 } }
+              - { id: out, kind: file-sink, inputs: [c], config: { path: out.jsonl } }
+            """
+        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let relays = try pipectlJSON(["workers", "--run-dir", run])["relays"]?.listValue ?? []
+        #expect(relays.map { $0["from"]?.stringValue ?? "" } == ["a.out", "b.out"])
+        let ab = try #require(relays.first { $0["from"]?.stringValue == "a.out" })
+        let abLane = UInt32(ab["lane"]?.intValue ?? 0)
+        let sendsTo = try #require(ab["producer_sends_to"]?.stringValue)
+        // Before the workers come, edge (the producer of a -> b, so admitted to that port) sends
+        // what is not the protocol: garbage, a frame for another lane, a CREDIT on the data path.
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let push = try fx.clientSocket(.push, as: "edge", in: ctx)
+        defer { push.close() }
+        try push.connect(sendsTo)
+        let env = Envelope(intent: "forged", payload: Array("not the protocol".utf8))
+        try push.send([1, 2, 3])
+        try push.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: 999, seq: 1, envelopes: $0) })
+        try push.send(FrameEncoder.credit(lane: abLane, seq: 1, epoch: 1, limit: 5))
+        // edge2 has no lane that it sends on through that port: ZAP refuses it there.
+        let stranger = try fx.clientSocket(.push, as: "edge2", in: ctx)
+        defer { stranger.close() }
+        try stranger.connect(sendsTo)
+        try stranger.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: abLane, seq: 1, envelopes: $0) }, dontWait: true)
+        var refused: Int64 = 0
+        let deadline = Date().addingTimeInterval(10)
+        while refused < 3 && Date() < deadline {
+            usleep(100_000)
+            refused = (try pipectlJSON(["workers", "--run-dir", run])["relays"]?.listValue ?? []).first { $0["lane"]?.intValue == Int64(abLane) }?["refused"]?.intValue ?? 0
+        }
+        #expect(refused == 3)
+        let bad = (try pipectlJSON(["workers", "--run-dir", run])["workers"]?.listValue ?? []).first { $0["name"]?.stringValue == "edge" }?["bad_frames"]?.intValue
+        #expect(bad == 3)
+        let w1 = try fx.startWorker("edge", log: fx.dir + "/edge.log")
+        let w2 = try fx.startWorker("edge2", log: fx.dir + "/edge2.log")
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(w1, timeout: 20) == 0, "\((try? String(contentsOfFile: fx.dir + "/edge.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(w2, timeout: 20) == 0, "\((try? String(contentsOfFile: fx.dir + "/edge2.log", encoding: .utf8)) ?? "")")
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        for l in lanes(s) { #expect(l["sent"] != nil && l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        #expect(lane(s, from: "a.out", to: "b.in")?["transport"]?.stringValue == "tcp")
+        #expect(stage(s, "b")?["received"]?.intValue == 4000)
+        #expect(stage(s, "c")?["received"]?.intValue == 4000)
+        // The same envelopes in the same order as with every stage in the host; nothing forged.
+        let local = yaml.replacingOccurrences(of: "placement: { worker: edge2 }", with: "placement: in-process")
+                        .replacingOccurrences(of: "placement: { worker: edge }", with: "placement: in-process")
+        try local.write(toFile: fx.dir + "/local.yaml", atomically: true, encoding: .utf8)
+        let (r, _) = try runPipeline(fx.dir + "/local.yaml", runDir: fx.dir + "/run-local")
+        #expect(r.status == 0, "\(r.stderr)")
+        let ids = try envelopeIDs(run + "/out.jsonl")
+        #expect(ids.count == 4000)
+        #expect(ids == (try envelopeIDs(fx.dir + "/run-local/out.jsonl")))
+        #expect(!(try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8)).contains("forged"))
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("a 3-byte message on lane \(abLane) that is not a frame of the lane protocol"))
+        #expect(audit.contains("a frame for lane 999 on the port of lane \(abLane)"))
+        #expect(audit.contains("a frame of type CREDIT on the data path of lane \(abLane)"))
+        #expect(audit.contains("worker 'edge2' has no lane on port \(sendsTo.split(separator: ":").last.map(String.init) ?? "?")"))
+    }
+
+    @Test func aRelayedLanesKilledConsumer_returns_andUnderAtLeastOnceNothingIsLostOrRepeated() throws {
+        let fx = try RemoteFixture("remote-relay-kill", extraWorkers: ["edge2"])
+        try """
+            pipeline: remote-relay-kill
+            delivery: { mode: at-least-once, ack_timeout_ms: 500 }
+            remote:
+              listen: \(fx.endpoint)
+              key: keys/host/curve.key
+              down_after_ms: 600
+              workers:
+                edge: { key: keys/edge/curve.pub }
+                edge2: { key: keys/edge2/curve.pub }
+            stages:
+              - { id: gen, kind: generator, config: { count: 9000, seed: 11, rate: 3000 } }
+              - { id: a, kind: passthrough, inputs: [gen], placement: { worker: edge } }
+              - { id: b, kind: passthrough, inputs: [a], placement: { worker: edge2 } }
+              - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, append: true } }
+            """.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let w1 = try fx.startWorker("edge", log: fx.dir + "/edge.log")
+        let first = try fx.startWorker("edge2", log: fx.dir + "/edge2-1.log")
+        var got: Int64 = 0
+        var deadline = Date().addingTimeInterval(30)
+        while got < 1000 && Date() < deadline { usleep(50_000); got = try outReceived(run) }
+        #expect(got >= 1000)
+        kill(first.processIdentifier, SIGKILL)
+        first.waitUntilExit()
+        var state = ""
+        deadline = Date().addingTimeInterval(10)
+        while state != "down" && Date() < deadline {
+            usleep(100_000)
+            state = (try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []).first { $0["from"]?.stringValue == "a.out" }?["state"]?.stringValue ?? ""
+        }
+        #expect(state == "down")
+        let second = try fx.startWorker("edge2", log: fx.dir + "/edge2-2.log")
+        #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(w1, timeout: 20) == 0)
+        #expect(waitExit(second, timeout: 20) == 0)
+        let ids = try envelopeIDs(run + "/out.jsonl")
+        #expect(ids.count == 9000)
+        #expect(Set(ids).count == 9000)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(stage(s, "b")?["restarts"]?.intValue == 1)
+        #expect(stage(s, "a")?["restarts"]?.intValue == 0)
     }
 
     @Test func aWorkerSendingGarbage_isCutOff_andTheOthersRunOn() throws {
@@ -577,27 +714,6 @@ struct RemoteConfigTests {
         #expect(r.status != 0)
         #expect(r.stderr.contains("is inside a loop and crosses to a remote worker"), "\(r.stderr)")
     }
-
-    @Test func aLaneBetweenTwoRemoteStages_isRefusedAtStart() throws {
-        let r = try runRefused("""
-            remote:
-              listen: tcp://127.0.0.1:7800
-              insecure: true
-              workers:
-                a: { key: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7" }
-                b: { key: "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID" }
-            stages:
-              - id: gen
-                kind: generator
-                placement: { worker: a }
-              - id: out
-                kind: stdout-sink
-                inputs: [gen]
-                placement: { worker: b }
-            """, "rv-two")
-        #expect(r.status != 0)
-        #expect(r.stderr.contains("joins two remote stages"), "\(r.stderr)")
-    }
 }
 
 @Suite("ZAP and CURVE helpers")
@@ -875,7 +991,7 @@ struct ExternalWorkerTests {
               - { id: tag, kind: external, inputs: [mid], placement: { worker: py }, config: { program: tag, settings: { lang: python, step: two } } }
               - { id: out, kind: file-sink, inputs: [tag], config: { path: out.jsonl } }
             """
-        // (A host stage sits between the two Python stages: a lane cannot join two remote stages.)
+        // (A host stage sits between the two Python stages; a lane between them would be relayed by the host.)
         try yaml.write(toFile: dir + "/p.yaml", atomically: true, encoding: .utf8)
         let run = dir + "/run"
         let host = try startPipeline(dir + "/p.yaml", runDir: run)

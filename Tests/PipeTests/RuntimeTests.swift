@@ -103,18 +103,19 @@ struct RuntimeTests {
     }
 
     @Test func unsupportedForms_areRefusedWithAClearMessage() throws {
-        // A lane between two remote stages: remote workers only connect, so one end must be in the host.
+        // A lane between a remote stage and a `placement: process` stage: tcp lanes end in the host
+        // process, whose context holds the ZAP handler.
         let remote = """
         remote:
           listen: tcp://127.0.0.1:7800
           insecure: true
-          workers: { w1: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7", w2: "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID" }
+          workers: { w1: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7" }
         stages:
           - { id: gen, kind: generator, placement: { worker: w1 } }
-          - { id: sink, kind: null-sink, inputs: [gen], placement: { worker: w2 } }
+          - { id: sink, kind: null-sink, inputs: [gen], placement: process }
         """
         #expect(throws: RuntimeError.self) { try runEmbedded(remote, registry: registry, runDir: Paths.tempDir("remote")) }
         do { _ = try runEmbedded(remote, registry: registry, runDir: Paths.tempDir("remote")) }
-        catch { #expect("\(error)".contains("joins two remote stages")) }
+        catch { #expect("\(error)".contains("joins a remote stage and a `placement: process` stage")) }
     }
 }
