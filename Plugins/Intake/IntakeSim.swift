@@ -5,7 +5,8 @@ import PipeSeal
 /// `intake-sim`: drops the continuity-intake scenario mix into a directory, as outside writers
 /// would (write then close; staging name then rename; one name written three times quickly), so
 /// `pipelines/continuity-inbox.yaml` shows every disposition from the README. Deterministic with
-/// a seed. Emits one envelope per file dropped (what was written, and the class it should get).
+/// a seed. Emits one envelope per file dropped (what was written, the class it should get, and
+/// `write_spread_ms`: first open to last close, which decides whether a rewrite is one arrival).
 public final class IntakeSimStage: SourceStage {
     public static let descriptor = StageDescriptor(
         kind: "intake-sim",
@@ -65,19 +66,30 @@ public final class IntakeSimStage: SourceStage {
     }
 
     /// Drops one file the way its style says.
-    public static func drop(_ d: Drop, into dir: String) -> String? {
+    public static func drop(_ d: Drop, into dir: String) -> String? { dropTimed(d, into: dir).error }
+
+    /// Drops one file; also says how long its writes took from the first open to the last close
+    /// (a rewritten file is one arrival only if that fits in the inbox's coalesce window).
+    public static func dropTimed(_ d: Drop, into dir: String) -> (error: String?, spreadNs: UInt64) {
         let path = dir + "/" + d.name
+        let t0 = monotonic()
         switch d.style {
-        case .plain: return write(d.content, to: path)
+        case .plain: return (write(d.content, to: path), monotonic() - t0)
         case .staged:
-            if let e = write(d.content, to: path + ".part") { return e }
-            return rename(path + ".part", path) == 0 ? nil : "rename to \(path): \(FS.errno_())"
+            if let e = write(d.content, to: path + ".part") { return (e, 0) }
+            return (rename(path + ".part", path) == 0 ? nil : "rename to \(path): \(FS.errno_())", monotonic() - t0)
         case .rewritten:
             for i in 1...3 {
-                if let e = write(i == 3 ? d.content : Array("line \(i) of 3\n".utf8), to: path) { return e }
+                if let e = write(i == 3 ? d.content : Array("line \(i) of 3\n".utf8), to: path) { return (e, 0) }
             }
-            return nil
+            return (nil, monotonic() - t0)
         }
+    }
+
+    static func monotonic() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     var pacer: SourcePacer
@@ -122,10 +134,12 @@ public final class IntakeSimStage: SourceStage {
             }
             let d = pending.removeFirst()
             pacer.sent()
-            if let err = Self.drop(d, into: dir) { throw StageError.halt("intake-sim: \(err)") }
+            let dropped = Self.dropTimed(d, into: dir)
+            if let err = dropped.error { throw StageError.halt("intake-sim: \(err)") }
             context.emit(Envelope(actor: "intake-sim", intent: "intake.sim.drop", ingestNs: context.wallClockNs,
                                   attrs: ["filename": .string(d.name), "expect_class": .string(d.expect.rawValue),
-                                          "size_bytes": .int(Int64(d.content.count))], payload: []), to: out)
+                                          "size_bytes": .int(Int64(d.content.count)),
+                                          "write_spread_ms": .double(Double(dropped.spreadNs) / 1e6)], payload: []), to: out)
         }
         return pacer.finished ? .exhausted : .active
     }

@@ -36,7 +36,9 @@ final class LaneRelay: @unchecked Sendable {
         var refused: UInt64 = 0
     }
 
-    struct Refusal: Sendable { let worker: String?; let why: String }
+    /// `garbage`: not the protocol (counts toward cutting the worker off); otherwise a frame
+    /// from a worker revoked or cut off meanwhile (still in flight: counted and audited only).
+    struct Refusal: Sendable { let worker: String?; let why: String; let garbage: Bool }
     struct Shared {
         var refusals: [Refusal] = []
         var dropped = 0
@@ -52,7 +54,7 @@ final class LaneRelay: @unchecked Sendable {
 
     /// The data frames of a lane go producer -> consumer, the return frames the other way.
     static let dataTypes: Set<UInt8> = [FrameType.data.rawValue, FrameType.endOfStream.rawValue, FrameType.heartbeat.rawValue]
-    static let returnTypes: Set<UInt8> = [FrameType.credit.rawValue, FrameType.ack.rawValue, FrameType.heartbeat.rawValue]
+    static let returnTypes: Set<UInt8> = [FrameType.credit.rawValue, FrameType.ack.rawValue]
 
     /// Binds the four ports of every relayed lane of `layout` (CURVE servers in their own ZAP
     /// domains, as every host-side tcp socket is). Throws, closing what it made, when one cannot bind.
@@ -65,6 +67,10 @@ final class LaneRelay: @unchecked Sendable {
             let s = try context.socket(kind)
             made.append(s)
             try s.setLinger(ms: 0)
+            // Small queues: what waits in the relay is bounded by these, not by ZeroMQ's default
+            // 1000 frames. A full queue is backpressure (the sender's frames wait on its side; the
+            // relay never drops one).
+            try s.setSendHWM(16); try s.setReceiveHWM(16)
             if kind == .pull { try s.setMaxMessageSize(maxBytes) }
             try links.bind(s, layout.bind(port))
             return s
@@ -98,16 +104,20 @@ final class LaneRelay: @unchecked Sendable {
         t.start()
     }
 
-    /// Stops forwarding and closes the sockets; waits up to a second for the thread.
-    func stop() {
+    /// Stops forwarding and closes the sockets; waits up to a second for the thread. Returns
+    /// whether the sockets are closed (if not, the caller keeps the ZAP handler: a CURVE listener
+    /// without one would let every client in).
+    @discardableResult
+    func stop() -> Bool {
         guard thread != nil else {
             for h in hops { h.from.close(); h.to.close() }
             hops.removeAll()
-            return
+            return true
         }
         stopFlag.store(true, ordering: .sequentiallyConsistent)
         let deadline = monotonicNs() + 1_000_000_000
         while !finished.load(ordering: .sequentiallyConsistent) && monotonicNs() < deadline { usleep(2_000) }
+        return finished.load(ordering: .sequentiallyConsistent)
     }
 
     /// Refusals since the last call (the host audits them and counts them against their workers),
@@ -122,14 +132,14 @@ final class LaneRelay: @unchecked Sendable {
     /// Per relayed lane: frames forwarded each way and frames refused.
     func stats() -> [UInt32: (data: UInt64, back: UInt64, refused: UInt64)] { shared.withLock { $0.stats } }
 
-    /// Why `m` may not be forwarded on `hop`, or nil when it may.
-    func check(_ m: ZMQMessage, _ hop: Hop) -> String? {
+    /// Why `m` may not be forwarded on `hop` (and whether it is garbage), or nil when it may.
+    func check(_ m: ZMQMessage, _ hop: Hop) -> (why: String, garbage: Bool)? {
         if let w = hop.sender {
             let user = m.property("User-Id") ?? ""
-            if user != w { return "a frame from '\(user)' on the \(hop.direction) path of lane \(hop.lane), which only '\(w)' may send on" }
-            if RemoteBans.shared.isBanned(w, in: runDir) { return "worker '\(w)' is revoked or cut off; its frame on lane \(hop.lane) is refused" }
+            if user != w { return ("a frame from '\(user)' on the \(hop.direction) path of lane \(hop.lane), which only '\(w)' may send on", true) }
+            if RemoteBans.shared.isBanned(w, in: runDir) { return ("worker '\(w)' is revoked or cut off; its frame on lane \(hop.lane) is refused", false) }
         }
-        return m.withBytes { b -> String? in
+        let why = m.withBytes { b -> String? in
             guard b.count >= FrameHeader.size, b[0] == FrameHeader.magic.0, b[1] == FrameHeader.magic.1 else {
                 return "a \(b.count)-byte message on lane \(hop.lane) that is not a frame of the lane protocol"
             }
@@ -141,6 +151,7 @@ final class LaneRelay: @unchecked Sendable {
             }
             return nil
         }
+        return why.map { ($0, true) }
     }
 
     private func run() {
@@ -196,12 +207,12 @@ final class LaneRelay: @unchecked Sendable {
             moved = true
             if hops[i].skipping { hops[i].skipping = m.hasMore; continue }
             var why = check(m, hops[i])
-            if why == nil && m.hasMore { why = "a multipart message on lane \(hops[i].lane) (frames are single messages)" }
+            if why == nil && m.hasMore { why = ("a multipart message on lane \(hops[i].lane) (frames are single messages)", true) }
             if let why {
                 hops[i].skipping = m.hasMore
                 hops[i].refused &+= 1
                 let user = m.property("User-Id") ?? ""
-                refusals.append(Refusal(worker: user.isEmpty ? hops[i].sender : user, why: why))
+                refusals.append(Refusal(worker: user.isEmpty ? hops[i].sender : user, why: why.why, garbage: why.garbage))
                 continue
             }
             if (try? hops[i].to.send(m, dontWait: true)) == true { hops[i].forwarded &+= 1 } else { hops[i].held = m }

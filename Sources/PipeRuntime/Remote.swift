@@ -249,7 +249,11 @@ extension PipelineHost {
                 relay.start()
                 rm.relay = relay
                 log.info("relaying \(rm.layout.relayIn.count) lane(s) between remote stages through this host")
-            } catch { throw .io("cannot open the ports of the lanes between remote stages: \(error)") }
+            } catch {
+                closeRemote()
+                remote = nil
+                throw .io("cannot open the ports of the lanes between remote stages: \(error)")
+            }
         }
         let placed = plan.stages.filter { $0.placement.isRemote }.map { "\($0.id) on \($0.placement.workerName ?? "")" }
         log.info("remote workers connect to \(r.listen) (\(security.curve ? "CURVE, server key \(security.serverPublicKey)" : "plaintext")); waiting for: \(placed.joined(separator: ", "))")
@@ -261,7 +265,16 @@ extension PipelineHost {
         if let z = rm.zap { while let parts = try? z.receiveParts(dontWait: true) { handleZAP(parts, rm) } }
         if let relay = rm.relay {
             let (refusals, dropped) = relay.takeRefusals()
-            for r in refusals { remoteGarbage([], rm, r.why, worker: r.worker) }
+            for r in refusals {
+                if r.garbage { remoteGarbage([], rm, r.why, worker: r.worker); continue }
+                // In flight from a worker revoked or cut off meanwhile: refused, not held against it.
+                rm.refused += 1
+                if rm.mayAudit(monotonicNs(), "relay-banned \(r.worker ?? "")") {
+                    log.warning("remote: refused \(r.why)")
+                    auditWriter?.submit(AuditRecord(decision: "frame-refused", stage: "host", intent: "remote.relay", reason: r.why,
+                                                    details: ["worker": .string(r.worker ?? "")]))
+                }
+            }
             if dropped > 0 { rm.refused += dropped }
         }
         if let m = rm.monitor {
@@ -643,6 +656,7 @@ extension PipelineHost {
             return .object([("lane", .int(Int64(id))), ("from", .string(l.map { "\($0.from).\($0.output)" } ?? "")),
                             ("to", .string(l.map { "\($0.to).\($0.port)" } ?? "")),
                             ("producer_sends_to", .string(r.relayIn[id].map(r.connect) ?? "")), ("consumer_takes_from", .string(r.laneData[id].map(r.connect) ?? "")),
+                            ("consumer_returns_to", .string(r.relayRet[id].map(r.connect) ?? "")), ("producer_returns_from", .string(r.laneRet[id].map(r.connect) ?? "")),
                             ("data_frames", .int(Int64(clamping: s.data))), ("return_frames", .int(Int64(clamping: s.back))),
                             ("refused", .int(Int64(clamping: s.refused)))])
         })
@@ -651,12 +665,12 @@ extension PipelineHost {
     func closeRemote() {
         guard let rm = remote else { return }
         RemoteBans.shared.clear(run: options.runDirectory)
-        rm.relay?.stop()
+        let relayClosed = rm.relay?.stop() ?? true
         rm.router.close(); rm.monitor?.close(); rm.control?.close()
         // A CURVE listener without a ZAP handler lets every client in: the handler stays while
-        // any runner thread (and its tcp listeners) is alive.
-        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count { rm.zap?.close() }
-        else { log.warning("runner threads still running at shutdown: the ZAP handler stays open with them") }
+        // any runner thread (and its tcp listeners) or the relay is alive.
+        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count && relayClosed { rm.zap?.close() }
+        else { log.warning("runner threads or the lane relay still running at shutdown: the ZAP handler stays open with them") }
     }
 }
 

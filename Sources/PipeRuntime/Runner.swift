@@ -866,10 +866,12 @@ final class RunnerCore: StageContext {
             }
             guard peerAllowed(user: remoteUser, lane: f.header.lane) else { return }
             // A remote producer may not send past the credits it was given (with slack for an
-            // epoch change): what it floods beyond them is refused, not processed.
-            if let u = remoteUser, f.header.type == .data,
+            // epoch change): what it floods beyond them is refused, not processed. On every tcp
+            // lane, also in a remote consumer, whose producer may be another worker (a lane the
+            // host relays) rather than the host.
+            if remoteUser != nil || inLanes[li].tcp, f.header.type == .data,
                inLanes[li].receivedInEpoch + UInt64(f.dataDeclaredCount) > inLanes[li].limitSent + 2 * UInt64(inLanes[li].bound) {
-                refuseRemoteFrame(u, lane: f.header.lane, "DATA past its credits on lane \(f.header.lane)")
+                refuseRemoteFrame(remoteUser ?? "the producer of lane \(f.header.lane)", lane: f.header.lane, "DATA past its credits on lane \(f.header.lane)")
                 return
             }
             if inLanes[li].tcp { noticeLoss(li, seq: f.header.seq, incarnation: f.header.type == .heartbeat ? try? f.heartbeatTime() : nil) }

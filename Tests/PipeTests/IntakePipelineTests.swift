@@ -30,9 +30,16 @@ extension ExclusivePipelines {
             let run = Paths.tempDir("continuity")
             let (r, s) = try runPipeline(Paths.root + "/pipelines/continuity-inbox.yaml", runDir: run, timeout: 90)
             #expect(r.status == 0, "\(r.stderr)")
-            let dropped = try String(contentsOfFile: run + "/dropped.jsonl", encoding: .utf8).split(separator: "\n")
-                .compactMap { try? JSON.parse(String($0)) }.compactMap { $0["attrs"]?["filename"]?.stringValue }
+            let drops = try String(contentsOfFile: run + "/dropped.jsonl", encoding: .utf8).split(separator: "\n")
+                .compactMap { try? JSON.parse(String($0)) }
+            let dropped = drops.compactMap { $0["attrs"]?["filename"]?.stringValue }
             #expect(dropped.count == 33)
+            // A rewritten file is one arrival when its three writes fit in the inbox's coalesce
+            // window (100 ms here). A writer held up longer (a loaded machine) may make two: the
+            // first is then left in place as changed since it was read, and the second is filed.
+            let maySplit = Set(drops.filter { ($0["attrs"]?["write_spread_ms"]?.doubleValue ?? 0) > 100 }
+                .compactMap { $0["attrs"]?["filename"]?.stringValue })
+            #expect(drops.allSatisfy { $0["attrs"]?["write_spread_ms"]?.doubleValue != nil })
             #expect(ls(run + "/inbox").isEmpty)
             for name in dropped {
                 let home = expectedHome(name)
@@ -41,16 +48,25 @@ extension ExclusivePipelines {
             #expect(ls(run + "/outbox") == Set((1...3).flatMap { ["capsule-\($0).tza", "data-\($0).json.tza"] }))
             // Every arrival was classified once and moved once, with an audit record for each.
             let audits = try auditLines(run)
+            var extra = 0
             for name in dropped {
                 let mine = audits.filter { filename($0) == name }
-                #expect(mine.filter { decision($0) == "classify" }.count == 1, "\(name)")
+                let classified = mine.filter { decision($0) == "classify" }.count
+                let failed = mine.filter { decision($0) == "move-failed" }.count
+                if maySplit.contains(name) && classified == 2 {
+                    #expect(failed == 1, "\(name): \(mine.map(decision))")
+                    extra += 1
+                } else {
+                    #expect(classified == 1, "\(name)")
+                    #expect(failed == 0, "\(name): \(mine.map(decision))")
+                }
                 let moves = mine.filter { ["quarantine", "triage", "reject", "archive"].contains(decision($0)) }
                 #expect(moves.count == 1, "\(name): \(mine.map(decision))")
             }
             let forks = audits.filter { ["trusted-fork", "triage-fork", "reject-invalid"].contains(decision($0)) }
             #expect(Dictionary(grouping: forks, by: decision).mapValues(\.count) == ["trusted-fork": 3, "triage-fork": 3, "reject-invalid": 3])
-            #expect(audits.filter { decision($0) == "move-failed" }.isEmpty)
-            #expect(stage(s, "sniff")?["received"] == .int(33))
+            #expect(audits.filter { decision($0) == "move-failed" }.count == extra)
+            #expect(stage(s, "sniff")?["received"] == .int(Int64(33 + extra)))
         }
 
         @Test func filesDroppedIntoARunningIntake_landWhereTheTableSays() throws {

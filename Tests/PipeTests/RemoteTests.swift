@@ -168,6 +168,7 @@ struct RemoteWorkerTests {
             try RemoteFixture.spawn(["worker", "--connect", "tcp://127.0.0.1:\(port)", "--key", dir + "/keys/\(w)/curve.key",
                                      "--server-key", dir + "/keys/host/curve.pub", "--run-dir", dir + "/w-" + w], log: dir + "/\(w).log")
         }
+        defer { for p in procs where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
         #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
         for (w, p) in zip(workers, procs) { #expect(waitExit(p, timeout: 20) == 0, "\((try? String(contentsOfFile: dir + "/\(w).log", encoding: .utf8)) ?? "")") }
         let ids = try envelopeIDs(run + "/" + output)
@@ -344,22 +345,35 @@ struct RemoteWorkerTests {
         try push.send([1, 2, 3])
         try push.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: 999, seq: 1, envelopes: $0) })
         try push.send(FrameEncoder.credit(lane: abLane, seq: 1, epoch: 1, limit: 5))
-        // edge2 has no lane that it sends on through that port: ZAP refuses it there.
+        // edge2 sends DATA up the return path, where only CREDIT and ACK may travel.
+        let back = try fx.clientSocket(.push, as: "edge2", in: ctx)
+        defer { back.close() }
+        try back.connect(try #require(ab["consumer_returns_to"]?.stringValue))
+        try back.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: abLane, seq: 1, envelopes: $0) })
+        // Neither may use the other's ports: edge2 does not send on a -> b, and edge, which
+        // does, may not read it (it would take a round-robin share of b's envelopes).
         let stranger = try fx.clientSocket(.push, as: "edge2", in: ctx)
-        defer { stranger.close() }
         try stranger.connect(sendsTo)
         try stranger.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: abLane, seq: 1, envelopes: $0) }, dontWait: true)
+        let takesFrom = try #require(ab["consumer_takes_from"]?.stringValue)
+        let reader = try fx.clientSocket(.pull, as: "edge", in: ctx)
+        defer { reader.close() }
+        try reader.setReceiveTimeout(ms: 300)
+        try reader.connect(takesFrom)
         var refused: Int64 = 0
         let deadline = Date().addingTimeInterval(10)
-        while refused < 3 && Date() < deadline {
+        while refused < 4 && Date() < deadline {
             usleep(100_000)
             refused = (try pipectlJSON(["workers", "--run-dir", run])["relays"]?.listValue ?? []).first { $0["lane"]?.intValue == Int64(abLane) }?["refused"]?.intValue ?? 0
         }
-        #expect(refused == 3)
-        let bad = (try pipectlJSON(["workers", "--run-dir", run])["workers"]?.listValue ?? []).first { $0["name"]?.stringValue == "edge" }?["bad_frames"]?.intValue
-        #expect(bad == 3)
+        #expect(refused == 4)
+        let workers = try pipectlJSON(["workers", "--run-dir", run])["workers"]?.listValue ?? []
+        #expect(workers.first { $0["name"]?.stringValue == "edge" }?["bad_frames"]?.intValue == 3)
+        #expect(workers.first { $0["name"]?.stringValue == "edge2" }?["bad_frames"]?.intValue == 1)
+        stranger.close()
         let w1 = try fx.startWorker("edge", log: fx.dir + "/edge.log")
         let w2 = try fx.startWorker("edge2", log: fx.dir + "/edge2.log")
+        defer { for w in [w1, w2] where w.isRunning { kill(w.processIdentifier, SIGKILL) } }
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
         #expect(waitExit(w1, timeout: 20) == 0, "\((try? String(contentsOfFile: fx.dir + "/edge.log", encoding: .utf8)) ?? "")")
         #expect(waitExit(w2, timeout: 20) == 0, "\((try? String(contentsOfFile: fx.dir + "/edge2.log", encoding: .utf8)) ?? "")")
@@ -382,7 +396,11 @@ struct RemoteWorkerTests {
         #expect(audit.contains("a 3-byte message on lane \(abLane) that is not a frame of the lane protocol"))
         #expect(audit.contains("a frame for lane 999 on the port of lane \(abLane)"))
         #expect(audit.contains("a frame of type CREDIT on the data path of lane \(abLane)"))
+        #expect(audit.contains("a frame of type DATA on the return path of lane \(abLane)"))
         #expect(audit.contains("worker 'edge2' has no lane on port \(sendsTo.split(separator: ":").last.map(String.init) ?? "?")"))
+        #expect(audit.contains("worker 'edge' has no lane on port \(takesFrom.split(separator: ":").last.map(String.init) ?? "?")"))
+        // The would-be reader got nothing of b's.
+        #expect(try reader.receive() == nil)
     }
 
     @Test func aRelayedLanesKilledConsumer_returns_andUnderAtLeastOnceNothingIsLostOrRepeated() throws {
@@ -407,6 +425,7 @@ struct RemoteWorkerTests {
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
         let w1 = try fx.startWorker("edge", log: fx.dir + "/edge.log")
+        defer { if w1.isRunning { kill(w1.processIdentifier, SIGKILL) } }
         let first = try fx.startWorker("edge2", log: fx.dir + "/edge2-1.log")
         var got: Int64 = 0
         var deadline = Date().addingTimeInterval(30)
@@ -422,6 +441,7 @@ struct RemoteWorkerTests {
         }
         #expect(state == "down")
         let second = try fx.startWorker("edge2", log: fx.dir + "/edge2-2.log")
+        defer { if second.isRunning { kill(second.processIdentifier, SIGKILL) } }
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
         #expect(waitExit(w1, timeout: 20) == 0)
         #expect(waitExit(second, timeout: 20) == 0)
