@@ -21,6 +21,9 @@ public struct Assignment: Sendable, Equatable {
         public var bindReturnEndpoint = false
         /// On tcp: the worker whose authenticated connection alone may send on this lane.
         public var peer: String?
+        /// The lane crosses tcp beyond this runner's own socket (a `process` stage's lane that the
+        /// host relays to a remote worker): the tcp loss rules apply although the endpoint is ipc.
+        public var lossy = false
     }
     public struct OutputLane: Sendable, Equatable {
         public var lane: UInt32
@@ -38,6 +41,8 @@ public struct Assignment: Sendable, Equatable {
         public var bind = false
         /// On tcp: the worker whose authenticated connection alone may return credits on this lane.
         public var peer: String?
+        /// See ``Input/lossy``.
+        public var lossy = false
     }
     public struct Output: Sendable, Equatable {
         public var name: String
@@ -94,14 +99,15 @@ public struct Assignment: Sendable, Equatable {
                          ("max_hops", i.maxHops.map { .int(Int64($0)) } ?? .null), ("bound", .int(Int64(i.bound))),
                          ("bytes", i.bytes.map { .int(Int64($0)) } ?? .null),
                          ("ret", .string(i.returnEndpoint)), ("bind_ret", .bool(i.bindReturnEndpoint)),
-                         ("peer", i.peer.map(ConfigValue.string) ?? .null)])
+                         ("peer", i.peer.map(ConfigValue.string) ?? .null)] + (i.lossy ? [("lossy", .bool(true))] : []))
             })),
             ("outputs", .list(outputs.map { o in
                 .object([("name", .string(o.name)), ("lanes", .list(o.lanes.map { l in
                     .object([("lane", .int(Int64(l.lane))), ("to", .string(l.to)), ("connect", .string(l.endpoint)),
                              ("bound", .int(Int64(l.bound))), ("bytes", l.bytes.map { .int(Int64($0)) } ?? .null),
                              ("when_full", .string(l.whenFull.rawValue)), ("loop_back", .bool(l.loopBack)),
-                             ("group", .int(Int64(l.group))), ("bind", .bool(l.bind)), ("peer", l.peer.map(ConfigValue.string) ?? .null)])
+                             ("group", .int(Int64(l.group))), ("bind", .bool(l.bind)), ("peer", l.peer.map(ConfigValue.string) ?? .null)]
+                            + (l.lossy ? [("lossy", .bool(true))] : []))
                 }))])
             })),
         ])
@@ -158,7 +164,8 @@ public struct Assignment: Sendable, Equatable {
                              laneIndex: try i(x["lane_index"], "lane_index"), from: try s(x["from"], "from"),
                              loopBack: x["loop_back"]?.boolValue ?? false, maxHops: x["max_hops"]?.intValue.map(Int.init),
                              bound: try i(x["bound"], "bound"), bytes: x["bytes"]?.intValue.map(Int.init), returnEndpoint: try s(x["ret"], "ret"),
-                             bindReturnEndpoint: x["bind_ret"]?.boolValue ?? false, peer: x["peer"]?.stringValue))
+                             bindReturnEndpoint: x["bind_ret"]?.boolValue ?? false, peer: x["peer"]?.stringValue,
+                             lossy: x["lossy"]?.boolValue ?? false))
         }
         inputs = ins
         var outs: [Output] = []
@@ -169,7 +176,8 @@ public struct Assignment: Sendable, Equatable {
                 guard let outLane = UInt32(exactly: try i(l["lane"], "lane")) else { throw .protocolError("ASSIGN: bad lane id") }
                 lanes.append(OutputLane(lane: outLane, to: try s(l["to"], "to"), endpoint: try s(l["connect"], "connect"),
                                         bound: try i(l["bound"], "bound"), bytes: l["bytes"]?.intValue.map(Int.init), whenFull: wf, loopBack: l["loop_back"]?.boolValue ?? false,
-                                        group: Int(l["group"]?.intValue ?? 0), bind: l["bind"]?.boolValue ?? false, peer: l["peer"]?.stringValue))
+                                        group: Int(l["group"]?.intValue ?? 0), bind: l["bind"]?.boolValue ?? false, peer: l["peer"]?.stringValue,
+                                        lossy: l["lossy"]?.boolValue ?? false))
             }
             outs.append(Output(name: try s(x["name"], "name"), lanes: lanes))
         }
@@ -213,6 +221,12 @@ public struct RemoteLayout: Sendable {
     /// (`relayRet`); the consumer takes data from `laneData`, the producer credits from `laneRet`.
     public var relayIn: [UInt32: Int] = [:]
     public var relayRet: [UInt32: Int] = [:]
+    /// Lanes the host relays: neither end runs in the host process (two remote stages, or a
+    /// remote stage and a `placement: process` stage, whose end is an ipc socket of the relay).
+    public var relayed: Set<UInt32> = []
+    /// The relay's ipc socket for a `process` stage's end of relayed lane `lane`: where its
+    /// output sends (`in`) or its input returns credits (`ret`).
+    public static func relayEndpoint(lane: UInt32, _ end: String, runDir: String) -> String { "ipc://\(runDir)/sock/relay-\(lane).\(end)" }
     /// Port -> the workers whose connections it admits (the far ends of its lanes).
     public var admits: [Int: Set<String>] = [:]
     public init(bindHost: String, connectHost: String, security: TCPSecurity) {
@@ -226,13 +240,21 @@ public struct RemoteLayout: Sendable {
                             reserve: () throws(RuntimeError) -> Int) throws(RuntimeError) -> RemoteLayout {
         var r = RemoteLayout(bindHost: bindHost, connectHost: connectHost, security: security)
         let remote = Set(plan.stages.filter { $0.placement.isRemote }.map(\.id))
+        let inHost = Set(plan.stages.filter { $0.placement == .inProcess }.map(\.id))
         let worker = { (id: String) in plan.stage(id)?.placement.workerName ?? "" }
         for l in plan.lanes where l.transport == "tcp" {
-            if remote.contains(l.from) && remote.contains(l.to) {
-                let dataIn = try reserve(), dataOut = try reserve(), retIn = try reserve(), retOut = try reserve()
-                r.relayIn[l.id] = dataIn; r.laneData[l.id] = dataOut; r.relayRet[l.id] = retIn; r.laneRet[l.id] = retOut
-                r.admits[dataIn, default: []].insert(worker(l.from)); r.admits[retOut, default: []].insert(worker(l.from))
-                r.admits[dataOut, default: []].insert(worker(l.to)); r.admits[retIn, default: []].insert(worker(l.to))
+            if !inHost.contains(l.from) && !inHost.contains(l.to) {
+                r.relayed.insert(l.id)
+                if remote.contains(l.from) {
+                    let dataIn = try reserve(), retOut = try reserve()
+                    r.relayIn[l.id] = dataIn; r.laneRet[l.id] = retOut
+                    r.admits[dataIn, default: []].insert(worker(l.from)); r.admits[retOut, default: []].insert(worker(l.from))
+                }
+                if remote.contains(l.to) {
+                    let dataOut = try reserve(), retIn = try reserve()
+                    r.laneData[l.id] = dataOut; r.relayRet[l.id] = retIn
+                    r.admits[dataOut, default: []].insert(worker(l.to)); r.admits[retIn, default: []].insert(worker(l.to))
+                }
             } else if remote.contains(l.to) {
                 let data = try reserve()
                 r.laneData[l.id] = data
@@ -269,9 +291,12 @@ extension PipelinePlan {
         let isRemote = st.placement.isRemote
         let r = remote
         let worker = { (s: String) in self.stage(s)?.placement.workerName }
+        // A relayed lane's end in a `process` stage is an ipc socket like any other.
+        let relayedHere = { (l: PlannedLane) in !isRemote && r?.relayed.contains(l.id) == true }
+        let local = { (l: PlannedLane) in relayedHere(l) ? "ipc" : l.transport }
         // Non-tcp binds first: the tcp ones are made after the socket becomes a CURVE server.
-        var bindIn = Array(Set(ins.filter { $0.transport != "tcp" }.map { inputEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
-        var bindRet = Array(Set(outs.filter { $0.transport != "tcp" }.map { returnEndpoint(id, transport: $0.transport, runTag: runTag, runDir: runDir) })).sorted()
+        var bindIn = Array(Set(ins.filter { local($0) != "tcp" }.map { inputEndpoint(id, transport: local($0), runTag: runTag, runDir: runDir) })).sorted()
+        var bindRet = Array(Set(outs.filter { local($0) != "tcp" }.map { returnEndpoint(id, transport: local($0), runTag: runTag, runDir: runDir) })).sorted()
         if !isRemote, let r {
             if let p = r.stageIn[id] { bindIn.append(r.bind(p)) }
             if let p = r.stageRet[id] { bindRet.append(r.bind(p)) }
@@ -283,6 +308,8 @@ extension PipelinePlan {
             if l.transport == "tcp", let r {
                 if isRemote {
                     i.returnEndpoint = r.connect(r.relayRet[l.id] ?? r.stageRet[l.from] ?? 0)
+                } else if relayedHere(l) {
+                    i.returnEndpoint = RemoteLayout.relayEndpoint(lane: l.id, "ret", runDir: runDir); i.lossy = true
                 } else {
                     i.returnEndpoint = r.bind(r.laneRet[l.id] ?? 0); i.bindReturnEndpoint = true; i.peer = worker(l.from)
                 }
@@ -297,6 +324,8 @@ extension PipelinePlan {
                 if l.transport == "tcp", let r {
                     if isRemote {
                         o.endpoint = r.connect(r.relayIn[l.id] ?? r.stageIn[l.to] ?? 0)
+                    } else if relayedHere(l) {
+                        o.endpoint = RemoteLayout.relayEndpoint(lane: l.id, "in", runDir: runDir); o.lossy = true
                     } else {
                         o.endpoint = r.bind(r.laneData[l.id] ?? 0); o.bind = true; o.peer = worker(l.to)
                     }
@@ -311,7 +340,7 @@ extension PipelinePlan {
             a.connectInput = ins.compactMap { r.laneData[$0.id].map(r.connect) }
             a.connectReturn = outs.compactMap { r.laneRet[$0.id].map(r.connect) }
         }
-        if let r, ins.contains(where: { $0.transport == "tcp" }) || outs.contains(where: { $0.transport == "tcp" }) {
+        if let r, ins.contains(where: { local($0) == "tcp" }) || outs.contains(where: { local($0) == "tcp" }) {
             var t = r.security
             if isRemote { t.serverSecretKey = nil }
             a.tcp = t

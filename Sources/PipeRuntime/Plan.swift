@@ -101,9 +101,6 @@ public struct PipelinePlan: Sendable {
             let settings = PipelineValidator.settings(for: e, in: spec)
             let same = placementOf[x.from] == .inProcess && placementOf[x.to] == .inProcess
             let remoteFrom = placementOf[x.from]?.isRemote == true, remoteTo = placementOf[x.to]?.isRemote == true
-            if (remoteFrom && placementOf[x.to] == .process) || (remoteTo && placementOf[x.from] == .process) {
-                throw .plan("the lane \(x.from).\(e.output) -> \(x.to).\(e.port) joins a remote stage and a `placement: process` stage; tcp lanes end in the host process (where the ZAP handler authenticates workers), so place that end in-process")
-            }
             let key = "\(x.to).\(e.port)"
             let li = perPort[key, default: 0]
             perPort[key] = li + 1

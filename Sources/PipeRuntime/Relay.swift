@@ -4,12 +4,14 @@ import Synchronization
 import PipeKit
 import PipeZMQ
 
-/// Lanes between two remote stages. Workers only connect to the host, never to each other, so
-/// the host carries such a lane: the producer's worker sends DATA, EOS and HEARTBEAT frames to
+/// Lanes between two remote stages, or a remote stage and a `placement: process` stage. Workers
+/// only connect to the host, never to each other, and tcp lanes end in the host process (where
+/// the ZAP handler is), so the host carries such a lane: the producer's worker sends DATA, EOS and HEARTBEAT frames to
 /// one host port and the consumer's worker takes them from another; CREDIT, ACK and HEARTBEAT
 /// frames come back the same way. Frames are forwarded unchanged and in order (zero-copy), so
 /// sequence numbers, credit epochs and the tcp loss rules of docs/wire-format.md work end to end
-/// as if the two runners were joined directly. Each frame's header is checked first (the
+/// as if the two runners were joined directly (a `process` stage's end is an ipc socket, its
+/// lane marked `lossy` in its ASSIGN so that it keeps the tcp rules). Each frame's header is checked first (the
 /// protocol, this lane, a type that may travel this way) and so is its sender (the
 /// authenticated worker that owns this end, not revoked or cut off); anything else is refused,
 /// counted and reported to the host, which audits it and cuts off a worker that keeps at it.
@@ -63,7 +65,9 @@ final class LaneRelay: @unchecked Sendable {
         let links = TCPLinks(security: layout.security, clientKeys: nil)
         let limits = WireLimits(maxEnvelopeBytes: plan.spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: plan.spec.limits.maxBatchEnvelopes)
         var made: [ZMQSocket] = []
-        func socket(_ kind: ZMQSocket.Kind, _ port: Int, maxBytes: Int64) throws -> ZMQSocket {
+        /// A relay socket: bound on a host tcp port, or, for a `process` stage's end, an ipc
+        /// socket (bound by the relay on the way in, connected to the stage's own on the way out).
+        func socket(_ kind: ZMQSocket.Kind, port: Int?, ipc: String, bind: Bool, maxBytes: Int64) throws -> ZMQSocket {
             let s = try context.socket(kind)
             made.append(s)
             try s.setLinger(ms: 0)
@@ -72,21 +76,21 @@ final class LaneRelay: @unchecked Sendable {
             // relay never drops one).
             try s.setSendHWM(16); try s.setReceiveHWM(16)
             if kind == .pull { try s.setMaxMessageSize(maxBytes) }
-            try links.bind(s, layout.bind(port))
+            if let port { try links.bind(s, layout.bind(port)) } else if bind { try links.bind(s, ipc) } else { try links.connect(s, ipc) }
             return s
         }
         do {
-            for l in plan.lanes {
-                guard let dataIn = layout.relayIn[l.id], let dataOut = layout.laneData[l.id],
-                      let retIn = layout.relayRet[l.id], let retOut = layout.laneRet[l.id] else { continue }
+            for l in plan.lanes where layout.relayed.contains(l.id) {
                 let producer = layout.security.curve ? plan.stage(l.from)?.placement.workerName : nil
                 let consumer = layout.security.curve ? plan.stage(l.to)?.placement.workerName : nil
                 let dataMax = Int64(limits.maxFrameBytes)
                 let retMax = Int64(65_536 + 16 * Swift.max(4096, limits.maxBatchEnvelopes))
-                hops.append(Hop(lane: l.id, from: try socket(.pull, dataIn, maxBytes: dataMax), to: try socket(.push, dataOut, maxBytes: 0),
-                                sender: producer, types: Self.dataTypes, direction: "data"))
-                hops.append(Hop(lane: l.id, from: try socket(.pull, retIn, maxBytes: retMax), to: try socket(.push, retOut, maxBytes: 0),
-                                sender: consumer, types: Self.returnTypes, direction: "return"))
+                let dataIn = try socket(.pull, port: layout.relayIn[l.id], ipc: RemoteLayout.relayEndpoint(lane: l.id, "in", runDir: runDir), bind: true, maxBytes: dataMax)
+                let dataOut = try socket(.push, port: layout.laneData[l.id], ipc: plan.inputEndpoint(l.to, transport: "ipc", runTag: "", runDir: runDir), bind: false, maxBytes: 0)
+                let retIn = try socket(.pull, port: layout.relayRet[l.id], ipc: RemoteLayout.relayEndpoint(lane: l.id, "ret", runDir: runDir), bind: true, maxBytes: retMax)
+                let retOut = try socket(.push, port: layout.laneRet[l.id], ipc: plan.returnEndpoint(l.from, transport: "ipc", runTag: "", runDir: runDir), bind: false, maxBytes: 0)
+                hops.append(Hop(lane: l.id, from: dataIn, to: dataOut, sender: producer, types: Self.dataTypes, direction: "data"))
+                hops.append(Hop(lane: l.id, from: retIn, to: retOut, sender: consumer, types: Self.returnTypes, direction: "return"))
             }
         } catch {
             for s in made { s.close() }

@@ -242,13 +242,13 @@ extension PipelineHost {
         } catch let e as RuntimeError { throw e } catch {
             throw .io("cannot open the remote endpoint \(r.listen): \(error)")
         }
-        if let rm = remote, !rm.layout.relayIn.isEmpty {
+        if let rm = remote, !rm.layout.relayed.isEmpty {
             // After the reserved ports were let go (they are these ports).
             do {
                 let relay = try LaneRelay(context: zmq, plan: plan, layout: rm.layout, runDir: options.runDirectory)
                 relay.start()
                 rm.relay = relay
-                log.info("relaying \(rm.layout.relayIn.count) lane(s) between remote stages through this host")
+                log.info("relaying \(rm.layout.relayed.count) lane(s) whose ends both run outside this host process")
             } catch {
                 closeRemote()
                 remote = nil
@@ -650,16 +650,24 @@ extension PipelineHost {
     func relaysJSON(_ rm: RemoteHost) -> ConfigValue {
         let st = rm.relay?.stats() ?? [:]
         let r = rm.layout
-        return .list(r.relayIn.keys.sorted().map { id in
-            let l = plan.lanes.first { $0.id == id }
+        let run = options.runDirectory
+        var rows: [ConfigValue] = []
+        for id in r.relayed.sorted() {
+            guard let l = plan.lanes.first(where: { $0.id == id }) else { continue }
             let s = st[id] ?? (0, 0, 0)
-            return .object([("lane", .int(Int64(id))), ("from", .string(l.map { "\($0.from).\($0.output)" } ?? "")),
-                            ("to", .string(l.map { "\($0.to).\($0.port)" } ?? "")),
-                            ("producer_sends_to", .string(r.relayIn[id].map(r.connect) ?? "")), ("consumer_takes_from", .string(r.laneData[id].map(r.connect) ?? "")),
-                            ("consumer_returns_to", .string(r.relayRet[id].map(r.connect) ?? "")), ("producer_returns_from", .string(r.laneRet[id].map(r.connect) ?? "")),
-                            ("data_frames", .int(Int64(clamping: s.data))), ("return_frames", .int(Int64(clamping: s.back))),
-                            ("refused", .int(Int64(clamping: s.refused)))])
-        })
+            let sendsTo: String = r.relayIn[id].map(r.connect) ?? RemoteLayout.relayEndpoint(lane: id, "in", runDir: run)
+            let takesFrom: String = r.laneData[id].map(r.connect) ?? plan.inputEndpoint(l.to, transport: "ipc", runTag: "", runDir: run)
+            let returnsTo: String = r.relayRet[id].map(r.connect) ?? RemoteLayout.relayEndpoint(lane: id, "ret", runDir: run)
+            let returnsFrom: String = r.laneRet[id].map(r.connect) ?? plan.returnEndpoint(l.from, transport: "ipc", runTag: "", runDir: run)
+            let fields: [(String, ConfigValue)] = [
+                ("lane", .int(Int64(id))), ("from", .string("\(l.from).\(l.output)")), ("to", .string("\(l.to).\(l.port)")),
+                ("producer_sends_to", .string(sendsTo)), ("consumer_takes_from", .string(takesFrom)),
+                ("consumer_returns_to", .string(returnsTo)), ("producer_returns_from", .string(returnsFrom)),
+                ("data_frames", .int(Int64(clamping: s.data))), ("return_frames", .int(Int64(clamping: s.back))),
+                ("refused", .int(Int64(clamping: s.refused)))]
+            rows.append(.object(fields))
+        }
+        return .list(rows)
     }
 
     func closeRemote() {

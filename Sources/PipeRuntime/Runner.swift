@@ -294,7 +294,7 @@ final class RunnerCore: StageContext {
                 outIndex[l.lane] = outLanes.count
                 idx.append(outLanes.count)
                 var lane = OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack)
-                lane.tcp = l.endpoint.hasPrefix("tcp://")
+                lane.tcp = l.endpoint.hasPrefix("tcp://") || l.lossy
                 lane.bytesBound = l.bytes
                 if l.whenFull == .spill && !l.loopBack {
                     let dir = a.runDirectory + "/spill"
@@ -325,7 +325,7 @@ final class RunnerCore: StageContext {
                                                                loopBack: i.loopBack, transport: transport),
                                   maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1,
                                   bytesBound: i.bytes))
-            inLanes[inLanes.count - 1].tcp = transport == "tcp"
+            inLanes[inLanes.count - 1].tcp = transport == "tcp" || i.lossy
         }
         if !a.tapEndpoint.isEmpty {
             let s = try zmq.socket(.xpub)

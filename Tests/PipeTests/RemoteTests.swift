@@ -307,8 +307,9 @@ struct RemoteWorkerTests {
     }
 
     @Test func lanesBetweenRemoteStages_areRelayedByTheHost_andWhatIsNotTheProtocolIsRefused() throws {
-        // gen (host) -> a (edge) -> b (edge2) -> c (edge2) -> out (host): a -> b joins two workers
-        // and b -> c two stages of one worker; the host carries both.
+        // gen (host) -> a (edge) -> b (edge2) -> c (edge2) -> p (process) -> d (edge) -> out (host):
+        // a -> b joins two workers, b -> c two stages of one worker, c -> p and p -> d a worker and
+        // a child process of the host; the host carries all four.
         let fx = try RemoteFixture("remote-relay", extraWorkers: ["edge2"], count: 4000)
         let yaml = """
             pipeline: remote-relay
@@ -323,14 +324,18 @@ struct RemoteWorkerTests {
               - { id: a, kind: passthrough, inputs: [gen], placement: { worker: edge } }
               - { id: b, kind: passthrough, inputs: [a], placement: { worker: edge2 } }
               - { id: c, kind: passthrough, inputs: [b], placement: { worker: edge2 } }
-              - { id: out, kind: file-sink, inputs: [c], config: { path: out.jsonl } }
+              - { id: p, kind: passthrough, inputs: [c], placement: process }
+              - { id: d, kind: passthrough, inputs: [p], placement: { worker: edge } }
+              - { id: out, kind: file-sink, inputs: [d], config: { path: out.jsonl } }
             """
         try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
         let run = fx.dir + "/run"
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
         let relays = try pipectlJSON(["workers", "--run-dir", run])["relays"]?.listValue ?? []
-        #expect(relays.map { $0["from"]?.stringValue ?? "" } == ["a.out", "b.out"])
+        #expect(relays.map { $0["from"]?.stringValue ?? "" } == ["a.out", "b.out", "c.out", "p.out"])
+        // The process stage's ends are ipc sockets of the relay, in the run directory.
+        #expect(relays.first { $0["from"]?.stringValue == "c.out" }?["consumer_takes_from"]?.stringValue == "ipc://\(run)/sock/p.in")
         let ab = try #require(relays.first { $0["from"]?.stringValue == "a.out" })
         let abLane = UInt32(ab["lane"]?.intValue ?? 0)
         let sendsTo = try #require(ab["producer_sends_to"]?.stringValue)
@@ -382,9 +387,13 @@ struct RemoteWorkerTests {
         #expect(lane(s, from: "a.out", to: "b.in")?["transport"]?.stringValue == "tcp")
         #expect(stage(s, "b")?["received"]?.intValue == 4000)
         #expect(stage(s, "c")?["received"]?.intValue == 4000)
+        #expect(stage(s, "p")?["placement"]?.stringValue == "process")
+        #expect(stage(s, "d")?["received"]?.intValue == 4000)
+        #expect(lane(s, from: "c.out", to: "p.in")?["transport"]?.stringValue == "tcp")
         // The same envelopes in the same order as with every stage in the host; nothing forged.
         let local = yaml.replacingOccurrences(of: "placement: { worker: edge2 }", with: "placement: in-process")
                         .replacingOccurrences(of: "placement: { worker: edge }", with: "placement: in-process")
+                        .replacingOccurrences(of: "placement: process", with: "placement: in-process")
         try local.write(toFile: fx.dir + "/local.yaml", atomically: true, encoding: .utf8)
         let (r, _) = try runPipeline(fx.dir + "/local.yaml", runDir: fx.dir + "/run-local")
         #expect(r.status == 0, "\(r.stderr)")

@@ -102,20 +102,58 @@ struct RuntimeTests {
         #expect(s.failure?.contains("stage 'src' failed: start failed: cannot open /nonexistent/input.jsonl") == true)
     }
 
-    @Test func unsupportedForms_areRefusedWithAClearMessage() throws {
-        // A lane between a remote stage and a `placement: process` stage: tcp lanes end in the host
-        // process, whose context holds the ZAP handler.
-        let remote = """
+    @Test func lanesWithNoEndInTheHostProcess_areRelayed_andAProcessStageGetsIpcEndsAndNoSecret() throws {
+        // gen (in-process) -> a (worker w1) -> p (process) -> b (worker w2) -> sink (in-process):
+        // a -> p and p -> b have no end in the host process, so the host relays them.
+        let yaml = """
         remote:
           listen: tcp://127.0.0.1:7800
-          insecure: true
-          workers: { w1: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7" }
+          key: /nonexistent/curve.key
+          workers: { w1: "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7", w2: "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID" }
         stages:
-          - { id: gen, kind: generator, placement: { worker: w1 } }
-          - { id: sink, kind: null-sink, inputs: [gen], placement: process }
+          - { id: gen, kind: generator }
+          - { id: a, kind: passthrough, inputs: [gen], placement: { worker: w1 } }
+          - { id: p, kind: passthrough, inputs: [a], placement: process }
+          - { id: b, kind: passthrough, inputs: [p], placement: { worker: w2 } }
+          - { id: sink, kind: null-sink, inputs: [b] }
         """
-        #expect(throws: RuntimeError.self) { try runEmbedded(remote, registry: registry, runDir: Paths.tempDir("remote")) }
-        do { _ = try runEmbedded(remote, registry: registry, runDir: Paths.tempDir("remote")) }
-        catch { #expect("\(error)".contains("joins a remote stage and a `placement: process` stage")) }
+        let (spec, diags) = PipelineLoader.load(text: yaml, file: "relay.yaml", registry: registry)
+        let sp = try #require(spec)
+        #expect(diags.isEmpty)
+        let plan = try PipelinePlan.make(spec: sp, edges: PipelineValidator(spec: sp, registry: registry).edges, registry: registry)
+        var next = 9000
+        let security = TCPSecurity(curve: true, serverPublicKey: "PUB", serverSecretKey: "SECRET")
+        let layout = try RemoteLayout.make(plan: plan, bindHost: "127.0.0.1", connectHost: "127.0.0.1", security: security) { () throws(RuntimeError) -> Int in
+            next += 1; return next
+        }
+        let ap = try #require(plan.lanes.first { $0.from == "a" && $0.to == "p" }), pb = try #require(plan.lanes.first { $0.from == "p" && $0.to == "b" })
+        #expect(ap.transport == "tcp" && pb.transport == "tcp")
+        #expect(layout.relayed == [ap.id, pb.id])
+        // Only the remote ends get tcp ports: a sends into the relay and takes credits from it,
+        // b takes data from it and returns credits to it; each port admits only its worker.
+        #expect(layout.relayIn[ap.id] != nil && layout.laneRet[ap.id] != nil && layout.laneData[ap.id] == nil && layout.relayRet[ap.id] == nil)
+        #expect(layout.laneData[pb.id] != nil && layout.relayRet[pb.id] != nil && layout.relayIn[pb.id] == nil && layout.laneRet[pb.id] == nil)
+        #expect(layout.admits[layout.relayIn[ap.id] ?? 0] == ["w1"])
+        #expect(layout.admits[layout.laneData[pb.id] ?? 0] == ["w2"])
+        let run = "/run"
+        let pa = try #require(plan.assignment(for: "p", runTag: "t", runDir: run, remote: layout))
+        // The process stage: ipc ends at the relay, marked lossy (tcp rules), and no CURVE secret.
+        #expect(pa.tcp == nil)
+        #expect(pa.inputs.first?.returnEndpoint == "ipc:///run/sock/relay-\(ap.id).ret")
+        #expect(pa.inputs.first?.lossy == true && pa.inputs.first?.bindReturnEndpoint == false && pa.inputs.first?.peer == nil)
+        let out = try #require(pa.outputs.first { $0.name == "out" }?.lanes.first)
+        #expect(out.endpoint == "ipc:///run/sock/relay-\(pb.id).in" && out.lossy && !out.bind)
+        #expect(pa.bindInput == ["ipc:///run/sock/p.in"] && pa.bindReturn == ["ipc:///run/sock/p.ret"])
+        // The lossy flag survives the ASSIGN round trip (and is absent where false).
+        #expect(try Assignment(json: pa.json) == pa)
+        #expect(!JSON.serialize(try #require(plan.assignment(for: "gen", runTag: "t", runDir: run, remote: layout)).json).contains("lossy"))
+        // The remote ends connect to the relay's ports, and get no secret either.
+        let aa = try #require(plan.assignment(for: "a", runTag: "t", runDir: run, remote: layout))
+        #expect(aa.outputs.first { $0.name == "out" }?.lanes.first?.endpoint == "tcp://127.0.0.1:\(layout.relayIn[ap.id] ?? 0)")
+        #expect(aa.connectReturn.contains("tcp://127.0.0.1:\(layout.laneRet[ap.id] ?? 0)"))
+        #expect(aa.tcp?.serverSecretKey == nil && aa.tcp?.curve == true)
+        let ba = try #require(plan.assignment(for: "b", runTag: "t", runDir: run, remote: layout))
+        #expect(ba.connectInput.contains("tcp://127.0.0.1:\(layout.laneData[pb.id] ?? 0)"))
+        #expect(ba.inputs.first?.returnEndpoint == "tcp://127.0.0.1:\(layout.relayRet[pb.id] ?? 0)")
     }
 }
