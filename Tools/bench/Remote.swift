@@ -18,6 +18,20 @@ enum RemoteBench {
         """
     }
 
+    /// generator -> pass -> pass2 -> null-sink with both passes on worker `edge`: the lane
+    /// between them has no end in the host, so the host relays it.
+    static func relayedChain(count: Int, remote: String) -> String {
+        """
+        pipeline: bench-remote
+        \(remote)
+        stages:
+          - { id: gen, kind: generator, config: { count: \(count), payload_size: 100, seed: 1 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: { worker: edge } }
+          - { id: pass2, kind: passthrough, inputs: [pass], placement: { worker: edge } }
+          - { id: sink, kind: null-sink, inputs: [pass2] }
+        """
+    }
+
     static func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
     /// Runs the pipeline with a worker process started just before the host (it waits for the host).
@@ -45,7 +59,7 @@ enum RemoteBench {
             _ = Array((text + "\n").utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             close(fd)
         }
-        var inproc: [Double] = [], plain: [Double] = [], curve: [Double] = [], ratios: [Double] = []
+        var inproc: [Double] = [], plain: [Double] = [], curve: [Double] = [], ratios: [Double] = [], relayed: [Double] = []
         for _ in 0..<(quick ? 3 : 7) {
             let port = try reserveTCPPort(host: "127.0.0.1")
             let ep = "tcp://127.0.0.1:\(port)"
@@ -57,10 +71,15 @@ enum RemoteBench {
             let curveYAML = chain(count: n, remote: "remote: { listen: \"\(ep2)\", key: \"\(dir)/host.key\", workers: { edge: { key: \"\(edge.publicKey)\" } } }")
             let c = try runWithWorker(curveYAML, name: "rm-curve", endpoint: ep2, workerArgs: ["--key", dir + "/edge.key", "--server-key", dir + "/host.pub"])
             plain.append(p); curve.append(c); ratios.append(c / p)
+            let port3 = try reserveTCPPort(host: "127.0.0.1")
+            let ep3 = "tcp://127.0.0.1:\(port3)"
+            let relayYAML = relayedChain(count: n, remote: "remote: { listen: \"\(ep3)\", key: \"\(dir)/host.key\", workers: { edge: { key: \"\(edge.publicKey)\" } } }")
+            relayed.append(try runWithWorker(relayYAML, name: "rm-relay", endpoint: ep3, workerArgs: ["--key", dir + "/edge.key", "--server-key", dir + "/host.pub"]))
         }
         print("pipeline generator -> passthrough -> null-sink, in-process:       \(fmt(median(inproc)))")
         print("same, passthrough on a remote worker, plaintext tcp (loopback):   \(fmt(median(plain)))")
         print("same, passthrough on a remote worker, CURVE tcp (loopback):       \(fmt(median(curve)))  (pair ratios \(ratios.map { String(format: "%.2f", $0) }.joined(separator: " ")))")
+        print("4 stages, both passthroughs on the worker, CURVE (the lane between them relayed by the host): \(fmt(median(relayed)))")
         print("")
         print(String(format: "ratio CURVE / plaintext tcp:  %.2f x  (cost %.0f%%, median of %d pairs; target: cost <= 30%%)", median(ratios), (1 - median(ratios)) * 100, ratios.count))
         print(String(format: "ratio CURVE / in-process:     %.2f x", median(curve) / median(inproc)))
