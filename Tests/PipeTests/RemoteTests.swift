@@ -48,6 +48,13 @@ struct RemoteFixture {
         try yaml.write(toFile: pipeline, atomically: true, encoding: .utf8)
     }
 
+    /// The head of a test pipeline (name, optional top-level lines, `remote:` on this fixture's
+    /// port with the host key) whose workers are `workers`, each with its own key; `stages:` follows.
+    func head(_ name: String, workers: [String], top: String = "", remote: String = "") -> String {
+        "pipeline: \(name)\n" + top + "remote:\n  listen: \(endpoint)\n  key: keys/host/curve.key\n" + remote + "  workers:\n"
+            + workers.map { "    \($0): { key: keys/\($0)/curve.pub }\n" }.joined()
+    }
+
     /// `pipehost worker` as a process; the caller waits for it or kills it.
     func startWorker(_ key: String, extra: [String] = [], log: String) throws -> Process {
         var args = ["worker", "--connect", endpoint, "--run-dir", dir + "/w-" + key]
@@ -107,6 +114,22 @@ func outReceived(_ run: String) throws -> Int64 {
 
 /// Waits for a process to exit, killing it after `timeout` seconds; returns its status.
 @discardableResult
+/// Calls `probe` every `everyMs` until it gives `want` or `seconds` pass; returns its last answer.
+func poll<T: Equatable>(_ want: T, seconds: Double, everyMs: UInt32 = 100, _ probe: () throws -> T) rethrows -> T {
+    let deadline = Date().addingTimeInterval(seconds)
+    var got = try probe()
+    while got != want && Date() < deadline { usleep(everyMs * 1000); got = try probe() }
+    return got
+}
+
+/// Kills a worker outright once the sink of `run` has taken 1000 envelopes; returns how many it had.
+func killWorkerMidRun(_ worker: Process, run: String) throws -> Int64 {
+    let got = try poll(true, seconds: 30, everyMs: 50) { try outReceived(run) >= 1000 }
+    kill(worker.processIdentifier, SIGKILL)
+    worker.waitUntilExit()
+    return got ? try outReceived(run) : 0
+}
+
 func waitExit(_ p: Process, timeout: Double) -> Int32 {
     let deadline = Date().addingTimeInterval(timeout)
     while p.isRunning && Date() < deadline { usleep(20_000) }
@@ -242,21 +265,13 @@ struct RemoteWorkerTests {
         // Two workers each run a branch into one host sink: both may connect to the sink's input
         // port, but each only on its own lane; neither may connect to the other's data port.
         let fx = try RemoteFixture("remote-foreign", extraWorkers: ["spare"])
-        let port = fx.port
-        try """
-            pipeline: remote-foreign
-            remote:
-              listen: tcp://127.0.0.1:\(port)
-              key: keys/host/curve.key
-              workers:
-                edge: { key: keys/edge/curve.pub }
-                spare: { key: keys/spare/curve.pub }
+        try (fx.head("remote-foreign", workers: ["edge", "spare"]) + """
             stages:
               - { id: gen, kind: generator, config: { count: 3000, seed: 11 } }
               - { id: pass, kind: passthrough, inputs: [gen], placement: { worker: edge } }
               - { id: pass2, kind: passthrough, inputs: [gen], placement: { worker: spare } }
               - { id: out, kind: file-sink, inputs: [pass, pass2], config: { path: out.jsonl } }
-            """.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+            """).write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
         let run = fx.dir + "/run"
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
@@ -311,14 +326,7 @@ struct RemoteWorkerTests {
         // a -> b joins two workers, b -> c two stages of one worker, c -> p and p -> d a worker and
         // a child process of the host; the host carries all four.
         let fx = try RemoteFixture("remote-relay", extraWorkers: ["edge2"], count: 4000)
-        let yaml = """
-            pipeline: remote-relay
-            remote:
-              listen: \(fx.endpoint)
-              key: keys/host/curve.key
-              workers:
-                edge: { key: keys/edge/curve.pub }
-                edge2: { key: keys/edge2/curve.pub }
+        let yaml = fx.head("remote-relay", workers: ["edge", "edge2"]) + """
             stages:
               - { id: gen, kind: generator, config: { count: 4000, seed: 11 } }
               - { id: a, kind: passthrough, inputs: [gen], placement: { worker: edge } }
@@ -414,39 +422,23 @@ struct RemoteWorkerTests {
 
     @Test func aRelayedLanesKilledConsumer_returns_andUnderAtLeastOnceNothingIsLostOrRepeated() throws {
         let fx = try RemoteFixture("remote-relay-kill", extraWorkers: ["edge2"])
-        try """
-            pipeline: remote-relay-kill
-            delivery: { mode: at-least-once, ack_timeout_ms: 500 }
-            remote:
-              listen: \(fx.endpoint)
-              key: keys/host/curve.key
-              down_after_ms: 600
-              workers:
-                edge: { key: keys/edge/curve.pub }
-                edge2: { key: keys/edge2/curve.pub }
+        try (fx.head("remote-relay-kill", workers: ["edge", "edge2"], top: "delivery: { mode: at-least-once, ack_timeout_ms: 500 }\n",
+                    remote: "  down_after_ms: 600\n") + """
             stages:
               - { id: gen, kind: generator, config: { count: 9000, seed: 11, rate: 3000 } }
               - { id: a, kind: passthrough, inputs: [gen], placement: { worker: edge } }
               - { id: b, kind: passthrough, inputs: [a], placement: { worker: edge2 } }
               - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, append: true } }
-            """.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+            """).write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
         let run = fx.dir + "/run"
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
         let w1 = try fx.startWorker("edge", log: fx.dir + "/edge.log")
         defer { if w1.isRunning { kill(w1.processIdentifier, SIGKILL) } }
         let first = try fx.startWorker("edge2", log: fx.dir + "/edge2-1.log")
-        var got: Int64 = 0
-        var deadline = Date().addingTimeInterval(30)
-        while got < 1000 && Date() < deadline { usleep(50_000); got = try outReceived(run) }
-        #expect(got >= 1000)
-        kill(first.processIdentifier, SIGKILL)
-        first.waitUntilExit()
-        var state = ""
-        deadline = Date().addingTimeInterval(10)
-        while state != "down" && Date() < deadline {
-            usleep(100_000)
-            state = (try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []).first { $0["from"]?.stringValue == "a.out" }?["state"]?.stringValue ?? ""
+        #expect(try killWorkerMidRun(first, run: run) >= 1000)
+        let state = try poll("down", seconds: 10) {
+            (try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []).first { $0["from"]?.stringValue == "a.out" }?["state"]?.stringValue ?? ""
         }
         #expect(state == "down")
         let second = try fx.startWorker("edge2", log: fx.dir + "/edge2-2.log")
@@ -505,23 +497,11 @@ struct RemoteWorkerTests {
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
         let first = try fx.startWorker("edge", log: fx.dir + "/worker1.log")
         // Let some flow, then kill the worker outright.
-        var got: Int64 = 0
-        var deadline = Date().addingTimeInterval(30)
-        while got < 1000 && Date() < deadline {
-            usleep(50_000)
-            got = try outReceived(run)
-        }
-        #expect(got >= 1000)
         #expect(try waitSample(run, upSeries, 1) == 1)
-        kill(first.processIdentifier, SIGKILL)
-        first.waitUntilExit()
+        #expect(try killWorkerMidRun(first, run: run) >= 1000)
         // The host sees it go: the worker and the lanes to it are down.
-        var state = ""
-        deadline = Date().addingTimeInterval(10)
-        while state != "down" && Date() < deadline {
-            usleep(100_000)
-            let w = try pipectlJSON(["workers", "--run-dir", run])
-            state = w["workers"]?.listValue?.first?["state"]?.stringValue ?? ""
+        let state = try poll("down", seconds: 10) {
+            (try pipectlJSON(["workers", "--run-dir", run]))["workers"]?.listValue?.first?["state"]?.stringValue ?? ""
         }
         #expect(state == "down")
         #expect(try waitSample(run, upSeries, 0) == 0)
