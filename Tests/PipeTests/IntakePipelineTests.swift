@@ -90,7 +90,7 @@ extension ExclusivePipelines {
             while !FileManager.default.fileExists(atPath: inbox) && waited < 200 { usleep(20_000); waited += 1 }
             var rng = SplitMix64(state: 5)
             let mix = try IntakeSimStage.mix(round: 1, key: key, profile: "continuity", rng: &rng, wallNs: 1)
-            func put(_ name: String, _ bytes: [UInt8]) { #expect(IntakeSimStage.write(bytes, to: inbox + "/" + name) == nil) }
+            func put(_ name: String, _ bytes: [UInt8]) { writeClosed(bytes, inbox + "/" + name) }
             for d in mix where d.style == .plain { put(d.name, d.content) }
             // The upload is staged, then renamed well after the coalescing window.
             let upload = mix.first { $0.style == .staged }

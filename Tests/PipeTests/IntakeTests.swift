@@ -19,12 +19,37 @@ private func seal(_ data: [UInt8], as name: String, profile: String = "continuit
 private func classify(_ name: String, _ bytes: [UInt8]) -> IntakeClass { Sniff.classify(name: name, bytes: bytes).intakeClass }
 
 /// Writes a file the way a plain writer does (open, write, close: one close-after-write event).
-private func write(_ bytes: [UInt8], _ path: String) {
+/// Writes a file as an outside writer would (open, write, close) and returns once the close has
+/// reached inotify. It may not at once: a process that another test spawns at that moment holds a
+/// copy of the descriptor until it execs, and IN_CLOSE_WRITE comes only with the last close.
+/// Events go to every watcher at once, so when ours has it, the inbox's queue has it too.
+func writeClosed(_ bytes: [UInt8], _ path: String) {
+    let dir = (path as NSString).deletingLastPathComponent, name = (path as NSString).lastPathComponent
+    let watch = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
+    defer { if watch >= 0 { close(watch) } }
+    let watching = watch >= 0 && inotify_add_watch(watch, dir, UInt32(IN_CLOSE_WRITE)) >= 0
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
     guard fd >= 0 else { Issue.record("cannot create \(path)"); return }
     _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
     close(fd)
+    guard watching else { return }
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let deadline = Date().addingTimeInterval(10)
+    while Date() < deadline {
+        let n = buffer.withUnsafeMutableBytes { read(watch, $0.baseAddress, $0.count) }
+        var off = 0
+        let header = MemoryLayout<inotify_event>.size
+        while n > 0, off + header <= n {
+            let len = buffer.withUnsafeBytes { Int($0.loadUnaligned(fromByteOffset: off + 12, as: UInt32.self)) }
+            let got = String(decoding: buffer[(off + header)..<min(n, off + header + len)].prefix { $0 != 0 }, as: UTF8.self)
+            if got == name { return }
+            off += header + len
+        }
+        usleep(1000)
+    }
+    Issue.record("no IN_CLOSE_WRITE for \(path) within 10 s")
 }
+private func write(_ bytes: [UInt8], _ path: String) { writeClosed(bytes, path) }
 
 private func exists(_ path: String) -> Bool { FileManager.default.fileExists(atPath: path) }
 
