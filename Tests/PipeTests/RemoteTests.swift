@@ -496,7 +496,8 @@ struct RemoteWorkerTests {
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
         let first = try fx.startWorker("edge", log: fx.dir + "/worker1.log")
-        // Let some flow, then kill the worker outright.
+        // Let some flow (the worker shows up meanwhile), then kill the worker outright.
+        #expect(try poll(true, seconds: 30, everyMs: 50) { try outReceived(run) >= 1000 })
         #expect(try waitSample(run, upSeries, 1) == 1)
         #expect(try killWorkerMidRun(first, run: run) >= 1000)
         // The host sees it go: the worker and the lanes to it are down.
