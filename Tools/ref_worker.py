@@ -13,10 +13,12 @@ Usage:
   ref_worker.py --connect tcp://HOST:PORT --key worker/curve.key --server-key host/curve.pub
   ref_worker.py --connect tcp://HOST:PORT --insecure --name NAME
 
-Delivery: at-most-once only (no ACK frames); byte bounds are not enforced here. It does not
-follow the tcp loss rules of the wire format (periodic HEARTBEAT, repeated EOS and CREDIT, gap
-detection): a connection that drops for longer than ZeroMQ's heartbeat timeout can stall its
-lanes. It is a reference for the protocol, not a production worker.
+Delivery: at-most-once only (no ACK frames); byte bounds are not enforced here. It follows the
+tcp loss rules of the wire format: a HEARTBEAT on every output lane each second, EOS and CREDIT
+repeated each second, and a gap in a producer's frame seqs (frames lost with a dropped
+connection) answered with a new credit epoch, so a link cut longer than ZeroMQ's heartbeat
+timeout loses what was in flight but never stalls a lane. It is a reference for the protocol,
+not a production worker.
 """
 import argparse
 import json
@@ -182,6 +184,9 @@ class Stage:
     def __init__(self, ctx, args, stage_id):
         self.ctx, self.args, self.id = ctx, args, stage_id
         self.control = self.socket(zmq.DEALER)
+        # A random, secret routing id kept for the runner's life: when ZeroMQ reconnects after a
+        # cut, the host's ROUTER hands the same route over to the new connection.
+        self.control.routing_id = b"r" + os.urandom(16)
         self.control.connect(args.connect)
         self.control.send(header(HELLO, 0, 1) + struct.pack("<HI", 1, os.getpid()) + str16(stage_id) + struct.pack("<I", 0))
         self.seq = 1
@@ -196,6 +201,9 @@ class Stage:
     def socket(self, kind):
         s = self.ctx.socket(kind)
         s.linger = 0
+        # ZeroMQ heartbeats, as the host's side has: a vanished peer is noticed and the
+        # connection dropped and made again.
+        s.heartbeat_ivl, s.heartbeat_timeout, s.heartbeat_ttl = 1000, 5000, 10000
         if self.args.keys:
             pub, sec, server = self.args.keys
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server
@@ -221,7 +229,7 @@ class Stage:
             s.connect(i["ret"])
             epoch = ((self.incarnation // 1000) & 0xFFFFFFFF) | 1
             self.ins[i["lane"]] = {"sock": s, "bound": i["bound"], "epoch": epoch, "in_epoch": 0, "received": 0,
-                                   "granted": 0, "eos": False, "incarnation": None, "seq": 0}
+                                   "granted": 0, "eos": False, "incarnation": None, "seq": 0, "last_seq": 0, "credit_at": 0.0}
             self.grant(i["lane"])
         self.outs = {}
         self.groups = {}  # output name -> {group: [lanes]}
@@ -231,7 +239,8 @@ class Stage:
                 s.sndhwm = l["bound"] + 64
                 s.connect(l["connect"])
                 self.outs[l["lane"]] = {"sock": s, "bound": l["bound"], "epoch": 0, "limit": 0, "sent_in_epoch": 0,
-                                        "transmitted": 0, "queue": [], "seq": 1, "eos": False, "retired": []}
+                                        "transmitted": 0, "queue": [], "seq": 1, "eos": False, "retired": [],
+                                        "beat_at": time.monotonic(), "eos_at": 0.0}
                 try:
                     s.send(header(HEARTBEAT, l["lane"], 1) + struct.pack("<Q", self.incarnation), zmq.NOBLOCK)
                 except zmq.Again:
@@ -250,6 +259,7 @@ class Stage:
     def grant(self, lane):
         i = self.ins[lane]
         i["granted"] = i["in_epoch"] + i["bound"]
+        i["credit_at"] = time.monotonic()
         i["seq"] += 1
         try:
             i["sock"].send(header(CREDIT, lane, i["seq"]) + struct.pack("<IQ", i["epoch"], i["granted"]), zmq.NOBLOCK)
@@ -286,12 +296,51 @@ class Stage:
                 self.grant(lane)
         self.busy_ns += time.monotonic_ns() - t0
 
+    def notice_loss(self, lane, seq):
+        """tcp loss rule: a gap in the producer's seqs means frames went down with a dropped
+        connection; a fresh credit epoch lets the producer start over (docs/wire-format.md)."""
+        i = self.ins[lane]
+        last = i["last_seq"]
+        i["last_seq"] = max(last, seq)
+        if last == 0 or seq <= last + 1:
+            return
+        fresh = ((now_ns() // 1000) & 0xFFFFFFFF) | 1
+        if fresh in (i["epoch"], (i["epoch"] + 1) & 0xFFFFFFFF):
+            fresh = (fresh + 2) & 0xFFFFFFFF
+        print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, seq - last - 1), file=sys.stderr)
+        i["epoch"], i["in_epoch"] = fresh, 0
+        self.grant(lane)
+
+    def tcp_rules(self):
+        """Once a second: a HEARTBEAT on each output lane (what shows a consumer a gap when we
+        have nothing else to send), EOS again once sent, the current CREDIT again."""
+        now = time.monotonic()
+        for lane, o in self.outs.items():
+            if now - o["beat_at"] >= 1.0:
+                o["beat_at"] = now
+                try:
+                    o["sock"].send(header(HEARTBEAT, lane, o["seq"] + 1) + struct.pack("<Q", self.incarnation), zmq.NOBLOCK)
+                    o["seq"] += 1
+                except zmq.Again:
+                    pass
+            if o["eos"] and now - o["eos_at"] >= 1.0:
+                self.send_eos(lane, o)
+        for lane, i in self.ins.items():
+            if now - i["credit_at"] >= 1.0:
+                self.grant(lane)  # cumulative: a repeat is harmless
+
     def on_input(self, b):
         try:
-            ftype, lane, _, body = parse_header(b)
+            ftype, lane, seq, body = parse_header(b)
         except ValueError:
             self.errors += 1
             return
+        if lane in self.ins and ftype in (DATA, EOS, HEARTBEAT):
+            inc = struct.unpack_from("<Q", body)[0] if ftype == HEARTBEAT and len(body) >= 8 else None
+            if inc is not None and self.ins[lane]["incarnation"] not in (None, inc):
+                self.ins[lane]["last_seq"] = seq  # a restarted producer counts from 1 again
+            else:
+                self.notice_loss(lane, seq)
         if ftype == DATA:
             self.on_data(lane, body)
         elif ftype == EOS and lane in self.ins:
@@ -363,6 +412,7 @@ class Stage:
         except zmq.Again:
             return False
         o["seq"] += 1
+        o["eos_at"] = time.monotonic()
         return True
 
     def stats(self):
@@ -491,6 +541,7 @@ def main():
             if not st.failed:
                 st.flush()
                 st.maybe_finish()
+                st.tcp_rules()
             if time.monotonic() >= st.next_stats:
                 st.stats()
             if time.monotonic() - st.last_host > 15:
