@@ -161,6 +161,7 @@ extension LaneView {
             ("spill_depth", .int(Int64(clamping: spillDepth))),
             ("blocked_ms", .double(Double(blockedNs) / 1e6)), ("latency_p50_us", us(0.5)), ("latency_p99_us", us(0.99)),
             ("blocked_pct", .double((blockedFraction * 1000).rounded() / 10)), ("tap", .string(tap)), ("endpoint", .string(endpoint)),
+            ("relay", relay.map(ConfigValue.string) ?? .null),
             ("sent_report_ns", .int(Int64(clamping: sentReportNs))), ("received_report_ns", .int(Int64(clamping: receivedReportNs))),
         ])
     }

@@ -95,6 +95,9 @@ public struct LaneView: Sendable {
     public var down = false
     /// For a tcp lane: the host-side endpoint its data crosses (what the remote end connects to or sends to).
     public var endpoint = ""
+    /// A lane the host relays (no end in the host process): what the relay is doing
+    /// ("forwarding", or what it waits for); nil for every other lane.
+    public var relay: String?
     /// Share of the last second the producer was blocked on this lane.
     public var blockedFraction: Double = 0
     /// Wall times (ns) of the producer's and the consumer's reports behind `sent` and `received`.
@@ -532,6 +535,9 @@ public final class PipelineHost: @unchecked Sendable {
             v.down = remoteDown(l.from, now: now) || remoteDown(l.to, now: now)
             let r = rm.layout
             v.endpoint = r.laneData[l.id].map(r.connect) ?? r.stageIn[l.to].map(r.connect) ?? ""
+            if r.relayed.contains(l.id) {
+                v.relay = rm.relay.map { relayWaiting(l, $0.stats()[l.id] ?? LaneRelay.LaneStats()) }.map { $0.isEmpty ? "forwarding" : $0 } ?? "closed"
+            }
         }
         v.sentReportNs = stages[l.from]?.stats?.timeNs ?? 0
         v.receivedReportNs = stages[l.to]?.stats?.timeNs ?? 0

@@ -41,10 +41,16 @@ final class LaneRelay: @unchecked Sendable {
     /// `garbage`: not the protocol (counts toward cutting the worker off); otherwise a frame
     /// from a worker revoked or cut off meanwhile (still in flight: counted and audited only).
     struct Refusal: Sendable { let worker: String?; let why: String; let garbage: Bool }
+    /// One relayed lane as seen from outside: frames forwarded each way, refused, and whether a
+    /// frame is held for want of room (the receiving end absent or slow) on either path.
+    struct LaneStats: Sendable {
+        var data: UInt64 = 0, back: UInt64 = 0, refused: UInt64 = 0
+        var dataHeld = false, backHeld = false
+    }
     struct Shared {
         var refusals: [Refusal] = []
         var dropped = 0
-        var stats: [UInt32: (data: UInt64, back: UInt64, refused: UInt64)] = [:]
+        var stats: [UInt32: LaneStats] = [:]
     }
 
     private var hops: [Hop] = []
@@ -133,8 +139,8 @@ final class LaneRelay: @unchecked Sendable {
         }
     }
 
-    /// Per relayed lane: frames forwarded each way and frames refused.
-    func stats() -> [UInt32: (data: UInt64, back: UInt64, refused: UInt64)] { shared.withLock { $0.stats } }
+    /// Per relayed lane: frames forwarded each way, frames refused, frames held.
+    func stats() -> [UInt32: LaneStats] { shared.withLock { $0.stats } }
 
     /// Why `m` may not be forwarded on `hop` (and whether it is garbage), or nil when it may.
     func check(_ m: ZMQMessage, _ hop: Hop) -> (why: String, garbage: Bool)? {
@@ -176,10 +182,10 @@ final class LaneRelay: @unchecked Sendable {
             var moved = false
             for i in hops.indices { moved = pump(i, &refusals) || moved }
             if moved || !refusals.isEmpty {
-                var st: [UInt32: (data: UInt64, back: UInt64, refused: UInt64)] = [:]
+                var st: [UInt32: LaneStats] = [:]
                 for h in hops {
-                    var e = st[h.lane] ?? (0, 0, 0)
-                    if h.direction == "data" { e.data = h.forwarded } else { e.back = h.forwarded }
+                    var e = st[h.lane] ?? LaneStats()
+                    if h.direction == "data" { e.data = h.forwarded; e.dataHeld = h.held != nil } else { e.back = h.forwarded; e.backHeld = h.held != nil }
                     e.refused += h.refused
                     st[h.lane] = e
                 }

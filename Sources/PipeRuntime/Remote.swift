@@ -645,6 +645,18 @@ extension PipelineHost {
                         ("relays", relaysJSON(rm))])
     }
 
+    /// What a relayed lane waits for, in words: "" when it forwards freely, else which end has
+    /// no room for the frame the relay holds (absent, or slower than its producer).
+    func relayWaiting(_ l: PipelinePlan.PlannedLane, _ s: LaneRelay.LaneStats) -> String {
+        func end(_ id: String) -> String {
+            let p = plan.stage(id)?.placement
+            return p?.workerName.map { "\(id) (worker \($0)) is absent or slow" } ?? "\(id) (its process) is absent or slow"
+        }
+        if s.dataHeld { return "a data frame waits: \(end(l.to))" }
+        if s.backHeld { return "credits wait: \(end(l.from))" }
+        return ""
+    }
+
     /// The lanes between remote stages that this host relays: where each end connects, frames
     /// forwarded each way, frames refused.
     func relaysJSON(_ rm: RemoteHost) -> ConfigValue {
@@ -654,7 +666,7 @@ extension PipelineHost {
         var rows: [ConfigValue] = []
         for id in r.relayed.sorted() {
             guard let l = plan.lanes.first(where: { $0.id == id }) else { continue }
-            let s = st[id] ?? (0, 0, 0)
+            let s = st[id] ?? LaneRelay.LaneStats()
             let sendsTo: String = r.relayIn[id].map(r.connect) ?? RemoteLayout.relayEndpoint(lane: id, "in", runDir: run)
             let takesFrom: String = r.laneData[id].map(r.connect) ?? plan.inputEndpoint(l.to, transport: "ipc", runTag: "", runDir: run)
             let returnsTo: String = r.relayRet[id].map(r.connect) ?? RemoteLayout.relayEndpoint(lane: id, "ret", runDir: run)
@@ -664,7 +676,7 @@ extension PipelineHost {
                 ("producer_sends_to", .string(sendsTo)), ("consumer_takes_from", .string(takesFrom)),
                 ("consumer_returns_to", .string(returnsTo)), ("producer_returns_from", .string(returnsFrom)),
                 ("data_frames", .int(Int64(clamping: s.data))), ("return_frames", .int(Int64(clamping: s.back))),
-                ("refused", .int(Int64(clamping: s.refused)))]
+                ("refused", .int(Int64(clamping: s.refused))), ("waiting", .string(relayWaiting(l, s)))]
             rows.append(.object(fields))
         }
         return .list(rows)

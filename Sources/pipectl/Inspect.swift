@@ -22,6 +22,11 @@ struct Lanes: ParsableCommand {
         if json { printJSON(v); return }
         let list = (v.listValue ?? []).filter { all || !($0["to"]?.stringValue ?? "").hasPrefix("_dead_letters.") }
         print(LaneTable.render(list))
+        // Lanes the host relays (no end in it) say what the relay waits for, if anything.
+        for l in list {
+            guard let r = l["relay"]?.stringValue, r != "forwarding" else { continue }
+            print("lane \(LaneTable.cell(l, "id")) \(LaneTable.cell(l, "from")) -> \(LaneTable.cell(l, "to")): relayed by the host; \(r)")
+        }
     }
 }
 
@@ -43,7 +48,8 @@ enum LaneTable {
         return String(format: "%.0f", d)
     }
     static func row(_ l: ConfigValue) -> [String] {
-        [cell(l, "id"), cell(l, "from"), cell(l, "to") + (l["loop_back"]?.boolValue == true ? " (loop)" : ""), cell(l, "transport"),
+        [cell(l, "id"), cell(l, "from"), cell(l, "to") + (l["loop_back"]?.boolValue == true ? " (loop)" : ""),
+         cell(l, "transport") + (l["relay"]?.stringValue != nil ? "+relay" : ""),
          cell(l, "state"), "\(cell(l, "depth"))/\(cell(l, "bound"))", "\(cell(l, "low"))/\(cell(l, "high"))", cell(l, "when_full"),
          rate(l["rate_in"]?.doubleValue), rate(l["rate_out"]?.doubleValue), cell(l, "sent"), cell(l, "received"), cell(l, "credits"),
          cell(l, "dropped"), l["spill_depth"]?.intValue.map { "\(cell(l, "spilled")) (\($0) now)" } ?? cell(l, "spilled"),
@@ -138,9 +144,10 @@ struct Workers: ParsableCommand {
         if !relays.isEmpty {
             // Lanes between two remote stages cross this host: their frames, and what was refused on them.
             print("lanes relayed by the host (between remote stages)")
-            print(SummaryFormatter.table(["lane", "from", "to", "data frames", "return frames", "refused"], relays.map { r in
+            print(SummaryFormatter.table(["lane", "from", "to", "data frames", "return frames", "refused", "waiting"], relays.map { r in
                 [String(r["lane"]?.intValue ?? 0), r["from"]?.stringValue ?? "", r["to"]?.stringValue ?? "",
-                 String(r["data_frames"]?.intValue ?? 0), String(r["return_frames"]?.intValue ?? 0), String(r["refused"]?.intValue ?? 0)]
+                 String(r["data_frames"]?.intValue ?? 0), String(r["return_frames"]?.intValue ?? 0), String(r["refused"]?.intValue ?? 0),
+                 (r["waiting"]?.stringValue).flatMap { $0.isEmpty ? nil : $0 } ?? "-"]
             }))
             print("")
         }

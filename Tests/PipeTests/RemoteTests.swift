@@ -340,6 +340,9 @@ struct RemoteWorkerTests {
         let run = fx.dir + "/run"
         let host = try startPipeline(fx.pipeline, runDir: run)
         defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let lanesNow = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
+        #expect(lanesNow.first { $0["from"]?.stringValue == "a.out" }?["relay"]?.stringValue == "forwarding")
+        #expect(lanesNow.first { $0["from"]?.stringValue == "gen.out" }?["relay"] == .null)
         let relays = try pipectlJSON(["workers", "--run-dir", run])["relays"]?.listValue ?? []
         #expect(relays.map { $0["from"]?.stringValue ?? "" } == ["a.out", "b.out", "c.out", "p.out"])
         // The process stage's ends are ipc sockets of the relay, in the run directory.
@@ -441,6 +444,14 @@ struct RemoteWorkerTests {
             (try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []).first { $0["from"]?.stringValue == "a.out" }?["state"]?.stringValue ?? ""
         }
         #expect(state == "down")
+        // The relay holds what a still sends (at least its heartbeats), and says for whom.
+        let waiting = try poll(true, seconds: 10) {
+            ((try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []).first { $0["from"]?.stringValue == "a.out" }?["relay"]?.stringValue ?? "")
+                .contains("a data frame waits: b (worker edge2) is absent or slow")
+        }
+        #expect(waiting)
+        let text = try runProcess(Paths.pipectl, ["lanes", "--run-dir", run]).stdout
+        #expect(text.contains("lane 2 a.out -> b.in: relayed by the host; a data frame waits: b (worker edge2) is absent or slow"), "\(text)")
         let second = try fx.startWorker("edge2", log: fx.dir + "/edge2-2.log")
         defer { if second.isRunning { kill(second.processIdentifier, SIGKILL) } }
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
