@@ -239,10 +239,11 @@ class Stage:
                 s.sndhwm = l["bound"] + 64
                 s.connect(l["connect"])
                 self.outs[l["lane"]] = {"sock": s, "bound": l["bound"], "epoch": 0, "limit": 0, "sent_in_epoch": 0,
-                                        "transmitted": 0, "queue": [], "seq": 1, "eos": False, "retired": [],
+                                        "transmitted": 0, "queue": [], "seq": 0, "eos": False, "retired": [],
                                         "beat_at": time.monotonic(), "eos_at": 0.0}
                 try:
                     s.send(header(HEARTBEAT, l["lane"], 1) + struct.pack("<Q", self.incarnation), zmq.NOBLOCK)
+                    self.outs[l["lane"]]["seq"] = 1  # a seq is taken only when ZeroMQ accepted the frame
                 except zmq.Again:
                     pass
                 self.groups.setdefault(o["name"], {}).setdefault(l["group"], []).append(l["lane"])
@@ -302,12 +303,15 @@ class Stage:
         i = self.ins[lane]
         last = i["last_seq"]
         i["last_seq"] = max(last, seq)
-        if last == 0 or seq <= last + 1:
+        if seq <= last + 1:
             return
         fresh = ((now_ns() // 1000) & 0xFFFFFFFF) | 1
         if fresh in (i["epoch"], (i["epoch"] + 1) & 0xFFFFFFFF):
             fresh = (fresh + 2) & 0xFFFFFFFF
-        print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, seq - last - 1), file=sys.stderr)
+        if last:
+            print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, seq - last - 1), file=sys.stderr)
+        # (last == 0: our first frame; earlier seqs were another consumer's. A new epoch all the
+        # same, in case frames sent on our own credits went down before this one.)
         i["epoch"], i["in_epoch"] = fresh, 0
         self.grant(lane)
 
@@ -331,6 +335,14 @@ class Stage:
 
     def on_input(self, b):
         try:
+            self.take_input(b)
+        except (ValueError, struct.error) as err:
+            # A malformed frame (short body, broken batch): counted, never fatal to the worker.
+            self.errors += 1
+            print("stage %s: malformed frame refused: %s" % (self.id, err), file=sys.stderr)
+
+    def take_input(self, b):
+        try:
             ftype, lane, seq, body = parse_header(b)
         except ValueError:
             self.errors += 1
@@ -348,14 +360,22 @@ class Stage:
         elif ftype == HEARTBEAT and lane in self.ins:
             inc = struct.unpack_from("<Q", body)[0]
             i = self.ins[lane]
-            # A restarted producer: move to the next epoch and grant again.
+            # A restarted producer: move to the next epoch and grant again; its EOS is to come.
             if i["incarnation"] is not None and i["incarnation"] != inc:
                 i["epoch"] = (i["epoch"] + 1) & 0xFFFFFFFF
                 i["in_epoch"] = 0
+                i["eos"] = False
                 self.grant(lane)
             i["incarnation"] = inc
 
     def on_return(self, b):
+        try:
+            self.take_return(b)
+        except (ValueError, struct.error) as err:
+            self.errors += 1
+            print("stage %s: malformed return frame refused: %s" % (self.id, err), file=sys.stderr)
+
+    def take_return(self, b):
         try:
             ftype, lane, _, body = parse_header(b)
         except ValueError:

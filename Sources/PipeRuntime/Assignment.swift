@@ -226,7 +226,8 @@ public struct RemoteLayout: Sendable {
     public var relayed: Set<UInt32> = []
     /// The relay's ipc socket for a `process` stage's end of relayed lane `lane`: where its
     /// output sends (`in`) or its input returns credits (`ret`).
-    public static func relayEndpoint(lane: UInt32, _ end: String, runDir: String) -> String { "ipc://\(runDir)/sock/relay-\(lane).\(end)" }
+    /// (A directory of their own: no stage id can name these files.)
+    public static func relayEndpoint(lane: UInt32, _ end: String, runDir: String) -> String { "ipc://\(runDir)/sock/relay/lane-\(lane).\(end)" }
     /// Port -> the workers whose connections it admits (the far ends of its lanes).
     public var admits: [Int: Set<String>] = [:]
     public init(bindHost: String, connectHost: String, security: TCPSecurity) {

@@ -534,7 +534,7 @@ public final class PipelineHost: @unchecked Sendable {
             let now = monotonicNs()
             v.down = remoteDown(l.from, now: now) || remoteDown(l.to, now: now)
             let r = rm.layout
-            v.endpoint = r.laneData[l.id].map(r.connect) ?? r.stageIn[l.to].map(r.connect) ?? ""
+            v.endpoint = r.laneData[l.id].map(r.connect) ?? r.stageIn[l.to].map(r.connect) ?? r.relayIn[l.id].map(r.connect) ?? ""
             if r.relayed.contains(l.id) {
                 v.relay = rm.relay.map { relayWaiting(l, $0.stats()[l.id] ?? LaneRelay.LaneStats()) }.map { $0.isEmpty ? "forwarding" : $0 } ?? "closed"
             }

@@ -64,13 +64,15 @@ final class LaneRelay: @unchecked Sendable {
     static let dataTypes: Set<UInt8> = [FrameType.data.rawValue, FrameType.endOfStream.rawValue, FrameType.heartbeat.rawValue]
     static let returnTypes: Set<UInt8> = [FrameType.credit.rawValue, FrameType.ack.rawValue]
 
-    /// Binds the four ports of every relayed lane of `layout` (CURVE servers in their own ZAP
-    /// domains, as every host-side tcp socket is). Throws, closing what it made, when one cannot bind.
+    /// Opens the sockets of every relayed lane of `layout`: a tcp port per remote end (CURVE
+    /// servers in their own ZAP domains, as every host-side tcp socket is), an ipc socket per
+    /// `process` end. Throws, closing what it made, when one cannot bind.
     init(context: ZMQContext, plan: PipelinePlan, layout: RemoteLayout, runDir: String) throws {
         self.runDir = runDir
         let links = TCPLinks(security: layout.security, clientKeys: nil)
         let limits = WireLimits(maxEnvelopeBytes: plan.spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: plan.spec.limits.maxBatchEnvelopes)
         var made: [ZMQSocket] = []
+        mkdir(runDir + "/sock", 0o700)  // the relay's own ipc sockets go in sock/relay/
         /// A relay socket: bound on a host tcp port, or, for a `process` stage's end, an ipc
         /// socket (bound by the relay on the way in, connected to the stage's own on the way out).
         func socket(_ kind: ZMQSocket.Kind, port: Int?, ipc: String, bind: Bool, maxBytes: Int64) throws -> ZMQSocket {

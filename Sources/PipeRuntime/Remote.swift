@@ -252,7 +252,7 @@ extension PipelineHost {
             } catch {
                 closeRemote()
                 remote = nil
-                throw .io("cannot open the ports of the lanes between remote stages: \(error)")
+                throw .io("cannot open the relay of the lanes with no end in the host process: \(error)")
             }
         }
         let placed = plan.stages.filter { $0.placement.isRemote }.map { "\($0.id) on \($0.placement.workerName ?? "")" }
@@ -652,9 +652,10 @@ extension PipelineHost {
             let p = plan.stage(id)?.placement
             return p?.workerName.map { "\(id) (worker \($0)) is absent or slow" } ?? "\(id) (its process) is absent or slow"
         }
-        if s.dataHeld { return "a data frame waits: \(end(l.to))" }
-        if s.backHeld { return "credits wait: \(end(l.from))" }
-        return ""
+        var waits: [String] = []
+        if s.dataHeld { waits.append("a data frame waits: \(end(l.to))") }
+        if s.backHeld { waits.append("credits wait: \(end(l.from))") }
+        return waits.joined(separator: "; ")
     }
 
     /// The lanes between remote stages that this host relays: where each end connects, frames

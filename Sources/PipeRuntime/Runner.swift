@@ -270,7 +270,14 @@ final class RunnerCore: StageContext {
         let maxMsg = Int64(limits.maxFrameBytes)
         if !a.bindInput.isEmpty || !a.connectInput.isEmpty {
             let s = try zmq.socket(.pull)
-            try s.setReceiveHWM(0); try s.setMaxMessageSize(maxMsg)
+            // Credits bound what an honest producer has in flight, so no queue limit is needed;
+            // but a producer across tcp (a worker, maybe relayed) could ignore them. ZeroMQ's
+            // limit is per connection: twice the largest bound plus room for heartbeats never
+            // holds back an honest producer, and a flood backs up into the flooder's connection
+            // (or the relay, which then stops reading it) instead of this process's memory.
+            let across = a.inputs.filter { $0.returnEndpoint.hasPrefix("tcp://") || $0.lossy }
+            try s.setReceiveHWM(across.isEmpty ? 0 : Int32(clamping: 2 * (across.map(\.bound).max() ?? 0) + 64))
+            try s.setMaxMessageSize(maxMsg)
             for e in a.bindInput { try links.bind(s, e) }
             for e in a.connectInput { try links.connect(s, e) }
             inSocket = s
@@ -1007,11 +1014,18 @@ final class RunnerCore: StageContext {
         defer { inLanes[li].lastSeq = Swift.max(last, seq) }
         guard seq > last &+ 1 else { return }
         let lost = seq - last - 1
-        lostFrames &+= lost
-        report("lost_frames", .int(Int64(clamping: lostFrames)))
         var fresh = UInt32(truncatingIfNeeded: wallNs() / 1000) | 1
         if fresh == inLanes[li].epoch || fresh == inLanes[li].epoch &+ 1 { fresh &+= 2 }
-        log.warning("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(lost) frame(s) lost in transit (a dropped connection); new credit epoch")
+        if last == 0 {
+            // Our first frame on the lane (a new runner): what came before it was the producer's
+            // history with an earlier consumer, not a loss; a new epoch all the same, in case
+            // frames sent on our own credits went down before this one.
+            log.info("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): first frame has seq \(seq); new credit epoch")
+        } else {
+            lostFrames &+= lost
+            report("lost_frames", .int(Int64(clamping: lostFrames)))
+            log.warning("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(lost) frame(s) lost in transit (a dropped connection); new credit epoch")
+        }
         inLanes[li].epoch = fresh
         inLanes[li].receivedInEpoch = 0
         grantCredits(li, force: true)

@@ -143,7 +143,7 @@ struct Workers: ParsableCommand {
         }
         if !relays.isEmpty {
             // Lanes between two remote stages cross this host: their frames, and what was refused on them.
-            print("lanes relayed by the host (between remote stages)")
+            print("lanes relayed by the host (no end in the host process)")
             print(SummaryFormatter.table(["lane", "from", "to", "data frames", "return frames", "refused", "waiting"], relays.map { r in
                 [String(r["lane"]?.intValue ?? 0), r["from"]?.stringValue ?? "", r["to"]?.stringValue ?? "",
                  String(r["data_frames"]?.intValue ?? 0), String(r["return_frames"]?.intValue ?? 0), String(r["refused"]?.intValue ?? 0),

@@ -139,10 +139,10 @@ struct RuntimeTests {
         let pa = try #require(plan.assignment(for: "p", runTag: "t", runDir: run, remote: layout))
         // The process stage: ipc ends at the relay, marked lossy (tcp rules), and no CURVE secret.
         #expect(pa.tcp == nil)
-        #expect(pa.inputs.first?.returnEndpoint == "ipc:///run/sock/relay-\(ap.id).ret")
+        #expect(pa.inputs.first?.returnEndpoint == "ipc:///run/sock/relay/lane-\(ap.id).ret")
         #expect(pa.inputs.first?.lossy == true && pa.inputs.first?.bindReturnEndpoint == false && pa.inputs.first?.peer == nil)
         let out = try #require(pa.outputs.first { $0.name == "out" }?.lanes.first)
-        #expect(out.endpoint == "ipc:///run/sock/relay-\(pb.id).in" && out.lossy && !out.bind)
+        #expect(out.endpoint == "ipc:///run/sock/relay/lane-\(pb.id).in" && out.lossy && !out.bind)
         #expect(pa.bindInput == ["ipc:///run/sock/p.in"] && pa.bindReturn == ["ipc:///run/sock/p.ret"])
         // The lossy flag survives the ASSIGN round trip (and is absent where false).
         #expect(try Assignment(json: pa.json) == pa)
