@@ -106,8 +106,6 @@ final class LaneRelay: @unchecked Sendable {
         }
     }
 
-    var isEmpty: Bool { hops.isEmpty }
-
     func start() {
         guard !hops.isEmpty else { finished.store(true, ordering: .sequentiallyConsistent); return }
         let t = Thread { [self] in run() }
