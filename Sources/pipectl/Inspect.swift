@@ -12,6 +12,7 @@ struct Lanes: ParsableCommand {
         state: normal, pressure-rising (depth >= low), overloaded (depth >= high), recovering (fell below release, not yet below low).
         in/s and out/s: envelopes per second into the lane (producer) and out of it (consumer).
         blocked: time the producer had envelopes but no credit. p50/p99: lane latency (frame sent -> taken), microseconds.
+        transport tcp+relay: a lane with no end in the host process (two remote stages, or a remote and a process stage), carried by the host's relay; a line under the table says when the relay waits for an absent or slow end.
         """)
     @OptionGroup var host: HostOptions
     @Flag(help: "Print as JSON.") var json = false
