@@ -333,20 +333,21 @@ class Stage:
             if now - i["credit_at"] >= 1.0:
                 self.grant(lane)  # cumulative: a repeat is harmless
 
-    def on_input(self, b):
+    def on_frame(self, take, b):
+        """A malformed frame (bad header, short body, broken batch) is counted, never fatal."""
         try:
-            self.take_input(b)
+            take(*parse_header(b))
         except (ValueError, struct.error) as err:
-            # A malformed frame (short body, broken batch): counted, never fatal to the worker.
             self.errors += 1
             print("stage %s: malformed frame refused: %s" % (self.id, err), file=sys.stderr)
 
-    def take_input(self, b):
-        try:
-            ftype, lane, seq, body = parse_header(b)
-        except ValueError:
-            self.errors += 1
-            return
+    def on_input(self, b):
+        self.on_frame(self.take_input, b)
+
+    def on_return(self, b):
+        self.on_frame(self.take_return, b)
+
+    def take_input(self, ftype, lane, seq, body):
         if lane in self.ins and ftype in (DATA, EOS, HEARTBEAT):
             inc = struct.unpack_from("<Q", body)[0] if ftype == HEARTBEAT and len(body) >= 8 else None
             if inc is not None and self.ins[lane]["incarnation"] not in (None, inc):
@@ -368,19 +369,7 @@ class Stage:
                 self.grant(lane)
             i["incarnation"] = inc
 
-    def on_return(self, b):
-        try:
-            self.take_return(b)
-        except (ValueError, struct.error) as err:
-            self.errors += 1
-            print("stage %s: malformed return frame refused: %s" % (self.id, err), file=sys.stderr)
-
-    def take_return(self, b):
-        try:
-            ftype, lane, _, body = parse_header(b)
-        except ValueError:
-            self.errors += 1
-            return
+    def take_return(self, ftype, lane, _seq, body):
         o = self.outs.get(lane)
         if o is None or ftype != CREDIT:
             return
