@@ -20,8 +20,17 @@ public struct WireLimits: Sendable, Hashable {
     }
     public static let standard = WireLimits()
 
-    /// The largest legal data frame: used as ZMQ_MAXMSGSIZE outer guard (far above, see ARCHITECTURE.md).
-    public var maxFrameBytes: Int { FrameHeader.size + 4 + maxBatchEnvelopes * 4 + 4 * maxEnvelopeBytes }
+    /// A producer packs at most this many bytes of envelopes (length prefixes included) into one
+    /// DATA frame, or a single envelope when that one alone is larger.
+    public static let frameEnvelopeBytes = 1 << 20
+
+    /// Four times the largest legal DATA frame: the ZMQ_MAXMSGSIZE outer guard (ARCHITECTURE.md).
+    /// A frame holds at most ``frameEnvelopeBytes`` of envelopes or one envelope (whichever is
+    /// more), and at most `maxBatchEnvelopes` of them.
+    public var maxFrameBytes: Int {
+        let envelopes = Swift.min(maxBatchEnvelopes * (4 + maxEnvelopeBytes), Swift.max(Self.frameEnvelopeBytes, 4 + maxEnvelopeBytes))
+        return FrameHeader.size + 12 + 4 * envelopes
+    }
 }
 
 /// Binary envelope encoding, version 1 (docs/wire-format.md, "Envelope").

@@ -38,9 +38,7 @@ final class LaneRelay: @unchecked Sendable {
         var refused: UInt64 = 0
     }
 
-    /// `garbage`: not the protocol (counts toward cutting the worker off); otherwise a frame
-    /// from a worker revoked or cut off meanwhile (still in flight: counted and audited only).
-    struct Refusal: Sendable { let worker: String?; let why: String; let garbage: Bool }
+    typealias Refusal = FrameRefusal
     /// One relayed lane as seen from outside: frames forwarded each way, refused, and whether a
     /// frame is held for want of room (the receiving end absent or slow) on either path.
     struct LaneStats: Sendable {

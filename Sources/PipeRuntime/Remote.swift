@@ -265,18 +265,10 @@ extension PipelineHost {
         if let z = rm.zap { while let parts = try? z.receiveParts(dontWait: true) { handleZAP(parts, rm) } }
         if let relay = rm.relay {
             let (refusals, dropped) = relay.takeRefusals()
-            for r in refusals {
-                if r.garbage { remoteGarbage([], rm, r.why, worker: r.worker); continue }
-                // In flight from a worker revoked or cut off meanwhile: refused, not held against it.
-                rm.refused += 1
-                if rm.mayAudit(monotonicNs(), "relay-banned \(r.worker ?? "")") {
-                    log.warning("remote: refused \(r.why)")
-                    auditWriter?.submit(AuditRecord(decision: "frame-refused", stage: "host", intent: "remote.relay", reason: r.why,
-                                                    details: ["worker": .string(r.worker ?? "")]))
-                }
-            }
-            if dropped > 0 { rm.refused += dropped }
+            takeRefusals(refusals, dropped: dropped, rm, intent: "remote.relay")
         }
+        let (refusals, dropped) = RemoteRefusals.shared.take(run: options.runDirectory)
+        takeRefusals(refusals, dropped: dropped, rm, intent: "remote.lane")
         if let m = rm.monitor {
             while let ev = ZMQMonitorEvent.receive(from: m) {
                 guard ev.isHandshakeFailure else { continue }
@@ -586,6 +578,22 @@ extension PipelineHost {
         _ = try? rm.router.send(parts: [routing, answer], dontWait: true)
     }
 
+    /// What the relay or a runner thread refused from remote workers: garbage counts against its
+    /// worker; a frame still in flight from a worker revoked or cut off meanwhile is refused, not
+    /// held against it.
+    func takeRefusals(_ refusals: [FrameRefusal], dropped: Int, _ rm: RemoteHost, intent: String) {
+        for r in refusals {
+            if r.garbage { remoteGarbage([], rm, r.why, worker: r.worker); continue }
+            rm.refused += 1
+            if rm.mayAudit(monotonicNs(), "\(intent)-banned \(r.worker ?? "")") {
+                log.warning("remote: refused \(r.why)")
+                auditWriter?.submit(AuditRecord(decision: "frame-refused", stage: "host", intent: intent, reason: r.why,
+                                                details: ["worker": .string(r.worker ?? "")]))
+            }
+        }
+        rm.refused += dropped
+    }
+
     /// A frame that is not the protocol, from the worker `user` (the connection's authenticated
     /// name) if known. A worker that sends 100 is cut off: its runners are aborted and its key
     /// refused until the host restarts.
@@ -686,12 +694,41 @@ extension PipelineHost {
     func closeRemote() {
         guard let rm = remote else { return }
         RemoteBans.shared.clear(run: options.runDirectory)
+        _ = RemoteRefusals.shared.take(run: options.runDirectory)
         let relayClosed = rm.relay?.stop() ?? true
         rm.router.close(); rm.monitor?.close(); rm.control?.close()
         // A CURVE listener without a ZAP handler lets every client in: the handler stays while
         // any runner thread (and its tcp listeners) or the relay is alive.
         if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count && relayClosed { rm.zap?.close() }
         else { log.warning("runner threads or the lane relay still running at shutdown: the ZAP handler stays open with them") }
+    }
+}
+
+/// A frame refused from a remote worker, for the host to audit and count. `garbage`: not the
+/// protocol, or past its credits (counts toward cutting the worker off); otherwise a frame from a
+/// worker revoked or cut off meanwhile (still in flight: counted and audited only).
+struct FrameRefusal: Sendable { let worker: String?; let why: String; let garbage: Bool }
+
+/// Frames the host's own runner threads refused from remote workers on tcp lanes (garbage, a
+/// frame on another worker's lane, DATA past its credits, an envelope over the limits): the
+/// runner hands them here and the host takes them each loop pass, audits them and counts them
+/// against the worker, as it does for what the lane relay refuses. Per run directory; at most
+/// 1,000 waiting per run (more are only counted), so a flood costs no memory.
+final class RemoteRefusals: Sendable {
+    static let shared = RemoteRefusals()
+    struct Waiting { var list: [FrameRefusal] = []; var dropped = 0 }
+    let waiting = Mutex<[String: Waiting]>([:])
+    func report(_ r: FrameRefusal, run: String) {
+        waiting.withLock { w in
+            if w[run, default: Waiting()].list.count < 1000 { w[run, default: Waiting()].list.append(r) } else { w[run, default: Waiting()].dropped += 1 }
+        }
+    }
+    func take(run: String) -> (list: [FrameRefusal], dropped: Int) {
+        waiting.withLock { w in
+            guard let x = w[run] else { return ([], 0) }
+            w[run] = nil
+            return (x.list, x.dropped)
+        }
     }
 }
 

@@ -364,24 +364,33 @@ final class RunnerCore: StageContext {
     func peerAllowed(user: String?, lane: UInt32) -> Bool {
         guard checkPeers, let user, !user.isEmpty else { return true }
         if lanePeers[lane] == user && !RemoteBans.shared.isBanned(user, in: a.runDirectory) { return true }
-        let why = lanePeers[lane] == user ? "worker '\(user)' is revoked or cut off; its frame on lane \(lane) is refused"
-                                          : "worker '\(user)' sent a frame on lane \(lane), which belongs to '\(lanePeers[lane] ?? "the host")'"
-        refuseRemoteFrame(user, lane: lane, why)
+        if lanePeers[lane] == user {
+            refuseRemoteFrame(user, lane: lane, "worker '\(user)' is revoked or cut off; its frame on lane \(lane) is refused", garbage: false)
+        } else {
+            refuseRemoteFrame(user, lane: lane, "a frame from worker '\(user)' on lane \(lane), which belongs to '\(lanePeers[lane] ?? "the host")'")
+        }
         return false
     }
 
-    /// Counts (`refused_frames` in the status report) and, for the first ten and then every
-    /// thousandth, logs and audits a frame refused from a remote worker.
-    func refuseRemoteFrame(_ user: String, lane: UInt32, _ why: String) {
+    /// Counts a frame refused from a remote worker (`refused_frames` in the status report). From
+    /// a worker's authenticated connection (a runner in the host process), the host takes it over:
+    /// it audits it and counts it against the worker, cutting off one that keeps at it (garbage,
+    /// floods past the credits, frames on other workers' lanes). Otherwise (a remote consumer
+    /// fed through the relay) the first ten and then every thousandth are logged and audited
+    /// here: a flood stays counted, not written.
+    func refuseRemoteFrame(_ user: String, lane: UInt32, _ why: String, garbage: Bool = true, fromWorker: Bool = true) {
         foreignFrames += 1
         report("refused_frames", .int(Int64(clamping: foreignFrames)))
-        // The first few and then every thousandth are audited and logged: a flood stays counted, not written.
+        statsDirty = true
+        if checkPeers && fromWorker {
+            RemoteRefusals.shared.report(FrameRefusal(worker: user, why: why, garbage: garbage), run: a.runDirectory)
+            return
+        }
         if foreignFrames <= 10 || foreignFrames % 1000 == 0 {
             log.warning("refused: \(why) (\(foreignFrames) refused so far)")
             audit(AuditRecord(decision: "frame-refused", intent: "remote.lane", reason: why,
                               details: ["worker": .string(user), "lane": .int(Int64(lane)), "refused_so_far": .int(Int64(clamping: foreignFrames))]))
         }
-        statsDirty = true
     }
 
     static func prepareIPC(_ endpoint: String) throws {
@@ -802,7 +811,14 @@ final class RunnerCore: StageContext {
 
     func handleReturn(_ msg: ZMQMessage) {
         msg.withBytes { raw in
-            guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else { errors += 1; return }
+            guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else {
+                errors += 1
+                // From a worker's connection: refused and counted against it, like garbage on a data path.
+                if checkPeers, let u = msg.property("User-Id"), !u.isEmpty {
+                    refuseRemoteFrame(u, lane: 0, "a \(raw.count)-byte message on a return path that is not a frame for one of its lanes")
+                }
+                return
+            }
             guard peerAllowed(msg, lane: f.header.lane) else { return }
             if f.header.type == .credit, let (epoch, claimed) = try? f.credit() {
                 // A CREDIT of an epoch already replaced (queued behind the new one on another
@@ -878,7 +894,8 @@ final class RunnerCore: StageContext {
             // host relays) rather than the host.
             if remoteUser != nil || inLanes[li].tcp, f.header.type == .data,
                inLanes[li].receivedInEpoch + UInt64(f.dataDeclaredCount) > inLanes[li].limitSent + 2 * UInt64(inLanes[li].bound) {
-                refuseRemoteFrame(remoteUser ?? "the producer of lane \(f.header.lane)", lane: f.header.lane, "DATA past its credits on lane \(f.header.lane)")
+                refuseRemoteFrame(remoteUser ?? "the producer of lane \(f.header.lane)", lane: f.header.lane,
+                                  "DATA past its credits on lane \(f.header.lane)", fromWorker: remoteUser != nil)
                 return
             }
             if inLanes[li].tcp { noticeLoss(li, seq: f.header.seq, incarnation: f.header.type == .heartbeat ? try? f.heartbeatTime() : nil) }
@@ -893,6 +910,7 @@ final class RunnerCore: StageContext {
                     inLanes[li].latency.record(ns: now > sent ? now - sent : 0, count: UInt64(declared))
                 }
                 var visited = 0
+                var malformed: String? = nil
                 defer {
                     let spent = monotonicNs() - t0
                     busyNs &+= spent
@@ -922,6 +940,7 @@ final class RunnerCore: StageContext {
                             }
                         case .failure(let err):
                             errors += 1
+                            if malformed == nil { malformed = "\(err)" }
                             deadLetter(Envelope(intent: "lane.malformed-envelope", payload: Array(bytes.prefix(65536))),
                                        reason: "malformed envelope on lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(err)")
                         }
@@ -931,8 +950,14 @@ final class RunnerCore: StageContext {
                     let missing = UInt64(max(0, min(declared, limits.maxBatchEnvelopes) - visited))
                     inLanes[li].received &+= missing; inLanes[li].receivedInEpoch &+= missing; received &+= missing
                     if inLanes[li].bytesBound != nil { inLanes[li].bytesSinceGrant += max(1, f.body.count) }
+                    if malformed == nil { malformed = "\(error)" }
                     deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))),
                                reason: "malformed DATA frame on lane \(inLanes[li].id): \(error)")
+                }
+                // From a worker: dead-lettered as from anyone (nothing is lost), and one strike
+                // against the worker per broken frame.
+                if let u = remoteUser, let m = malformed {
+                    refuseRemoteFrame(u, lane: f.header.lane, "a DATA frame on lane \(f.header.lane) holding what is not an envelope within the limits (\(m))")
                 }
                 // A byte-bounded lane: the producer frees bytes only for whole frames the credit
                 // covers, so credit at the end of every frame that left bytes unreported.
@@ -1128,7 +1153,7 @@ final class RunnerCore: StageContext {
             var bytes = 0, fit = 0
             while fit < n {
                 let size = EnvelopeCodec.encodedSize(outLanes[i].queue.peek(fit)) + 4
-                if fit > 0 && (bytes + size > 1 << 20 || bytes + size > byteRoom) { break }
+                if fit > 0 && (bytes + size > WireLimits.frameEnvelopeBytes || bytes + size > byteRoom) { break }
                 if fit == 0 && size > byteRoom && outLanes[i].inFlightBytes > 0 { break }
                 bytes += size; fit += 1
             }

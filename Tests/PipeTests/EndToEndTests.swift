@@ -103,6 +103,28 @@ struct EndToEndTests {
         #expect(la == lb)
     }
 
+    @Test func aSmallEnvelopeLimit_stillLetsFullFramesCrossProcesses() throws {
+        // A frame carries up to 1 MiB of envelopes whatever max_envelope_bytes says; ZeroMQ's
+        // message size guard once followed the envelope limit, and a worker's socket then dropped
+        // the first full frame (the run stalled with 1024 sent, 0 received).
+        let yaml = """
+            pipeline: small-limit
+            limits: { max_envelope_bytes: 4096 }
+            stages:
+              - { id: gen, kind: generator, config: { count: 20000, payload_size: 100, seed: 3 } }
+              - { id: pass, kind: passthrough, inputs: [gen], placement: process }
+              - { id: sink, kind: null-sink, inputs: [pass] }
+            """
+        let (r, s) = try runPipeline(writeTemp(yaml, "small-limit.yaml"), runDir: Paths.tempDir("small-limit"), timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(lane(s, from: "pass.out", to: "sink.in")?["received"]?.intValue == 20000)
+        // The guard sits above a frame of 1 MiB of envelopes (header 16, sent_ns and count 12),
+        // or of one envelope at a limit above that, and stays small where batches must be small.
+        #expect(WireLimits(maxEnvelopeBytes: 4096).maxFrameBytes >= (1 << 20) + 28)
+        #expect(WireLimits(maxEnvelopeBytes: 2 << 20).maxFrameBytes >= (2 << 20) + 32)
+        #expect(WireLimits(maxEnvelopeBytes: 64, maxBatchEnvelopes: 16).maxFrameBytes < 8192)
+    }
+
     @Test func loop_underBlockWithSmallBounds_endsByItself() throws {
         let run = Paths.tempDir("loop")
         let (r, s) = try runPipeline(Paths.root + "/pipelines/loop.yaml", runDir: run, timeout: 90)

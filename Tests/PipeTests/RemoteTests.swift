@@ -317,7 +317,7 @@ struct RemoteWorkerTests {
         #expect(!out.contains("forged"))
         #expect(try envelopeIDs(run + "/out.jsonl").count == 6000)
         let audit = try auditJSONL(run)
-        #expect(audit.contains("worker 'spare' sent a frame on lane \(laneID), which belongs to 'edge'"))
+        #expect(audit.contains("refused a frame from worker 'spare' on lane \(laneID), which belongs to 'edge'"))
         #expect(audit.contains("worker 'spare' has no lane on port \(dataPort.split(separator: ":").last.map(String.init) ?? "?")"))
     }
 
@@ -497,6 +497,65 @@ struct RemoteWorkerTests {
         let audit = try auditJSONL(run)
         #expect(audit.contains("worker-cut-off"))
         #expect(audit.contains("worker 'spare' was cut off for sending garbage"))
+    }
+
+    @Test func aWorkerSendingOversizedEnvelopesAndGarbageOnItsOwnLane_isCutOff_andTheOthersRunOn() throws {
+        // spare owns the lane pass2 -> out, so ZAP lets it reach the sink's input port: there it
+        // sends an envelope over max_envelope_bytes, then a flood of what is not the protocol.
+        let fx = try RemoteFixture("remote-flood", extraWorkers: ["spare"])
+        try (fx.head("remote-flood", workers: ["edge", "spare"], top: "limits: { max_envelope_bytes: 4096 }\n") + """
+            stages:
+              - { id: gen, kind: generator, config: { count: 3000, seed: 11 } }
+              - { id: pass, kind: passthrough, inputs: [gen], placement: { worker: edge } }
+              - { id: gen2, kind: generator, config: { count: 10, seed: 12 } }
+              - { id: pass2, kind: passthrough, inputs: [gen2], placement: { worker: spare } }
+              - { id: out, kind: file-sink, inputs: [pass, pass2], config: { path: out.jsonl } }
+            """).write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let lane = try #require((try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []).first { $0["from"]?.stringValue == "pass2.out" })
+        let port = try #require(lane["endpoint"]?.stringValue), laneID = UInt32(lane["id"]?.intValue ?? 0)
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let push = try fx.clientSocket(.push, as: "spare", in: ctx)
+        defer { push.close() }
+        try push.connect(port)
+        let big = Envelope(intent: "oversized", payload: [UInt8](repeating: 0x41, count: 8192))
+        try push.send([big].withUnsafeBufferPointer { DataFrameBuilder.build(lane: laneID, seq: 1, envelopes: $0) })
+        var rng = SystemRandomNumberGenerator()
+        for i in 0..<150 { try push.send((0..<(i % 40 + 1)).map { _ in UInt8.random(in: 0...255, using: &rng) }) }
+        let state = try poll("cut-off", seconds: 15) {
+            (try pipectlJSON(["workers", "--run-dir", run]))["workers"]?.listValue?.first { $0["name"]?.stringValue == "spare" }?["state"]?.stringValue ?? ""
+        }
+        #expect(state == "cut-off")
+        // Every frame is counted by the stage that refused it, also those after the cut-off.
+        let refused = try poll(Int64(151), seconds: 10) {
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["status"]?["refused_frames"]?.intValue ?? 0
+        }
+        #expect(refused == 151)
+        let again = try fx.worker("spare")
+        #expect(again.status == 2)
+        #expect(again.stderr.contains("refused this key"), "\(again.stderr)")
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("worker-cut-off"))
+        #expect(audit.contains("worker 'spare' sent 100 bad frames"))
+        #expect(audit.contains("refused a malformed frame"))
+        #expect(audit.contains("refused a DATA frame on lane \(laneID) holding what is not an envelope within the limits (envelope too large"))
+        // The oversized envelope is dead-lettered (nothing is lost), not written to the sink.
+        #expect(audit.contains("\"decision\":\"dead-letter\""))
+        #expect(audit.contains("malformed envelope on lane \(laneID) from pass2.out: envelope too large: 8257 > limit 4096"))
+        // The host and the other worker run on: edge's stage gets and passes on every envelope.
+        let edge = try fx.startWorker("edge", log: fx.dir + "/edge.log")
+        defer { if edge.isRunning { kill(edge.processIdentifier, SIGKILL) } }
+        let passed = try poll(Int64(3000), seconds: 60) {
+            let st = try pipectlJSON(["status", "--run-dir", run])
+            return (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "pass" }?["emitted"]?.intValue ?? 0
+        }
+        #expect(passed == 3000)
+        #expect(host.isRunning)
+        #expect(!(try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8)).contains("oversized"))
     }
 
     @Test func aKilledWorker_showsDown_andAReturningOneFinishesTheRunLosingNothing() throws {
