@@ -32,6 +32,7 @@ import zmq
 MAGIC = b"PL"
 VERSION = 1
 DATA, EOS, CREDIT, ACK, HEARTBEAT, STATS, AUDIT, HELLO, ASSIGN, COMMAND = range(1, 11)
+PROTOCOL_VERSION = 2  # HELLO: STATS lane entries end with the credit epoch and the count within it
 CMD_LOOP_CLOSED, CMD_STOP, CMD_FINISH, CMD_ABORT = 1, 2, 3, 4
 F_IDLE, F_EXHAUSTED, F_FINISHED, F_FAILED = 0x01, 0x02, 0x04, 0x10
 
@@ -188,7 +189,7 @@ class Stage:
         # cut, the host's ROUTER hands the same route over to the new connection.
         self.control.routing_id = b"r" + os.urandom(16)
         self.control.connect(args.connect)
-        self.control.send(header(HELLO, 0, 1) + struct.pack("<HI", 1, os.getpid()) + str16(stage_id) + struct.pack("<I", 0))
+        self.control.send(header(HELLO, 0, 1) + struct.pack("<HI", PROTOCOL_VERSION, os.getpid()) + str16(stage_id) + struct.pack("<I", 0))
         self.seq = 1
         self.a = None
         self.finished = self.failed = False
@@ -434,10 +435,12 @@ class Stage:
         lanes = []
         for lane, o in getattr(self, "outs", {}).items():
             credits = max(0, o["limit"] - o["sent_in_epoch"])
-            lanes.append(struct.pack("<IBQIIBQQQI", lane, 0, o["transmitted"], credits, len(o["queue"]), 1 if o["eos"] else 0, 0, 0, 0, 0) + b"\x00")
+            lanes.append(struct.pack("<IBQIIBQQQI", lane, 0, o["transmitted"], credits, len(o["queue"]), 1 if o["eos"] else 0, 0, 0, 0, 0) + b"\x00"
+                         + struct.pack("<IQ", o["epoch"], o["sent_in_epoch"]))
         for lane, i in getattr(self, "ins", {}).items():
             credits = max(0, i["granted"] - i["in_epoch"])
-            lanes.append(struct.pack("<IBQIIBQQQI", lane, 1, i["received"], credits, 0, 1 if i["eos"] else 0, 0, 0, 0, 0) + b"\x00")
+            lanes.append(struct.pack("<IBQIIBQQQI", lane, 1, i["received"], credits, 0, 1 if i["eos"] else 0, 0, 0, 0, 0) + b"\x00"
+                         + struct.pack("<IQ", i["epoch"], i["in_epoch"]))
         body += struct.pack("<H", len(lanes)) + b"".join(lanes)
         status = [("language", "python"), ("program", (self.a or {}).get("config", {}).get("program", "") if self.a else "")]
         if self.error:
@@ -483,7 +486,7 @@ def register(ctx, args):
     if args.keys:
         s.curve_publickey, s.curve_secretkey, s.curve_serverkey = args.keys
     s.connect(args.connect)
-    s.send(header(HELLO, 0, 1) + struct.pack("<HI", 1, os.getpid()) + str16("worker:" + (args.name or "")) + struct.pack("<I", 0))
+    s.send(header(HELLO, 0, 1) + struct.pack("<HI", PROTOCOL_VERSION, os.getpid()) + str16("worker:" + (args.name or "")) + struct.pack("<I", 0))
     if not s.poll(int(args.handshake_timeout * 1000)):
         sys.exit("no answer from %s within %s s (host down, wrong --server-key, or a key the host does not allow)" % (args.connect, args.handshake_timeout))
     ftype, _, _, body = parse_header(s.recv())

@@ -20,11 +20,18 @@ public struct LaneEndStats: Sendable, Equatable {
     public var spillDepth: UInt32
     /// Consumer: time from the producer sending a DATA frame to this end taking it, per envelope.
     public var latency: DurationHistogram
+    /// The lane's credit epoch as this end sees it (0: a producer that has no CREDIT yet), and
+    /// `count` within it: envelopes this incarnation transmitted (producer) or took (consumer)
+    /// since the epoch began. When both ends report the same epoch, the host takes the depth from
+    /// these, so envelopes lost with a dead incarnation do not stay on the lane as depth.
+    public var epoch: UInt32
+    public var countInEpoch: UInt64
     public init(lane: UInt32, role: Role, count: UInt64, credits: UInt32, queued: UInt32, endOfStream: Bool, blockedNs: UInt64 = 0,
-                dropped: UInt64 = 0, spilled: UInt64 = 0, spillDepth: UInt32 = 0, latency: DurationHistogram = DurationHistogram()) {
+                dropped: UInt64 = 0, spilled: UInt64 = 0, spillDepth: UInt32 = 0, latency: DurationHistogram = DurationHistogram(),
+                epoch: UInt32 = 0, countInEpoch: UInt64 = 0) {
         self.lane = lane; self.role = role; self.count = count; self.credits = credits; self.queued = queued
         self.endOfStream = endOfStream; self.blockedNs = blockedNs; self.dropped = dropped; self.spilled = spilled
-        self.spillDepth = spillDepth; self.latency = latency
+        self.spillDepth = spillDepth; self.latency = latency; self.epoch = epoch; self.countInEpoch = countInEpoch
     }
 }
 
@@ -86,6 +93,7 @@ public struct StatsReport: Sendable, Equatable {
             w.u32(l.lane); w.u8(l.role.rawValue); w.u64(l.count); w.u32(l.credits); w.u32(l.queued)
             w.u8(l.endOfStream ? 1 : 0); w.u64(l.blockedNs)
             w.u64(l.dropped); w.u64(l.spilled); w.u32(l.spillDepth); w.histogram(l.latency)
+            w.u32(l.epoch); w.u64(l.countInEpoch)
         }
         w.u16(UInt16(truncatingIfNeeded: status.count))
         for (k, v) in status { w.str16(k); w.attr(v) }
@@ -101,7 +109,7 @@ public struct StatsReport: Sendable, Equatable {
         let er = try r.u64("stats.errors"), held = try r.u32("stats.held")
         let busy = try r.u64("stats.busy_ns"), processing = try r.histogram("stats.processing")
         let nl = Int(try r.u16("stats.lanes.count"))
-        if nl * 51 > r.remaining { throw .truncated(field: "stats.lanes", need: nl * 51, have: r.remaining) }
+        if nl * 63 > r.remaining { throw .truncated(field: "stats.lanes", need: nl * 63, have: r.remaining) }
         var lanes = [LaneEndStats]()
         for _ in 0..<nl {
             let lane = try r.u32("stats.lane.id")
@@ -111,8 +119,9 @@ public struct StatsReport: Sendable, Equatable {
             let eos = try r.u8("stats.lane.eos"), blocked = try r.u64("stats.lane.blocked_ns")
             let dropped = try r.u64("stats.lane.dropped"), spilled = try r.u64("stats.lane.spilled"), depth = try r.u32("stats.lane.spill_depth")
             let latency = try r.histogram("stats.lane.latency")
+            let epoch = try r.u32("stats.lane.epoch"), inEpoch = try r.u64("stats.lane.count_in_epoch")
             lanes.append(LaneEndStats(lane: lane, role: role, count: count, credits: credits, queued: q, endOfStream: eos != 0, blockedNs: blocked,
-                                      dropped: dropped, spilled: spilled, spillDepth: depth, latency: latency))
+                                      dropped: dropped, spilled: spilled, spillDepth: depth, latency: latency, epoch: epoch, countInEpoch: inEpoch))
         }
         let ns = Int(try r.u16("stats.status.count"))
         var status = [(String, AttrValue)]()
@@ -125,7 +134,8 @@ public struct StatsReport: Sendable, Equatable {
 
 /// HELLO body: a worker introduces itself to the host.
 public struct Hello: Sendable, Equatable {
-    public static let protocolVersion: UInt16 = 1
+    /// 2: STATS lane entries carry the credit epoch and the count within it.
+    public static let protocolVersion: UInt16 = 2
     public var protocolVersion: UInt16
     public var pid: UInt32
     /// The worker's name (the `NAME` of `placement: { worker: NAME }`, or the stage id for child workers).

@@ -109,9 +109,12 @@ public struct LaneView: Sendable {
     /// sender queue and the spill queue. The two ends report at different moments; the estimate carries each count to
     /// the newer report's time (see LaneMonitor). Before both reported: the raw difference.
     public var depth: Int64 {
-        estimatedDepth ?? (min(Int64(bound), max(0, Int64(clamping: sent) - Int64(clamping: received))) + Int64(clamping: queued)
-                           + Int64(clamping: spillDepth))
+        estimatedDepth ?? (min(Int64(bound), max(0, inFlightCount.map(Int64.init(clamping:)) ?? (Int64(clamping: sent) - Int64(clamping: received))))
+                           + Int64(clamping: queued) + Int64(clamping: spillDepth))
     }
+    /// Sent minus taken within the credit epoch both ends report (nil when they differ): unlike
+    /// `sent - received`, it does not keep what a dead incarnation lost or never reported.
+    public var inFlightCount: Int64?
 }
 
 /// The host: plans a pipeline, runs its stages as threads and worker processes, supervises them,
@@ -529,6 +532,7 @@ public final class PipelineHost: @unchecked Sendable {
         v.spilled = p?.spilled ?? 0
         v.spillDepth = UInt64(p?.spillDepth ?? 0)
         v.latency = c?.latency ?? DurationHistogram()
+        if let p, let c, p.epoch != 0, p.epoch == c.epoch { v.inFlightCount = Int64(clamping: p.countInEpoch) - Int64(clamping: c.countInEpoch) }
         v.tap = stages[l.from]?.plan.placement.isRemote == true ? "" : plan.tapEndpoint(l.from, runDir: options.runDirectory)
         if let rm = remote, l.transport == "tcp" {
             let now = monotonicNs()

@@ -40,6 +40,10 @@ struct RateMeter: Sendable {
 /// forward to the newer report's time at that end's own rate before subtracting. The in-flight
 /// part is clamped to the bound (credits make more impossible), and the watermark state machine
 /// sees the median of the last three estimates, so one skewed pair cannot flip a state.
+///
+/// When both ends report the same credit epoch, the counts subtracted are those within the epoch
+/// (docs/wire-format.md, STATS): what an incarnation that died had taken but not yet reported,
+/// and what was lost with it, then no longer count as depth for the rest of the run.
 struct LaneMonitor: Sendable {
     var marks: Watermarks
     let bound: Int64
@@ -49,8 +53,8 @@ struct LaneMonitor: Sendable {
     var blocked = RateMeter()
     /// The latest report of each end; `moving` is false once that end is idle or has ended, and
     /// then its count is not carried forward.
-    var producer: (t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, credits: UInt32, moving: Bool)?
-    var consumer: (t: UInt64, received: UInt64, moving: Bool)?
+    var producer: (t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, credits: UInt32, moving: Bool, epoch: UInt32, inEpoch: UInt64)?
+    var consumer: (t: UInt64, received: UInt64, moving: Bool, epoch: UInt32, inEpoch: UInt64)?
     var recent: [Int64] = []
     /// The filtered depth the state machine last saw.
     private(set) var depth: Int64 = 0
@@ -64,13 +68,14 @@ struct LaneMonitor: Sendable {
         bound = Int64(settings.bound)
     }
 
-    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, credits: UInt32, moving: Bool) {
+    mutating func producerReport(t: UInt64, sent: UInt64, queued: UInt64, spilled: UInt64, credits: UInt32, moving: Bool,
+                                 epoch: UInt32 = 0, inEpoch: UInt64 = 0) {
         if let p = producer, t <= p.t { return }
-        producer = (t, sent, queued, spilled, credits, moving); rateIn.add(sent, at: t)
+        producer = (t, sent, queued, spilled, credits, moving, epoch, inEpoch); rateIn.add(sent, at: t)
     }
-    mutating func consumerReport(t: UInt64, received: UInt64, moving: Bool) {
+    mutating func consumerReport(t: UInt64, received: UInt64, moving: Bool, epoch: UInt32 = 0, inEpoch: UInt64 = 0) {
         if let c = consumer, t <= c.t { return }
-        consumer = (t, received, moving); rateOut.add(received, at: t)
+        consumer = (t, received, moving, epoch, inEpoch); rateOut.add(received, at: t)
     }
 
     /// The current estimate (unfiltered), or nil before both ends reported.
@@ -85,8 +90,11 @@ struct LaneMonitor: Sendable {
         // Until a moving end's rate is known, its count cannot be carried forward: no estimate.
         if (p.moving && !rateIn.ready) || (c.moving && !rateOut.ready) { return nil }
         let at = max(p.t, c.t)
-        let sent = Double(p.sent) + (p.moving ? rateIn.rate * Double(at - p.t) / 1e9 : 0)
-        let received = Double(c.received) + (c.moving ? rateOut.rate * Double(at - c.t) / 1e9 : 0)
+        // Within one epoch when both are in it; across epochs (one end restarted and the other
+        // has not heard of it yet), the run's totals.
+        let sameEpoch = p.epoch != 0 && p.epoch == c.epoch
+        let sent = Double(sameEpoch ? p.inEpoch : p.sent) + (p.moving ? rateIn.rate * Double(at - p.t) / 1e9 : 0)
+        let received = Double(sameEpoch ? c.inEpoch : c.received) + (c.moving ? rateOut.rate * Double(at - c.t) / 1e9 : 0)
         let inFlight = Int64(max(0, min(Double(bound), (sent - received).rounded())))
         return inFlight + backlog
     }
@@ -126,12 +134,13 @@ extension PipelineHost {
             if l.from == stage, let s = stages[stage]?.stats, let p = s.lanes.first(where: { $0.lane == l.id && $0.role == .producer }) {
                 // "Idle" at the instant of a report says nothing about the rate: only an end does.
                 let moving = !p.endOfStream && !s.flags.contains(.finished)
-                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), credits: p.credits, moving: moving)
+                m.producerReport(t: s.timeNs, sent: p.count, queued: UInt64(p.queued), spilled: UInt64(p.spillDepth), credits: p.credits, moving: moving,
+                                 epoch: p.epoch, inEpoch: p.countInEpoch)
                 m.blocked.add(p.blockedNs, at: s.timeNs)
             }
             if l.to == stage, let s = stages[stage]?.stats, let c = s.lanes.first(where: { $0.lane == l.id && $0.role == .consumer }) {
                 let moving = !c.endOfStream && !s.flags.contains(.finished)
-                m.consumerReport(t: s.timeNs, received: c.count, moving: moving)
+                m.consumerReport(t: s.timeNs, received: c.count, moving: moving, epoch: c.epoch, inEpoch: c.countInEpoch)
             }
             if let before = m.step() {
                 let after = m.marks.state

@@ -1261,12 +1261,13 @@ final class RunnerCore: StageContext {
             let blocked = l.blockedNs + (l.blockedSince.map { t - $0 } ?? 0)
             lanes.append(LaneEndStats(lane: l.id, role: .producer, count: l.transmitted, credits: UInt32(clamping: max(0, l.credits)),
                                       queued: UInt32(clamping: l.queue.count), endOfStream: l.eosSent, blockedNs: blocked,
-                                      dropped: l.dropped, spilled: l.spill?.written ?? 0, spillDepth: UInt32(clamping: l.spill?.count ?? 0)))
+                                      dropped: l.dropped, spilled: l.spill?.written ?? 0, spillDepth: UInt32(clamping: l.spill?.count ?? 0),
+                                      epoch: l.epoch, countInEpoch: l.sentInEpoch))
         }
         for l in inLanes {
             lanes.append(LaneEndStats(lane: l.id, role: .consumer, count: l.received,
                                       credits: UInt32(clamping: max(0, Int64(l.limitSent) - Int64(l.receivedInEpoch))), queued: 0, endOfStream: l.eos,
-                                      latency: l.latency))
+                                      latency: l.latency, epoch: l.epoch, countInEpoch: l.receivedInEpoch))
         }
         var st = status
         for (k, v) in metrics.sorted(by: { $0.key < $1.key }) { st.append(("metric.\(k)", .int(Int64(v)))) }

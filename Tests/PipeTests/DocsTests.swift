@@ -28,6 +28,9 @@ struct DocsTests {
             FrameEncoder.command(seq: 4, RunnerCommand(code: .stop)),
             FrameEncoder.ack(lane: 1, seq: 1, ids: [EnvelopeID(hi: 1, lo: 2)]),
             Hello(pid: 16, worker: "w").encode(seq: 1),
+            StatsReport(stage: "s", timeNs: 1, flags: [.idle], received: 2, emitted: 3, deadLettered: 0, errors: 0, held: 0,
+                        lanes: [LaneEndStats(lane: 1, role: .consumer, count: 10, credits: 4, queued: 0, endOfStream: false, epoch: 7, countInEpoch: 6)],
+                        status: []).encode(seq: 1),
         ]
         for v in vectors { #expect(doc.contains(Hex.encode(v)), "missing vector \(Hex.encode(v))") }
         var b = DataFrameBuilder(lane: 7, seq: 2, sentNs: 0x1122334455667788)

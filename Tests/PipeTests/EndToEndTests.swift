@@ -269,7 +269,7 @@ struct EndToEndTests {
         let yaml = """
         pipeline: crashy
         stages:
-          - { id: gen, kind: generator, config: { count: 0, rate: 1000 } }
+          - { id: gen, kind: generator, config: { count: 0, rate: 20000 } }
           - { id: pass, kind: passthrough, inputs: [gen], placement: process }
           - { id: sink, kind: null-sink, inputs: [pass] }
         """
@@ -293,9 +293,20 @@ struct EndToEndTests {
         usleep(500_000)
         let after = try pipectlJSON(["lanes", "--run-dir", run]).listValue?.first { $0["from"]?.stringValue == "pass.out" }?["received"]?.intValue ?? 0
         #expect(after > before)
+        // What the dead worker took without reporting it, or lost in its queue, is not depth: the
+        // lane into it flows at 20k/s with next to nothing in flight, and reads so (counted from
+        // the start of the run it read 1024 of 1024, overloaded, for the rest of the run).
+        let settled = try poll(true, seconds: 15) {
+            let l = try pipectlJSON(["lanes", "--run-dir", run]).listValue?.first { $0["from"]?.stringValue == "gen.out" }
+            return l?["state"]?.stringValue == "normal" && (l?["depth"]?.intValue ?? 1024) < 200
+        }
+        let shown = (try? runProcess(Paths.pipectl, ["lanes", "--run-dir", run]).stdout) ?? ""
+        #expect(settled, "\(shown)")
         kill(p.processIdentifier, SIGTERM)
         p.waitUntilExit()
         #expect(p.terminationStatus == 0)
+        let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+        #expect(lane(s, from: "gen.out", to: "pass.in")?["depth"]?.intValue == 0)
     }
 
     @Test func maxEnvelopesAndUntilIdle_boundEndlessRuns() throws {

@@ -34,6 +34,32 @@ struct LaneMonitorTests {
         #expect(states == [.normal])
     }
 
+    /// A consumer worker died with 700 envelopes taken but not reported and 400 more in its queue;
+    /// its successor took the lane on in a new epoch. Counted from the start of the run the lane
+    /// would read full forever; counted within the epoch both ends report, it reads what is in
+    /// flight now, and until the producer has heard of the new epoch, the run's totals.
+    @Test func afterAConsumerRestart_depthIsCountedWithinTheEpochBothEndsReport() {
+        var m = LaneMonitor(settings: LaneSettings(bound: 1024))
+        let rate = 20_000.0, lost = 1_100.0, trueDepth = 30.0
+        var states: Set<PressureState> = []
+        for k in 0..<40 {
+            let tp = UInt64(k) * 100_000_000 + 10_000_000, tc = tp + 50_000_000
+            let sent = Double(tp) / 1e9 * rate + trueDepth + lost, received = Double(tc) / 1e9 * rate
+            // Epoch 8 began at t = 0 with the successor (the totals include the lost envelopes).
+            m.producerReport(t: tp, sent: UInt64(sent), queued: 0, spilled: 0, credits: 900, moving: true, epoch: 8, inEpoch: UInt64(sent - lost))
+            _ = m.step()
+            m.consumerReport(t: tc, received: UInt64(received), moving: true, epoch: 8, inEpoch: UInt64(received))
+            _ = m.step()
+            states.insert(m.marks.state)
+            if k > 10 { #expect(abs(Double(m.depth) - trueDepth) < 50, "estimate \(m.depth) at step \(k)") }
+        }
+        #expect(states == [.normal])
+        // The producer still in epoch 7 (it has not taken the new CREDIT yet): the totals.
+        m.producerReport(t: 5_000_000_000, sent: 200_000, queued: 0, spilled: 0, credits: 0, moving: false, epoch: 7, inEpoch: 90_000)
+        m.consumerReport(t: 5_000_000_001, received: 198_500, moving: false, epoch: 8, inEpoch: 2_000)
+        #expect(m.estimate == 1024)
+    }
+
     /// A producer blocked most of the time with a backlog: the lane is full, whatever one pair of
     /// counts says.
     @Test func blockedProducer_meansAFullLane() {

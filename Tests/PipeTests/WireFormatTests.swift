@@ -49,7 +49,7 @@ struct WireFormatTests {
         let ack = FrameEncoder.ack(lane: 1, seq: 1, ids: [EnvelopeID(hi: 1, lo: 2)])
         #expect(Hex.encode(ack) == "504c010401000000" + "0100000000000000" + "01000000" + "00000000000000010000000000000002")
         let hello = Hello(pid: 0x10, worker: "w").encode(seq: 1)
-        #expect(Hex.encode(hello) == "504c010800000000" + "0100000000000000" + "0100" + "10000000" + "010077" + "00000000")
+        #expect(Hex.encode(hello) == "504c010800000000" + "0100000000000000" + "0200" + "10000000" + "010077" + "00000000")
     }
 
     @Test func controlFrames_roundTrip() throws {
@@ -57,7 +57,7 @@ struct WireFormatTests {
         #expect(c.epoch == 9 && c.limit == 77)
         #expect(try withFrame(Hello(pid: 42, worker: "pass", grant: [1, 2, 3]).encode(seq: 1)) { try Hello.decode($0) } == Hello(pid: 42, worker: "pass", grant: [1, 2, 3]))
         let stats = StatsReport(stage: "s", timeNs: 5, flags: [.idle, .finished], received: 1, emitted: 2, deadLettered: 3, errors: 4, held: 5,
-                                lanes: [LaneEndStats(lane: 1, role: .consumer, count: 10, credits: 3, queued: 0, endOfStream: true, blockedNs: 7)],
+                                lanes: [LaneEndStats(lane: 1, role: .consumer, count: 10, credits: 3, queued: 0, endOfStream: true, blockedNs: 7, epoch: 9, countInEpoch: 4)],
                                 status: [("k", .string("v")), ("n", .double(1.5))])
         #expect(try withFrame(stats.encode(seq: 3)) { try StatsReport.decode($0) } == stats)
         #expect(try withFrame(FrameEncoder.ack(lane: 1, seq: 1, ids: [EnvelopeID(hi: 5, lo: 6)])) { try $0.ackIDs() } == [EnvelopeID(hi: 5, lo: 6)])
