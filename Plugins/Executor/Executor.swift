@@ -110,14 +110,27 @@ public final class ExecutorStage: Stage {
 
     func out(_ n: String) -> OutputHandle { outs[n] ?? OutputHandle(index: 0, name: n) }
 
+    /// Why `cap` cannot be a cap at all (the fields every cap names, and the types of the
+    /// attributes the executor reads), or nil. Such a cap is rejected with the reason, never run.
+    static func malformed(_ cap: Envelope) -> String? {
+        if cap.actor.isEmpty { return "malformed cap: no actor" }
+        if cap.intent.isEmpty { return "malformed cap: no intent" }
+        if let c = cap.attrs["continuation"], c.stringValue == nil { return "malformed cap: continuation is \(c), not text" }
+        return nil
+    }
+
     struct Outcome { var outcome: String; var reason: String; var output: [UInt8]; var truncated: Bool; var exitStatus: Int32?; var latencyNs: UInt64; var program: String? = nil }
 
     public func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
         let cap = envelope
-        let asked = cap.attrs["continuation"]?.stringValue ?? "receipt"
+        let asked = cap.attrs["continuation"]?.stringValue ?? "receipt"   // not text: malformed, below
         var result: Outcome
         var continuation = asked
-        if !Self.continuations.contains(asked) {
+        if let missing = Self.malformed(cap) {
+            result = Outcome(outcome: "rejected", reason: missing, output: [], truncated: false, exitStatus: nil, latencyNs: 0)
+            continuation = "reject"
+            context.count("malformed_caps")
+        } else if !Self.continuations.contains(asked) {
             let why = asked == "resume"
                 ? "continuation 'resume' was not resolved (a mux coffee_lane_policy resolves it before the executor)"
                 : "unknown continuation '\(asked)' (expected \(Self.continuations.joined(separator: ", ")))"

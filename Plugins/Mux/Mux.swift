@@ -134,7 +134,8 @@ public final class MuxStage: Stage {
 
     /// The lane hint, else the exact route, else the longest prefix of whole segments, else the default.
     func route(_ e: Envelope) -> Routed {
-        if let hint = e.attrs["lane"]?.stringValue {
+        if let h = e.attrs["lane"] {
+            guard let hint = h.stringValue else { return .refused("lane hint \(h) is not text") }
             guard let i = laneIndex[hint] else { return .refused("lane hint '\(hint)' names no lane of this mux") }
             return .lane(i)
         }
@@ -272,6 +273,7 @@ public final class MuxStage: Stage {
         t.attrs["triage_reason"] = .string(reason)
         var d = details; d["stage_kind"] = .string("mux")
         context.audit(.about(e, decision: decision, reason: reason, details: d))
+        context.count("refused")
         context.emit(t, to: reject)
     }
 

@@ -358,6 +358,32 @@ struct CapHostileInputTests {
         #expect(h.take("triage_reject").count == 1)
     }
 
+    @Test func aCapWithoutActorOrIntent_orANonTextContinuation_isRejectedWithTheReason_andNotRun() throws {
+        let h = try StageHarness(ExecutorStage.descriptor, config: .object([("executor", .string("command")), ("allow", .list([.string("/bin/sleep")]))]))
+        let run = #"{"argv":["/bin/sleep","5"]}"#
+        try h.feed(cap(actor: "", payload: run))
+        try h.feed(cap("", payload: run))
+        var numeric = cap(payload: run); numeric.attrs["continuation"] = .int(5)
+        try h.feed(numeric)
+        let rs = try h.take("receipts").map { try JSON.parse(bytes: $0.payload)["receipt"] ?? .null }
+        #expect(rs.map { $0["reason"]?.stringValue ?? "" } == ["malformed cap: no actor", "malformed cap: no intent", "malformed cap: continuation is 5, not text"])
+        #expect(rs.allSatisfy { $0["outcome"] == .string("rejected") && $0["latency_us"] == .int(0) })
+        #expect(h.take("triage_reject").map { $0.attrs["triage_reason"]?.stringValue ?? "" }.allSatisfy { $0.hasPrefix("malformed cap") })
+        #expect(h.take("followups").isEmpty)
+    }
+
+    @Test func commandOutput_isCutAtMaxOutputBytes_andTheReceiptSaysSo() throws {
+        let h = try StageHarness(ExecutorStage.descriptor, config: .object([
+            ("executor", .string("command")), ("allow", .list([.string("/bin/echo")])), ("max_output_bytes", .int(8)),
+        ]))
+        try h.feed(cap(payload: #"{"argv":["/bin/echo","0123456789abcdef"]}"#))
+        try h.feed(cap(payload: #"{"argv":["/bin/echo","short"]}"#))
+        let rs = try h.take("receipts").map { try JSON.parse(bytes: $0.payload)["receipt"] ?? .null }
+        #expect(rs.count == 2)
+        #expect(rs[0]["output"]?.stringValue == "01234567" && rs[0]["truncated"] == .bool(true) && rs[0]["outcome"]?.stringValue == "executed")
+        #expect(rs[1]["output"]?.stringValue == "short\n" && rs[1]["truncated"] == .bool(false))
+    }
+
     @Test func json_refusesDuplicateKeysAndLeadingZeros() {
         #expect(throws: JSON.ParseError.self) { _ = try JSON.parse(#"{"outcome":"rejected","outcome":"executed"}"#) }
         #expect(throws: JSON.ParseError.self) { _ = try JSON.parse(#"{"latency_us":051234}"#) }
@@ -627,6 +653,30 @@ struct MuxTests {
         // offline_fallback goes to the lane named offline.
         try h.feed(from("anna", ["endpoint_status": .string("down")]))
         #expect(h.take("offline").count == 1)
+    }
+
+    @Test func routes_hintThenExactThenLongestPrefix_andWhatNoRouteTakesIsRefusedWithTheReason() throws {
+        let h = try StageHarness(MuxStage.descriptor, config: .object([
+            ("lanes", .object([("a", .object([])), ("b", .object([])), ("c", .object([]))])),
+            ("routes", .object([("job", .string("a")), ("job.x", .string("b"))])),
+        ]))
+        func lane(_ intent: String, hint: AttrValue? = nil) throws -> String {
+            var e = cap(intent)
+            if let hint { e.attrs["lane"] = hint }
+            try h.feed(e)
+            for l in ["a", "b", "c"] where !h.take(l).isEmpty { return l }
+            return "refused: " + (h.take("triage_reject").first?.attrs["triage_reason"]?.stringValue ?? "?")
+        }
+        #expect(try lane("job.x") == "b")              // exact, though "job" is a prefix too
+        #expect(try lane("job.x.y.z") == "b")          // the longest prefix of whole segments
+        #expect(try lane("job.xy") == "a")             // "job.x" is not a segment prefix of "job.xy"
+        #expect(try lane("job.x", hint: .string("c")) == "c")
+        #expect(try lane("other") == "refused: no route for intent 'other' and no default_lane")
+        #expect(try lane("job", hint: .string("nope")) == "refused: lane hint 'nope' names no lane of this mux")
+        #expect(try lane("job", hint: .int(3)) == "refused: lane hint 3 is not text")
+        // Each refusal is counted (pipectl status: metric.refused) and audited with its reason.
+        #expect(h.metrics["refused"] == 3)
+        #expect(h.takeAudits().filter { $0.decision == "reject" }.map(\.reason).contains("lane hint 3 is not text"))
     }
 
     @Test func badConfig_namesTheProblem() {
