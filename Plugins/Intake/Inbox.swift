@@ -318,7 +318,7 @@ public final class InboxStage: SourceStage {
             context.count(outcome)
             attrs["intake_error"] = .string(outcome)
             context.deadLetter(Envelope(actor: actor, intent: "intake.arrival", ingestNs: context.wallClockNs, attrs: attrs, payload: []),
-                               reason: "\(display): \(reason); left in the inbox")
+                               reason: "\(display): \(reason); not taken in")
             return false
         }
         if !haveLstat && errno == ENOENT { return vanished(display, context) }

@@ -105,6 +105,9 @@ public final class SnifferStage: Stage {
         counts[cls.index] += 1
         var details: [String: AttrValue] = ["filename": .string(name), "intake_class": .string(cls.rawValue), "disposition": .string(disposition.rawValue)]
         if let m = mimeType { details["mime"] = .string(m) }
+        // How the file arrived, and how many inotify events the inbox coalesced into this arrival.
+        if let n = e.attrs["arrival_events"] { details["arrival_events"] = n }
+        if let a = e.attrs["arrival"] { details["arrival"] = a }
         context.audit(.about(e, decision: "classify", reason: Self.reasons[cls.index][disposition.index], details: details))
         if mode == .passive {
             context.emit(e, to: observed)

@@ -123,6 +123,9 @@ extension ExclusivePipelines {
             #expect(audits.filter { decision($0) == "classify" && filename($0) == "upload-1.csv" }.count == 1)
             #expect(audits.filter { decision($0) == "classify" && filename($0).hasPrefix("upload-1.csv.") }.isEmpty)
             #expect(audits.filter { decision($0) == "classify" && filename($0) == "burst-1.log" }.count == 1)
+            // The classify record says how the file arrived and how many events made the arrival.
+            let burst = audits.first { decision($0) == "classify" && filename($0) == "burst-1.log" }?["details"]
+            #expect((burst?["arrival_events"]?.intValue ?? 0) >= 1 && burst?["arrival"]?.stringValue == "event", "\(burst.map { JSON.serialize($0) } ?? "")")
             #expect(FileManager.default.contents(atPath: run + "/quarantine/burst-1.log") == Data("version 3\n".utf8))
             #expect(audits.first { decision($0) == "reject-invalid" }?["erachter"]?["reason"]?.stringValue == "block 0 signature does not verify")
             #expect(audits.first { decision($0) == "triage-fork" }?["erachter"]?["reason"]?.stringValue?.contains("surface name 'report-1.tza' but arrived as 'report-1.txt'") == true)

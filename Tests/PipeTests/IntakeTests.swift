@@ -361,8 +361,8 @@ struct InboxTests {
         #expect(oddEnv?.attrs["filename_hex"] == .string(Hex.encode(odd)))
         let reasons = h.deadLetters.map(\.reason).sorted()
         #expect(reasons.count == 2)
-        #expect(reasons.first == "big.bin: 5000 bytes exceeds max_bytes 1000; left in the inbox")
-        #expect(reasons.last == "leak.tza: a symlink leaving the inbox (to \(FS.realPath(outside) ?? outside)); left in the inbox")
+        #expect(reasons.first == "big.bin: 5000 bytes exceeds max_bytes 1000; not taken in")
+        #expect(reasons.last == "leak.tza: a symlink leaving the inbox (to \(FS.realPath(outside) ?? outside)); not taken in")
         #expect(h.audits.contains { $0.decision == "inbox-vanished" && $0.reason == "gone.txt: gone before it could be read" })
         #expect(h.metrics["too_large"] == 1 && h.metrics["refused_symlink"] == 1 && h.metrics["vanished"] == 1)
         // Nothing was deleted or followed out of the inbox.
@@ -468,7 +468,7 @@ struct InboxTests {
         #expect(mkfifo(dir + "/pipe", 0o644) == 0)
         try h.produce(); try h.advance(byMs: 100); try h.produce()
         let fifo = h.deadLetters.map(\.envelope).filter { $0.attrs["filename"] == .string("pipe") }
-        #expect(fifo.count == 1 && h.deadLetters.last?.reason == "pipe: not a regular file; left in the inbox")
+        #expect(fifo.count == 1 && h.deadLetters.last?.reason == "pipe: not a regular file; not taken in")
         for e in fifo { try sink.feed(e) }
         #expect(sink.takeAudits().first?.reason.contains("not a regular file; not copied") == true)
     }
@@ -491,5 +491,24 @@ struct InboxTests {
         #expect(o.manifest.profile == "unverified")        // never verified: not resealed as trusted
         #expect(exists(run + "/archive/data.json") && !exists(dir + "/data.json"))
         #expect(sink.takeAudits().map(\.decision) == ["reseal", "archive"])
+    }
+
+    @Test func reseal_toAnOutboxItCannotWrite_leavesTheOriginalAndSaysSo() throws {
+        let (h, dir) = try inbox()
+        write(Array("{\"state\": 2}".utf8), dir + "/data.json")
+        try h.produce(); try h.advance(byMs: 100); try h.produce()
+        let run = Paths.tempDir("reseal-fail")
+        let sink = try StageHarness(ResealSinkStage.descriptor, config: .object([("key", .string("keys/signing.key")), ("create_key", .bool(true))]), runDirectory: run)
+        // The outbox is not a directory any more (a full or broken disk looks the same to the sink).
+        try? FileManager.default.removeItem(atPath: run + "/outbox")
+        write([0], run + "/outbox")
+        for e in h.take() { try sink.feed(e) }
+        let audits = sink.takeAudits()
+        #expect(audits.map(\.decision) == ["move-failed"])
+        #expect(audits.first?.reason.hasPrefix("cannot write to the outbox: ") == true && audits.first?.reason.hasSuffix("; the original stays where it was") == true,
+                "\(audits.first?.reason ?? "")")
+        #expect(FileManager.default.contents(atPath: dir + "/data.json") == Data("{\"state\": 2}".utf8))
+        #expect(!exists(run + "/archive/data.json"))
+        #expect(sink.metrics["move_failed"] == 1 && sink.metrics["resealed"] == nil)
     }
 }
