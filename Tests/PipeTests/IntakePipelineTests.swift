@@ -135,6 +135,36 @@ extension ExclusivePipelines {
             #expect(audits.contains { decision($0) == "police-finding" })
         }
 
+        /// Root reads any file, so the host runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
+        /// (setpriv, util-linux) and a mode-000 file is really unreadable to it.
+        @Test func anUnreadableFile_isDeadLetteredWithTheReason_andStaysInTheInbox() throws {
+            guard (try? runProcess("/usr/bin/setpriv", ["--bounding-set=-dac_override,-dac_read_search", "--", "/bin/true"], timeout: 10))?.status == 0 else {
+                FileHandle.standardError.write(Data("unreadable-file test skipped: setpriv cannot drop capabilities here\n".utf8)); return
+            }
+            let dir = Paths.tempDir("unreadable")
+            let inbox = dir + "/in"
+            try FileManager.default.createDirectory(atPath: inbox, withIntermediateDirectories: true)
+            try Data("{\"a\": 1}".utf8).write(to: URL(fileURLWithPath: inbox + "/ok.json"))
+            try Data("secret".utf8).write(to: URL(fileURLWithPath: inbox + "/secret.bin"))
+            chmod(inbox + "/secret.bin", 0)
+            let yaml = """
+                pipeline: unreadable
+                stages:
+                  - { id: inbox, kind: inbox, config: { dir: \(inbox), idle_exit_ms: 500 } }
+                  - { id: sink, kind: file-sink, inputs: [inbox], config: { path: out.jsonl } }
+                """
+            let run = dir + "/run"
+            let r = try runProcess("/usr/bin/setpriv", ["--bounding-set=-dac_override,-dac_read_search", "--", Paths.pipehost, "run", writeTemp(yaml, "unreadable.yaml"),
+                                                        "--run-dir", run, "--summary-json", run + "/summary.json", "--quiet"], timeout: 60)
+            #expect(r.status == 0, "\(r.stderr)")
+            let dead = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
+            #expect(dead.contains("secret.bin: cannot open: Permission denied; not taken in") && dead.contains("\"intake_error\":\"unreadable\""), "\(dead)")
+            #expect(try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8).contains("\"filename\":\"ok.json\""))
+            #expect(FileManager.default.fileExists(atPath: inbox + "/secret.bin"))
+            let audits = try auditLines(run)
+            #expect(audits.contains { decision($0) == "dead-letter" && ($0["erachter"]?["reason"]?.stringValue ?? "").contains("secret.bin: cannot open") })
+        }
+
         @Test func sealAndUnseal_fromTheCommandLine() throws {
             let d = Paths.tempDir("seal-cli")
             let keys = try runProcess(Paths.pipehost, ["keygen", "-o", d + "/keys"], timeout: 30)
