@@ -13,7 +13,11 @@ Usage:
   ref_worker.py --connect tcp://HOST:PORT --key worker/curve.key --server-key host/curve.pub
   ref_worker.py --connect tcp://HOST:PORT --insecure --name NAME
 
-Delivery: at-most-once only (no ACK frames); byte bounds are not enforced here. It follows the
+Delivery: under `delivery: at-least-once` it acknowledges an input (ACK on the input lane's
+return path) once every copy of what it made of it was acknowledged on each output lane it went
+to, and at once an input it refused; it keeps no copies (a transform does not resend: when a
+consumer restarts, what was outstanding on its lane is forgotten and the source's timeout sends
+it again), and what it emits keeps the input's `attempt`. Byte bounds are not enforced. It follows the
 tcp loss rules of the wire format: a HEARTBEAT on every output lane each second, EOS and CREDIT
 repeated each second, and a gap in a producer's frame seqs (frames lost with a dropped
 connection) answered with a new credit epoch, so a link cut longer than ZeroMQ's heartbeat
@@ -218,6 +222,9 @@ class Stage:
             self.fail("this worker runs kind external with program %s, not %s %r" % ("/".join(PROGRAMS), a["kind"], cfg.get("program")))
             return
         self.program, self.settings = PROGRAMS[cfg["program"]], cfg.get("settings") or {}
+        self.alo = (a.get("delivery") or {}).get("mode") == "at-least-once"
+        self.pending = {}  # input id -> output lanes whose copy is not yet acknowledged, input lane
+        self.acks = {}     # input lane -> ids to acknowledge
         self.inp = self.socket(zmq.PULL)
         for ep in a.get("connect_in", []):
             self.inp.connect(ep)
@@ -269,11 +276,33 @@ class Stage:
             pass  # cumulative: the next grant carries it
 
     def emit(self, e, output="out"):
+        """Queues one copy per lane group; returns the lanes it went to."""
+        went = []
         for group, lanes in sorted(self.groups.get(output, {}).items()):
             k = self.rr.get((output, group), 0)
             self.rr[(output, group)] = k + 1
-            self.outs[lanes[k % len(lanes)]]["queue"].append(encode_envelope(e))
+            lane = lanes[k % len(lanes)]
+            self.outs[lane]["queue"].append(encode_envelope(e))
+            went.append(lane)
         self.emitted += 1
+        return went
+
+    def done(self, lane, eid):
+        """An input is fully handled: acknowledge it upstream (at-least-once only)."""
+        if self.alo:
+            self.acks.setdefault(lane, []).append(eid)
+
+    def send_acks(self):
+        for lane, ids in self.acks.items():
+            i = self.ins.get(lane)
+            while i is not None and ids:
+                n = min(len(ids), 4096)
+                try:
+                    i["sock"].send(header(ACK, lane, i["seq"] + 1) + struct.pack("<I", n) + b"".join(ids[:n]), zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                i["seq"] += 1
+                del ids[:n]
 
     def on_data(self, lane, body):
         i = self.ins.get(lane)
@@ -289,14 +318,29 @@ class Stage:
             i["received"] += 1
             i["in_epoch"] += 1
             self.received += 1
-            try:
-                self.emit(self.program(decode_envelope(raw), self.settings))
-            except ValueError as err:
-                self.errors += 1
-                print("stage %s: envelope refused: %s" % (self.id, err), file=sys.stderr)
+            self.handle(lane, raw)
             if i["granted"] - i["in_epoch"] <= i["bound"] // 2:
                 self.grant(lane)
         self.busy_ns += time.monotonic_ns() - t0
+
+    def handle(self, lane, raw):
+        try:
+            e = decode_envelope(raw)
+        except ValueError as err:
+            self.errors += 1
+            print("stage %s: envelope refused: %s" % (self.id, err), file=sys.stderr)
+            if len(raw) >= 18:
+                self.done(lane, bytes(raw[2:18]))  # handled (it never will be better): not sent again
+            return
+        eid = bytes(e["id"])
+        went = self.emit(self.program(e, self.settings))
+        if not self.alo:
+            return
+        if went:
+            # The program keeps the id: the copies' acknowledgements name the input.
+            self.pending[eid] = {"lanes": set(went), "src": lane}
+        else:
+            self.done(lane, eid)
 
     def notice_loss(self, lane, seq):
         """tcp loss rule: a gap in the producer's seqs means frames went down with a dropped
@@ -372,6 +416,21 @@ class Stage:
 
     def take_return(self, ftype, lane, _seq, body):
         o = self.outs.get(lane)
+        if o is not None and ftype == ACK:
+            n = struct.unpack_from("<I", body)[0] if len(body) >= 4 else -1
+            if n < 0 or len(body) != 4 + 16 * n:
+                self.errors += 1
+                return
+            for k in range(n):
+                eid = bytes(body[4 + 16 * k:20 + 16 * k])
+                p = self.pending.get(eid)
+                if p is None or lane not in p["lanes"]:
+                    continue
+                p["lanes"].discard(lane)
+                if not p["lanes"]:
+                    del self.pending[eid]
+                    self.done(p["src"], eid)
+            return
         if o is None or ftype != CREDIT:
             return
         epoch, claimed = struct.unpack_from("<IQ", body)
@@ -380,6 +439,10 @@ class Stage:
         if epoch != o["epoch"]:
             if o["epoch"]:
                 o["retired"] = (o["retired"] + [o["epoch"]])[-4:]
+                # The consumer restarted: what was outstanding on this lane will not be
+                # acknowledged; the source sends it again after its timeout.
+                for eid in [k for k, p in self.pending.items() if lane in p["lanes"]]:
+                    del self.pending[eid]
             o["epoch"], o["sent_in_epoch"], o["limit"] = epoch, 0, min(claimed, o["bound"])
             if o["eos"]:
                 # A restarted consumer still learns the end.
@@ -552,6 +615,7 @@ def main():
                 continue
             if not st.failed:
                 st.flush()
+                st.send_acks()
                 st.maybe_finish()
                 st.tcp_rules()
             if time.monotonic() >= st.next_stats:

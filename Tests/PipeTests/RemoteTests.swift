@@ -1086,7 +1086,8 @@ func pythonWithZMQ() -> String? {
 extension ExclusivePipelines {
 @Suite("External stages: the Python reference worker", .serialized)
 struct ExternalWorkerTests {
-    @Test func aPythonWorkerInTheMiddle_transformsEveryEnvelope_overCURVE() throws {
+    @Test(arguments: ["at-most-once", "at-least-once"])
+    func aPythonWorkerInTheMiddle_transformsEveryEnvelope_overCURVE(delivery: String) throws {
         guard let python = pythonWithZMQ() else {
             FileHandle.standardError.write(Data("external worker test skipped: no python3 with pyzmq (apt-get install python3-zmq)\n".utf8)); return
         }
@@ -1095,6 +1096,7 @@ struct ExternalWorkerTests {
         for k in ["host", "py"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/keys/" + k]).status == 0) }
         let yaml = """
             pipeline: external-test
+            delivery: \(delivery)
             remote:
               listen: tcp://127.0.0.1:\(port)
               key: keys/host/curve.key
@@ -1119,6 +1121,13 @@ struct ExternalWorkerTests {
         #expect(waitExit(host, timeout: 60) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
         let s = try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
         for l in lanes(s) { #expect(l["sent"] != nil && l["sent"] == l["received"], "lane \(l["id"]?.intValue ?? 0)") }
+        if delivery == "at-least-once" {
+            // The source ended, so every root was acknowledged through both Python stages, each
+            // on its first attempt (nothing waited for a timeout).
+            let g = stage(s, "gen")?["status"]
+            #expect(g?["delivery.unacked"]?.intValue == 0 && g?["delivery.redelivered"]?.intValue == 0, "\(g.map { JSON.serialize($0) } ?? "")")
+            #expect(g?["delivery.acks_received"]?.intValue == 3000)
+        }
         // The same generator in the host alone: the same ids in the same order; the Python stages
         // upper-cased each payload and tagged it.
         let local = """
