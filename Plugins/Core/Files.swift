@@ -175,7 +175,6 @@ public final class FileSourceStage: ResumableSource {
     var lineNo = 0
     var out = OutputHandle(index: 0, name: "out")
     var done = false
-    var limits = WireLimits.standard
     init(path: String, durable: Bool) { self.path = path; self.durable = durable }
 
     /// u64 byte offset of the next line, u64 its line number - 1.
@@ -216,6 +215,7 @@ public final class FileSourceStage: ResumableSource {
     }
     public func produce(budget: Int, context: any StageContext) throws -> SourceProgress {
         if done { return .exhausted }
+        let limits = context.limits
         for _ in 0..<budget {
             guard let (bytes, tooLong) = readLine(limit: limits.maxEnvelopeBytes * 2) else { done = true; return .exhausted }
             lineNo += 1

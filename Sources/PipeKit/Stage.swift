@@ -81,12 +81,16 @@ public protocol StageContext: AnyObject {
     /// How often this stage's worker was restarted before this incarnation (0: the first). A sink
     /// that truncates its output at start keeps it on a restart.
     var restarts: Int { get }
+    /// The pipeline's wire limits (`limits:` in YAML): a source that parses envelopes checks them
+    /// where it can name the bad input (a file and line), not only when it emits.
+    var limits: WireLimits { get }
 }
 
 extension StageContext {
     public func count(_ metric: String) { count(metric, by: 1) }
     public func laneCount(port: String) -> Int { 1 }
     public var restarts: Int { 0 }
+    public var limits: WireLimits { .standard }
     /// `path` if absolute, else resolved against the run directory.
     public func resolvePath(_ path: String) -> String {
         if path.hasPrefix("/") { return path }

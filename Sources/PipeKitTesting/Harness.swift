@@ -37,6 +37,8 @@ public final class StageHarness: StageContext {
     public func laneCount(port: String) -> Int { laneCounts[port] ?? 1 }
     /// As if the stage's worker had been restarted this often.
     public let restarts: Int
+    /// The wire limits the stage sees (`limits:` of a pipeline).
+    public var limits = WireLimits.standard
     var nextTick: UInt64?
 
     public init(_ descriptor: StageDescriptor, config: ConfigValue? = nil, stageID: String = "test", startNs: UInt64 = 1_000_000_000,

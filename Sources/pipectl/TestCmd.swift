@@ -86,6 +86,7 @@ struct PipelineTestRunner {
                 let store: (any KeyValueStore)? = d.usesStore ? try SQLiteKeyValueStore(path: dir + "/\(id).kv.sqlite") : nil
                 let h = try StageHarness(d, config: s.config, stageID: id, runDirectory: dir, store: store, laneCounts: lanes)
                 if let w = test.wallNs { h.wallClockNs = w }
+                h.limits = spec.limits
                 harness[id] = h
             } catch { return ["stage '\(id)' did not start: \(error)"] }
         }

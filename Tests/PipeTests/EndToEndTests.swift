@@ -125,6 +125,34 @@ struct EndToEndTests {
         #expect(WireLimits(maxEnvelopeBytes: 64, maxBatchEnvelopes: 16).maxFrameBytes < 8192)
     }
 
+    @Test func aFileSource_deadLettersMalformedAndOversizedLines_withFileAndLine_andGoesOn() throws {
+        let dir = Paths.tempDir("file-source-bad")
+        func line(_ id: Int, _ payload: String) -> String {
+            #"{"id":"\#(String(repeating: "0", count: 31))\#(id)","actor":"anna","intent":"demo.run","payload":"\#(payload)"}"#
+        }
+        let input = [line(1, "a"), #"{"actor": "anna", "intent": "#, line(2, String(repeating: "x", count: 6000)),
+                     line(3, String(repeating: "y", count: 10000)), line(4, "b")].joined(separator: "\n") + "\n"
+        try input.write(toFile: dir + "/in.jsonl", atomically: true, encoding: .utf8)
+        let yaml = """
+            pipeline: file-source-bad
+            limits: { max_envelope_bytes: 4096 }
+            stages:
+              - { id: src, kind: file-source, config: { path: \(dir)/in.jsonl } }
+              - { id: out, kind: file-sink, inputs: [src], config: { path: out.jsonl } }
+            """
+        let run = dir + "/run"
+        let (r, s) = try runPipeline(writeTemp(yaml, "file-source-bad.yaml"), runDir: run, timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try envelopeIDs(run + "/out.jsonl") == ["00000000000000000000000000000001", "00000000000000000000000000000004"])
+        let reasons = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSON.parse(String($0))["attrs"]?["dead_letter_reason"]?.stringValue ?? "" }
+        #expect(reasons.count == 3)
+        #expect(reasons[0].hasPrefix(dir + "/in.jsonl:2: JSON error"), "\(reasons)")
+        #expect(reasons[1] == dir + "/in.jsonl:3: envelope is 6070 bytes, limit 4096", "\(reasons)")
+        #expect(reasons[2] == dir + "/in.jsonl:4: line longer than 8192 bytes", "\(reasons)")
+        #expect(stage(s, "src")?["dead_lettered"]?.intValue == 3)
+    }
+
     @Test func loop_underBlockWithSmallBounds_endsByItself() throws {
         let run = Paths.tempDir("loop")
         let (r, s) = try runPipeline(Paths.root + "/pipelines/loop.yaml", runDir: run, timeout: 90)
