@@ -75,7 +75,15 @@ public struct PipelineValidator {
         // Inputs.
         for si in spec.stages.indices {
             let s = spec.stages[si]
-            guard let d = registry[s.kind] else { continue }
+            guard let d = registry[s.kind] else {
+                // Unknown kind (reported above): its ports are unknown, but the stages it names are not.
+                for r in s.inputs where seen[r.stage] == nil {
+                    var m = "stage '\(s.id)' references unknown stage '\(r.stage)'"
+                    if let sug = didYouMean(r.stage, among: Array(seen.keys)) { m += " (did you mean '\(sug)'?)" }
+                    error(r.pos, m)
+                }
+                continue
+            }
             if d.role == .source && !s.inputs.isEmpty {
                 error(s.inputs[0].pos, "stage '\(s.id)' is a source (\(s.kind)) and takes no inputs")
                 continue
@@ -170,7 +178,20 @@ public struct PipelineValidator {
         let all = edges
         for o in spec.lanes {
             let matches = all.filter { Self.matches(o, $0) }
-            if matches.isEmpty { error(o.pos, "lane override from '\(o.from)' to '\(o.to)' matches no lane") }
+            if matches.isEmpty {
+                var m = "lane override from '\(o.from)' to '\(o.to)' matches no lane"
+                let ids = spec.stages.map(\.id)
+                let fromStage = String(o.from.split(separator: ".").first ?? ""), toStage = String(o.to.split(separator: ".").first ?? "")
+                if !ids.contains(fromStage), let sug = didYouMean(fromStage, among: ids) { m += " (no stage '\(fromStage)'; did you mean '\(sug)'?)" }
+                else if !ids.contains(toStage), let sug = didYouMean(toStage, among: ids) { m += " (no stage '\(toStage)'; did you mean '\(sug)'?)" }
+                else if ids.contains(toStage) {
+                    let into = all.filter { $0.to == toStage }.map(\.fromRef)
+                    m += into.isEmpty ? " ('\(toStage)' reads no lane)" : " (lanes into '\(toStage)' come from \(into.joined(separator: ", ")))"
+                }
+                error(o.pos, m)
+                // Its own settings can still be wrong: say so now, not after the lane is fixed.
+                if let p = spec.defaultLane.applying(o.patch).problem { error(o.pos, "lane override from '\(o.from)' to '\(o.to)': \(p)") }
+            }
             for e in matches {
                 if let p = Self.settings(for: e, in: spec).problem { error(o.pos, "lane \(e.fromRef) -> \(e.toRef): \(p)") ; break }
             }

@@ -175,8 +175,29 @@ public struct ConfigReader: Sendable {
     }
 }
 
-/// Suggests the closest candidate by edit distance (at most a third of the word, min 2).
+/// Suggests the closest candidate by edit distance (at most a third of the word, min 2); failing
+/// that, a candidate the word abbreviates: one of its `-`/`_` parts (`null` for `null-sink`), or
+/// one sharing at least two thirds of the word as its start (`passthru` for `passthrough`).
 public func didYouMean(_ word: String, among candidates: [String]) -> String? {
+    if let close = closestByEdits(word, among: candidates) { return close }
+    guard word.count >= 3 else { return nil }
+    let w = Array(word.lowercased())
+    var best: (name: String, score: Int)?
+    for c in candidates {
+        let lc = c.lowercased()
+        let parts = lc.split(whereSeparator: { $0 == "-" || $0 == "_" || $0 == "." }).map(String.init)
+        var score = 0
+        if parts.count > 1 && parts.contains(String(w)) { score = w.count }
+        let shared = zip(w, lc).prefix { $0 == $1 }.count
+        if shared >= max(4, (2 * w.count + 2) / 3) { score = max(score, shared) }
+        guard score > 0 else { continue }
+        if let b = best, score < b.score || (score == b.score && c.count >= b.name.count) { continue }
+        best = (c, score)
+    }
+    return best?.name
+}
+
+func closestByEdits(_ word: String, among candidates: [String]) -> String? {
     func distance(_ a: [Character], _ b: [Character]) -> Int {
         if a.isEmpty { return b.count }; if b.isEmpty { return a.count }
         var prev = Array(0...b.count), cur = [Int](repeating: 0, count: b.count + 1)

@@ -29,6 +29,46 @@ struct ConfigTests {
         #expect(got == expected)
     }
 
+    /// An unknown kind still has its input references checked; abbreviations get a suggestion;
+    /// a lane override that matches nothing says why, and its own bad settings are still named.
+    @Test func unknownKindsAbbreviationsAndOverridesThatMatchNothing_areAllReported() {
+        let m = messages("""
+            pipeline: v
+            stages:
+              - id: gen
+                kind: generator
+              - id: pass
+                kind: passthru
+                inputs: [nosuch]
+              - id: s1
+                kind: stdout
+                inputs: [gen]
+              - id: s2
+                kind: null
+                inputs: [gen]
+              - id: p3
+                kind: passthrough
+                input: [gen]
+            lanes:
+              - { from: gen, to: p3, bound: 10, high: 20 }
+              - { from: gen, to: pas }
+            """)
+        #expect(m == [
+            "p.yaml:6:11: unknown stage kind 'passthru' (did you mean 'passthrough'?); `pipectl stages` lists the kinds",
+            "p.yaml:7:14: stage 'pass' references unknown stage 'nosuch'",
+            "p.yaml:9:11: unknown stage kind 'stdout' (did you mean 'stdout-sink'?); `pipectl stages` lists the kinds",
+            "p.yaml:12:11: unknown stage kind 'null' (did you mean 'null-sink'?); `pipectl stages` lists the kinds",
+            "p.yaml:14:9: stage 'p3' (passthrough) has no inputs; give it `inputs: [stage]`",
+            "p.yaml:16:5: unknown stage key 'input' (did you mean 'inputs'?)",
+            "p.yaml:18:5: lane override from 'gen' to 'p3' matches no lane ('p3' reads no lane)",
+            "p.yaml:18:5: lane override from 'gen' to 'p3': high watermark 20 is above the bound 10",
+            "p.yaml:19:5: lane override from 'gen' to 'pas' matches no lane (no stage 'pas'; did you mean 'pass'?)",
+        ], "\(m)")
+        #expect(didYouMean("xy", among: ["xylophone"]) == nil)          // too short to abbreviate
+        #expect(didYouMean("sink", among: ["file-sink", "null-sink"]) == "file-sink")   // a part: the shorter first, then order
+        #expect(didYouMean("generat", among: ["generator", "gate"]) == "generator")
+    }
+
     @Test func syntaxError_namesLineAndColumn() {
         let (_, diags) = PipelineLoader.load(path: Paths.fixture("syntax.yaml"), registry: builtInStages)
         #expect(diags.count == 1)
