@@ -16,6 +16,28 @@ struct Validate: ParsableCommand {
         var bad = 0
         var out: [ConfigValue] = []
         for file in files {
+            var isDir: ObjCBool = false
+            if FileManager.default.fileExists(atPath: file, isDirectory: &isDir), isDir.boolValue {
+                let d = Diagnostic(file: file, pos: .start, message: "is a directory; give pipeline files (e.g. \(file.hasSuffix("/") ? file : file + "/")*.yaml)")
+                if json { out.append(.object([("file", .string(file)), ("valid", .bool(false)), ("diagnostics", .list([.object([("line", .int(1)), ("column", .int(1)), ("message", .string(d.message))])]))])) }
+                else { print(d.description) }
+                bad += 1
+                continue
+            }
+            // NAME.test.yaml beside NAME.yaml holds `pipectl test` cases: checked as such.
+            if file.hasSuffix(".test.yaml") {
+                let (t, diags) = PipelineTestLoader.load(path: file)
+                if json {
+                    out.append(.object([("file", .string(file)), ("kind", .string("test")), ("valid", .bool(diags.isEmpty)),
+                                        ("diagnostics", .list(diags.map { .object([("line", .int(Int64($0.pos.line))), ("column", .int(Int64($0.pos.column))), ("message", .string($0.message))]) }))]))
+                } else if diags.isEmpty, let t {
+                    print("\(file): valid test file (\(t.tests.count) test\(t.tests.count == 1 ? "" : "s") of \(t.pipeline); `pipectl test` runs them)")
+                } else {
+                    for d in diags { print(d.description) }
+                }
+                if !diags.isEmpty { bad += 1 }
+                continue
+            }
             let (spec, diags) = PipelineLoader.load(path: file, registry: builtInStages)
             if json {
                 out.append(.object([("file", .string(file)), ("valid", .bool(diags.isEmpty)),

@@ -493,6 +493,13 @@ struct EndToEndTests {
         let bad = try runProcess(Paths.pipectl, ["validate", Paths.fixture("broken.yaml")])
         #expect(bad.status == 1)
         #expect(bad.stdout.split(separator: "\n").count == 10)
+        // What the README runs: every example and its test file (checked as a test file).
+        let examples = try FileManager.default.contentsOfDirectory(atPath: Paths.root + "/pipelines").filter { $0.hasSuffix(".yaml") }.sorted()
+        let all = try runProcess(Paths.pipectl, ["validate"] + examples.map { Paths.root + "/pipelines/" + $0 })
+        #expect(all.status == 0, "\(all.stdout)")
+        #expect(all.stdout.contains("hello.test.yaml: valid test file (3 tests of "), "\(all.stdout)")
+        let dir = try runProcess(Paths.pipectl, ["validate", Paths.root + "/pipelines"])
+        #expect(dir.status == 1 && dir.stdout.contains("pipelines:1:1: is a directory; give pipeline files (e.g. "), "\(dir.stdout)")
         let stages = try pipectlJSON(["stages"])
         let kinds = stages.listValue?.compactMap { $0["kind"]?.stringValue } ?? []
         #expect(kinds == ["aligner", "causal-time", "executor", "external", "file-sink", "file-source", "gateway-events", "generator", "hop", "inbox", "intake-sim",
