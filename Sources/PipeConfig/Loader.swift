@@ -32,14 +32,71 @@ public struct PipelineLoader {
     }
 
     public static func load(text: String, file: String, registry: StageRegistry) -> (PipelineSpec?, [Diagnostic]) {
+        // A key given twice in one mapping stops YAML composition at the first such mapping: name
+        // each repeat where it is, set it aside (renamed in place, so every position stays) and
+        // go on, so that the rest of the file is still checked.
+        var text = text
+        var repeats: [Diagnostic] = [], placeholders: [String] = []
+        while repeats.count < 64, case .duplicatedKeysInMapping(let keys, let ctx)? = Self.composeError(text) {
+            var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            var moved = false
+            for key in keys {
+                guard let at = Self.repeatOf(key, firstAt: (ctx.mark.line, ctx.mark.column), in: lines) else { continue }
+                repeats.append(Diagnostic(file: file, pos: SourcePos(line: at.line, column: at.column),
+                                          message: "duplicate key '\(key)' (first at line \(ctx.mark.line), column \(ctx.mark.column))"))
+                let ph = Self.placeholder(length: key.count, index: placeholders.count)
+                placeholders.append(ph)
+                var chars = Array(lines[at.line - 1])
+                chars.replaceSubrange((at.column - 1)..<(at.column - 1 + key.count), with: Array(ph))
+                lines[at.line - 1] = String(chars)
+                moved = true
+            }
+            if !moved { break }
+            text = lines.joined(separator: "\n")
+        }
+        func keep(_ d: Diagnostic) -> Bool { !placeholders.contains { d.message.contains("'\($0)'") } }
         var l = PipelineLoader(file: file)
         let spec = l.parse(text)
-        guard var spec else { return (nil, l.diags.sorted { $0.pos < $1.pos }) }
+        guard var spec else { return (nil, (repeats + l.diags.filter(keep)).sorted { $0.pos < $1.pos }) }
         var v = PipelineValidator(spec: spec, registry: registry)
         v.validate()
         spec = v.spec
-        let all = (l.diags + v.diags).sorted { ($0.pos, $0.message) < ($1.pos, $1.message) }
+        let all = (repeats + l.diags.filter(keep) + v.diags.filter(keep)).sorted { ($0.pos, $0.message) < ($1.pos, $1.message) }
         return (spec, all)
+    }
+
+    static func composeError(_ text: String) -> YamlError? {
+        do { _ = try Yams.compose(yaml: text); return nil } catch let e as YamlError { return e } catch { return nil }
+    }
+
+    /// Where `key` is given again in the mapping whose first `key` is at `first` (1-based): later
+    /// on the same line (a flow mapping), or on a later line at the same column before the
+    /// mapping ends (a block mapping). Nil when not found.
+    static func repeatOf(_ key: String, firstAt first: (line: Int, column: Int), in lines: [String]) -> (line: Int, column: Int)? {
+        guard first.line >= 1, first.line <= lines.count, first.column >= 1 else { return nil }
+        let k = Array(key)
+        func isKey(_ c: [Character], at i: Int) -> Bool {
+            guard i >= 0, i + k.count <= c.count, Array(c[i..<(i + k.count)]) == k else { return false }
+            if i > 0, c[i - 1].isLetter || c[i - 1].isNumber || c[i - 1] == "_" || c[i - 1] == "-" { return false }
+            var j = i + k.count
+            while j < c.count, c[j] == " " { j += 1 }
+            return j < c.count && c[j] == ":"
+        }
+        let line = Array(lines[first.line - 1])
+        var i = first.column - 1 + k.count
+        while i < line.count { if isKey(line, at: i) { return (first.line, i + 1) }; i += 1 }
+        for n in first.line..<lines.count {
+            let c = Array(lines[n])
+            guard let start = c.firstIndex(where: { $0 != " " }), c[start] != "#" else { continue }
+            if start < first.column - 1 { return nil }   // the mapping ended
+            if start == first.column - 1, isKey(c, at: start) { return (n + 1, start + 1) }
+        }
+        return nil
+    }
+
+    /// A stand-in key of `length` characters, distinct for each `index`, that no stage uses.
+    static func placeholder(length: Int, index: Int) -> String {
+        String((0..<max(1, length)).map { (index >> $0) & 1 == 0 ? Character("~") : Character("^") })
     }
 
     mutating func error(_ pos: SourcePos, _ m: String) { diags.append(Diagnostic(file: file, pos: pos, message: m)) }
@@ -58,6 +115,7 @@ public struct PipelineLoader {
                 if let ctx { m += " (\(ctx.text) at \(ctx.mark.line):\(ctx.mark.column))" }
                 error(SourcePos(line: mark.line, column: mark.column), m)
             case .duplicatedKeysInMapping(let dups, let ctx):
+                // (Only a repeat `load(text:)` could not find on the lines gets here.)
                 error(SourcePos(line: ctx.mark.line, column: ctx.mark.column), "duplicate key(s) \(dups.joined(separator: ", ")) in mapping")
             case .reader(let problem, _, _, _):
                 error(.start, "YAML reader error: \(problem)")

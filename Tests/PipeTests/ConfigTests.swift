@@ -69,6 +69,31 @@ struct ConfigTests {
         #expect(didYouMean("generat", among: ["generator", "gate"]) == "generator")
     }
 
+    /// A key given twice stops YAML composition; each repeat is named where it is and the rest of
+    /// the file is still checked.
+    @Test func duplicateKeys_areEachNamedWhereTheyAre_andTheRestIsStillChecked() {
+        let m = messages("""
+            pipeline: d
+            stages:
+              - id: gen
+                kind: generator
+                config: { count: 5, count: 6 }
+              - id: pass
+                kind: passthrough
+                inputs: [gen]
+                placement: in-process
+                inputs: [gen]
+              - id: sink
+                kind: null-sink
+                inputs: [{ from: pass, port: nope }]
+            """)
+        #expect(m == [
+            "p.yaml:5:25: duplicate key 'count' (first at line 5, column 15)",
+            "p.yaml:10:5: duplicate key 'inputs' (first at line 8, column 5)",
+            "p.yaml:13:14: stage 'sink' (null-sink) has no input port 'nope'; its ports: in",
+        ], "\(m)")
+    }
+
     @Test func syntaxError_namesLineAndColumn() {
         let (_, diags) = PipelineLoader.load(path: Paths.fixture("syntax.yaml"), registry: builtInStages)
         #expect(diags.count == 1)
