@@ -24,6 +24,7 @@ public final class ExecutorStage: Stage {
             ConfigField("endpoint", .string, optional: true, doc: "`external`: the executor service's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT)."),
             ConfigField("curve_key", .string, optional: true, doc: "`external` over tcp: this host's CURVE secret key file (curve.key), with `server_key`. Relative to the run directory."),
             ConfigField("server_key", .string, optional: true, doc: "`external` over tcp: the service's CURVE public key (Z85, or a curve.pub path)."),
+            ConfigField("insecure", .bool, default: .bool(false), doc: "`external` over tcp without CURVE (plaintext: anyone on the path reads and forges caps and answers); a warning is logged at start."),
             ConfigField("allow", .list(.string), optional: true, doc: "Absolute paths of the programs `command` may run; anything else is rejected."),
             ConfigField("timeout_ms", .int(min: 1, max: 3_600_000), default: .int(5000), doc: "A command still running after this is killed (its process group) and the cap rejected."),
             ConfigField("max_output_bytes", .int(min: 0, max: 256 << 10), default: .int(65536), doc: "Output kept in the receipt (stdout and stderr together); the rest is discarded and `truncated` set."),
@@ -40,6 +41,9 @@ public final class ExecutorStage: Stage {
                 }
                 if (c.string("curve_key") == nil) != (c.string("server_key") == nil) {
                     return [ConfigIssue(key: "curve_key", message: "`curve_key` and `server_key` go together (CURVE to the executor service)")]
+                }
+                if e.hasPrefix("tcp://") && c.string("curve_key") == nil && c.bool("insecure") != true {
+                    return [ConfigIssue(key: "endpoint", message: "a tcp endpoint needs CURVE (`curve_key` and `server_key`), or `insecure: true` for plaintext")]
                 }
             }
             if c.string("executor") == "command" && (c.strings("allow") ?? []).isEmpty {
@@ -96,6 +100,9 @@ public final class ExecutorStage: Stage {
                     let own = try CurveKeyFiles.loadSecret(context.resolvePath(ck))
                     keys = (own.publicKey, own.secretKey, try CurveKeyFiles.loadPublic(sk, base: context.runDirectory))
                 } catch { throw StageError.halt("executor: \(error)") }
+            }
+            if keys == nil && e.hasPrefix("tcp://") {
+                context.logger.warning("executor: plaintext tcp to \(e) (insecure: true): caps and answers travel unencrypted and unauthenticated")
             }
             do { external = try ExternalExecutor(endpoint: e, keys: keys) } catch { throw StageError.halt("executor: cannot connect to \(e): \(error)") }
         }

@@ -94,6 +94,20 @@ struct ConfigTests {
         ], "\(m)")
     }
 
+    @Test func anExternalExecutorOverTcp_needsCurveOrSaysInsecure() {
+        func exec(_ extra: String) -> [String] {
+            messages("""
+                pipeline: x
+                stages:
+                  - { id: gen, kind: generator }
+                  - { id: exec, kind: executor, inputs: [gen], config: { executor: external, endpoint: "tcp://10.0.0.1:7900"\(extra) } }
+                """)
+        }
+        #expect(exec("").contains { $0.contains("a tcp endpoint needs CURVE (`curve_key` and `server_key`), or `insecure: true` for plaintext") }, "\(exec(""))")
+        #expect(exec(", insecure: true").isEmpty)
+        #expect(exec(", curve_key: keys/host/curve.key, server_key: keys/svc/curve.pub").isEmpty)
+    }
+
     @Test func syntaxError_namesLineAndColumn() {
         let (_, diags) = PipelineLoader.load(path: Paths.fixture("syntax.yaml"), registry: builtInStages)
         #expect(diags.count == 1)
