@@ -76,6 +76,7 @@ let package = Package(
         .testTarget(name: "PipeTests", dependencies: [
             "PipeKit", "PipeKitTesting", "PipeZMQ", "PipeConfig", "PipeStore", "PipeSeal", "PipeSniff", "PipeAudit",
             "PipeRuntime", "PipeRegistry", "CoreStages", "TwinStages", "IntakeStages", "CausalStages", "MuxStages", "AlignerStages", "SlotStages", "ExecutorStages", "GatewayStages",
+            .product(name: "Yams", package: "Yams"),
         ], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]

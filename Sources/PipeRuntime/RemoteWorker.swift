@@ -23,6 +23,10 @@ public final class RemoteWorker {
         public var handshakeTimeoutSeconds: Double
         /// An authority grant (the file's bytes) presented at registration, or empty.
         public var grant: [UInt8] = []
+        /// Stay up across runs: register again after the stages finish, and keep trying while
+        /// the host cannot be reached, instead of exiting (a supervisor that backs off between
+        /// restarts, like Kubernetes, would otherwise miss the next run).
+        public var keepRunning = false
         public init(endpoint: String, keys: CurveKeyPair?, serverKey: String?, name: String, runDirectory: String, handshakeTimeoutSeconds: Double) {
             self.endpoint = endpoint; self.keys = keys; self.serverKey = serverKey; self.name = name
             self.runDirectory = runDirectory; self.handshakeTimeoutSeconds = handshakeTimeoutSeconds
@@ -88,21 +92,47 @@ public final class RemoteWorker {
         return results.withLock { $0 }
     }
 
-    /// Registers and runs until the stages end cleanly (0), or registration fails (2).
+    /// Registers and runs until the stages end cleanly (0), or registration fails (2). With
+    /// `keepRunning`, only a refusal of this worker (its key or grant) ends it (2): an absent
+    /// host is tried again (2 s, doubling to 30 s), and a finished run is followed by the next.
     public func run() -> Int32 {
         let zmq: ZMQContext
         do { zmq = try ZMQContext(ioThreads: 1) } catch { log.error("cannot create a ZeroMQ context: \(error)"); return 2 }
         defer { zmq.terminate() }
+        var retry: Double = 2
         while true {
             let roster: Roster
-            do { roster = try register(context: zmq) } catch { log.error("\(error)"); return 2 }
+            do { roster = try register(context: zmq) } catch {
+                guard options.keepRunning, !Self.isRefusal(error) else { log.error("\(error)"); return 2 }
+                log.warning("\(error); trying again in \(Int(retry)) s")
+                usleep(UInt32(retry * 1e6)); retry = min(30, retry * 2)
+                continue
+            }
+            retry = 2
             log.info("registered with \(options.endpoint) as worker '\(roster.worker)' of pipeline '\(roster.pipeline)'; stages: \(roster.stages.isEmpty ? "none" : roster.stages.joined(separator: ", "))")
-            if roster.stages.isEmpty { log.warning("no stage is placed on worker '\(roster.worker)'; nothing to do"); return 0 }
+            if roster.stages.isEmpty {
+                log.warning("no stage is placed on worker '\(roster.worker)'; nothing to do")
+                guard options.keepRunning else { return 0 }
+                sleep(5); continue
+            }
             let codes = runStages(roster, context: zmq)
-            if codes.allSatisfy({ $0 == 0 }) { log.info("stages finished"); return 0 }
+            if codes.allSatisfy({ $0 == 0 }) {
+                log.info("stages finished")
+                guard options.keepRunning else { return 0 }
+                // The finished run's host is shutting down: give it time to go before asking again.
+                log.info("waiting for the next run")
+                sleep(2); continue
+            }
             log.warning("a stage ended without a clean finish (the host went away or aborted); registering again")
             usleep(500_000)
         }
+    }
+
+    /// Whether registration failed because the host refused this worker (its key, its grant, its
+    /// name): trying again cannot help. An absent or silent host is not a refusal.
+    static func isRefusal(_ e: RuntimeError) -> Bool {
+        guard case .io(let m) = e else { return false }
+        return m.contains(" refused this key ") || m.contains(" refused this worker")
     }
 }
 

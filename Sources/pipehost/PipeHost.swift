@@ -176,6 +176,8 @@ struct Worker: ParsableCommand {
     @Option(name: .customLong("run-dir"), help: "Local directory for the stages' state (default /tmp/pipehost-worker-<uid>).") var runDir: String?
     @Option(name: .customLong("handshake-timeout"), help: "Seconds to wait for the host's answer before giving up (exit 2).") var handshakeTimeout: Double = 10
     @Option(help: "An authority grant file (`pipehost grant issue`), presented when registering.") var grant: String?
+    @Flag(name: .customLong("keep-running"), help: "Stay up across runs: register again when the stages finish, and keep trying while the host cannot be reached (2 s, doubling to 30 s); only a refusal of this worker's key or grant exits (2). For supervisors that back off between restarts (Kubernetes).")
+    var keepRunning = false
 
     func validate() throws {
         if connect.hasPrefix("tcp://") {
@@ -191,6 +193,7 @@ struct Worker: ParsableCommand {
             if !(handshakeTimeout > 0) { throw ValidationError("--handshake-timeout must be a positive number of seconds") }
         } else if connect.hasPrefix("ipc://") || connect.hasPrefix("inproc://") {
             if stage == nil { throw ValidationError("--stage is required with an ipc:// endpoint") }
+            if keepRunning { throw ValidationError("--keep-running is for remote workers (tcp://); a child worker lives as long as its host") }
         } else {
             throw ValidationError("--connect must be tcp://HOST:PORT (a remote worker) or ipc://PATH (a child worker)")
         }
@@ -221,6 +224,7 @@ struct Worker: ParsableCommand {
         }
         var opts = RemoteWorker.Options(endpoint: connect, keys: keys, serverKey: server, name: name ?? "",
                                         runDirectory: runDir ?? "/tmp/pipehost-worker-\(getuid())", handshakeTimeoutSeconds: handshakeTimeout)
+        opts.keepRunning = keepRunning
         if let g = grant {
             guard let bytes = FileManager.default.contents(atPath: g) else { die("pipehost worker: cannot read the grant \(g)", code: 2) }
             do { _ = try Grant.parse(Array(bytes)) } catch { die("pipehost worker: \(g): \(error)", code: 2) }

@@ -1,4 +1,5 @@
 import Testing
+import Yams
 import Foundation
 import Glibc
 import PipeKit
@@ -556,6 +557,69 @@ struct RemoteWorkerTests {
         #expect(passed == 3000)
         #expect(host.isRunning)
         #expect(!(try String(contentsOfFile: run + "/out.jsonl", encoding: .utf8)).contains("oversized"))
+    }
+
+    @Test func aWorkerThatKeepsRunning_waitsForItsHost_andServesOneRunAfterAnother() throws {
+        let fx = try RemoteFixture("remote-keep", count: 500)
+        let w = try fx.startWorker("edge", extra: ["--keep-running", "--handshake-timeout", "1"], log: fx.dir + "/worker.log")
+        defer { if w.isRunning { kill(w.processIdentifier, SIGKILL) } }
+        // No host yet: the worker keeps trying instead of exiting.
+        let waiting = poll(true, seconds: 20) { ((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "").contains("trying again in") }
+        #expect(waiting && w.isRunning)
+        for n in 1...2 {
+            let run = fx.dir + "/run\(n)"
+            let host = try startPipeline(fx.pipeline, runDir: run)
+            defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+            if n == 2 {
+                // A refused key still ends a worker that keeps running: retrying cannot help.
+                let stranger = try fx.worker("stranger", extra: ["--keep-running"])
+                #expect(stranger.status == 2 && stranger.stderr.contains("refused this key"), "\(stranger.stderr)")
+            }
+            #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+            #expect(try envelopeIDs(run + "/out.jsonl").count == 500)
+        }
+        #expect(w.isRunning)
+        let log = (try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? ""
+        #expect(log.components(separatedBy: "stages finished").count - 1 == 2, "\(log)")
+    }
+
+    /// deploy/: the systemd unit's ExecStart and the Kubernetes manifest's args are what
+    /// `pipehost worker` accepts (paths swapped for real keys, the host for an absent one): the
+    /// unit's worker gives up with exit 2 saying nobody answered (not a usage error, 64); the
+    /// manifest's keeps trying.
+    @Test func theDeployFiles_startAWorkerWithArgumentsItAccepts() throws {
+        let dir = Paths.tempDir("deploy")
+        for k in ["worker", "host"] { #expect(try runProcess(Paths.pipehost, ["keygen", "-o", dir + "/" + k]).status == 0) }
+        let port = try reserveTCPPort(host: "127.0.0.1")
+        let unit = try String(contentsOfFile: Paths.root + "/deploy/pipehost-worker.service", encoding: .utf8)
+        let exec = try #require(unit.replacingOccurrences(of: "\\\n", with: " ").split(separator: "\n").first { $0.hasPrefix("ExecStart=") })
+        var args = exec.dropFirst("ExecStart=".count).split(separator: " ").map(String.init)
+        #expect(args.first == "/usr/local/bin/pipehost")
+        args = Array(args.dropFirst()).map {
+            $0.replacingOccurrences(of: "%i", with: "127.0.0.1:\(port)")
+              .replacingOccurrences(of: "/etc/pipehost/worker/curve.key", with: dir + "/worker/curve.key")
+              .replacingOccurrences(of: "/etc/pipehost/host-curve.pub", with: dir + "/host/curve.pub")
+              .replacingOccurrences(of: "/var/lib/pipehost-worker", with: dir + "/state")
+        }
+        let r = try runProcess(Paths.pipehost, args + ["--handshake-timeout", "1"], timeout: 30)
+        #expect(r.status == 2 && r.stderr.contains("no answer from tcp://127.0.0.1:\(port)"), "\(args) \(r.stderr)")
+        // The manifest: valid YAML, a Deployment whose container args run a worker that stays up.
+        let manifest = try String(contentsOfFile: Paths.root + "/deploy/k8s-worker.yaml", encoding: .utf8)
+        let doc = try #require(try Yams.load(yaml: manifest) as? [String: Any])
+        #expect(doc["kind"] as? String == "Deployment")
+        let spec = (doc["spec"] as? [String: Any])?["template"] as? [String: Any]
+        let container = (((spec?["spec"] as? [String: Any])?["containers"]) as? [[String: Any]])?.first
+        let kargs = try #require(container?["args"] as? [String]).map {
+            $0.replacingOccurrences(of: "tcp://pipehost.example.internal:7800", with: "tcp://127.0.0.1:\(port)")
+              .replacingOccurrences(of: "/keys/curve.key", with: dir + "/worker/curve.key")
+              .replacingOccurrences(of: "/keys/host-curve.pub", with: dir + "/host/curve.pub")
+              .replacingOccurrences(of: "/state", with: dir + "/k8s-state")
+        }
+        #expect(kargs.contains("--keep-running"))
+        let w = try RemoteFixture.spawn(kargs + ["--handshake-timeout", "1"], log: dir + "/k8s.log")
+        defer { if w.isRunning { kill(w.processIdentifier, SIGKILL) } }
+        let retrying = poll(true, seconds: 20) { ((try? String(contentsOfFile: dir + "/k8s.log", encoding: .utf8)) ?? "").contains("trying again in") }
+        #expect(retrying && w.isRunning, "\((try? String(contentsOfFile: dir + "/k8s.log", encoding: .utf8)) ?? "")")
     }
 
     @Test func aKilledWorker_showsDown_andAReturningOneFinishesTheRunLosingNothing() throws {
