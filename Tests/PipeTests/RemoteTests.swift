@@ -950,6 +950,48 @@ struct NetnsPair {
     func remove() {
         _ = try? Self.ip(["netns", "del", host])
         _ = try? Self.ip(["netns", "del", worker])
+        _ = try? Self.ip(["netns", "del", second])
+    }
+
+    /// A second worker namespace, on a subnet of its own (10.231.8.0/24) whose gateway is the
+    /// host namespace: its worker reaches the host's address through it. False (and a line saying
+    /// why) where it cannot be made.
+    var second: String { "pt-wk2-\(getpid())" }
+    let secondAddress = "10.231.8.2"
+    func addSecondWorker(for test: String) throws -> Bool {
+        let hv = "pt2h\(getpid() % 100000)", wv = "pt2w\(getpid() % 100000)"
+        for step in [["netns", "add", second], ["link", "add", hv, "type", "veth", "peer", "name", wv],
+                     ["link", "set", hv, "netns", host], ["link", "set", wv, "netns", second],
+                     ["-n", host, "addr", "add", "10.231.8.1/24", "dev", hv], ["-n", second, "addr", "add", secondAddress + "/24", "dev", wv],
+                     ["-n", host, "link", "set", hv, "up"], ["-n", second, "link", "set", wv, "up"], ["-n", second, "link", "set", "lo", "up"],
+                     ["-n", second, "route", "add", "default", "via", "10.231.8.1"]] {
+            let r = try Self.ip(step)
+            guard r.status == 0 else {
+                FileHandle.standardError.write(Data("\(test) skipped: ip \(step.joined(separator: " ")) failed (\(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines)))\n".utf8))
+                return false
+            }
+        }
+        return true
+    }
+
+    /// Cuts (or restores) the second worker namespace's link.
+    func secondLink(up: Bool) throws {
+        _ = try Self.ip(["-n", second, "link", "set", "pt2w\(getpid() % 100000)", up ? "up" : "down"])
+        // A link going down takes the routes through it along; the default route comes back by hand.
+        if up { _ = try Self.ip(["-n", second, "route", "replace", "default", "via", "10.231.8.1"]) }
+    }
+
+    /// `pipehost worker` as `key` inside namespace `ns`, connecting to the host's address.
+    func spawnWorker(_ fx: RemoteFixture, _ key: String, in ns: String, log: String) throws -> Process {
+        let w = Process()
+        w.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        w.arguments = ["netns", "exec", ns, Paths.pipehost, "worker", "--connect", "tcp://\(hostAddress):\(fx.port)", "--key", fx.dir + "/keys/\(key)/curve.key",
+                       "--server-key", fx.dir + "/keys/host/curve.pub", "--run-dir", fx.dir + "/w-" + key]
+        w.standardOutput = FileHandle.nullDevice
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        w.standardError = FileHandle(forWritingAtPath: log)
+        try w.run()
+        return w
     }
 
     /// Makes the fixture's pipeline listen on the host namespace's veth address.
@@ -994,6 +1036,54 @@ struct NetnsPair {
 extension ExclusivePipelines {
 @Suite("Remote workers across network namespaces", .serialized)
 struct NetnsTests {
+    /// Host, edge and edge2 each in a namespace of their own; the lane from edge's stage to
+    /// edge2's is relayed by the host across both links. A 2 s cut of edge2's link loses nothing
+    /// and keeps the order.
+    @Test func workersInTwoNamespaces_passALaneThroughTheHost_inOrder_acrossACutOfOne() throws {
+        guard let ns = try NetnsPair.make(for: "netns two workers") else { return }
+        defer { ns.remove() }
+        guard try ns.addSecondWorker(for: "netns two workers") else { return }
+        let fx = try RemoteFixture("remote-netns-two", extraWorkers: ["edge2"], count: 6000, rate: 2000, downAfterMs: 500)
+        try (fx.head("remote-netns-two", workers: ["edge", "edge2"], remote: "  down_after_ms: 500\n") + """
+            stages:
+              - { id: gen, kind: generator, config: { count: 6000, seed: 21, rate: 2000 } }
+              - { id: a, kind: passthrough, inputs: [gen], placement: { worker: edge } }
+              - { id: b, kind: passthrough, inputs: [a], placement: { worker: edge2 } }
+              - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl } }
+            """).write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        try ns.listenInside(fx)
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run, netns: ns.host)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let w1 = try ns.spawnWorker(fx, "edge", in: ns.worker, log: fx.dir + "/edge.log")
+        let w2 = try ns.spawnWorker(fx, "edge2", in: ns.second, log: fx.dir + "/edge2.log")
+        defer { for p in [w1, w2] where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        #expect(try poll(true, seconds: 30, everyMs: 50) { try outReceived(run) >= 1000 })
+        let workers = try pipectlJSON(["workers", "--run-dir", run])["workers"]?.listValue ?? []
+        #expect(workers.first { $0["name"]?.stringValue == "edge" }?["address"]?.stringValue == ns.workerAddress)
+        #expect(workers.first { $0["name"]?.stringValue == "edge2" }?["address"]?.stringValue == ns.secondAddress)
+        let relayed = try pipectlJSON(["lanes", "--run-dir", run]).listValue?.first { $0["from"]?.stringValue == "a.out" }
+        #expect(relayed?["transport"]?.stringValue == "tcp" && relayed?["relay"] != nil)
+        try ns.secondLink(up: false)
+        sleep(2)
+        let atCut = try outReceived(run)
+        try ns.secondLink(up: true)
+        #expect(waitExit(host, timeout: 120) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
+        #expect(waitExit(w1, timeout: 30) == 0)
+        #expect(waitExit(w2, timeout: 30) == 0)
+        #expect(atCut < 6000)
+        // Everything, in the generator's order: the same ids as the pipeline run in one process.
+        let local = """
+            pipeline: local
+            stages:
+              - { id: gen, kind: generator, config: { count: 6000, seed: 21 } }
+              - { id: out, kind: file-sink, inputs: [gen], config: { path: out.jsonl } }
+            """
+        let (r, _) = try runPipeline(writeTemp(local, "two-ns-local.yaml"), runDir: fx.dir + "/run-local")
+        #expect(r.status == 0)
+        #expect(try envelopeIDs(run + "/out.jsonl") == (try envelopeIDs(fx.dir + "/run-local/out.jsonl")))
+    }
+
     @Test func aPipelineSpanningTwoNamespaces_deliversEverythingInOrder_acrossACutLink() throws {
         guard let ns = try NetnsPair.make(for: "netns remote worker") else { return }
         defer { ns.remove() }
