@@ -658,9 +658,9 @@ struct RemoteWorkerTests {
 extension ExclusivePipelines {
 @Suite("Remote workers admitted by grants", .serialized)
 struct GrantPipelineTests {
-    func issue(_ fx: RemoteFixture, key: String, stages: String, epoch: Int, expires: String = "1h", file: String) throws -> String {
+    func issue(_ fx: RemoteFixture, key: String, stages: String, epoch: Int, expires: String = "1h", owner: String = "owner", file: String) throws -> String {
         let path = fx.dir + "/" + file
-        let r = try runProcess(Paths.pipehost, ["grant", "issue", "--owner-key", fx.dir + "/keys/owner/signing.key", "--worker", fx.dir + "/keys/\(key)/curve.pub",
+        let r = try runProcess(Paths.pipehost, ["grant", "issue", "--owner-key", fx.dir + "/keys/\(owner)/signing.key", "--worker", fx.dir + "/keys/\(key)/curve.pub",
                                                 "--name", "edge", "--stages", stages, "--expires", expires, "--epoch", String(epoch), "-o", path])
         #expect(r.status == 0, "\(r.stderr)")
         return path
@@ -680,6 +680,10 @@ struct GrantPipelineTests {
         #expect(stolen.status == 2 && stolen.stderr.contains("grant for another worker's key"), "\(stolen.stderr)")
         let expired = try fx.worker("edge", extra: ["--grant", old])
         #expect(expired.status == 2 && expired.stderr.contains("grant expired at 2020-01-01"), "\(expired.stderr)")
+        // Signed by a key remote.owners does not list (at a higher epoch, which must not count).
+        let forged = try issue(fx, key: "edge", stages: "pass", epoch: 8, owner: "stranger", file: "forged.json")
+        let untrusted = try fx.worker("edge", extra: ["--grant", forged])
+        #expect(untrusted.status == 2 && untrusted.stderr.contains("grant not signed by a trusted owner"), "\(untrusted.stderr)")
         let good = try fx.worker("edge", extra: ["--grant", g5])
         #expect(good.status == 0, "\(good.stderr)")
         #expect(waitExit(host, timeout: 60) == 0)
@@ -701,7 +705,7 @@ struct GrantPipelineTests {
         #expect(back.status == 0, "\(back.stderr)")
         #expect(waitExit(host, timeout: 60) == 0)
         let audit = try auditJSONL(run)
-        for reason in ["unknown worker key and no grant", "grant for another worker's key", "grant expired at", "replayed grant: epoch 3",
+        for reason in ["unknown worker key and no grant", "grant for another worker's key", "grant expired at", "grant not signed by a trusted owner", "replayed grant: epoch 3",
                        "grant-revoked", "epoch 5 is below the highest seen for this worker (6)"] {
             #expect(audit.contains(reason), "audit log lacks '\(reason)'")
         }
