@@ -12,6 +12,9 @@ struct PipeCtl: ParsableCommand {
         abstract: "Inspect pipeline files and running pipehost instances.",
         discussion: "Offline: validate, test, stages, schema, graph FILE, unseal. Against a running host: top, lanes, status, workers, tap, graph (found by the rule in docs/operations.md, or --run-dir/--control).",
         subcommands: [Validate.self, TestCmd.self, Stages.self, Schema.self, Graph.self, Lanes.self, Status.self, Workers.self, GrantCmd.self, Top.self, Tap.self, Unseal.self, Audit.self, Trace.self, JournalCmd.self, ReceiptsCmd.self, EventsCmd.self])
+
+    /// Without a subcommand: a usage error (exit 64 with the usage), not a silent help page.
+    func run() throws { throw ValidationError("missing subcommand") }
 }
 
 func fail(_ message: String, code: Int32 = 1) -> Never {

@@ -14,6 +14,9 @@ struct PipeHostCommand: ParsableCommand {
         commandName: "pipehost",
         abstract: "Runs declarative stream-processing pipelines whose stages are connected by ZeroMQ lanes.",
         subcommands: [Run.self, Keygen.self, Seal.self, Send.self, Worker.self, GrantCmd.self])
+
+    /// Without a subcommand: a usage error (exit 64 with the usage), not a silent help page.
+    func run() throws { throw ValidationError("missing subcommand") }
 }
 
 /// Prints `message` to stderr and exits with `code`.

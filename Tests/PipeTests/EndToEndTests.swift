@@ -485,6 +485,11 @@ struct EndToEndTests {
         let usage = try runProcess(Paths.pipectl, ["lanes", "--bogus"], timeout: 30)
         #expect(usage.status == 64)
         #expect(usage.stderr.contains("Usage:"))
+        // No subcommand at all is a usage error too, for both tools.
+        for (tool, name) in [(Paths.pipectl, "pipectl"), (Paths.pipehost, "pipehost")] {
+            let bare = try runProcess(tool, [], timeout: 30)
+            #expect(bare.status == 64 && bare.stderr.contains("missing subcommand") && bare.stderr.contains("See '\(name) --help'"), "\(bare.stderr)")
+        }
     }
 
     @Test func pipectl_validateAndStages() throws {
