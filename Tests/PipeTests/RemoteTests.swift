@@ -711,6 +711,38 @@ struct GrantPipelineTests {
         }
     }
 
+    @Test func aGrantNamingSomeOfAWorkersStages_letsItRunOnlyThose() throws {
+        let fx = try RemoteFixture("remote-grant-part", count: 500, grants: true)
+        // pass and pass2 are both placed on edge; the grant names pass only.
+        let yaml = try String(contentsOfFile: fx.pipeline, encoding: .utf8)
+            + "\n  - { id: gen2, kind: generator, config: { count: 10 } }\n  - { id: pass2, kind: passthrough, inputs: [gen2], placement: { worker: edge } }\n  - { id: out2, kind: null-sink, inputs: [pass2] }\n"
+        try yaml.write(toFile: fx.pipeline, atomically: true, encoding: .utf8)
+        let g = try issue(fx, key: "edge", stages: "pass", epoch: 1, file: "g1.json")
+        let run = fx.dir + "/run"
+        let host = try startPipeline(fx.pipeline, runDir: run)
+        defer { if host.isRunning { kill(host.processIdentifier, SIGKILL) } }
+        let worker = try fx.startWorker("edge", extra: ["--grant", g], log: fx.dir + "/worker.log")
+        defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) } }
+        let told = poll(true, seconds: 30) { ((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "").contains("stages: pass\n") }
+        #expect(told, "\((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "")")
+        // Asking for pass2 anyway, with the admitted key: refused with the reason.
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let d = try fx.clientSocket(.dealer, as: "edge", in: ctx)
+        defer { d.close() }
+        try d.setReceiveTimeout(ms: 5000)
+        try d.connect(fx.endpoint)
+        try d.send(Hello(pid: 1, worker: "pass2").encode(seq: 1))
+        let answer = try d.receive()
+        let code: RunnerCommand.Code? = try answer.flatMap { bytes in try withFrame(bytes) { f in f.header.type == .command ? try f.command().code : nil } }
+        #expect(code == .abort)
+        #expect(try poll(Int64(500), seconds: 30) { try outReceived(run) } == 500)
+        let audit = try auditJSONL(run)
+        #expect(audit.contains("worker 'edge' asked for stage 'pass2', which its grant does not name"))
+        let st = try pipectlJSON(["status", "--run-dir", run])
+        #expect((st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "pass2" }?["received"]?.intValue ?? 0 == 0)
+    }
+
     @Test func aRevocationAndAnExpiry_stopARunningWorker() throws {
         let fx = try RemoteFixture("remote-revoke", count: 40000, rate: 4000, grants: true)
         let run = fx.dir + "/run"
