@@ -83,6 +83,19 @@ struct RemoteFixture {
         return s
     }
 
+    /// Poses as a runner of worker `key` asking for `stage` (a HELLO): the COMMAND code the host
+    /// answers with (abort when it refuses), or nil when the answer is not a COMMAND.
+    func askForStage(_ stage: String, as key: String) throws -> RunnerCommand.Code? {
+        let ctx = try ZMQContext()
+        defer { ctx.terminate() }
+        let d = try clientSocket(.dealer, as: key, in: ctx)
+        defer { d.close() }
+        try d.setReceiveTimeout(ms: 5000)
+        try d.connect(endpoint)
+        try d.send(Hello(pid: 1, worker: stage).encode(seq: 1))
+        return try d.receive().flatMap { bytes in try withFrame(bytes) { f in f.header.type == .command ? try f.command().code : nil } }
+    }
+
     func worker(_ key: String, extra: [String] = [], timeout: Double = 60) throws -> ProcResult {
         var args = ["worker", "--connect", endpoint, "--run-dir", dir + "/w-" + key, "--handshake-timeout", "3"]
         if !extra.contains("--insecure") { args += ["--key", dir + "/keys/\(key)/curve.key", "--server-key", dir + "/keys/host/curve.pub"] }
@@ -220,16 +233,7 @@ struct RemoteWorkerTests {
         #expect(plain.status == 2)
         #expect(plain.stderr.contains("expects CURVE"), "\(plain.stderr)")
         // An allowed worker asking for a stage placed on another worker.
-        let ctx = try ZMQContext()
-        defer { ctx.terminate() }
-        let d = try fx.clientSocket(.dealer, as: "spare", in: ctx)
-        defer { d.close() }
-        try d.setReceiveTimeout(ms: 5000)
-        try d.connect(fx.endpoint)
-        try d.send(Hello(pid: 1, worker: "pass").encode(seq: 1))
-        let answer = try d.receive()
-        let code: RunnerCommand.Code? = try answer.flatMap { bytes in try withFrame(bytes) { f in f.header.type == .command ? try f.command().code : nil } }
-        #expect(code == .abort)
+        #expect(try fx.askForStage("pass", as: "spare") == .abort)
         // The host still runs the pipeline when its own worker comes.
         let worker = try fx.startWorker("edge", log: fx.dir + "/worker.log")
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
@@ -726,16 +730,7 @@ struct GrantPipelineTests {
         let told = poll(true, seconds: 30) { ((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "").contains("stages: pass\n") }
         #expect(told, "\((try? String(contentsOfFile: fx.dir + "/worker.log", encoding: .utf8)) ?? "")")
         // Asking for pass2 anyway, with the admitted key: refused with the reason.
-        let ctx = try ZMQContext()
-        defer { ctx.terminate() }
-        let d = try fx.clientSocket(.dealer, as: "edge", in: ctx)
-        defer { d.close() }
-        try d.setReceiveTimeout(ms: 5000)
-        try d.connect(fx.endpoint)
-        try d.send(Hello(pid: 1, worker: "pass2").encode(seq: 1))
-        let answer = try d.receive()
-        let code: RunnerCommand.Code? = try answer.flatMap { bytes in try withFrame(bytes) { f in f.header.type == .command ? try f.command().code : nil } }
-        #expect(code == .abort)
+        #expect(try fx.askForStage("pass2", as: "edge") == .abort)
         #expect(try poll(Int64(500), seconds: 30) { try outReceived(run) } == 500)
         let audit = try auditJSONL(run)
         #expect(audit.contains("worker 'edge' asked for stage 'pass2', which its grant does not name"))
