@@ -38,13 +38,14 @@ public struct PipelineLoader {
         var text = text
         var repeats: [Diagnostic] = [], placeholders: [String] = []
         while repeats.count < 64, case .duplicatedKeysInMapping(let keys, let ctx)? = Self.composeError(text) {
-            var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            // Lines split on any line break (a CRLF file too), joined back with LF: positions stay.
+            var lines = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).map(String.init)
             var moved = false
             for key in keys {
-                guard let at = Self.repeatOf(key, firstAt: (ctx.mark.line, ctx.mark.column), in: lines) else { continue }
+                guard let (first, at) = Self.repeatOf(key, mappingKeyAt: (ctx.mark.line, ctx.mark.column), in: lines) else { continue }
                 repeats.append(Diagnostic(file: file, pos: SourcePos(line: at.line, column: at.column),
-                                          message: "duplicate key '\(key)' (first at line \(ctx.mark.line), column \(ctx.mark.column))"))
-                let ph = Self.placeholder(length: key.count, index: placeholders.count)
+                                          message: "duplicate key '\(key)' (first at line \(first.line), column \(first.column))"))
+                guard let ph = Self.placeholder(length: key.count, index: placeholders.count) else { continue }
                 placeholders.append(ph)
                 var chars = Array(lines[at.line - 1])
                 chars.replaceSubrange((at.column - 1)..<(at.column - 1 + key.count), with: Array(ph))
@@ -69,11 +70,13 @@ public struct PipelineLoader {
         do { _ = try Yams.compose(yaml: text); return nil } catch let e as YamlError { return e } catch { return nil }
     }
 
-    /// Where `key` is given again in the mapping whose first `key` is at `first` (1-based): later
-    /// on the same line (a flow mapping), or on a later line at the same column before the
-    /// mapping ends (a block mapping). Nil when not found.
-    static func repeatOf(_ key: String, firstAt first: (line: Int, column: Int), in lines: [String]) -> (line: Int, column: Int)? {
-        guard first.line >= 1, first.line <= lines.count, first.column >= 1 else { return nil }
+    /// The first and the second place `key` is given in the mapping that has a key at `mark`
+    /// (1-based; Yams names one duplicate key's first position): in a flow mapping on that line,
+    /// the keys at its own brace depth; in a block mapping, the keys at that column from where the
+    /// mapping starts to where it ends. Nil when not found.
+    static func repeatOf(_ key: String, mappingKeyAt mark: (line: Int, column: Int), in lines: [String])
+        -> (first: (line: Int, column: Int), second: (line: Int, column: Int))? {
+        guard mark.line >= 1, mark.line <= lines.count, mark.column >= 1 else { return nil }
         let k = Array(key)
         func isKey(_ c: [Character], at i: Int) -> Bool {
             guard i >= 0, i + k.count <= c.count, Array(c[i..<(i + k.count)]) == k else { return false }
@@ -82,21 +85,56 @@ public struct PipelineLoader {
             while j < c.count, c[j] == " " { j += 1 }
             return j < c.count && c[j] == ":"
         }
-        let line = Array(lines[first.line - 1])
-        var i = first.column - 1 + k.count
-        while i < line.count { if isKey(line, at: i) { return (first.line, i + 1) }; i += 1 }
-        for n in first.line..<lines.count {
+        let line = Array(lines[mark.line - 1])
+        let col = min(mark.column - 1, line.count)
+        // A flow mapping: an unclosed `{` before the mark on its line.
+        var depth = 0, open = -1
+        for i in stride(from: col - 1, through: 0, by: -1) {
+            if line[i] == "}" { depth += 1 } else if line[i] == "{" { if depth == 0 { open = i; break }; depth -= 1 }
+        }
+        if open >= 0 {
+            var found: [(line: Int, column: Int)] = []
+            var d = 0, i = open + 1
+            while i < line.count, d >= 0 {
+                if line[i] == "{" || line[i] == "[" { d += 1 } else if line[i] == "}" || line[i] == "]" { d -= 1 }
+                else if d == 0, isKey(line, at: i) { found.append((mark.line, i + 1)); if found.count == 2 { return (found[0], found[1]) } }
+                i += 1
+            }
+            return nil
+        }
+        // A block mapping: its keys sit at the mark's column.
+        func indent(_ c: [Character]) -> Int? {
+            guard let s = c.firstIndex(where: { $0 != " " }), c[s] != "#" else { return nil }
+            return s
+        }
+        var top = mark.line - 1
+        while top > 0 {
+            let c = Array(lines[top])
+            if c.count > col, col >= 2, c[col - 2] == "-", c[..<(col - 2)].allSatisfy({ $0 == " " }) { break }  // `- key:` opens it
+            guard let s = indent(Array(lines[top - 1])) else { top -= 1; continue }
+            if s < col { break }
+            top -= 1
+        }
+        var found: [(line: Int, column: Int)] = []
+        for n in top..<lines.count {
             let c = Array(lines[n])
-            guard let start = c.firstIndex(where: { $0 != " " }), c[start] != "#" else { continue }
-            if start < first.column - 1 { return nil }   // the mapping ended
-            if start == first.column - 1, isKey(c, at: start) { return (n + 1, start + 1) }
+            guard let s = indent(c) else { continue }
+            let opensHere = n == top && c.count > col && col >= 2 && c[col - 2] == "-"
+            if s < col && !opensHere { if n > mark.line - 1 { break } else { continue } }
+            if n > top, s == col - 2, c.count > s, c[s] == "-" { break }   // the next list item: another mapping
+            if isKey(c, at: col) && (s == col || opensHere) {
+                found.append((n + 1, col + 1))
+                if found.count == 2 { return (found[0], found[1]) }
+            }
         }
         return nil
     }
 
-    /// A stand-in key of `length` characters, distinct for each `index`, that no stage uses.
-    static func placeholder(length: Int, index: Int) -> String {
-        String((0..<max(1, length)).map { (index >> $0) & 1 == 0 ? Character("~") : Character("^") })
+    /// A stand-in key of `length` characters, distinct for each `index`, that no stage uses and
+    /// YAML reads as a plain string; nil when `length` leaves no more of them.
+    static func placeholder(length: Int, index: Int) -> String? {
+        guard length >= 1, length >= 64 || index < (1 << length) else { return nil }
+        return String((0..<length).map { (index >> $0) & 1 == 0 ? Character("^") : Character("+") })
     }
 
     mutating func error(_ pos: SourcePos, _ m: String) { diags.append(Diagnostic(file: file, pos: pos, message: m)) }

@@ -167,6 +167,8 @@ extension PipelineHost {
     /// CURVE listener without one would let every client in), then the registration ROUTER, and
     /// the tcp ports of every lane that crosses to a worker.
     func openRemote() throws(RuntimeError) {
+        // Nothing left over from an earlier host of this run directory in this process.
+        _ = RemoteRefusals.shared.take(run: options.runDirectory)
         let hasWorkers = plan.stages.contains(where: { $0.placement.isRemote })
         guard hasWorkers || plan.spec.remote?.control != nil else { return }
         guard let r = plan.spec.remote else { throw .plan("stages are placed on remote workers but the pipeline has no `remote:` section") }
@@ -267,8 +269,13 @@ extension PipelineHost {
             let (refusals, dropped) = relay.takeRefusals()
             takeRefusals(refusals, dropped: dropped, rm, intent: "remote.relay")
         }
-        let (refusals, dropped) = RemoteRefusals.shared.take(run: options.runDirectory)
-        takeRefusals(refusals, dropped: dropped, rm, intent: "remote.lane")
+        for t in RemoteRefusals.shared.take(run: options.runDirectory) {
+            takeRefusals(t.samples, dropped: 0, rm, intent: "remote.lane")
+            // Beyond the samples: counted against the worker (garbage) or as refused, not audited one by one.
+            let g = t.garbage - t.samples.filter(\.garbage).count, b = t.banned - t.samples.filter { !$0.garbage }.count
+            if g > 0, let r = t.samples.first(where: \.garbage) { remoteGarbage([], rm, r.why, worker: r.worker, count: g) }
+            rm.refused += max(0, b)
+        }
         if let m = rm.monitor {
             while let ev = ZMQMonitorEvent.receive(from: m) {
                 guard ev.isHandshakeFailure else { continue }
@@ -597,12 +604,12 @@ extension PipelineHost {
     /// A frame that is not the protocol, from the worker `user` (the connection's authenticated
     /// name) if known. A worker that sends 100 is cut off: its runners are aborted and its key
     /// refused until the host restarts.
-    func remoteGarbage(_ routing: [UInt8], _ rm: RemoteHost, _ what: String, worker user: String?) {
-        rm.refused += 1
+    func remoteGarbage(_ routing: [UInt8], _ rm: RemoteHost, _ what: String, worker user: String?, count: Int = 1) {
+        rm.refused += count
         let stage = rm.stageOf[routing]
         let worker = user ?? stage.flatMap { stages[$0]?.plan.placement.workerName }
         var bad = 0
-        if let w = worker { rm.workers[w]?.badFrames += 1; bad = rm.workers[w]?.badFrames ?? 0 }
+        if let w = worker { rm.workers[w]?.badFrames += count; bad = rm.workers[w]?.badFrames ?? 0 }
         if rm.mayAudit(monotonicNs(), "garbage \(worker ?? "")") {
             log.warning("remote: refused \(what)\(worker.map { " (worker '\($0)')" } ?? "")")
             auditWriter?.submit(AuditRecord(decision: "frame-refused", stage: "host", intent: "remote.frame", reason: "refused \(what)",
@@ -712,22 +719,25 @@ struct FrameRefusal: Sendable { let worker: String?; let why: String; let garbag
 /// Frames the host's own runner threads refused from remote workers on tcp lanes (garbage, a
 /// frame on another worker's lane, DATA past its credits, an envelope over the limits): the
 /// runner hands them here and the host takes them each loop pass, audits them and counts them
-/// against the worker, as it does for what the lane relay refuses. Per run directory; at most
-/// 1,000 waiting per run (more are only counted), so a flood costs no memory.
+/// against the worker, as it does for what the lane relay refuses. Per run directory and worker:
+/// exact counts and the first few refusals as samples, so a flood costs no memory and one worker's
+/// flood cannot crowd another's refusals out of the count.
 final class RemoteRefusals: Sendable {
     static let shared = RemoteRefusals()
-    struct Waiting { var list: [FrameRefusal] = []; var dropped = 0 }
-    let waiting = Mutex<[String: Waiting]>([:])
+    struct Tally: Sendable { var garbage = 0, banned = 0; var samples: [FrameRefusal] = [] }
+    let waiting = Mutex<[String: [String: Tally]]>([:])
     func report(_ r: FrameRefusal, run: String) {
         waiting.withLock { w in
-            if w[run, default: Waiting()].list.count < 1000 { w[run, default: Waiting()].list.append(r) } else { w[run, default: Waiting()].dropped += 1 }
+            var t = w[run]?[r.worker ?? ""] ?? Tally()
+            if r.garbage { t.garbage += 1 } else { t.banned += 1 }
+            if t.samples.count < 8 { t.samples.append(r) }
+            w[run, default: [:]][r.worker ?? ""] = t
         }
     }
-    func take(run: String) -> (list: [FrameRefusal], dropped: Int) {
+    func take(run: String) -> [Tally] {
         waiting.withLock { w in
-            guard let x = w[run] else { return ([], 0) }
-            w[run] = nil
-            return (x.list, x.dropped)
+            defer { w[run] = nil }
+            return w[run].map { Array($0.values) } ?? []
         }
     }
 }

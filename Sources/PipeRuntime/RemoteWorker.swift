@@ -80,7 +80,8 @@ public final class RemoteWorker {
             done.enter()
             let t = Thread {
                 let rc = runner.run()
-                results.withLock { $0.append(rc) }
+                // A runner the host aborted ended cleanly but did not finish its stage.
+                results.withLock { $0.append(runner.abortedByHost && rc == 0 ? Self.aborted : rc) }
                 done.leave()
             }
             t.name = "stage-\(stage)"
@@ -108,7 +109,6 @@ public final class RemoteWorker {
                 usleep(UInt32(retry * 1e6)); retry = min(30, retry * 2)
                 continue
             }
-            retry = 2
             log.info("registered with \(options.endpoint) as worker '\(roster.worker)' of pipeline '\(roster.pipeline)'; stages: \(roster.stages.isEmpty ? "none" : roster.stages.joined(separator: ", "))")
             if roster.stages.isEmpty {
                 log.warning("no stage is placed on worker '\(roster.worker)'; nothing to do")
@@ -116,7 +116,16 @@ public final class RemoteWorker {
                 sleep(5); continue
             }
             let codes = runStages(roster, context: zmq)
+            if codes.contains(Self.aborted) && codes.allSatisfy({ $0 == 0 || $0 == Self.aborted }) {
+                log.warning("the host aborted the stages (its run failed or ended, or another worker with this key took them over)")
+                guard options.keepRunning else { return 0 }
+                // Not at once: two workers with one key would otherwise take the stages from each other for ever.
+                log.info("registering again in \(Int(retry)) s")
+                usleep(UInt32(retry * 1e6)); retry = min(30, retry * 2)
+                continue
+            }
             if codes.allSatisfy({ $0 == 0 }) {
+                retry = 2
                 log.info("stages finished")
                 guard options.keepRunning else { return 0 }
                 // The finished run's host is shutting down: give it time to go before asking again.
@@ -127,6 +136,9 @@ public final class RemoteWorker {
             usleep(500_000)
         }
     }
+
+    /// `runStages`' code for a runner the host aborted.
+    static let aborted: Int32 = -1
 
     /// Whether registration failed because the host refused this worker (its key, its grant, its
     /// name): trying again cannot help. An absent or silent host is not a refusal.

@@ -24,6 +24,9 @@ public final class StageRunner: @unchecked Sendable {
     /// the local directory that replaces the host's run directory.
     public var clientKeys: CurveKeyPair?
     public var localRunDirectory: String?
+    /// After `run()`: whether the host ended this runner with ABORT (a failed or ending run, or
+    /// another runner took the stage over) rather than FINISH.
+    public private(set) var abortedByHost = false
 
     /// The host's CURVE public key, for a remote runner (with `clientKeys`).
     public var serverKey: String?
@@ -101,7 +104,9 @@ public final class StageRunner: @unchecked Sendable {
                         return 1
                     }
                     core.parentPid = parentPid
-                    return core.run()
+                    let rc = core.run()
+                    abortedByHost = core.abortedByHost
+                    return rc
                 }
             }
             log.error("no ASSIGN from the host within 60 s on \(controlEndpoint)")
@@ -115,6 +120,8 @@ public final class StageRunner: @unchecked Sendable {
 
 /// The running stage with its lanes. One thread.
 final class RunnerCore: StageContext {
+    /// Set when the host sent ABORT (not FINISH).
+    var abortedByHost = false
     struct OutLane {
         let id: UInt32
         let to: String
@@ -172,6 +179,8 @@ final class RunnerCore: StageContext {
         var seq: UInt64 = 0
         var eos = false
         var producerIncarnation: UInt64?
+        /// When the producer's current incarnation was first seen (monotonic ns).
+        var incarnationAt: UInt64 = 0
         var latency = DurationHistogram()
         /// With a byte bound: bytes taken since the last CREDIT (credits go back at half of it too,
         /// or the producer, counting bytes, would wait for a count that never comes).
@@ -665,7 +674,7 @@ final class RunnerCore: StageContext {
                         stopRequested = true; statsDirty = true
                         if let src = source { src.requestStop(); exhausted = true }
                     case .finish: sendStats(); break loop
-                    case .abort: exitCode = failed == nil ? 0 : 1; sendStats(); break loop
+                    case .abort: exitCode = failed == nil ? 0 : 1; abortedByHost = true; sendStats(); break loop
                     }
                 }
             }
@@ -814,7 +823,7 @@ final class RunnerCore: StageContext {
             guard let f = try? FrameView(raw), let li = outIndex[f.header.lane] else {
                 errors += 1
                 // From a worker's connection: refused and counted against it, like garbage on a data path.
-                if checkPeers, let u = msg.property("User-Id"), !u.isEmpty {
+                if let u = returnUser(msg) {
                     refuseRemoteFrame(u, lane: 0, "a \(raw.count)-byte message on a return path that is not a frame for one of its lanes")
                 }
                 return
@@ -864,15 +873,25 @@ final class RunnerCore: StageContext {
                         dv.acksReceived += 1
                         if dv.acknowledge(lane: li, id: id) { walkLane(li) }
                     }
-                } catch { errors += 1; log.warning("malformed ACK on lane \(outLanes[li].id): \(error)") }
-            } else { errors += 1 }
+                } catch {
+                    errors += 1
+                    if let u = returnUser(msg) { refuseRemoteFrame(u, lane: f.header.lane, "a malformed ACK on lane \(f.header.lane) (\(error))"); return }
+                    if errors <= 10 || errors % 1000 == 0 { log.warning("malformed ACK on lane \(outLanes[li].id): \(error) (\(errors) errors so far)") }
+                }
+            } else {
+                errors += 1
+                if let u = returnUser(msg) { refuseRemoteFrame(u, lane: f.header.lane, "a frame of type \(f.header.type) on the return path of lane \(f.header.lane)") }
+            }
         }
     }
+
+    /// The worker whose authenticated connection `msg` came in on (a runner in the host process), or nil.
+    func returnUser(_ msg: ZMQMessage) -> String? { checkPeers ? msg.property("User-Id").flatMap { $0.isEmpty ? nil : $0 } : nil }
 
     func handleInput(_ msg: ZMQMessage) {
         // A frame from a remote worker's connection (ZAP named it): garbage from there is
         // refused and counted, never dead-lettered (a flood would otherwise fill the dead letters).
-        let remoteUser = checkPeers ? msg.property("User-Id").flatMap { $0.isEmpty ? nil : $0 } : nil
+        let remoteUser = returnUser(msg)
         msg.withBytes { raw in
             let f: FrameView
             do { f = try FrameView(raw) } catch {
@@ -971,6 +990,14 @@ final class RunnerCore: StageContext {
             case .heartbeat:
                 // A producer announcing itself: a new incarnation starts a new credit epoch.
                 if let inc = try? f.heartbeatTime(), inLanes[li].producerIncarnation != inc {
+                    // A worker's producer restarts in seconds, not many times a second: a new
+                    // incarnation sooner than 1 s after the last would only reset its credits.
+                    let now = monotonicNs()
+                    if let u = remoteUser, inLanes[li].producerIncarnation != nil, now &- inLanes[li].incarnationAt < 1_000_000_000 {
+                        refuseRemoteFrame(u, lane: f.header.lane, "a new producer incarnation on lane \(f.header.lane) \((now &- inLanes[li].incarnationAt) / 1_000_000) ms after the last")
+                        return
+                    }
+                    inLanes[li].incarnationAt = now
                     // A producer we have not seen: if this epoch already carried data (from an earlier
                     // producer incarnation), start a new epoch; either way, grant to it now.
                     if inLanes[li].producerIncarnation != nil || inLanes[li].receivedInEpoch > 0 {
@@ -982,6 +1009,7 @@ final class RunnerCore: StageContext {
                 }
             default:
                 errors += 1
+                if let u = remoteUser { refuseRemoteFrame(u, lane: f.header.lane, "a frame of type \(f.header.type) on the data path of lane \(f.header.lane)") }
             }
         }
     }
