@@ -36,6 +36,8 @@ import zmq
 MAGIC = b"PL"
 VERSION = 1
 DATA, EOS, CREDIT, ACK, HEARTBEAT, STATS, AUDIT, HELLO, ASSIGN, COMMAND = range(1, 11)
+FRAME_ENVELOPE_BYTES = 1 << 20  # docs/wire-format.md, limits
+MAX_ATTRS = 64
 PROTOCOL_VERSION = 2  # HELLO: STATS lane entries end with the credit epoch and the count within it
 CMD_LOOP_CLOSED, CMD_STOP, CMD_FINISH, CMD_ABORT = 1, 2, 3, 4
 F_IDLE, F_EXHAUSTED, F_FINISHED, F_FAILED = 0x01, 0x02, 0x04, 0x10
@@ -275,14 +277,14 @@ class Stage:
         except zmq.Again:
             pass  # cumulative: the next grant carries it
 
-    def emit(self, e, output="out"):
-        """Queues one copy per lane group; returns the lanes it went to."""
+    def emit(self, encoded, output="out"):
+        """Queues one copy of an encoded envelope per lane group; returns the lanes it went to."""
         went = []
         for group, lanes in sorted(self.groups.get(output, {}).items()):
             k = self.rr.get((output, group), 0)
             self.rr[(output, group)] = k + 1
             lane = lanes[k % len(lanes)]
-            self.outs[lane]["queue"].append(encode_envelope(e))
+            self.outs[lane]["queue"].append(encoded)
             went.append(lane)
         self.emitted += 1
         return went
@@ -333,7 +335,16 @@ class Stage:
                 self.done(lane, bytes(raw[2:18]))  # handled (it never will be better): not sent again
             return
         eid = bytes(e["id"])
-        went = self.emit(self.program(e, self.settings))
+        out = self.program(e, self.settings)
+        encoded = encode_envelope(out)
+        if len(out["attrs"]) > MAX_ATTRS or len(encoded) > self.a.get("max_envelope_bytes", 1 << 20):
+            # What the program made breaks the wire limits: the consumer would refuse it (and count
+            # it against this worker). Not sent; the input is done.
+            self.errors += 1
+            print("stage %s: program output over the limits (%d attrs, %d bytes); not sent" % (self.id, len(out["attrs"]), len(encoded)), file=sys.stderr)
+            self.done(lane, eid)
+            return
+        went = self.emit(encoded)
         if not self.alo:
             return
         if went:
@@ -454,6 +465,13 @@ class Stage:
         for lane, o in self.outs.items():
             while o["queue"] and o["sent_in_epoch"] < o["limit"]:
                 n = min(len(o["queue"]), o["limit"] - o["sent_in_epoch"], self.a["max_batch_envelopes"], 512)
+                # At most 1 MiB of envelopes (length prefixes included) per frame, or one envelope
+                # when that one alone is larger: the consumer's size guard is sized on that rule.
+                size, fit = 0, 0
+                while fit < n and (fit == 0 or size + 4 + len(o["queue"][fit]) <= FRAME_ENVELOPE_BYTES):
+                    size += 4 + len(o["queue"][fit])
+                    fit += 1
+                n = fit
                 batch = o["queue"][:n]
                 body = struct.pack("<QI", now_ns(), n) + b"".join(struct.pack("<I", len(x)) + x for x in batch)
                 o["seq"] += 1
