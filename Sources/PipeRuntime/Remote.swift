@@ -273,7 +273,10 @@ extension PipelineHost {
             takeRefusals(t.samples, dropped: 0, rm, intent: "remote.lane")
             // Beyond the samples: counted against the worker (garbage) or as refused, not audited one by one.
             let g = t.garbage - t.samples.filter(\.garbage).count, b = t.banned - t.samples.filter { !$0.garbage }.count
-            if g > 0, let r = t.samples.first(where: \.garbage) { remoteGarbage([], rm, r.why, worker: r.worker, count: g) }
+            if g > 0 {
+                remoteGarbage([], rm, t.samples.first(where: \.garbage)?.why ?? "frames on its lane ports that are not the protocol",
+                              worker: t.worker.isEmpty ? nil : t.worker, count: g)
+            }
             rm.refused += max(0, b)
         }
         if let m = rm.monitor {
@@ -724,11 +727,11 @@ struct FrameRefusal: Sendable { let worker: String?; let why: String; let garbag
 /// flood cannot crowd another's refusals out of the count.
 final class RemoteRefusals: Sendable {
     static let shared = RemoteRefusals()
-    struct Tally: Sendable { var garbage = 0, banned = 0; var samples: [FrameRefusal] = [] }
+    struct Tally: Sendable { var worker = ""; var garbage = 0, banned = 0; var samples: [FrameRefusal] = [] }
     let waiting = Mutex<[String: [String: Tally]]>([:])
     func report(_ r: FrameRefusal, run: String) {
         waiting.withLock { w in
-            var t = w[run]?[r.worker ?? ""] ?? Tally()
+            var t = w[run]?[r.worker ?? ""] ?? Tally(worker: r.worker ?? "")
             if r.garbage { t.garbage += 1 } else { t.banned += 1 }
             if t.samples.count < 8 { t.samples.append(r) }
             w[run, default: [:]][r.worker ?? ""] = t
