@@ -1,4 +1,5 @@
 import Glibc
+import PipeKit
 
 /// Runs one allow-listed program with argv (never a shell), a timeout and an output limit.
 /// stdout and stderr are read as they come (a full pipe never stalls the child); past the limit
@@ -12,11 +13,6 @@ enum CommandRunner {
         var timedOut: Bool
         var elapsedNs: UInt64
         var spawnError: String?
-    }
-
-    static func monotonicNs() -> UInt64 {
-        var ts = timespec(); clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     typealias Pipe2 = @convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Int32

@@ -234,18 +234,18 @@ public final class ExecutorStage: Stage {
     func perform(_ cap: Envelope) -> Outcome {
         switch kind {
         case .echo:
-            let t0 = CommandRunner.monotonicNs()
+            let t0 = monotonicNs()
             let p = cap.payload
             let kept = Array(p.prefix(maxOutput))
             return Outcome(outcome: "executed", reason: "", output: kept, truncated: p.count > maxOutput, exitStatus: nil,
-                           latencyNs: CommandRunner.monotonicNs() - t0)
+                           latencyNs: monotonicNs() - t0)
         case .external:
             guard let x = external else {
                 return Outcome(outcome: "rejected", reason: "the external executor is not connected", output: [], truncated: false, exitStatus: nil, latencyNs: 0)
             }
-            let t0 = CommandRunner.monotonicNs()
-            let a = x.perform(cap, timeoutNs: timeoutNs, now: CommandRunner.monotonicNs)
-            let elapsed = CommandRunner.monotonicNs() - t0
+            let t0 = monotonicNs()
+            let a = x.perform(cap, timeoutNs: timeoutNs, now: monotonicNs)
+            let elapsed = monotonicNs() - t0
             var o = Outcome(outcome: a.outcome, reason: a.reason, output: Array(a.output.prefix(maxOutput)), truncated: a.output.count > maxOutput,
                             exitStatus: a.exitStatus, latencyNs: elapsed)
             o.program = x.endpoint

@@ -72,24 +72,18 @@ public final class IntakeSimStage: SourceStage {
     /// (a rewritten file is one arrival only if that fits in the inbox's coalesce window).
     public static func dropTimed(_ d: Drop, into dir: String) -> (error: String?, spreadNs: UInt64) {
         let path = dir + "/" + d.name
-        let t0 = monotonic()
+        let t0 = monotonicNs()
         switch d.style {
-        case .plain: return (write(d.content, to: path), monotonic() - t0)
+        case .plain: return (write(d.content, to: path), monotonicNs() - t0)
         case .staged:
             if let e = write(d.content, to: path + ".part") { return (e, 0) }
-            return (rename(path + ".part", path) == 0 ? nil : "rename to \(path): \(FS.errno_())", monotonic() - t0)
+            return (rename(path + ".part", path) == 0 ? nil : "rename to \(path): \(FS.errno_())", monotonicNs() - t0)
         case .rewritten:
             for i in 1...3 {
                 if let e = write(i == 3 ? d.content : Array("line \(i) of 3\n".utf8), to: path) { return (e, 0) }
             }
-            return (nil, monotonic() - t0)
+            return (nil, monotonicNs() - t0)
         }
-    }
-
-    static func monotonic() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
     var pacer: SourcePacer
