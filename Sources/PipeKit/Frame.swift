@@ -10,13 +10,14 @@ public enum FrameType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 0x08      // worker -> host: who I am
     case assign = 0x09     // host -> worker: your stage and its lanes
     case command = 0x0A    // host -> runner: loop closed, stop, finish
+    case handoff = 0x0B    // producer -> consumer in the same process: a batch handed over by reference
 
     public var description: String {
         switch self {
         case .data: return "DATA"; case .endOfStream: return "EOS"; case .credit: return "CREDIT"
         case .ack: return "ACK"; case .heartbeat: return "HEARTBEAT"; case .stats: return "STATS"
         case .audit: return "AUDIT"; case .hello: return "HELLO"; case .assign: return "ASSIGN"
-        case .command: return "COMMAND"
+        case .command: return "COMMAND"; case .handoff: return "HANDOFF"
         }
     }
 }
@@ -112,6 +113,13 @@ public struct FrameView {
     public func credit() throws(DecodeError) -> (epoch: UInt32, limit: UInt64) {
         var r = try fixed(12, "credit"); return (try r.u32("credit.epoch"), try r.u64("credit.limit"))
     }
+    /// HANDOFF body: u64 sent_ns, u32 count, u64 token (the same first 12 bytes as DATA, so
+    /// ``dataSentNs`` and ``dataDeclaredCount`` read it too).
+    public func handoff() throws(DecodeError) -> (sentNs: UInt64, count: Int, token: UInt64) {
+        guard header.type == .handoff else { throw .invalid(field: "frame.type", reason: "not HANDOFF") }
+        var r = try fixed(20, "handoff")
+        return (try r.u64("handoff.sent_ns"), Int(try r.u32("handoff.count")), try r.u64("handoff.token"))
+    }
     /// HEARTBEAT body: u64 sender clock in ns.
     public func heartbeatTime() throws(DecodeError) -> UInt64 { var r = try fixed(8, "heartbeat"); return try r.u64("heartbeat.time") }
     /// ACK body, without building an array: calls `each` for every id (docs/delivery.md).
@@ -177,6 +185,11 @@ public enum FrameEncoder {
     }
     public static func credit(lane: UInt32, seq: UInt64, epoch: UInt32, limit: UInt64) -> [UInt8] {
         var w = start(.credit, lane: lane, seq: seq); w.u32(epoch); w.u64(limit); return w.buffer
+    }
+    /// HANDOFF: the DATA header fields (sent_ns, count), then the token of a batch the producer
+    /// left in its process's handoff table (in-process lanes only; docs/wire-format.md).
+    public static func handoff(lane: UInt32, seq: UInt64, sentNs: UInt64, count: Int, token: UInt64) -> [UInt8] {
+        var w = start(.handoff, lane: lane, seq: seq); w.u64(sentNs); w.u32(UInt32(clamping: count)); w.u64(token); return w.buffer
     }
     public static func heartbeat(lane: UInt32, seq: UInt64, timeNs: UInt64) -> [UInt8] {
         var w = start(.heartbeat, lane: lane, seq: seq); w.u64(timeNs); return w.buffer

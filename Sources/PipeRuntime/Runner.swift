@@ -157,6 +157,8 @@ final class RunnerCore: StageContext {
         /// tcp lanes: EOS goes again every second until the host ends the run (one lost with a
         /// dropped connection would leave the consumer waiting).
         var tcp = false
+        /// Both ends in this process (inproc): batches are handed over by reference (HANDOFF).
+        var local = false
         var eosAt: UInt64 = 0
         var beatAt: UInt64 = 0
         var credits: Int { Int(clamping: Int64(clamping: limit) - Int64(clamping: sentInEpoch)) }
@@ -189,6 +191,8 @@ final class RunnerCore: StageContext {
         /// tcp lanes: the producer's last frame seq, to notice frames lost with a dropped connection.
         var lastSeq: UInt64 = 0
         var tcp = false
+        /// The producer is in this process (inproc): HANDOFF frames are taken on this lane, and only here.
+        var local = false
         var creditAt: UInt64 = 0
     }
 
@@ -200,6 +204,8 @@ final class RunnerCore: StageContext {
     let stage: any Stage
     let source: (any SourceStage)?
     let limits: WireLimits
+    /// Whose batches this runner hands over and takes on in-process lanes (``LocalHandoff``).
+    let handoffContext: ObjectIdentifier
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
     /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
@@ -264,6 +270,7 @@ final class RunnerCore: StageContext {
     init(assignment a: Assignment, zmq: ZMQContext, control: ZMQSocket, registry: StageRegistry, location: String, log: Logger,
          clientKeys: CurveKeyPair? = nil) throws {
         self.a = a; self.zmq = zmq; self.control = control; self.location = location; self.log = log
+        handoffContext = ObjectIdentifier(zmq)
         let links = TCPLinks(security: a.tcp, clientKeys: clientKeys)
         checkPeers = a.inputs.contains { $0.peer != nil } || a.outputs.contains { $0.lanes.contains { $0.peer != nil } }
         limits = WireLimits(maxEnvelopeBytes: a.maxEnvelopeBytes, maxBatchEnvelopes: a.maxBatchEnvelopes)
@@ -311,6 +318,7 @@ final class RunnerCore: StageContext {
                 idx.append(outLanes.count)
                 var lane = OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack)
                 lane.tcp = l.endpoint.hasPrefix("tcp://") || l.lossy
+                lane.local = l.endpoint.hasPrefix("inproc://") && !l.lossy
                 lane.bytesBound = l.bytes
                 if l.whenFull == .spill && !l.loopBack {
                     let dir = a.runDirectory + "/spill"
@@ -342,6 +350,7 @@ final class RunnerCore: StageContext {
                                   maxHops: i.maxHops, bound: i.bound, ret: s, epoch: UInt32(truncatingIfNeeded: incarnation / 1000) | 1,
                                   bytesBound: i.bytes))
             inLanes[inLanes.count - 1].tcp = transport == "tcp" || i.lossy
+            inLanes[inLanes.count - 1].local = transport == "inproc" && !i.lossy
         }
         if !a.tapEndpoint.isEmpty {
             let s = try zmq.socket(.xpub)
@@ -911,7 +920,7 @@ final class RunnerCore: StageContext {
             // epoch change): what it floods beyond them is refused, not processed. On every tcp
             // lane, also in a remote consumer, whose producer may be another worker (a lane the
             // host relays) rather than the host.
-            if remoteUser != nil || inLanes[li].tcp, f.header.type == .data,
+            if remoteUser != nil || inLanes[li].tcp, f.header.type == .data || f.header.type == .handoff,
                inLanes[li].receivedInEpoch + UInt64(f.dataDeclaredCount) > inLanes[li].limitSent + 2 * UInt64(inLanes[li].bound) {
                 refuseRemoteFrame(remoteUser ?? "the producer of lane \(f.header.lane)", lane: f.header.lane,
                                   "DATA past its credits on lane \(f.header.lane)", fromWorker: remoteUser != nil)
@@ -919,7 +928,14 @@ final class RunnerCore: StageContext {
             }
             if inLanes[li].tcp { noticeLoss(li, seq: f.header.seq, incarnation: f.header.type == .heartbeat ? try? f.heartbeatTime() : nil) }
             switch f.header.type {
-            case .data:
+            case .data, .handoff:
+                // A HANDOFF is taken only on a lane whose producer is in this process, and only when
+                // it names a batch left for this lane: anything else is refused before any counter moves.
+                var handed: [Envelope]?
+                if f.header.type == .handoff {
+                    guard let b = takeHandoff(f, lane: li, remoteUser: remoteUser, raw: raw) else { return }
+                    handed = b
+                }
                 // The producer counted every envelope the frame declares; if the frame is broken
                 // part-way, the rest are counted as received too, so its credits do not leak.
                 let declared = f.dataDeclaredCount
@@ -935,13 +951,12 @@ final class RunnerCore: StageContext {
                     busyNs &+= spent
                     if visited > 0 { processing.record(ns: spent / UInt64(visited), count: UInt64(visited)) }
                 }
-                do {
-                    try f.forEachEnvelope(limits: limits) { result, bytes in
+                func take(_ result: Result<Envelope, DecodeError>, _ bytes: UnsafeRawBufferPointer, size: Int) {
                         // An abort (or finish) arrived mid-batch: deliver nothing more.
                         if endPending { return }
                         visited += 1
                         inLanes[li].received += 1; inLanes[li].receivedInEpoch += 1; received += 1
-                        if inLanes[li].bytesBound != nil { inLanes[li].bytesSinceGrant += bytes.count }
+                        if inLanes[li].bytesBound != nil { inLanes[li].bytesSinceGrant += size }
                         switch result {
                         case .success(let e):
                             deliver(e, lane: li)
@@ -963,6 +978,17 @@ final class RunnerCore: StageContext {
                             deadLetter(Envelope(intent: "lane.malformed-envelope", payload: Array(bytes.prefix(65536))),
                                        reason: "malformed envelope on lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(err)")
                         }
+                }
+                do {
+                    if var handed {
+                        let sized = inLanes[li].bytesBound != nil
+                        // Reversed, then popped: each envelope moves out of the batch (no reference counting).
+                        handed.reverse()
+                        while let e = handed.popLast() {
+                            take(.success(e), UnsafeRawBufferPointer(start: nil, count: 0), size: sized ? EnvelopeCodec.encodedSize(e) : 0)
+                        }
+                    } else {
+                        try f.forEachEnvelope(limits: limits) { result, bytes in take(result, bytes, size: bytes.count) }
                     }
                 } catch {
                     errors += 1
@@ -1012,6 +1038,27 @@ final class RunnerCore: StageContext {
                 if let u = remoteUser { refuseRemoteFrame(u, lane: f.header.lane, "a frame of type \(f.header.type) on the data path of lane \(f.header.lane)") }
             }
         }
+    }
+
+    /// The batch a HANDOFF frame names, or nil when the frame is refused (counted, and
+    /// dead-lettered or held against its worker): a lane whose producer is not in this process, a
+    /// malformed body, or a token that names no batch left for this lane.
+    func takeHandoff(_ f: FrameView, lane li: Int, remoteUser: String?, raw: UnsafeRawBufferPointer) -> [Envelope]? {
+        let why: String
+        if !inLanes[li].local || remoteUser != nil {
+            why = "on lane \(f.header.lane), whose producer is not in this process"
+        } else {
+            do {
+                let h = try f.handoff()
+                if h.count <= limits.maxBatchEnvelopes,
+                   let b = LocalHandoff.shared.take(h.token, context: handoffContext, lane: f.header.lane, count: h.count) { return b }
+                why = "on lane \(f.header.lane) names no batch of \(h.count) left for it in this process"
+            } catch { why = "on lane \(f.header.lane) is malformed: \(error)" }
+        }
+        errors += 1
+        if let u = remoteUser { refuseRemoteFrame(u, lane: f.header.lane, "a HANDOFF frame \(why)"); return nil }
+        deadLetter(Envelope(intent: "lane.malformed-frame", payload: Array(raw.prefix(65536))), reason: "refused a HANDOFF frame \(why)")
+        return nil
     }
 
     func deliver(_ e: Envelope, lane li: Int) {
@@ -1173,15 +1220,18 @@ final class RunnerCore: StageContext {
     func flush(_ i: Int) {
         if delivery?.journalBroken == true { return }
         refillFromSpill(i)
+        let local = outLanes[i].local
         while !outLanes[i].queue.isEmpty && outLanes[i].canSend {
             var n = min(outLanes[i].queue.count, outLanes[i].credits, limits.maxBatchEnvelopes)
             // Keep frames near 1 MiB at most: big envelopes travel in smaller batches; under a byte
-            // bound, only what fits (at least one envelope when nothing is in flight).
+            // bound, only what fits (at least one envelope when nothing is in flight). A handoff
+            // carries references, so only a byte bound needs the sizes there.
             let byteRoom = outLanes[i].bytesBound.map { $0 - outLanes[i].inFlightBytes } ?? Int.max
             var bytes = 0, fit = 0
+            if local && outLanes[i].bytesBound == nil { fit = n }
             while fit < n {
                 let size = EnvelopeCodec.encodedSize(outLanes[i].queue.peek(fit)) + 4
-                if fit > 0 && (bytes + size > WireLimits.frameEnvelopeBytes || bytes + size > byteRoom) { break }
+                if fit > 0 && ((!local && bytes + size > WireLimits.frameEnvelopeBytes) || bytes + size > byteRoom) { break }
                 if fit == 0 && size > byteRoom && outLanes[i].inFlightBytes > 0 { break }
                 bytes += size; fit += 1
             }
@@ -1192,9 +1242,10 @@ final class RunnerCore: StageContext {
             let socket = outLanes[i].socket
             let sentNs = wallNs()
             let ok = outLanes[i].queue.withFirst(n) { envs in
-                let sent = (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
-                    if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, sentNs: sentNs, envelopes: envs, into: base) }
-                }) ?? false
+                let sent = local ? handOff(envs, lane: lane, seq: seq, sentNs: sentNs, socket: socket)
+                    : (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
+                        if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, sentNs: sentNs, envelopes: envs, into: base) }
+                    }) ?? false
                 if sent && !tapped.isEmpty && tapped.contains(lane) { tap(lane, envs) }
                 return sent
             }
@@ -1212,6 +1263,16 @@ final class RunnerCore: StageContext {
             }
             if outLanes[i].queue.isEmpty { refillFromSpill(i) }
         }
+    }
+
+    /// An in-process lane's batch: left in the process's handoff table, its token sent in a HANDOFF
+    /// frame. False (and the batch taken back) when ZeroMQ did not take the frame.
+    func handOff(_ envs: UnsafeBufferPointer<Envelope>, lane: UInt32, seq: UInt64, sentNs: UInt64, socket: ZMQSocket) -> Bool {
+        let token = LocalHandoff.shared.put(Array(envs), context: handoffContext, lane: lane)
+        let frame = FrameEncoder.handoff(lane: lane, seq: seq, sentNs: sentNs, count: envs.count, token: token)
+        if (try? socket.send(frame, dontWait: true)) == true { return true }
+        _ = LocalHandoff.shared.take(token, context: handoffContext, lane: lane, count: envs.count)
+        return false
     }
 
     /// Publishes copies of envelopes just sent on a tapped lane: one message per frame (a DATA
@@ -1314,6 +1375,9 @@ final class RunnerCore: StageContext {
         for l in outLanes { l.socket.close() }
         for l in inLanes { l.ret.close() }
         inSocket?.close(); retSocket?.close(); tapSocket?.close()
+        // Batches handed to this runner and never taken (it stopped before reading them).
+        let local = Set(inLanes.filter(\.local).map(\.id))
+        if !local.isEmpty { LocalHandoff.shared.discard(context: handoffContext, lanes: local) }
         if !a.tapEndpoint.isEmpty, a.tapEndpoint.hasPrefix("ipc://") { unlink(String(a.tapEndpoint.dropFirst(6))) }
         kv = nil
     }

@@ -25,6 +25,7 @@ struct DocsTests {
             FrameEncoder.endOfStream(lane: 3, seq: 9, total: 1000),
             FrameEncoder.credit(lane: 3, seq: 1, epoch: 2, limit: 64),
             FrameEncoder.heartbeat(lane: 0, seq: 1, timeNs: 1),
+            FrameEncoder.handoff(lane: 3, seq: 9, sentNs: 0x1122334455667788, count: 5, token: 0xAABBCCDDEEFF0011),
             FrameEncoder.command(seq: 4, RunnerCommand(code: .stop)),
             FrameEncoder.ack(lane: 1, seq: 1, ids: [EnvelopeID(hi: 1, lo: 2)]),
             Hello(pid: 16, worker: "w").encode(seq: 1),

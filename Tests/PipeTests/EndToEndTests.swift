@@ -377,7 +377,8 @@ struct EndToEndTests {
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
         sleep(1)
         // Speak to the worker's input socket directly: a garbage frame, a DATA frame for lane 1
-        // with a malformed envelope, and one with an oversized envelope length.
+        // with a malformed envelope, one with an oversized envelope length, and a HANDOFF (an
+        // in-process frame whose token would name a batch in memory) on this ipc lane.
         let inject = """
         import zmq, struct, sys
         s = zmq.Context().socket(zmq.PUSH); s.connect(sys.argv[1])
@@ -385,6 +386,7 @@ struct EndToEndTests {
         s.send(b"garbage!" * 4)
         s.send(hdr(1, 1, 999) + struct.pack("<QI", 0, 1) + struct.pack("<I", 3) + b"\\x01\\x80\\x00")
         s.send(hdr(1, 1, 1000) + struct.pack("<QI", 0, 1) + struct.pack("<I", 2000000) + b"\\x00" * 2000000)
+        s.send(hdr(11, 1, 1001) + struct.pack("<QIQ", 0, 1, 12345))
         s.close(linger=2000)
         # A hostile CREDIT to the generator's return path: a limit near 2^64 must not crash it.
         r = zmq.Context().socket(zmq.PUSH); r.connect(sys.argv[2])
@@ -396,7 +398,7 @@ struct EndToEndTests {
         usleep(800_000)
         let st = try pipectlJSON(["status", "--run-dir", run])
         let pass = try #require(st["stages"]?.listValue?.first { $0["id"]?.stringValue == "pass" })
-        #expect(pass["dead_lettered"]?.intValue == 3)
+        #expect(pass["dead_lettered"]?.intValue == 4)
         #expect(pass["state"]?.stringValue != "failed")
         let before = pass["received"]?.intValue ?? 0
         usleep(500_000)
@@ -410,8 +412,9 @@ struct EndToEndTests {
         #expect(dl.contains("malformed frame: bad frame magic"))
         #expect(dl.contains("malformed envelope on lane 1"))
         #expect(dl.contains("envelope too large: 2000000 > limit 1048576"))
+        #expect(dl.contains("refused a HANDOFF frame on lane 1, whose producer is not in this process"))
         let audit = try auditJSONL(run)
-        #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 3)
+        #expect(audit.split(separator: "\n").filter { $0.contains(#""decision":"dead-letter""#) }.count == 4)
     }
 
     @Test func replicas_spreadRoundRobinAndLoseNothing() throws {

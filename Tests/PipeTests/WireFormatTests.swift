@@ -165,6 +165,7 @@ struct WireFormatTests {
                     case .command: _ = try v.command(); decodedSomething += 1
                     case .endOfStream: _ = try v.endOfStreamTotal(); decodedSomething += 1
                     case .heartbeat: _ = try v.heartbeatTime(); decodedSomething += 1
+                    case .handoff: _ = try v.handoff(); decodedSomething += 1
                     case .assign, .audit: _ = try v.utf8Body(); decodedSomething += 1
                     }
                 }

@@ -149,6 +149,12 @@ do {
         try AuditBench.report(quick: quick)
         exit(0)
     }
+    if args.contains("--twin-embedded") {
+        // The embedded half alone, for profiling (`perf record .build/release/bench --twin-embedded`).
+        let e = try TwinBench.embedded(seconds: quick ? 1 : 3)
+        print(String(format: "twin embedded: %.0f ops/s, block rate %.1f%%", e.rate, e.blockRate * 100))
+        exit(0)
+    }
     if args.contains("--twin") {
         try TwinBench.report(quick: quick)
         exit(0)
