@@ -67,6 +67,9 @@ public struct Assignment: Sendable, Equatable {
     public var tapEndpoint: String = ""
     /// How often the runner reports STATS (default 100 ms).
     public var statsIntervalMs: Int = 100
+    /// Whether this runner hands batches over by reference on its in-process output lanes
+    /// (HANDOFF, docs/wire-format.md); it takes HANDOFF on its in-process input lanes either way.
+    public var byReference = true
     /// How often this stage's worker was restarted before this incarnation (0: the first).
     public var restarts: Int = 0
     /// The pipeline's name (a durable source's journal is bound to it).
@@ -85,6 +88,7 @@ public struct Assignment: Sendable, Equatable {
             ("run_dir", .string(runDirectory)), ("max_envelope_bytes", .int(Int64(maxEnvelopeBytes))),
             ("max_batch_envelopes", .int(Int64(maxBatchEnvelopes))), ("uses_store", .bool(usesStore)),
             ("max_emit", maxEmit.map { .int(Int64(clamping: $0)) } ?? .null), ("tap", .string(tapEndpoint)), ("stats_interval_ms", .int(Int64(statsIntervalMs))),
+            ("by_reference", .bool(byReference)),
             ("pipeline", .string(pipeline)), ("restarts", .int(Int64(restarts))),
             ("delivery", .object([("mode", .string(delivery.mode.rawValue)), ("ack_timeout_ms", .int(Int64(delivery.ackTimeoutMs))),
                                   ("max_pending", .int(Int64(delivery.maxPending))), ("max_attempts", .int(Int64(delivery.maxAttempts))),
@@ -140,6 +144,7 @@ public struct Assignment: Sendable, Equatable {
         tapEndpoint = v["tap"]?.stringValue ?? ""
         statsIntervalMs = Int(max(10, min(60_000, v["stats_interval_ms"]?.intValue ?? 100)))
         pipeline = v["pipeline"]?.stringValue ?? ""
+        byReference = v["by_reference"]?.boolValue ?? true
         restarts = Int(max(0, v["restarts"]?.intValue ?? 0))
         if let d = v["delivery"] {
             guard let m = DeliverySpec.Mode(rawValue: try s(d["mode"], "delivery.mode")) else { throw .protocolError("ASSIGN: bad delivery mode") }

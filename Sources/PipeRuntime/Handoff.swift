@@ -20,24 +20,20 @@ final class LocalHandoff: Sendable {
         let envelopes: [Envelope]
     }
 
-    private struct State {
-        var batches: [UInt64: Batch] = [:]
-        var rng: SplitMix64
-    }
-    private let state: Mutex<State>
+    private let state = Mutex<[UInt64: Batch]>([:])
 
-    init() {
-        var g = SystemRandomNumberGenerator()
-        state = Mutex(State(rng: SplitMix64(state: g.next())))
-    }
+    init() {}
 
     /// Leaves a batch and returns its token (never 0).
-    func put(_ envelopes: [Envelope], context: ObjectIdentifier, lane: UInt32) -> UInt64 {
+    func put(_ envelopes: consuming [Envelope], context: ObjectIdentifier, lane: UInt32) -> UInt64 {
         let b = Batch(context: context, lane: lane, envelopes: envelopes)
+        // From the system's generator (getrandom), one call per batch: a token seen cannot
+        // predict the next one.
+        var g = SystemRandomNumberGenerator()
         return state.withLock { s in
             var t: UInt64 = 0
-            repeat { t = s.rng.next() } while t == 0 || s.batches[t] != nil
-            s.batches[t] = b
+            repeat { t = g.next() } while t == 0 || s[t] != nil
+            s[t] = b
             return t
         }
     }
@@ -46,26 +42,27 @@ final class LocalHandoff: Sendable {
     /// (and the table is left as it was).
     func take(_ token: UInt64, context: ObjectIdentifier, lane: UInt32, count: Int) -> [Envelope]? {
         state.withLock { s in
-            guard let b = s.batches[token], b.context == context, b.lane == lane, b.envelopes.count == count else { return nil }
-            s.batches[token] = nil
+            guard let b = s[token], b.context == context, b.lane == lane, b.envelopes.count == count else { return nil }
+            s[token] = nil
             return b.envelopes
         }
     }
 
-    /// Drops what was left for `lanes` of `context` and never taken (a consumer that stops
-    /// before reading them: an abort). Returns how many envelopes went.
+    /// Drops what was left for `lanes` (nil: all lanes) of `context` and never taken: a consumer
+    /// that stops before reading them (an abort), and, when the host is done, whatever an abort
+    /// raced into the table after that. Returns how many envelopes went.
     @discardableResult
-    func discard(context: ObjectIdentifier, lanes: Set<UInt32>) -> Int {
+    func discard(context: ObjectIdentifier, lanes: Set<UInt32>? = nil) -> Int {
         state.withLock { s in
             var n = 0
-            for (t, b) in s.batches where b.context == context && lanes.contains(b.lane) {
+            for (t, b) in s where b.context == context && (lanes?.contains(b.lane) ?? true) {
                 n += b.envelopes.count
-                s.batches[t] = nil
+                s[t] = nil
             }
             return n
         }
     }
 
     /// Batches waiting, for tests.
-    var waiting: Int { state.withLock { $0.batches.count } }
+    var waiting: Int { state.withLock { $0.count } }
 }

@@ -23,6 +23,9 @@ public struct HostOptions: Sendable {
     public var maxRestarts: Int
     /// How often runners report STATS (the freshness of pipectl, metrics and lane states).
     public var statsIntervalMs: Int = 100
+    /// In-process lanes hand batches over by reference (HANDOFF); false encodes them as DATA
+    /// frames, as lanes between processes do (`pipehost run --inproc-data-frames`).
+    public var inprocByReference = true
     public init(runDirectory: String, untilIdleSeconds: Double? = nil, maxEnvelopes: UInt64? = nil,
                 workerExecutable: String = "/proc/self/exe", maxRestarts: Int = 5) {
         self.runDirectory = runDirectory; self.untilIdleSeconds = untilIdleSeconds; self.maxEnvelopes = maxEnvelopes
@@ -393,6 +396,7 @@ public final class PipelineHost: @unchecked Sendable {
         guard var a = plan.assignment(for: id, runTag: runTag, runDir: options.runDirectory, remote: remote?.layout) else { return }
         if stages[id]?.plan.role == .source { a.maxEmit = options.maxEnvelopes }
         a.statsIntervalMs = options.statsIntervalMs
+        a.byReference = options.inprocByReference
         a.restarts = stages[id]?.restarts ?? 0
         controlSeq += 1
         send(id, FrameEncoder.text(.assign, seq: controlSeq, JSON.serialize(a.json)))
@@ -613,7 +617,12 @@ public final class PipelineHost: @unchecked Sendable {
         unlink(options.runDirectory + "/control.sock")
         unlink(options.runDirectory + "/runners.sock")
         unlink(options.runDirectory + "/host.pid")
-        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count { zmq.terminate() }
+        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count {
+            // Batches handed over on in-process lanes and never taken (an abort raced them): they
+            // go with the context, so a later context at the same address inherits nothing.
+            LocalHandoff.shared.discard(context: ObjectIdentifier(zmq))
+            zmq.terminate()
+        }
     }
 
     func installSignalHandlers() {

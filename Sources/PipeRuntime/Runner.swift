@@ -318,7 +318,7 @@ final class RunnerCore: StageContext {
                 idx.append(outLanes.count)
                 var lane = OutLane(id: l.lane, to: l.to, socket: s, bound: l.bound, whenFull: l.whenFull, loopBack: l.loopBack)
                 lane.tcp = l.endpoint.hasPrefix("tcp://") || l.lossy
-                lane.local = l.endpoint.hasPrefix("inproc://") && !l.lossy
+                lane.local = a.byReference && l.endpoint.hasPrefix("inproc://") && !l.lossy
                 lane.bytesBound = l.bytes
                 if l.whenFull == .spill && !l.loopBack {
                     let dir = a.runDirectory + "/spill"
@@ -474,6 +474,10 @@ final class RunnerCore: StageContext {
                 return
             }
             if !(delivery?.redelivering ?? false) { emitted += 1 }
+        } else if (try? EnvelopeCodec.check(envelope, limits: limits)) == nil {
+            // A stage's own dead letter over the limits (deadLetter() cuts its own down first).
+            let reason = envelope.attrs["dead_letter_reason"]?.stringValue ?? "a dead letter over the limits"
+            envelope = cutDown(envelope, reason: reason)
         }
         if a.audit == .all {
             audit(.about(envelope, decision: "route", reason: "emitted on \(output.name)", routine: true))
@@ -543,16 +547,20 @@ final class RunnerCore: StageContext {
         audit(.about(envelope, decision: "dead-letter", reason: reason))
         if deadLetterHandle.index >= 0 {
             // A dead letter that itself breaks the limits is cut down to what surely fits.
-            if (try? EnvelopeCodec.check(e, limits: limits)) == nil {
-                e = Envelope(id: envelope.id, parent: envelope.parent, actor: String(envelope.actor.prefix(256)),
-                             intent: String(envelope.intent.prefix(256)), authority: String(envelope.authority.prefix(256)),
-                             rank: envelope.rank, hops: envelope.hops, attempt: envelope.attempt, ingestNs: envelope.ingestNs,
-                             attrs: ["dead_letter_reason": .string(String(reason.prefix(1000))), "dead_letter_stage": .string(String(a.stage.prefix(256)))])
-            }
+            if (try? EnvelopeCodec.check(e, limits: limits)) == nil { e = cutDown(envelope, reason: reason) }
             emit(e, to: deadLetterHandle)
         } else {
             log.warning("dead letter (no destination): \(reason)")
         }
+    }
+
+    /// A dead letter cut down to what surely fits any limits: its header (strings shortened), the
+    /// reason and this stage; no payload.
+    func cutDown(_ envelope: Envelope, reason: String) -> Envelope {
+        Envelope(id: envelope.id, parent: envelope.parent, actor: String(envelope.actor.prefix(256)),
+                 intent: String(envelope.intent.prefix(256)), authority: String(envelope.authority.prefix(256)),
+                 rank: envelope.rank, hops: envelope.hops, attempt: envelope.attempt, ingestNs: envelope.ingestNs,
+                 attrs: ["dead_letter_reason": .string(String(reason.prefix(1000))), "dead_letter_stage": .string(String(a.stage.prefix(256)))])
     }
 
     func audit(_ record: AuditRecord) {
@@ -916,6 +924,12 @@ final class RunnerCore: StageContext {
                 return
             }
             guard peerAllowed(user: remoteUser, lane: f.header.lane) else { return }
+            // HANDOFF means something only on an in-process lane: refused elsewhere before it can
+            // touch the lane's sequence or credit bookkeeping.
+            if f.header.type == .handoff && (!inLanes[li].local || remoteUser != nil) {
+                _ = takeHandoff(f, lane: li, remoteUser: remoteUser, raw: raw)
+                return
+            }
             // A remote producer may not send past the credits it was given (with slack for an
             // epoch change): what it floods beyond them is refused, not processed. On every tcp
             // lane, also in a remote consumer, whose producer may be another worker (a lane the
@@ -923,7 +937,7 @@ final class RunnerCore: StageContext {
             if remoteUser != nil || inLanes[li].tcp, f.header.type == .data || f.header.type == .handoff,
                inLanes[li].receivedInEpoch + UInt64(f.dataDeclaredCount) > inLanes[li].limitSent + 2 * UInt64(inLanes[li].bound) {
                 refuseRemoteFrame(remoteUser ?? "the producer of lane \(f.header.lane)", lane: f.header.lane,
-                                  "DATA past its credits on lane \(f.header.lane)", fromWorker: remoteUser != nil)
+                                  "\(f.header.type) past its credits on lane \(f.header.lane)", fromWorker: remoteUser != nil)
                 return
             }
             if inLanes[li].tcp { noticeLoss(li, seq: f.header.seq, incarnation: f.header.type == .heartbeat ? try? f.heartbeatTime() : nil) }
@@ -1241,18 +1255,22 @@ final class RunnerCore: StageContext {
             let lane = outLanes[i].id, seq = outLanes[i].seq + 1
             let socket = outLanes[i].socket
             let sentNs = wallNs()
-            let ok = outLanes[i].queue.withFirst(n) { envs in
-                let sent = local ? handOff(envs, lane: lane, seq: seq, sentNs: sentNs, socket: socket)
-                    : (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
+            let ok: Bool
+            if local {
+                ok = handOff(i, taken, lane: lane, seq: seq, sentNs: sentNs)
+            } else {
+                ok = outLanes[i].queue.withFirst(n) { envs in
+                    let sent = (try? socket.send(count: DataFrameBuilder.size(of: envs), dontWait: true) { buf in
                         if let base = buf.baseAddress { DataFrameBuilder.write(lane: lane, seq: seq, sentNs: sentNs, envelopes: envs, into: base) }
                     }) ?? false
-                if sent && !tapped.isEmpty && tapped.contains(lane) { tap(lane, envs) }
-                return sent
+                    if sent && !tapped.isEmpty && tapped.contains(lane) { tap(lane, envs) }
+                    return sent
+                }
+                if ok { outLanes[i].queue.removeFirst(taken) }
             }
             guard ok else { return }
             outLanes[i].seq += 1
             outLanes[i].frames += 1
-            outLanes[i].queue.removeFirst(taken)
             outLanes[i].sentInEpoch += UInt64(taken)
             outLanes[i].transmitted += UInt64(taken)
             if outLanes[i].bytesBound != nil {
@@ -1265,13 +1283,20 @@ final class RunnerCore: StageContext {
         }
     }
 
-    /// An in-process lane's batch: left in the process's handoff table, its token sent in a HANDOFF
-    /// frame. False (and the batch taken back) when ZeroMQ did not take the frame.
-    func handOff(_ envs: UnsafeBufferPointer<Envelope>, lane: UInt32, seq: UInt64, sentNs: UInt64, socket: ZMQSocket) -> Bool {
-        let token = LocalHandoff.shared.put(Array(envs), context: handoffContext, lane: lane)
-        let frame = FrameEncoder.handoff(lane: lane, seq: seq, sentNs: sentNs, count: envs.count, token: token)
-        if (try? socket.send(frame, dontWait: true)) == true { return true }
-        _ = LocalHandoff.shared.take(token, context: handoffContext, lane: lane, count: envs.count)
+    /// Sends the first `n` queued envelopes of in-process lane `i` as one batch: moved out of the
+    /// queue into the process's handoff table, its token sent in a HANDOFF frame. False (and the
+    /// batch back at the head of the queue) when ZeroMQ did not take the frame.
+    func handOff(_ i: Int, _ n: Int, lane: UInt32, seq: UInt64, sentNs: UInt64) -> Bool {
+        let envs = outLanes[i].queue.takeFirst(n)
+        let count = envs.count
+        let tapCopy = !tapped.isEmpty && tapped.contains(lane) ? envs : nil
+        let token = LocalHandoff.shared.put(consume envs, context: handoffContext, lane: lane)
+        let frame = FrameEncoder.handoff(lane: lane, seq: seq, sentNs: sentNs, count: count, token: token)
+        if (try? outLanes[i].socket.send(frame, dontWait: true)) == true {
+            tapCopy?.withUnsafeBufferPointer { tap(lane, $0) }
+            return true
+        }
+        if let back = LocalHandoff.shared.take(token, context: handoffContext, lane: lane, count: count) { outLanes[i].queue.putBack(back) }
         return false
     }
 

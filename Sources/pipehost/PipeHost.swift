@@ -35,6 +35,9 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("max-envelopes"), help: "Each source stops after emitting exactly this many envelopes.") var maxEnvelopes: UInt64?
     @Option(name: .customLong("summary-json"), help: "Also write the final summary as JSON to this file.") var summaryJSON: String?
     @Flag(name: .customLong("quiet"), help: "Do not print the summary table.") var quiet = false
+    @Flag(name: .customLong("inproc-data-frames"),
+          help: "Encode envelopes on in-process lanes as DATA frames, as between processes, instead of handing batches over by reference (slower; for comparison and diagnosis).")
+    var inprocDataFrames = false
 
     func validate() throws {
         if let u = untilIdle, !(u > 0) { throw ValidationError("--until-idle must be a positive number of seconds") }
@@ -53,8 +56,9 @@ struct Run: ParsableCommand {
         do { plan = try PipelinePlan.make(spec: spec, edges: v.edges, registry: builtInStages) } catch { die("\(file): \(error)") }
         let dir = RunDirectory.forPipeline(spec.name, explicit: runDir)
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        let options = HostOptions(runDirectory: dir, untilIdleSeconds: untilIdle, maxEnvelopes: maxEnvelopes,
+        var options = HostOptions(runDirectory: dir, untilIdleSeconds: untilIdle, maxEnvelopes: maxEnvelopes,
                                   workerExecutable: ProcessInfo.processInfo.environment["PIPEHOST_WORKER_EXE"] ?? exe)
+        options.inprocByReference = !inprocDataFrames
         let summary: RunSummary
         do {
             let host = try PipelineHost(plan: plan, registry: builtInStages, options: options)

@@ -1,6 +1,8 @@
 import Testing
 import Foundation
+import PipeConfig
 import PipeKit
+import PipeRegistry
 @testable import PipeRuntime
 
 /// In-process lanes hand batches over by reference (HANDOFF frames, docs/wire-format.md).
@@ -99,5 +101,85 @@ struct HandoffTests {
         let dl = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
         #expect(dl.contains("refused a HANDOFF frame on lane \(lane) names no batch of 1 left for it in this process"))
         #expect(dl.contains("refused a HANDOFF frame on lane \(lane) is malformed"))
+    }
+}
+
+/// A test-only stage that puts every envelope, grown past the limits, on its own `dead_letter`
+/// output (not through the runner's deadLetter), and passes the original on.
+final class BulkyDeadLetterStage: Stage {
+    static let descriptor = StageDescriptor(kind: "bulky-dead-letter", summary: "test: oversized dead letters", role: .transform,
+                                            make: { _ in BulkyDeadLetterStage() })
+    var out = OutputHandle(index: 0, name: "out"), dead = OutputHandle(index: 1, name: "dead_letter")
+    func start(context: any StageContext) throws { out = try context.output("out"); dead = try context.output("dead_letter") }
+    func process(_ envelope: consuming Envelope, from arrival: Arrival, context: any StageContext) throws {
+        var big = copy envelope
+        big.payload = [UInt8](repeating: 0x61, count: 2 << 20)
+        big.attrs["dead_letter_reason"] = .string("test: too big on purpose")
+        context.emit(big, to: dead)
+        context.emit(envelope, to: out)
+    }
+}
+
+@Suite("In-process handoff, whole pipelines", .serialized)
+struct HandoffPipelineTests {
+    let registry = StageRegistry(builtInStages.descriptors + [BulkyDeadLetterStage.descriptor])
+
+    func run(_ yaml: String, byReference: Bool, dir: String) throws -> RunSummary {
+        let (spec, diags) = PipelineLoader.load(text: yaml, file: "handoff.yaml", registry: registry)
+        guard let spec, diags.isEmpty else { throw RuntimeError.plan(diags.map(\.description).joined(separator: "; ")) }
+        let plan = try PipelinePlan.make(spec: spec, edges: PipelineValidator(spec: spec, registry: registry).edges, registry: registry)
+        var options = HostOptions(runDirectory: dir)
+        options.inprocByReference = byReference
+        return try PipelineHost(plan: plan, registry: registry, options: options).run()
+    }
+
+    /// The same seeded pipeline gives the same files, envelope for envelope, whether in-process
+    /// lanes carry batches by reference or encoded: here one generator's output is copied to a
+    /// branch that changes every envelope (causal-time ranks them) and one that passes them on,
+    /// so both consumer threads hold the same envelopes while one of them changes its copies.
+    @Test func byReferenceAndEncoded_giveTheSameOutput_withAFanOutWhoseOneBranchChangesEnvelopes() throws {
+        let yaml = """
+        pipeline: handoff-same
+        defaults:
+          lane: { bound: 64 }
+        stages:
+          - { id: gen, kind: generator, config: { count: 20000, payload: '{"n":{n}}', seed: 5 } }
+          - { id: rank, kind: causal-time, inputs: [gen] }
+          - { id: pass, kind: passthrough, inputs: [gen] }
+          - { id: ranked, kind: file-sink, inputs: [rank.out], config: { path: ranked.jsonl, include_ingest: false } }
+          - { id: plain, kind: file-sink, inputs: [pass], config: { path: plain.jsonl, include_ingest: false } }
+        """
+        var files: [[String]] = []
+        for byReference in [true, false] {
+            let dir = Paths.tempDir("handoff-same-\(byReference)")
+            let s = try run(yaml, byReference: byReference, dir: dir)
+            #expect(s.failure == nil)
+            let lanes = s.lanes.filter { $0.from == "gen.out" }
+            #expect(lanes.count == 2 && lanes.allSatisfy { $0.transport == "inproc" && $0.sent == 20000 && $0.received == 20000 })
+            files.append(try ["ranked.jsonl", "plain.jsonl"].map { try String(contentsOfFile: dir + "/" + $0, encoding: .utf8) })
+        }
+        let ranked = files[0][0].split(separator: "\n"), plain = files[0][1].split(separator: "\n")
+        #expect(ranked.count == 20000 && plain.count == 20000)
+        #expect(ranked.first?.contains(#""rank":1"#) == true)   // changed on one branch...
+        #expect(plain.first?.contains(#""rank":0"#) == true)    // ...and not on the other
+        #expect(files[0] == files[1])
+    }
+
+    /// A stage's own dead letter over the limits is cut down at emit on an in-process lane, as a
+    /// consumer of encoded frames would have refused it: the file gets the header and the reason.
+    @Test func aStagesOwnOversizedDeadLetter_isCutDownBeforeItCrossesAnInProcessLane() throws {
+        let yaml = """
+        pipeline: handoff-dead
+        stages:
+          - { id: gen, kind: generator, config: { count: 3, seed: 1 } }
+          - { id: bulky, kind: bulky-dead-letter, inputs: [gen] }
+          - { id: sink, kind: null-sink, inputs: [bulky] }
+        """
+        let dir = Paths.tempDir("handoff-dead")
+        let s = try run(yaml, byReference: true, dir: dir)
+        #expect(s.failure == nil)
+        let lines = try String(contentsOfFile: dir + "/dead-letters.jsonl", encoding: .utf8).split(separator: "\n")
+        #expect(lines.count == 3)
+        #expect(lines.allSatisfy { $0.utf8.count < 4096 && $0.contains("test: too big on purpose") && $0.contains(#""dead_letter_stage":"bulky""#) })
     }
 }

@@ -60,7 +60,7 @@ func codec(envelopes: Int) -> (encode: Double, decode: Double) {
 
 struct PipelineResult { var rate: Double; var summary: RunSummary; var runDirectory: String }
 
-func runPipeline(_ yaml: String, name: String) throws -> PipelineResult {
+func runPipeline(_ yaml: String, name: String, byReference: Bool = true) throws -> PipelineResult {
     let (spec, diags) = PipelineLoader.load(text: yaml, file: "\(name).yaml", registry: builtInStages)
     guard let spec, diags.isEmpty else { throw RuntimeError.plan(diags.map(\.description).joined(separator: "\n")) }
     let edges = PipelineValidator(spec: spec, registry: builtInStages).edges
@@ -68,8 +68,9 @@ func runPipeline(_ yaml: String, name: String) throws -> PipelineResult {
     let dir = NSTemporaryDirectory() + "bench-\(name)-\(getpid())"
     try? FileManager.default.removeItem(atPath: dir)
     let exeDir = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? args[0]).deletingLastPathComponent().path
-    let host = try PipelineHost(plan: plan, registry: builtInStages,
-                                options: HostOptions(runDirectory: dir, workerExecutable: exeDir + "/pipehost"))
+    var options = HostOptions(runDirectory: dir, workerExecutable: exeDir + "/pipehost")
+    options.inprocByReference = byReference
+    let host = try PipelineHost(plan: plan, registry: builtInStages, options: options)
     let s = try host.run()
     if let f = s.failure { throw RuntimeError.plan(f) }
     let sink = s.lanes.first { $0.to == "sink.in" }?.received ?? 0
@@ -177,8 +178,13 @@ do {
     for _ in 0..<3 { inprocs.append(try runPipeline(threeStage(count: N, placement: "in-process"), name: "inproc")) }
     let inproc = inprocs.sorted { $0.rate < $1.rate }[1]
     let l1 = inproc.summary.lanes.filter { $0.from == "gen.out" || $0.from == "pass.out" }
-    print("pipeline generator -> passthrough -> null-sink, in-process:  \(fmt(inproc.rate))  (lanes: " +
+    print("pipeline generator -> passthrough -> null-sink, in-process:  \(fmt(inproc.rate))  (batches by reference, HANDOFF frames; lanes: " +
           l1.map { "\($0.from)->\($0.to) \($0.transport) sent \($0.sent) received \($0.received)" }.joined(separator: "; ") + ")")
+    // For comparison (not a target): the same with every batch encoded into a DATA frame and
+    // decoded again, as lanes between processes carry them (`pipehost run --inproc-data-frames`).
+    var encoded: [Double] = []
+    for _ in 0..<3 { encoded.append(try runPipeline(threeStage(count: N, placement: "in-process"), name: "inproc-data", byReference: false).rate) }
+    print("same, in-process with encoded DATA frames (--inproc-data-frames): \(fmt(encoded.sorted()[1]))")
 
     var procs: [PipelineResult] = []
     for _ in 0..<3 { procs.append(try runPipeline(threeStage(count: N, placement: "process"), name: "process")) }
