@@ -2,7 +2,7 @@ import Glibc
 import PipeKit
 import PipeZMQ
 
-/// The control protocol (docs/control-protocol.md): versioned JSON request/reply over a ZeroMQ
+/// The control protocol (docs/operations.md, "The control protocol"): versioned JSON request/reply over a ZeroMQ
 /// ROUTER at `ipc://<run_dir>/control.sock`, plus subscriptions that push events to the
 /// subscriber until it unsubscribes or goes quiet.
 ///

@@ -2,6 +2,7 @@ import Testing
 import Foundation
 import PipeKit
 import PipeRuntime
+import PipeZMQ
 
 /// Runs `pipehost run` and returns the parsed summary JSON.
 func runPipeline(_ file: String, runDir: String, extra: [String] = [], timeout: Double = 120) throws -> (ProcResult, ConfigValue) {
@@ -248,6 +249,16 @@ struct EndToEndTests {
         #expect(sent(e2) >= sent(e1))
         #expect(throws: RuntimeError.self) { try client.call("no-such-command") }
         _ = try client.call("unsubscribe")
+        // A request in another protocol version is refused, naming the version this host speaks.
+        let ctx = try ZMQContext()
+        let raw = try ctx.socket(.dealer)
+        try raw.setReceiveTimeout(ms: 5000)
+        try raw.connect("ipc://\(run)/control.sock")
+        _ = try raw.send(Array(#"{"v":2,"id":7,"cmd":"ping"}"#.utf8))
+        let refusal = try JSON.parse(bytes: try #require(try raw.receiveParts()?.last))
+        #expect(refusal["ok"]?.boolValue == false && refusal["id"]?.intValue == 7)
+        #expect(refusal["error"]?.stringValue == "unsupported protocol version; this host speaks v1")
+        raw.close(); ctx.terminate()
         kill(p.processIdentifier, SIGTERM)
         p.waitUntilExit()
         #expect(p.terminationStatus == 0)
