@@ -177,6 +177,10 @@ public struct Envelope: Sendable, Hashable {
 
     @inline(__always) mutating func unique() { if !isKnownUniquelyReferenced(&s) { s = s.copy() } }
 
+    /// The identity of the storage box. While another copy of the envelope is held, any change
+    /// moves it to a new box, so the same identity then means the same, unchanged envelope.
+    package var storageIdentity: ObjectIdentifier { ObjectIdentifier(s) }
+
     public var id: EnvelopeID { get { s.id } set { unique(); s.pristine = false; s.id = newValue } }
     public var parent: EnvelopeID? { get { s.parent } set { unique(); s.pristine = false; s.parent = newValue } }
     /// Who sent it (e.g. `codex.aint`).

@@ -242,6 +242,8 @@ final class RunnerCore: StageContext {
     // Counters.
     var received: UInt64 = 0, emitted: UInt64 = 0, deadLettered: UInt64 = 0, errors: UInt64 = 0
     var busyNs: UInt64 = 0
+    /// The storage identity of the input the stage is handling (``deliverToStage``), or nil.
+    var handlingInput: ObjectIdentifier?
     var processing = DurationHistogram()
     var status: [(String, AttrValue)] = []
     var metrics: [String: Int] = [:]
@@ -469,7 +471,9 @@ final class RunnerCore: StageContext {
         // only later attempts in their window).
         if let dv = delivery, dv.currentAttempt > 1, envelope.attempt < dv.currentAttempt { envelope.attempt = dv.currentAttempt }
         if output.index != deadLetterHandle.index {
-            do { try EnvelopeCodec.check(envelope, limits: limits) } catch {
+            // The input being handled, passed on unchanged, was checked against these same limits
+            // when it was emitted (or decoded) upstream; anything else is checked now.
+            do { if envelope.storageIdentity != handlingInput { try EnvelopeCodec.check(envelope, limits: limits) } } catch {
                 deadLetter(envelope, reason: "cannot emit on '\(output.name)': \(error.reason)")
                 return
             }
@@ -1110,6 +1114,10 @@ final class RunnerCore: StageContext {
         // The stage takes the envelope; a copy is kept only for the rare retry or dead letter,
         // which the stage may need once it has given the envelope away (COW: no bytes copied).
         var attempt = 0
+        // `e` stays held until the stage returns, so a change by the stage moves the envelope to
+        // a new storage box: the same identity at emit means it was passed on unchanged.
+        handlingInput = e.storageIdentity
+        defer { handlingInput = nil }
         while true {
             do { try stage.process(e, from: inLanes[li].arrival, context: self); return }
             catch let se as StageError where se.action == .retry && attempt < 3 { attempt += 1 }
