@@ -1,6 +1,5 @@
 import Testing
 import Foundation
-import PipeConfig
 import PipeKit
 import PipeRegistry
 @testable import PipeRuntime
@@ -125,12 +124,7 @@ struct HandoffPipelineTests {
     let registry = StageRegistry(builtInStages.descriptors + [BulkyDeadLetterStage.descriptor])
 
     func run(_ yaml: String, byReference: Bool, dir: String) throws -> RunSummary {
-        let (spec, diags) = PipelineLoader.load(text: yaml, file: "handoff.yaml", registry: registry)
-        guard let spec, diags.isEmpty else { throw RuntimeError.plan(diags.map(\.description).joined(separator: "; ")) }
-        let plan = try PipelinePlan.make(spec: spec, edges: PipelineValidator(spec: spec, registry: registry).edges, registry: registry)
-        var options = HostOptions(runDirectory: dir)
-        options.inprocByReference = byReference
-        return try PipelineHost(plan: plan, registry: registry, options: options).run()
+        try runEmbedded(yaml, registry: registry, runDir: dir, byReference: byReference)
     }
 
     /// The same seeded pipeline gives the same files, envelope for envelope, whether in-process

@@ -23,11 +23,13 @@ final class TallyStage: Stage {
     }
 }
 
-func runEmbedded(_ yaml: String, registry: StageRegistry, runDir: String) throws -> RunSummary {
+func runEmbedded(_ yaml: String, registry: StageRegistry, runDir: String, byReference: Bool = true) throws -> RunSummary {
     let (spec, diags) = PipelineLoader.load(text: yaml, file: "embedded.yaml", registry: registry)
     guard let spec, diags.isEmpty else { throw RuntimeError.plan(diags.map(\.description).joined(separator: "; ")) }
     let plan = try PipelinePlan.make(spec: spec, edges: PipelineValidator(spec: spec, registry: registry).edges, registry: registry)
-    return try PipelineHost(plan: plan, registry: registry, options: HostOptions(runDirectory: runDir)).run()
+    var options = HostOptions(runDirectory: runDir)
+    options.inprocByReference = byReference
+    return try PipelineHost(plan: plan, registry: registry, options: options).run()
 }
 
 @Suite("Runtime, embedded host", .serialized)
