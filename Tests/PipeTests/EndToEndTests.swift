@@ -102,6 +102,12 @@ struct EndToEndTests {
         let la = try linesWithoutIngest(a + "/hello.jsonl"), lb = try linesWithoutIngest(b + "/hello.jsonl")
         #expect(la.count == 10_000)
         #expect(la == lb)
+        // And with in-process lanes encoding DATA frames instead of handing batches over.
+        let c = Paths.tempDir("inproc-data")
+        let (rc, sc) = try runPipeline(Paths.root + "/pipelines/hello.yaml", runDir: c, extra: ["--inproc-data-frames"])
+        #expect(rc.status == 0, "\(rc.stderr)")
+        #expect(lane(sc, from: "gen.out", to: "pass.in")?["transport"]?.stringValue == "inproc")
+        #expect(try linesWithoutIngest(c + "/hello.jsonl") == la)
     }
 
     @Test func aSmallEnvelopeLimit_stillLetsFullFramesCrossProcesses() throws {
