@@ -103,6 +103,13 @@ extension ExclusivePipelines {
             put("upload-1.csv.part", upload?.content ?? [])
             // The same name written three times quickly.
             for i in 1...3 { put("burst-1.log", Array("version \(i)\n".utf8)) }
+            // The same name rewritten in place with pauses longer than the coalesce window (100 ms):
+            // several arrivals, each read whole and filed (or left in place when it changed since
+            // it was read), none overwriting another.
+            for i in 1...3 {
+                if i > 1 { usleep(300_000) }
+                #expect(IntakeSimStage.write(Array("slow \(i) of 3\n".utf8), to: inbox + "/slow-1.log") == nil)
+            }
             usleep(400_000)
             #expect(ls(inbox).contains("upload-1.csv.part"))          // still waiting for its rename
             #expect(rename(inbox + "/upload-1.csv.part", inbox + "/upload-1.csv") == 0)
@@ -110,6 +117,8 @@ extension ExclusivePipelines {
             let deadline = Date().addingTimeInterval(30)
             while Date() < deadline && !names.allSatisfy({ ls(run + "/" + expectedHome($0)).contains($0) }) { usleep(50_000) }
             for n in names { #expect(ls(run + "/" + expectedHome(n)).contains(n), "\(n) should be in \(expectedHome(n))/") }
+            let slowFiled = { ls(run + "/quarantine").filter { $0.hasPrefix("slow-1.log") }.compactMap { FileManager.default.contents(atPath: run + "/quarantine/" + $0) } }
+            while Date() < deadline && !slowFiled().contains(Data("slow 3 of 3\n".utf8)) { usleep(50_000) }
             // pipectl status shows the inbox depth and its watermark state.
             // (Stage reports travel with STATS every 100 ms: poll until the last move shows.)
             var inboxStatus: ConfigValue?
@@ -133,6 +142,23 @@ extension ExclusivePipelines {
             let burst = audits.first { decision($0) == "classify" && filename($0) == "burst-1.log" }?["details"]
             #expect((burst?["arrival_events"]?.intValue ?? 0) >= 1 && burst?["arrival"]?.stringValue == "event", "\(burst.map { JSON.serialize($0) } ?? "")")
             #expect(FileManager.default.contents(atPath: run + "/quarantine/burst-1.log") == Data("version 3\n".utf8))
+            // The slow rewrite: every arrival was classified, and either filed under its own name
+            // (slow-1.log, slow-1.log.1, ...) with the content it was classified with, or left in
+            // place; the last version is filed; nothing is left in the inbox.
+            let slow = audits.filter { filename($0) == "slow-1.log" }
+            // (A read right after a truncation, before the write, is classified empty and
+            // rejected: a window of microseconds, but a loaded machine can hit it.)
+            let slowQuarantined = slow.filter { decision($0) == "quarantine" }.count
+            let slowRejected = slow.filter { decision($0) == "reject" }.count
+            let slowLeft = slow.filter { decision($0) == "move-failed" }.count
+            let slowClassified = slow.filter { decision($0) == "classify" }
+            #expect(slowClassified.count >= 2 && slowClassified.count == slowQuarantined + slowRejected + slowLeft, "\(slow.map(decision))")
+            #expect(slowClassified.allSatisfy { ["unknown", "empty"].contains($0["details"]?["intake_class"]?.stringValue ?? "") },
+                    "\(slowClassified.map { JSON.serialize($0) })")
+            let filed = slowFiled()
+            #expect(filed.count == slowQuarantined, "\(ls(run + "/quarantine"))")
+            #expect(filed.contains(Data("slow 3 of 3\n".utf8)) && Set(filed).count == filed.count, "\(filed.map { String(decoding: $0, as: UTF8.self) })")
+            #expect(!ls(inbox).contains("slow-1.log"))
             #expect(audits.first { decision($0) == "reject-invalid" }?["erachter"]?["reason"]?.stringValue == "block 0 signature does not verify")
             #expect(audits.first { decision($0) == "triage-fork" }?["erachter"]?["reason"]?.stringValue?.contains("surface name 'report-1.tza' but arrived as 'report-1.txt'") == true)
             // Eleven files at once pushed the inbox past high 6: the transitions are audited.
