@@ -44,6 +44,10 @@ final class DeliveryState {
         var deadline: UInt64
         /// The token's generation when the root was made (a resend changes the token's, not this).
         var born: UInt64 = 0
+        /// A copy read back from output lane `lane`'s spill queue (its row `spillSeq`), which goes
+        /// again on that lane only; -1 for a source's root (which goes on `output`).
+        var lane: Int32 = -1
+        var spillSeq: Int64 = 0
     }
 
     let settings: DeliverySpec
@@ -93,6 +97,8 @@ final class DeliveryState {
     /// Journal rows of redelivered roots, with the envelope at its new attempt.
     var attemptUpdates: [(Int64, [UInt8])] = []
     var completedRows: [Int64] = []
+    /// Spill rows whose read-back copies are done (lane, seq): the runner deletes them.
+    var spillDone: [(lane: Int32, seq: Int64)] = []
     var journal: SourceJournal?
     /// A journal write failed: nothing more may leave (it would not be recoverable).
     var journalBroken = false
@@ -198,6 +204,7 @@ final class DeliveryState {
             if tok.live { acksOut[Int(tok.inLane)].append(tok.id); acksWaiting += 1 }
         } else if let r = removeRoot(t) {
             if r.rowid > 0 { completedRows.append(r.rowid) }
+            if r.lane >= 0 { spillDone.append((r.lane, r.spillSeq)) }
             if rootCount == 0 { rootsEmptied = true }
         }
         free.append(t)
@@ -493,7 +500,9 @@ extension RunnerCore {
         }
         guard !hit.isEmpty else { return }
         dv.lost &+= UInt64(hit.count)
-        log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer started a new credit epoch (it restarted, or frames were lost on a dropped connection) with \(hit.count) envelopes unacknowledged; \(source != nil ? "sending them again" : "the source will send them again")")
+        // A source's roots, and a spill lane's read-back copies, are this runner's to send again.
+        let ours = hit.contains { dv.tokens[Int($0)].inLane < 0 }
+        log.warning("lane \(outLanes[li].id) to \(outLanes[li].to): the consumer started a new credit epoch (it restarted, or frames were lost on a dropped connection) with \(hit.count) envelopes unacknowledged; \(ours ? "sending them again" : "the source will send them again")")
         var roots: [Int32] = []
         for t in hit {
             if dv.tokens[Int(t)].inLane >= 0 { dv.tokens[Int(t)].live = false } else { roots.append(t) }
@@ -537,7 +546,8 @@ extension RunnerCore {
         audit(.about(r.envelope, decision: "redeliver", reason: "attempt \(r.envelope.attempt): \(why)"))
         dv.tokens[Int(t)].open = true
         dv.current = t; dv.redelivering = true
-        emit(r.envelope, to: OutputHandle(index: r.output, name: outputNames[r.output]))
+        if r.lane >= 0 { resendOnSpillLane(Int(r.lane), r.envelope, token: t) }
+        else { emit(r.envelope, to: OutputHandle(index: r.output, name: outputNames[r.output])) }
         dv.current = -1; dv.redelivering = false
         dv.tokens[Int(t)].open = false
         if dv.tokens[Int(t)].pending <= 0 { dv.complete(t) }
@@ -555,15 +565,16 @@ extension RunnerCore {
         var waiting = false
         for i in dv.roots.indices {
             guard let r = dv.roots[i], r.deadline <= now else { continue }
-            // Still waiting in this source's own queue (backpressure): not lost, not due.
-            if outputLanes[r.output].contains(where: { !outLanes[$0].queue.isEmpty }) {
+            // Still waiting in this runner's own queue (backpressure): not lost, not due.
+            let lanes = r.lane >= 0 ? [Int(r.lane)] : outputLanes[r.output]
+            if lanes.contains(where: { !outLanes[$0].queue.isEmpty }) {
                 dv.roots[i]?.deadline = now &+ dv.timeoutNs
                 waiting = true
                 continue
             }
             due.append(Int32(i))
         }
-        if waiting { log.debug("roots past their deadline still wait in this source's lane queue (backpressure); not resent") }
+        if waiting { log.debug("roots past their deadline still wait in this runner's lane queue (backpressure); not resent") }
         for t in due { redeliver(t, why: "no acknowledgement within \(dv.settings.ackTimeoutMs) ms") }
         return dv.nextScan
     }
@@ -670,7 +681,8 @@ extension RunnerCore {
         st.append(("delivery.unacked", .int(Int64(dv.rootCount))))
         st.append(("delivery.acks_sent", .int(Int64(clamping: dv.acksSent))))
         st.append(("delivery.acks_received", .int(Int64(clamping: dv.acksReceived))))
-        if source != nil {
+        // Sources, and stages with a spill lane (they deliver what they read back from it).
+        if source != nil || outLanes.contains(where: { $0.spill?.tracked ?? false }) {
             st.append(("delivery.redelivered", .int(Int64(clamping: dv.redelivered))))
             st.append(("delivery.undeliverable", .int(Int64(clamping: dv.undeliverable))))
         }

@@ -148,6 +148,8 @@ final class RunnerCore: StageContext {
         /// `when_full: spill`: the lane's disk queue.
         var spill: SpillQueue?
         var spillFailing = false
+        /// The index of the output this lane belongs to.
+        var output = 0
         /// Byte bound (producer-side): bytes sent and not yet credited back, frame by frame
         /// (cumulative count in the epoch after the frame, its bytes), and bytes queued here.
         var bytesBound: Int?
@@ -322,11 +324,12 @@ final class RunnerCore: StageContext {
                 lane.tcp = l.endpoint.hasPrefix("tcp://") || l.lossy
                 lane.local = a.byReference && l.endpoint.hasPrefix("inproc://") && !l.lossy
                 lane.bytesBound = l.bytes
+                lane.output = outputLanes.count
                 if l.whenFull == .spill && !l.loopBack {
                     let dir = a.runDirectory + "/spill"
                     mkdir(dir, 0o700)
                     let name = "\(a.stage).\(o.name)--\(l.to)".map { $0.isLetter || $0.isNumber || "._-".contains($0) ? String($0) : "_" }.joined()
-                    do { lane.spill = try SpillQueue(path: "\(dir)/\(name).sqlite") }
+                    do { lane.spill = try SpillQueue(path: "\(dir)/\(name).sqlite", tracked: a.delivery.mode == .atLeastOnce) }
                     catch { throw RuntimeError.io("lane \(l.lane) to \(l.to): cannot open its spill queue: \(error)") }
                     if let n = lane.spill?.count, n > 0 { log.info("lane \(l.lane) to \(l.to): \(n) spilled envelopes from an earlier run go first") }
                 }
@@ -661,7 +664,7 @@ final class RunnerCore: StageContext {
             var wait: UInt64 = 100_000_000
             if failed == nil && !finished {
                 if let _ = source, !exhausted, canAccept, pendingRoom > 0 { wait = nextProduce > t ? min(wait, nextProduce - t) : 0 }
-                if delivery != nil, source != nil {
+                if let dv = delivery, source != nil || dv.rootCount > 0 {
                     let next = checkTimeouts(t)
                     if next != .max { wait = next > t ? min(wait, next - t) : 0 }
                 }
@@ -1179,6 +1182,9 @@ final class RunnerCore: StageContext {
             dv.clock = coarseMonotonicNs()
             if dv.rootsEmptied { dv.rootsEmptied = false; statsDirty = true }
             walkLanesIfDue(dv.clock)
+            // Read-back copies acknowledged: their rows go with the next spill commit.
+            for d in dv.spillDone { outLanes[Int(d.lane)].spill?.done(d.seq) }
+            dv.spillDone.removeAll(keepingCapacity: true)
             // Spilled envelopes count as delivered: on disk before anything acknowledges them
             // (while a spill write fails, nothing is acknowledged).
             for i in outLanes.indices where outLanes[i].spill != nil { commitSpill(i) }
@@ -1221,7 +1227,7 @@ final class RunnerCore: StageContext {
     func refillFromSpill(_ i: Int) {
         // After EOS (a stop left the spill for the next run) nothing more may go out on the lane.
         guard let sp = outLanes[i].spill, !sp.isEmpty, outLanes[i].queue.isEmpty, outLanes[i].canSend, !outLanes[i].eosSent else { return }
-        let rows: [[UInt8]]
+        let rows: [SpillQueue.Row]
         do { rows = try sp.take(min(outLanes[i].credits, limits.maxBatchEnvelopes)) } catch {
             if !outLanes[i].spillFailing { log.error("lane \(outLanes[i].id): cannot read its spill queue: \(error)") }
             outLanes[i].spillFailing = true
@@ -1229,14 +1235,41 @@ final class RunnerCore: StageContext {
         }
         for r in rows {
             do {
-                let e = try r.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(DecodeError) -> Envelope in try EnvelopeCodec.decode(b, limits: limits) }
-                if outLanes[i].bytesBound != nil { outLanes[i].queueBytes += r.count }
+                var e = try r.bytes.withUnsafeBytes { (b: UnsafeRawBufferPointer) throws(DecodeError) -> Envelope in try EnvelopeCodec.decode(b, limits: limits) }
+                if outLanes[i].bytesBound != nil { outLanes[i].queueBytes += r.bytes.count }
+                if sp.tracked, let dv = delivery {
+                    // At-least-once: the spilling stage delivers what it reads back. The row stays
+                    // until the copy is acknowledged; a root of this runner sends it again (on
+                    // this lane only) when it is lost. A row an earlier run may have delivered
+                    // goes as a redelivery, so that sinks look it up.
+                    if r.replay { e.attempt &+= 1 }
+                    let t = dv.newToken(inLane: -1, id: e.id)
+                    dv.setRoot(t, DeliveryState.Root(envelope: e, output: outLanes[i].output, rowid: 0, deadline: dv.clock &+ dv.timeoutNs,
+                                                     born: dv.tokens[Int(t)].gen, lane: Int32(i), spillSeq: r.seq))
+                    dv.register(lane: i, id: e.id, token: t, at: dv.clock)
+                    dv.tokens[Int(t)].open = false
+                }
                 outLanes[i].queue.append(e)
             } catch {
-                deadLetter(Envelope(intent: "lane.spill-corrupt", payload: Array(r.prefix(65536))),
+                deadLetter(Envelope(intent: "lane.spill-corrupt", payload: Array(r.bytes.prefix(65536))),
                            reason: "lane \(outLanes[i].id) to \(outLanes[i].to): spilled envelope does not decode: \(error)")
+                sp.done(r.seq)
             }
         }
+    }
+
+    /// At-least-once: root `t`, a copy read back from spill lane `li` and lost, goes again on that
+    /// lane: behind what is spilled when the lane spills (the new row holds it, the old one goes),
+    /// else into the lane's queue.
+    func resendOnSpillLane(_ li: Int, _ envelope: Envelope, token t: Int32) {
+        guard let dv = delivery else { return }
+        if let sp = outLanes[li].spill, !sp.isEmpty || !outLanes[li].writable {
+            sp.append(EnvelopeCodec.encode(envelope))
+            return
+        }
+        if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
+        dv.register(lane: li, id: envelope.id, token: t, at: dv.clock)
+        outLanes[li].queue.append(envelope)
     }
 
     func flush(_ i: Int) {

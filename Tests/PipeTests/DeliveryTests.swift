@@ -318,6 +318,52 @@ extension ExclusivePipelines {
             #expect(statusInt(s, "gen", "delivery.unacked") == 0)
         }
 
+        @Test func killedSinkWorker_behindASpillLane_getsWhatWasReadBackAgain() throws {
+            // The lane to the sink spills: what is spilled is acknowledged upstream at once, so the
+            // source will never send it again. What the lane reads back from disk is then the
+            // spilling stage's to deliver: its rows stay until the sink acknowledges them, and
+            // what the killed sink never acknowledged goes again.
+            let yaml = """
+            pipeline: spill-crash
+            delivery: { mode: at-least-once, ack_timeout_ms: 1000 }
+            lanes:
+              - { from: b, to: out, bound: 64, when_full: spill }
+            stages:
+              - { id: gen, kind: generator, config: { count: 200000, seed: 31, payload_size: 16 } }
+              - { id: b, kind: passthrough, inputs: [gen] }
+              - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
+            """
+            let s = try killWorkerMidRun(yaml, tag: "spill-crash", worker: "out", after: 40_000, expect: 200_000)
+            #expect(stage(s, "out")?["restarts"]?.intValue == 1)
+            let l = try #require(lane(s, from: "b.out", to: "out.in"))
+            #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
+            #expect(statusInt(s, "b", "delivery.redelivered") > 0)
+            #expect(statusInt(s, "b", "delivery.unacked") == 0)
+            #expect(statusInt(s, "gen", "delivery.unacked") == 0)
+        }
+
+        @Test func killedSpillingWorker_restartsAndSendsItsSpillAgain_fromDisk() throws {
+            // The stage that spills dies: what it had spilled was acknowledged upstream, so only
+            // its spill file has it, including the rows it had read back and sent but that were
+            // not yet acknowledged. Its restart reads them all again (as redeliveries).
+            let yaml = """
+            pipeline: spiller-crash
+            delivery: { mode: at-least-once, ack_timeout_ms: 1000 }
+            lanes:
+              - { from: b, to: out, bound: 64, when_full: spill }
+            stages:
+              - { id: gen, kind: generator, config: { count: 200000, seed: 37, payload_size: 16 } }
+              - { id: b, kind: passthrough, inputs: [gen], placement: process }
+              - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
+            """
+            let s = try killWorkerMidRun(yaml, tag: "spiller-crash", worker: "b", after: 40_000, expect: 200_000)
+            #expect(stage(s, "b")?["restarts"]?.intValue == 1)
+            let l = try #require(lane(s, from: "b.out", to: "out.in"))
+            #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
+            #expect(statusInt(s, "out", "delivery.duplicates") > 0, "no read-back row came again after the restart")
+            #expect(statusInt(s, "b", "delivery.unacked") == 0)
+        }
+
         @Test func durableSource_droppedAndSpilledEnvelopesCountAsDelivered_noJournalRowsLeft() throws {
             for policy in ["drop_newest", "spill"] {
                 let yaml = """
