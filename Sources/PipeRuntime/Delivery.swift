@@ -85,6 +85,11 @@ final class DeliveryState {
     // A source's side: roots by token.
     var roots: [Root?] = []
     var rootCount = 0
+    /// Of them, copies read back from a spill lane (not counted against a source's max_pending).
+    var laneRoots = 0
+    /// Set while a stage that is not a source emits something it must keep as a root (the dead
+    /// letter of an undeliverable read-back copy).
+    var emitAsRoot = false
     /// The last open root was acknowledged (the runner reports at once).
     var rootsEmptied = false
     /// Coarse monotonic time, refreshed every loop pass (stamps copies and deadlines without a
@@ -133,13 +138,14 @@ final class DeliveryState {
     func root(_ t: Int32) -> Root? { Int(t) < roots.count ? roots[Int(t)] : nil }
     func setRoot(_ t: Int32, _ r: Root) {
         while roots.count <= Int(t) { roots.append(nil) }
-        if roots[Int(t)] == nil { rootCount += 1 }
+        if roots[Int(t)] == nil { rootCount += 1; if r.lane >= 0 { laneRoots += 1 } }
         roots[Int(t)] = r
     }
     @discardableResult func removeRoot(_ t: Int32) -> Root? {
         guard Int(t) < roots.count, let r = roots[Int(t)] else { return nil }
         roots[Int(t)] = nil
         rootCount -= 1
+        if r.lane >= 0 { laneRoots -= 1 }
         return r
     }
 
@@ -512,7 +518,9 @@ extension RunnerCore {
                 dv.complete(t)
             }
         }
-        for t in Set(roots).sorted() { redeliver(t, why: "lane \(outLanes[li].id) consumer restarted") }
+        // In lane order (token indices are reused: their order says nothing).
+        var seen = Set<Int32>()
+        for t in roots where seen.insert(t).inserted { redeliver(t, why: "lane \(outLanes[li].id) consumer restarted") }
     }
 
     /// Sends root `t` again with `attempt` raised, or dead-letters it after `max_attempts`.
@@ -534,7 +542,10 @@ extension RunnerCore {
             // The dead letter is a new root (journaled in the same transaction that deletes this
             // one's row): a crash between the two loses nothing.
             dv.current = -1; dv.redelivering = false
+            // A read-back copy's dead letter is kept as a root even by a stage that is not a source.
+            dv.emitAsRoot = r.lane >= 0
             deadLetter(r.envelope, reason: "undeliverable: not acknowledged after \(r.envelope.attempt) attempts (\(why))")
+            dv.emitAsRoot = false
             return
         }
         r.envelope.attempt &+= 1
@@ -582,7 +593,7 @@ extension RunnerCore {
     /// Whether a source may produce more now (`max_pending` unacknowledged at most).
     var pendingRoom: Int {
         guard let dv = delivery else { return Int.max }
-        return Swift.max(0, dv.settings.maxPending - dv.rootCount)
+        return Swift.max(0, dv.settings.maxPending - (dv.rootCount - dv.laneRoots))
     }
 
     /// Nothing the source emitted waits for an acknowledgement.

@@ -451,7 +451,7 @@ final class RunnerCore: StageContext {
     func emit(_ envelope: consuming Envelope, to output: OutputHandle) {
         guard let dv = delivery else { emitToLanes(envelope, to: output); return }
         // A source's emit outside a redelivery is a new root: kept until acknowledged.
-        if dv.current < 0, source != nil, output.index >= 0, output.index < outputLanes.count {
+        if dv.current < 0, source != nil || dv.emitAsRoot, output.index >= 0, output.index < outputLanes.count {
             let t = dv.newToken(inLane: -1, id: envelope.id)
             let deadline = dv.clock &+ dv.timeoutNs
             // A restarted non-durable source sends as a later attempt; the kept root says so too.
@@ -1182,9 +1182,7 @@ final class RunnerCore: StageContext {
             dv.clock = coarseMonotonicNs()
             if dv.rootsEmptied { dv.rootsEmptied = false; statsDirty = true }
             walkLanesIfDue(dv.clock)
-            // Read-back copies acknowledged: their rows go with the next spill commit.
-            for d in dv.spillDone { outLanes[Int(d.lane)].spill?.done(d.seq) }
-            dv.spillDone.removeAll(keepingCapacity: true)
+            settleSpillRows()
             // Spilled envelopes count as delivered: on disk before anything acknowledges them
             // (while a spill write fails, nothing is acknowledged).
             for i in outLanes.indices where outLanes[i].spill != nil { commitSpill(i) }
@@ -1227,6 +1225,9 @@ final class RunnerCore: StageContext {
     func refillFromSpill(_ i: Int) {
         // After EOS (a stop left the spill for the next run) nothing more may go out on the lane.
         guard let sp = outLanes[i].spill, !sp.isEmpty, outLanes[i].queue.isEmpty, outLanes[i].canSend, !outLanes[i].eosSent else { return }
+        // Tracked (at-least-once), a stop reads nothing more back: a read-back row would have to
+        // be acknowledged before the stage may end, and the stop leaves the spill for the next run.
+        if sp.tracked && stopRequested { return }
         let rows: [SpillQueue.Row]
         do { rows = try sp.take(min(outLanes[i].credits, limits.maxBatchEnvelopes)) } catch {
             if !outLanes[i].spillFailing { log.error("lane \(outLanes[i].id): cannot read its spill queue: \(error)") }
@@ -1259,14 +1260,11 @@ final class RunnerCore: StageContext {
     }
 
     /// At-least-once: root `t`, a copy read back from spill lane `li` and lost, goes again on that
-    /// lane: behind what is spilled when the lane spills (the new row holds it, the old one goes),
-    /// else into the lane's queue.
+    /// lane, straight into its queue: it is older than anything still spilled (and there are at
+    /// most about a lane bound of them), so it goes before the rest of the spill, not behind it
+    /// (where a sink's dedup window might no longer know it).
     func resendOnSpillLane(_ li: Int, _ envelope: Envelope, token t: Int32) {
         guard let dv = delivery else { return }
-        if let sp = outLanes[li].spill, !sp.isEmpty || !outLanes[li].writable {
-            sp.append(EnvelopeCodec.encode(envelope))
-            return
-        }
         if outLanes[li].bytesBound != nil { outLanes[li].queueBytes += EnvelopeCodec.encodedSize(envelope) }
         dv.register(lane: li, id: envelope.id, token: t, at: dv.clock)
         outLanes[li].queue.append(envelope)
@@ -1435,7 +1433,15 @@ final class RunnerCore: StageContext {
         _ = try? control.send(r.encode(seq: controlSeq), dontWait: true)
     }
 
+    /// Read-back copies acknowledged: their rows go with the next spill commit.
+    func settleSpillRows() {
+        guard let dv = delivery, !dv.spillDone.isEmpty else { return }
+        for d in dv.spillDone { outLanes[Int(d.lane)].spill?.done(d.seq) }
+        dv.spillDone.removeAll(keepingCapacity: true)
+    }
+
     func teardown() {
+        settleSpillRows()
         for i in outLanes.indices { commitSpill(i) }
         stage.stop()
         for l in outLanes { l.socket.close() }

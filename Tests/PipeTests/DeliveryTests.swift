@@ -45,8 +45,8 @@ func waitForLines(_ path: String, atLeast lines: Int, seconds: Double = 60) -> I
 /// Runs `yaml`, kills worker `worker` with SIGKILL once `out.jsonl` has `after` lines, waits for
 /// the run to finish and checks that `out.jsonl` holds `expect` distinct ids, each once. Returns
 /// the run summary.
-func killWorkerMidRun(_ yaml: String, tag: String, worker: String, after: Int, expect n: Int) throws -> ConfigValue {
-    let run = Paths.tempDir(tag)
+func killWorkerMidRun(_ yaml: String, tag: String, worker: String, after: Int, expect n: Int, runDir: String? = nil) throws -> ConfigValue {
+    let run = runDir ?? Paths.tempDir(tag)
     let p = try startPipeline(writeTemp(yaml, tag + ".yaml"), runDir: run)
     defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
     #expect(waitForLines(run + "/out.jsonl", atLeast: after) >= after)
@@ -59,6 +59,14 @@ func killWorkerMidRun(_ yaml: String, tag: String, worker: String, after: Int, e
     #expect(ids.count == n)
     #expect(Set(ids).count == n)
     return try JSON.parse(try String(contentsOfFile: run + "/summary.json", encoding: .utf8))
+}
+
+/// Rows left in a spill queue file.
+func spillRows(_ path: String) throws -> Int {
+    let db = try Database(path: path, readOnly: true)
+    let q = try db.prepare("SELECT count(*) FROM spill")
+    try q.bind([])
+    return try q.step() ? Int(q.int(0)) : -1
 }
 
 extension ExclusivePipelines {
@@ -333,13 +341,18 @@ extension ExclusivePipelines {
               - { id: b, kind: passthrough, inputs: [gen] }
               - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
             """
-            let s = try killWorkerMidRun(yaml, tag: "spill-crash", worker: "out", after: 40_000, expect: 200_000)
+            let run = Paths.tempDir("spill-crash")
+            let s = try killWorkerMidRun(yaml, tag: "spill-crash", worker: "out", after: 40_000, expect: 200_000, runDir: run)
             #expect(stage(s, "out")?["restarts"]?.intValue == 1)
             let l = try #require(lane(s, from: "b.out", to: "out.in"))
             #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
+            // Read-back copies the killed sink had not acknowledged went again.
             #expect(statusInt(s, "b", "delivery.redelivered") > 0)
             #expect(statusInt(s, "b", "delivery.unacked") == 0)
             #expect(statusInt(s, "gen", "delivery.unacked") == 0)
+            // Every row was deleted once acknowledged: nothing is left for a next run to send again.
+            #expect(l["spill_depth"]?.intValue == 0)
+            #expect(try spillRows(run + "/spill/b.out--out.in.sqlite") == 0)
         }
 
         @Test func killedSpillingWorker_restartsAndSendsItsSpillAgain_fromDisk() throws {
@@ -356,12 +369,14 @@ extension ExclusivePipelines {
               - { id: b, kind: passthrough, inputs: [gen], placement: process }
               - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
             """
-            let s = try killWorkerMidRun(yaml, tag: "spiller-crash", worker: "b", after: 40_000, expect: 200_000)
+            let run = Paths.tempDir("spiller-crash")
+            let s = try killWorkerMidRun(yaml, tag: "spiller-crash", worker: "b", after: 40_000, expect: 200_000, runDir: run)
             #expect(stage(s, "b")?["restarts"]?.intValue == 1)
             let l = try #require(lane(s, from: "b.out", to: "out.in"))
             #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
             #expect(statusInt(s, "out", "delivery.duplicates") > 0, "no read-back row came again after the restart")
             #expect(statusInt(s, "b", "delivery.unacked") == 0)
+            #expect(try spillRows(run + "/spill/b.out--out.in.sqlite") == 0)
         }
 
         @Test func durableSource_droppedAndSpilledEnvelopesCountAsDelivered_noJournalRowsLeft() throws {
