@@ -8,10 +8,10 @@ public struct EnvelopeID: Hashable, Sendable, Comparable, CustomStringConvertibl
 
     public init(hi: UInt64, lo: UInt64) { self.hi = hi; self.lo = lo }
 
-    /// A random id from the system generator.
+    /// A random id from the kernel's generator (read in bulk: ``RandomPool``).
     public static func random() -> EnvelopeID {
-        var g = SystemRandomNumberGenerator()
-        return random(using: &g)
+        let (hi, lo) = RandomPool.shared.pair()
+        return EnvelopeID(hi: hi, lo: lo)
     }
 
     public static func random<G: RandomNumberGenerator>(using g: inout G) -> EnvelopeID {

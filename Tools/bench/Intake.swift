@@ -4,6 +4,7 @@ import PipeKit
 import PipeKitTesting
 import PipeRuntime
 import PipeSeal
+import PipeSniff
 
 /// The continuity intake's benchmark: sniff decisions per second in the embedded harness on the
 /// scenario mix (every classification's audit record captured), with `mime: off`, `when-needed`
@@ -105,6 +106,27 @@ enum IntakeBench {
         return (s, f, true)
     }
 
+    /// libmagic alone, on the payloads of the mix that our own table classes `unknown` (the only
+    /// ones `mime: when-needed` hands to libmagic): microseconds per call, and the rate that
+    /// `when-needed` could not exceed on one core even if everything else cost nothing.
+    static func libmagicCeiling(seconds: Double) throws -> (usPerCall: Double, unknown: Int, total: Int, perCore: Double) {
+        var rng = SplitMix64(state: 1)
+        let key = try SigningKey(seed: [UInt8](repeating: 7, count: 32))
+        let drops = try IntakeSimStage.mix(round: 1, key: key, profile: "continuity", rng: &rng, wallNs: 1)
+        let unknown = drops.filter { $0.expect == .unknown }.map(\.content)
+        let magic = try MagicDetector()
+        var calls = 0
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        var elapsed: UInt64 = 0
+        while Double(elapsed) / 1e9 < seconds {
+            for u in unknown { precondition(magic.describe(u) != nil, "libmagic failed") }
+            calls += unknown.count
+            elapsed = DispatchTime.now().uptimeNanoseconds - t0
+        }
+        let us = Double(elapsed) / 1e3 / Double(calls)
+        return (us, unknown.count, drops.count, 1e6 / (us * Double(unknown.count) / Double(drops.count)))
+    }
+
     static func report(quick: Bool) throws {
         let peer = peer()
         let how = peer.measured ? "(measured now)" : "(not installed here: the documented figures)"
@@ -114,6 +136,10 @@ enum IntakeBench {
         let needed = try sniff(mime: "when-needed", seconds: secs)
         let always = try sniff(mime: "always", seconds: secs)
         print(String(format: "sniffer embedded, scenario mix, every decision audited: mime off %.0f/s, when-needed %.0f/s, always %.0f/s", off, needed, always))
+        let lm = try libmagicCeiling(seconds: quick ? 0.5 : 1.5)
+        let cores = ProcessInfo.processInfo.activeProcessorCount
+        print(String(format: "libmagic alone: %.0f us per call on the %d of %d mix payloads our table classes unknown; so when-needed cannot pass %.0f/s per core (%.0f/s on all %d cores if nothing else cost anything) against its target of %.0f/s",
+                     lm.usPerCall, lm.unknown, lm.total, lm.perCore, lm.perCore * Double(cores), cores, 2 * peer.sniff))
         var runs: [(rate: Double, files: Int)] = []
         for _ in 0..<5 { runs.append(try endToEnd(rounds: quick ? 100 : 400)) }
         let sorted = runs.sorted { $0.rate < $1.rate }
