@@ -115,16 +115,15 @@ enum IntakeBench {
         let drops = try IntakeSimStage.mix(round: 1, key: key, profile: "continuity", rng: &rng, wallNs: 1)
         let unknown = drops.filter { $0.expect == .unknown }.map(\.content)
         let magic = try MagicDetector()
-        var calls = 0
-        let t0 = DispatchTime.now().uptimeNanoseconds
-        var elapsed: UInt64 = 0
-        while Double(elapsed) / 1e9 < seconds {
-            for u in unknown { precondition(magic.describe(u) != nil, "libmagic failed") }
-            calls += unknown.count
-            elapsed = DispatchTime.now().uptimeNanoseconds - t0
+        // The fastest of several rounds: the most favourable cost libmagic showed in this run.
+        var best = Double.infinity
+        let start = DispatchTime.now().uptimeNanoseconds
+        while Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 < seconds {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            for _ in 0..<20 { for u in unknown { precondition(magic.describe(u) != nil, "libmagic failed") } }
+            best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e3 / Double(20 * unknown.count))
         }
-        let us = Double(elapsed) / 1e3 / Double(calls)
-        return (us, unknown.count, drops.count, 1e6 / (us * Double(unknown.count) / Double(drops.count)))
+        return (best, unknown.count, drops.count, 1e6 / (best * Double(unknown.count) / Double(drops.count)))
     }
 
     static func report(quick: Bool) throws {
@@ -138,7 +137,7 @@ enum IntakeBench {
         print(String(format: "sniffer embedded, scenario mix, every decision audited: mime off %.0f/s, when-needed %.0f/s, always %.0f/s", off, needed, always))
         let lm = try libmagicCeiling(seconds: quick ? 0.5 : 1.5)
         let cores = ProcessInfo.processInfo.activeProcessorCount
-        print(String(format: "libmagic alone: %.0f us per call on the %d of %d mix payloads our table classes unknown; so when-needed cannot pass %.0f/s per core (%.0f/s on all %d cores if nothing else cost anything) against its target of %.0f/s",
+        print(String(format: "libmagic alone (best round): %.0f us per call on the %d of %d mix payloads our table classes unknown; at that cost when-needed stays under %.0f/s per core (%.0f/s on all %d cores if nothing else cost anything); its target is %.0f/s",
                      lm.usPerCall, lm.unknown, lm.total, lm.perCore, lm.perCore * Double(cores), cores, 2 * peer.sniff))
         var runs: [(rate: Double, files: Int)] = []
         for _ in 0..<5 { runs.append(try endToEnd(rounds: quick ? 100 : 400)) }
