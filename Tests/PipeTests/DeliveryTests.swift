@@ -326,56 +326,38 @@ extension ExclusivePipelines {
             #expect(statusInt(s, "gen", "delivery.unacked") == 0)
         }
 
-        @Test func killedSinkWorker_behindASpillLane_getsWhatWasReadBackAgain() throws {
-            // The lane to the sink spills: what is spilled is acknowledged upstream at once, so the
-            // source will never send it again. What the lane reads back from disk is then the
-            // spilling stage's to deliver: its rows stay until the sink acknowledges them, and
-            // what the killed sink never acknowledged goes again.
+        /// A lane that spills: what is spilled is acknowledged upstream at once, so the source will
+        /// never send it again; the spilling stage delivers it. Killed consumer (`out`): what the
+        /// lane read back and the sink never acknowledged goes again. Killed spilling stage (`b`):
+        /// its spill file still has the rows it had read back but not seen acknowledged, and its
+        /// restart reads them again (as redeliveries). Either way every row is deleted at the end.
+        @Test(arguments: ["out", "b"])
+        func killedWorkerAroundASpillLane_loseNothingReadBack(killed: String) throws {
             let yaml = """
-            pipeline: spill-crash
+            pipeline: spill-crash-\(killed)
             delivery: { mode: at-least-once, ack_timeout_ms: 1000 }
             lanes:
               - { from: b, to: out, bound: 64, when_full: spill }
             stages:
               - { id: gen, kind: generator, config: { count: 200000, seed: 31, payload_size: 16 } }
-              - { id: b, kind: passthrough, inputs: [gen] }
+              - { id: b, kind: passthrough, inputs: [gen], placement: \(killed == "b" ? "process" : "in-process") }
               - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
             """
-            let run = Paths.tempDir("spill-crash")
-            let s = try killWorkerMidRun(yaml, tag: "spill-crash", worker: "out", after: 40_000, expect: 200_000, runDir: run)
-            #expect(stage(s, "out")?["restarts"]?.intValue == 1)
+            let run = Paths.tempDir("spill-crash-\(killed)")
+            let s = try killWorkerMidRun(yaml, tag: "spill-crash-\(killed)", worker: killed, after: 40_000, expect: 200_000, runDir: run)
+            #expect(stage(s, killed)?["restarts"]?.intValue == 1)
             let l = try #require(lane(s, from: "b.out", to: "out.in"))
             #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
-            // Read-back copies the killed sink had not acknowledged went again.
-            #expect(statusInt(s, "b", "delivery.redelivered") > 0)
+            if killed == "out" {
+                // Read-back copies the killed sink had not acknowledged went again.
+                #expect(statusInt(s, "b", "delivery.redelivered") > 0)
+            } else {
+                #expect(statusInt(s, "out", "delivery.duplicates") > 0, "no read-back row came again after the restart")
+            }
             #expect(statusInt(s, "b", "delivery.unacked") == 0)
             #expect(statusInt(s, "gen", "delivery.unacked") == 0)
             // Every row was deleted once acknowledged: nothing is left for a next run to send again.
             #expect(l["spill_depth"]?.intValue == 0)
-            #expect(try spillRows(run + "/spill/b.out--out.in.sqlite") == 0)
-        }
-
-        @Test func killedSpillingWorker_restartsAndSendsItsSpillAgain_fromDisk() throws {
-            // The stage that spills dies: what it had spilled was acknowledged upstream, so only
-            // its spill file has it, including the rows it had read back and sent but that were
-            // not yet acknowledged. Its restart reads them all again (as redeliveries).
-            let yaml = """
-            pipeline: spiller-crash
-            delivery: { mode: at-least-once, ack_timeout_ms: 1000 }
-            lanes:
-              - { from: b, to: out, bound: 64, when_full: spill }
-            stages:
-              - { id: gen, kind: generator, config: { count: 200000, seed: 37, payload_size: 16 } }
-              - { id: b, kind: passthrough, inputs: [gen], placement: process }
-              - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
-            """
-            let run = Paths.tempDir("spiller-crash")
-            let s = try killWorkerMidRun(yaml, tag: "spiller-crash", worker: "b", after: 40_000, expect: 200_000, runDir: run)
-            #expect(stage(s, "b")?["restarts"]?.intValue == 1)
-            let l = try #require(lane(s, from: "b.out", to: "out.in"))
-            #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
-            #expect(statusInt(s, "out", "delivery.duplicates") > 0, "no read-back row came again after the restart")
-            #expect(statusInt(s, "b", "delivery.unacked") == 0)
             #expect(try spillRows(run + "/spill/b.out--out.in.sqlite") == 0)
         }
 
