@@ -35,8 +35,8 @@ final class SpillQueue {
     private var cursor: Int64 = 0
     /// Tracked: rows up to this seq were on disk when the queue was opened.
     private var replayThrough: Int64 = 0
-    /// Tracked: rows read back whose copies are done (acknowledged, or spilled again), deleted
-    /// at the next commit.
+    /// Tracked: rows read back whose copies are done (acknowledged, dead-lettered, or corrupt),
+    /// deleted at the next commit.
     private var finished: [Int64] = []
     /// Tracked: rows read back and not yet done.
     private(set) var held = 0
