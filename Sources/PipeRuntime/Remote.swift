@@ -169,6 +169,7 @@ extension PipelineHost {
     func openRemote() throws(RuntimeError) {
         // Nothing left over from an earlier host of this run directory in this process.
         _ = RemoteRefusals.shared.take(run: options.runDirectory)
+        _ = LaneHandshakes.shared.take(run: options.runDirectory)
         let hasWorkers = plan.stages.contains(where: { $0.placement.isRemote })
         guard hasWorkers || plan.spec.remote?.control != nil else { return }
         guard let r = plan.spec.remote else { throw .plan("stages are placed on remote workers but the pipeline has no `remote:` section") }
@@ -278,6 +279,16 @@ extension PipelineHost {
                               worker: t.worker.isEmpty ? nil : t.worker, count: g)
             }
             rm.refused += max(0, b)
+        }
+        for t in LaneHandshakes.shared.take(run: options.runDirectory) {
+            rm.handshakeFailures += t.count
+            if rm.mayAudit(monotonicNs(), "lane handshake \(t.event) \(t.value)") {
+                log.warning("remote: \(t.count) connection(s) to lane port \(t.endpoint) failed the handshake: \(t.reason) (\(rm.handshakeFailures) so far)")
+                auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.lane-handshake",
+                                                reason: "handshake failed on lane port \(t.endpoint): \(t.reason)",
+                                                details: ["endpoint": .string(t.endpoint), "event": .int(Int64(t.event)), "value": .int(Int64(t.value)),
+                                                          "failures": .int(Int64(t.count)), "failures_so_far": .int(Int64(rm.handshakeFailures))]))
+            }
         }
         if let m = rm.monitor {
             while let ev = ZMQMonitorEvent.receive(from: m) {
@@ -705,6 +716,7 @@ extension PipelineHost {
         guard let rm = remote else { return }
         RemoteBans.shared.clear(run: options.runDirectory)
         _ = RemoteRefusals.shared.take(run: options.runDirectory)
+        _ = LaneHandshakes.shared.take(run: options.runDirectory)
         let relayClosed = rm.relay?.stop() ?? true
         rm.router.close(); rm.monitor?.close(); rm.control?.close()
         // A CURVE listener without a ZAP handler lets every client in: the handler stays while
@@ -741,6 +753,31 @@ final class RemoteRefusals: Sendable {
         waiting.withLock { w in
             defer { w[run] = nil }
             return w[run].map { Array($0.values) } ?? []
+        }
+    }
+}
+
+/// Failed handshakes on the tcp lane ports the host's own runners bind, which their socket
+/// monitors report here; the host takes them each loop pass and audits them as it does those of
+/// its registration port. Per run directory, endpoint and kind of failure: a count, so a flood
+/// of bad handshakes costs no memory.
+final class LaneHandshakes: Sendable {
+    static let shared = LaneHandshakes()
+    struct Tally: Sendable { var endpoint: String; var event: Int32; var value: UInt32; var reason: String; var count = 0 }
+    struct Kind: Hashable, Sendable { var endpoint: String; var event: Int32; var value: UInt32 }
+    let waiting = Mutex<[String: [Kind: Tally]]>([:])
+    func report(run: String, endpoint: String, _ ev: ZMQMonitorEvent) {
+        waiting.withLock { w in
+            let k = Kind(endpoint: endpoint, event: ev.event, value: ev.value)
+            var t = w[run]?[k] ?? Tally(endpoint: endpoint, event: ev.event, value: ev.value, reason: ev.reason)
+            t.count += 1
+            w[run, default: [:]][k] = t
+        }
+    }
+    func take(run: String) -> [Tally] {
+        waiting.withLock { w in
+            defer { w[run] = nil }
+            return (w[run] ?? [:]).values.sorted { ($0.endpoint, $0.event, $0.value) < ($1.endpoint, $1.event, $1.value) }
         }
     }
 }

@@ -208,6 +208,11 @@ final class RunnerCore: StageContext {
     let limits: WireLimits
     /// Whose batches this runner hands over and takes on in-process lanes (``LocalHandoff``).
     let handoffContext: ObjectIdentifier
+    /// The tcp endpoints this runner binds (lane ports of the host for remote workers), and the
+    /// monitors that report their failed handshakes (a plaintext client on a CURVE port, a client
+    /// with the wrong server key): ZeroMQ drops those connections without a word to the socket.
+    var tcpBound: [(ZMQSocket, String)] = []
+    var handshakeMonitors: [(monitor: ZMQSocket, endpoint: String, poll: Int)] = []
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
     /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
@@ -276,6 +281,7 @@ final class RunnerCore: StageContext {
         self.a = a; self.zmq = zmq; self.control = control; self.location = location; self.log = log
         handoffContext = ObjectIdentifier(zmq)
         let links = TCPLinks(security: a.tcp, clientKeys: clientKeys)
+        var tcpBound: [(ZMQSocket, String)] = []
         checkPeers = a.inputs.contains { $0.peer != nil } || a.outputs.contains { $0.lanes.contains { $0.peer != nil } }
         limits = WireLimits(maxEnvelopeBytes: a.maxEnvelopeBytes, maxBatchEnvelopes: a.maxBatchEnvelopes)
         guard let d = registry[a.kind] else { throw RuntimeError.plan("unknown stage kind '\(a.kind)'") }
@@ -298,14 +304,14 @@ final class RunnerCore: StageContext {
             let across = a.inputs.filter { $0.returnEndpoint.hasPrefix("tcp://") || $0.lossy }
             try s.setReceiveHWM(across.isEmpty ? 0 : Int32(clamping: 2 * (across.map(\.bound).max() ?? 0) + 64))
             try s.setMaxMessageSize(maxMsg)
-            for e in a.bindInput { try links.bind(s, e) }
+            for e in a.bindInput { try links.bind(s, e); if e.hasPrefix("tcp://") { tcpBound.append((s, e)) } }
             for e in a.connectInput { try links.connect(s, e) }
             inSocket = s
         }
         if !a.bindReturn.isEmpty || !a.connectReturn.isEmpty {
             let s = try zmq.socket(.pull)
             try s.setReceiveHWM(0); try s.setMaxMessageSize(65_536 + 16 * Int64(Swift.max(4096, a.maxBatchEnvelopes)))
-            for e in a.bindReturn { try links.bind(s, e) }
+            for e in a.bindReturn { try links.bind(s, e); if e.hasPrefix("tcp://") { tcpBound.append((s, e)) } }
             for e in a.connectReturn { try links.connect(s, e) }
             retSocket = s
         }
@@ -316,7 +322,10 @@ final class RunnerCore: StageContext {
                 byGroup[l.group, default: []].append(outLanes.count)
                 let s = try zmq.socket(.push)
                 try s.setSendHWM(Int32(clamping: l.bound + 64))
-                if l.bind { try links.bind(s, l.endpoint) } else { try links.connect(s, l.endpoint) }
+                if l.bind {
+                    try links.bind(s, l.endpoint)
+                    if l.endpoint.hasPrefix("tcp://") { tcpBound.append((s, l.endpoint)) }
+                } else { try links.connect(s, l.endpoint) }
                 if let p = l.peer { lanePeers[l.lane] = p }
                 outIndex[l.lane] = outLanes.count
                 idx.append(outLanes.count)
@@ -346,7 +355,10 @@ final class RunnerCore: StageContext {
             // Under at-least-once the return path carries acknowledgements, which must never be
             // dropped at a high-water mark: their volume is bounded by what the lane carried.
             try s.setSendHWM(a.delivery.mode == .atLeastOnce ? 0 : 1000)
-            if i.bindReturnEndpoint { try links.bind(s, i.returnEndpoint) } else { try links.connect(s, i.returnEndpoint) }
+            if i.bindReturnEndpoint {
+                try links.bind(s, i.returnEndpoint)
+                if i.returnEndpoint.hasPrefix("tcp://") { tcpBound.append((s, i.returnEndpoint)) }
+            } else { try links.connect(s, i.returnEndpoint) }
             if let p = i.peer { lanePeers[i.lane] = p }
             inIndex[i.lane] = inLanes.count
             let transport = i.returnEndpoint.range(of: "://").map { String(i.returnEndpoint[..<$0.lowerBound]) } ?? "inproc"
@@ -375,6 +387,7 @@ final class RunnerCore: StageContext {
             }
             delivery = dv
         }
+        self.tcpBound = tcpBound
     }
 
     /// Whether a tcp frame is from the worker that owns its lane: messages over an authenticated
@@ -657,6 +670,7 @@ final class RunnerCore: StageContext {
         let pr = retSocket.map { poller.add($0) } ?? -1
         let pi = inSocket.map { poller.add($0) } ?? -1
         if let ts = tapSocket { _ = poller.add(ts) }
+        watchHandshakes(&poller)
         var exitCode: Int32 = 0
         loop: while true {
             let t = monotonicNs()
@@ -702,6 +716,7 @@ final class RunnerCore: StageContext {
                     }
                 }
             }
+            for m in handshakeMonitors where poller.isReadable(m.poll) { takeHandshakeEvents(m.monitor, endpoint: m.endpoint) }
             // Tap subscriptions: 0x01 + lane id (4 bytes, big-endian) subscribes, 0x00 leaves.
             if let ts = tapSocket {
                 while let m = try? ts.receive(dontWait: true), m.count == 5 {
@@ -1440,10 +1455,39 @@ final class RunnerCore: StageContext {
         dv.spillDone.removeAll(keepingCapacity: true)
     }
 
+    /// Monitors the handshakes of every tcp endpoint this runner binds (on its own thread, which
+    /// owns the sockets). Best effort: a monitor that cannot be set up is logged, not fatal.
+    func watchHandshakes(_ poller: inout ZMQPoller) {
+        for (k, (s, e)) in tcpBound.enumerated() {
+            let ep = "inproc://lane-handshakes/\(a.stage)/\(incarnation)/\(k)"
+            do {
+                try s.monitorHandshakes(ep)
+                let m = try zmq.socket(.pair)
+                // Unbounded on our side: libzmq's I/O thread must never wait on this pipe; we
+                // drain it whenever it is readable.
+                try m.setReceiveHWM(0)
+                try m.connect(ep)
+                handshakeMonitors.append((m, e, poller.add(m)))
+            } catch {
+                log.warning("lane port \(e): cannot monitor its handshakes (\(error)); failed ones will not be audited")
+            }
+        }
+    }
+
+    /// Handshake failures on a lane port go to the host, which audits them with those of its
+    /// registration port; refused authentications are the ZAP handler's to report.
+    func takeHandshakeEvents(_ m: ZMQSocket, endpoint: String) {
+        while let ev = ZMQMonitorEvent.receive(from: m) {
+            guard ev.isHandshakeFailure, !ev.isAuthFailure else { continue }
+            LaneHandshakes.shared.report(run: a.runDirectory, endpoint: endpoint, ev)
+        }
+    }
+
     func teardown() {
         settleSpillRows()
         for i in outLanes.indices { commitSpill(i) }
         stage.stop()
+        for m in handshakeMonitors { m.monitor.close() }
         for l in outLanes { l.socket.close() }
         for l in inLanes { l.ret.close() }
         inSocket?.close(); retSocket?.close(); tapSocket?.close()

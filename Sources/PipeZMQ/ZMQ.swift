@@ -308,6 +308,8 @@ public struct ZMQMonitorEvent: Sendable {
     public var isHandshakeFailure: Bool {
         event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0
     }
+    /// Refused by the ZAP handler (which reports it itself).
+    public var isAuthFailure: Bool { event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH }
     public var isHandshakeSuccess: Bool { event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED }
     public var isDisconnect: Bool { event == ZMQ_EVENT_DISCONNECTED }
     /// What failed, for a log line.

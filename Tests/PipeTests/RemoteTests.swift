@@ -308,6 +308,29 @@ struct RemoteWorkerTests {
             refused = (st["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == "out" }?["status"]?["refused_frames"]?.intValue ?? 0
         }
         #expect(refused == 3)
+        // A plaintext client, and a CURVE client with the wrong server key, on the sink's lane
+        // port: ZeroMQ drops both in the handshake, telling only the socket's monitor; the host
+        // audits each (as it does on its registration port).
+        let plain = try ctx.socket(.push)
+        defer { plain.close() }
+        try plain.setLinger(ms: 0)
+        try plain.connect(sinkPort)
+        _ = try? plain.send(frame, dontWait: true)
+        let stranger = try ZMQCurve.keyPair(), notTheHost = try ZMQCurve.keyPair()
+        let wrongServer = try ctx.socket(.push)
+        defer { wrongServer.close() }
+        try wrongServer.setLinger(ms: 0)
+        try wrongServer.makeCurveClient(publicKey: stranger.publicKey, secretKey: stranger.secretKey, serverKey: notTheHost.publicKey)
+        try wrongServer.connect(sinkPort)
+        _ = try? wrongServer.send(frame, dontWait: true)
+        // (The plaintext client: a mechanism mismatch, or a broken handshake when it hung up first.)
+        let laneHandshakes = try poll(true, seconds: 10, everyMs: 100) {
+            let audit = try auditJSONL(run)
+            return (audit.contains("handshake failed on lane port \(sinkPort): security mechanism mismatch")
+                    || audit.contains("handshake failed on lane port \(sinkPort): handshake failed (Broken pipe)"))
+                && audit.contains("handshake failed on lane port \(sinkPort): CURVE handshake did not decrypt")
+        }
+        #expect(laneHandshakes, "\((try? auditJSONL(run)) ?? "")")
         let a = try fx.startWorker("edge", log: fx.dir + "/edge.log")
         let b = try fx.startWorker("spare", log: fx.dir + "/spare.log")
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
