@@ -216,6 +216,9 @@ extension PipelineHost {
             let monitorEndpoint = "inproc://\(runTag)/remote-monitor"
             try router.monitorHandshakes(monitorEndpoint)
             let mon = try zmq.socket(.pair)
+            // Unbounded: a flood of bad handshakes between two passes of the host loop must not
+            // make libzmq's I/O thread wait on this pipe.
+            try mon.setReceiveHWM(0)
             try mon.connect(monitorEndpoint)
             if let secret = security.serverSecretKey { try router.makeCurveServer(secretKey: secret, domain: RemoteHost.registerDomain) }
             try router.bind(r.listen)
@@ -282,7 +285,7 @@ extension PipelineHost {
         }
         for t in LaneHandshakes.shared.take(run: options.runDirectory) {
             rm.handshakeFailures += t.count
-            if rm.mayAudit(monotonicNs(), "lane handshake \(t.event) \(t.value)") {
+            if rm.mayAudit(monotonicNs(), "lane handshake \(t.endpoint) \(t.event) \(t.value)") {
                 log.warning("remote: \(t.count) connection(s) to lane port \(t.endpoint) failed the handshake: \(t.reason) (\(rm.handshakeFailures) so far)")
                 auditWriter?.submit(AuditRecord(decision: "worker-refused", stage: "host", intent: "remote.lane-handshake",
                                                 reason: "handshake failed on lane port \(t.endpoint): \(t.reason)",
@@ -718,6 +721,9 @@ extension PipelineHost {
         _ = RemoteRefusals.shared.take(run: options.runDirectory)
         _ = LaneHandshakes.shared.take(run: options.runDirectory)
         let relayClosed = rm.relay?.stop() ?? true
+        // The monitor stops before its reader closes (an event sent to a PAIR with no reader
+        // would block libzmq's I/O thread).
+        rm.router.stopMonitor()
         rm.router.close(); rm.monitor?.close(); rm.control?.close()
         // A CURVE listener without a ZAP handler lets every client in: the handler stays while
         // any runner thread (and its tcp listeners) or the relay is alive.

@@ -175,7 +175,7 @@ public struct CurveRequest: Sendable {
             let monEndpoint = "inproc://curve-request-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
             try s.monitorHandshakes(monEndpoint)
             let mon = try zmq.socket(.pair)
-            defer { mon.close() }
+            defer { s.stopMonitor(); mon.close() }
             try mon.connect(monEndpoint)
             if let k = keys, let sk = serverKey { try s.makeCurveClient(publicKey: k.publicKey, secretKey: k.secretKey, serverKey: sk) }
             try s.connect(endpoint)

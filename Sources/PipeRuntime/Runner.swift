@@ -212,7 +212,7 @@ final class RunnerCore: StageContext {
     /// monitors that report their failed handshakes (a plaintext client on a CURVE port, a client
     /// with the wrong server key): ZeroMQ drops those connections without a word to the socket.
     var tcpBound: [(ZMQSocket, String)] = []
-    var handshakeMonitors: [(monitor: ZMQSocket, endpoint: String, poll: Int)] = []
+    var handshakeMonitors: [(socket: ZMQSocket, monitor: ZMQSocket, endpoint: String, poll: Int)] = []
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
     /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
@@ -1460,15 +1460,20 @@ final class RunnerCore: StageContext {
     func watchHandshakes(_ poller: inout ZMQPoller) {
         for (k, (s, e)) in tcpBound.enumerated() {
             let ep = "inproc://lane-handshakes/\(a.stage)/\(incarnation)/\(k)"
+            var reader: ZMQSocket?
             do {
-                try s.monitorHandshakes(ep)
-                let m = try zmq.socket(.pair)
                 // Unbounded on our side: libzmq's I/O thread must never wait on this pipe; we
                 // drain it whenever it is readable.
+                let m = try zmq.socket(.pair)
+                reader = m
                 try m.setReceiveHWM(0)
+                try s.monitorHandshakes(ep, failuresOnly: true)
                 try m.connect(ep)
-                handshakeMonitors.append((m, e, poller.add(m)))
+                handshakeMonitors.append((s, m, e, poller.add(m)))
             } catch {
+                // No monitor may be left without its reader.
+                s.stopMonitor()
+                reader?.close()
                 log.warning("lane port \(e): cannot monitor its handshakes (\(error)); failed ones will not be audited")
             }
         }
@@ -1487,7 +1492,9 @@ final class RunnerCore: StageContext {
         settleSpillRows()
         for i in outLanes.indices { commitSpill(i) }
         stage.stop()
-        for m in handshakeMonitors { m.monitor.close() }
+        // Each monitor stops before its reader closes (an event sent to a PAIR with no reader
+        // would block libzmq's I/O thread).
+        for m in handshakeMonitors { m.socket.stopMonitor(); m.monitor.close() }
         for l in outLanes { l.socket.close() }
         for l in inLanes { l.ret.close() }
         inSocket?.close(); retSocket?.close(); tapSocket?.close()

@@ -174,11 +174,20 @@ public final class ZMQSocket: @unchecked Sendable {
 
     /// Sends the socket's handshake events (failed and succeeded) to an inproc PAIR endpoint;
     /// read them with ``ZMQMonitorEvent/receive(from:)``.
-    public func monitorHandshakes(_ endpoint: String) throws(ZMQError) {
+    /// (`failuresOnly`: the failed handshakes alone.) libzmq sends events with a blocking send
+    /// from its own threads: connect the reader at once, and call ``stopMonitor()`` before closing
+    /// it, so that no event ever waits for a reader that is gone.
+    public func monitorHandshakes(_ endpoint: String, failuresOnly: Bool = false) throws(ZMQError) {
         let s = try h("monitor")
-        let events = ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
-            | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED
+        var events = ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+        if !failuresOnly { events |= ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED }
         if zmq_socket_monitor(s, endpoint, events) != 0 { throw .last("zmq_socket_monitor \(endpoint)") }
+    }
+
+    /// Stops the socket's monitor (libzmq closes its end). Call it before closing the reader.
+    public func stopMonitor() {
+        guard let s = try? h("monitor") else { return }
+        _ = zmq_socket_monitor(s, nil, 0)
     }
 
     // MARK: send / receive
