@@ -327,29 +327,32 @@ extension ExclusivePipelines {
         }
 
         /// A lane that spills: what is spilled is acknowledged upstream at once, so the source will
-        /// never send it again; the spilling stage delivers it. Killed consumer (`out`): what the
-        /// lane read back and the sink never acknowledged goes again. Killed spilling stage (`b`):
-        /// its spill file still has the rows it had read back but not seen acknowledged, and its
-        /// restart reads them again (as redeliveries). Either way every row is deleted at the end.
-        @Test(arguments: ["out", "b"])
+        /// never send it again; the spilling stage (`b`) delivers it. Its consumer (`slow`) is
+        /// slower than `b`, so the lane is full and spilling whenever a worker is killed, with a
+        /// window of read-back copies unacknowledged. Killed consumer: `b` sends those again.
+        /// Killed spilling stage: its spill file still has their rows, and its restart reads them
+        /// again as redeliveries, which the sink recognises (`slow` had passed them on). Either
+        /// way nothing is lost and every row is deleted at the end.
+        @Test(arguments: ["slow", "b"])
         func killedWorkerAroundASpillLane_loseNothingReadBack(killed: String) throws {
             let yaml = """
             pipeline: spill-crash-\(killed)
             delivery: { mode: at-least-once, ack_timeout_ms: 1000 }
             lanes:
-              - { from: b, to: out, bound: 64, when_full: spill }
+              - { from: b, to: slow, bound: 64, when_full: spill }
             stages:
-              - { id: gen, kind: generator, config: { count: 200000, seed: 31, payload_size: 16 } }
+              - { id: gen, kind: generator, config: { count: 60000, seed: 31, payload_size: 16 } }
               - { id: b, kind: passthrough, inputs: [gen], placement: \(killed == "b" ? "process" : "in-process") }
-              - { id: out, kind: file-sink, inputs: [b], config: { path: out.jsonl, include_ingest: false }, placement: process }
+              - { id: slow, kind: passthrough, inputs: [b], config: { delay_us: 10 }, placement: \(killed == "slow" ? "process" : "in-process") }
+              - { id: out, kind: file-sink, inputs: [slow], config: { path: out.jsonl, include_ingest: false } }
             """
             let run = Paths.tempDir("spill-crash-\(killed)")
-            let s = try killWorkerMidRun(yaml, tag: "spill-crash-\(killed)", worker: killed, after: 40_000, expect: 200_000, runDir: run)
+            let s = try killWorkerMidRun(yaml, tag: "spill-crash-\(killed)", worker: killed, after: 15_000, expect: 60_000, runDir: run)
             #expect(stage(s, killed)?["restarts"]?.intValue == 1)
-            let l = try #require(lane(s, from: "b.out", to: "out.in"))
-            #expect((l["spilled"]?.intValue ?? 0) > 1000, "too little spilled: the test proves nothing (\(l))")
-            if killed == "out" {
-                // Read-back copies the killed sink had not acknowledged went again.
+            let l = try #require(lane(s, from: "b.out", to: "slow.in"))
+            #expect((l["spilled"]?.intValue ?? 0) > 10_000, "too little spilled: the test proves nothing (\(l))")
+            if killed == "slow" {
+                // Read-back copies the killed consumer had not acknowledged went again.
                 #expect(statusInt(s, "b", "delivery.redelivered") > 0)
             } else {
                 #expect(statusInt(s, "out", "delivery.duplicates") > 0, "no read-back row came again after the restart")
@@ -358,7 +361,7 @@ extension ExclusivePipelines {
             #expect(statusInt(s, "gen", "delivery.unacked") == 0)
             // Every row was deleted once acknowledged: nothing is left for a next run to send again.
             #expect(l["spill_depth"]?.intValue == 0)
-            #expect(try spillRows(run + "/spill/b.out--out.in.sqlite") == 0)
+            #expect(try spillRows(run + "/spill/b.out--slow.in.sqlite") == 0)
         }
 
         @Test func durableSource_droppedAndSpilledEnvelopesCountAsDelivered_noJournalRowsLeft() throws {
