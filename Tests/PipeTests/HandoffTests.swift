@@ -88,13 +88,10 @@ struct HandoffTests {
         let py = try runProcess("/usr/bin/python3", ["-c", inject, "ipc://\(run)/sock/sink.in", String(lane)], timeout: 30)
         #expect(py.status == 0, "\(py.stderr)")
         usleep(800_000)
-        let sink = try #require(try pipectlJSON(["status", "--run-dir", run])["stages"]?.listValue?.first { $0["id"]?.stringValue == "sink" })
+        let sink = try #require(try liveStage(run, "sink"))
         #expect(sink["dead_lettered"]?.intValue == 2)
         #expect(sink["state"]?.stringValue != "failed")
-        let before = sink["received"]?.intValue ?? 0
-        usleep(600_000)
-        let after = try pipectlJSON(["status", "--run-dir", run])["stages"]?.listValue?.first { $0["id"]?.stringValue == "sink" }
-        #expect((after?["received"]?.intValue ?? 0) > before)
+        #expect(try keepsReceiving(run, "sink", from: sink["received"]?.intValue ?? 0, ms: 600))
         kill(p.processIdentifier, SIGTERM)
         p.waitUntilExit()
         let dl = try String(contentsOfFile: run + "/dead-letters.jsonl", encoding: .utf8)
