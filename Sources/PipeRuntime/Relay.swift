@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Logging
 import Synchronization
 import PipeKit
 import PipeZMQ
@@ -57,6 +58,11 @@ final class LaneRelay: @unchecked Sendable {
     private let finished = Atomic<Bool>(false)
     private let shared = Mutex(Shared())
     private var thread: Thread?
+    private let context: ZMQContext
+    /// The relay's tcp ports, whose failed handshakes its thread watches (``HandshakeWatch``).
+    private var tcpBound: [(ZMQSocket, String)] = []
+    private var handshakes: HandshakeWatch
+    private let log = Logger(label: "pipehost.relay")
 
     /// The data frames of a lane go producer -> consumer, the return frames the other way.
     static let dataTypes: Set<UInt8> = [FrameType.data.rawValue, FrameType.endOfStream.rawValue, FrameType.heartbeat.rawValue]
@@ -67,6 +73,9 @@ final class LaneRelay: @unchecked Sendable {
     /// `process` end. Throws, closing what it made, when one cannot bind.
     init(context: ZMQContext, plan: PipelinePlan, layout: RemoteLayout, runDir: String) throws {
         self.runDir = runDir
+        self.context = context
+        handshakes = HandshakeWatch(run: runDir)
+        var tcpBound: [(ZMQSocket, String)] = []
         let links = TCPLinks(security: layout.security, clientKeys: nil)
         let limits = WireLimits(maxEnvelopeBytes: plan.spec.limits.maxEnvelopeBytes, maxBatchEnvelopes: plan.spec.limits.maxBatchEnvelopes)
         var made: [ZMQSocket] = []
@@ -82,7 +91,10 @@ final class LaneRelay: @unchecked Sendable {
             // relay never drops one).
             try s.setSendHWM(16); try s.setReceiveHWM(16)
             if kind == .pull { try s.setMaxMessageSize(maxBytes) }
-            if let port { try links.bind(s, layout.bind(port)) } else if bind { try links.bind(s, ipc) } else { try links.connect(s, ipc) }
+            if let port {
+                try links.bind(s, layout.bind(port))
+                tcpBound.append((s, layout.bind(port)))
+            } else if bind { try links.bind(s, ipc) } else { try links.connect(s, ipc) }
             return s
         }
         do {
@@ -102,6 +114,7 @@ final class LaneRelay: @unchecked Sendable {
             for s in made { s.close() }
             throw error
         }
+        self.tcpBound = tcpBound
     }
 
     func start() {
@@ -164,12 +177,14 @@ final class LaneRelay: @unchecked Sendable {
 
     private func run() {
         defer {
+            handshakes.stop()
             for h in hops { h.from.close(); h.to.close() }
             hops.removeAll()
             finished.store(true, ordering: .sequentiallyConsistent)
         }
         var poller = ZMQPoller()
         for h in hops { poller.add(h.from, events: .readable); poller.add(h.to, events: []) }
+        handshakes.watch(tcpBound, context: context, tag: "relay/\(ObjectIdentifier(self).hashValue)", poller: &poller, log: log)
         var refusals: [Refusal] = []
         while !stopFlag.load(ordering: .relaxed) {
             for (i, h) in hops.enumerated() {
@@ -177,6 +192,7 @@ final class LaneRelay: @unchecked Sendable {
                 poller.setEvents(2 * i + 1, h.held == nil ? [] : .writable)
             }
             _ = try? poller.poll(timeoutMs: 100)
+            handshakes.take(poller)
             var moved = false
             for i in hops.indices { moved = pump(i, &refusals) || moved }
             if moved || !refusals.isEmpty {

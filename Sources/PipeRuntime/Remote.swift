@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Logging
 import PipeConfig
 import PipeKit
 import PipeSeal
@@ -798,4 +799,56 @@ final class RemoteBans: Sendable {
     func unban(_ name: String, in run: String) { _ = banned.withLock { $0.remove(run + "\u{0}" + name) } }
     func isBanned(_ name: String, in run: String) -> Bool { banned.withLock { $0.contains(run + "\u{0}" + name) } }
     func clear(run: String) { banned.withLock { $0 = $0.filter { !$0.hasPrefix(run + "\u{0}") } } }
+}
+
+/// Socket monitors for failed handshakes on the tcp ports one thread binds (a runner's lane
+/// ports, the relay's): that thread owns the sockets, adds the monitors' readers to its poller,
+/// drains those that are readable, and stops them all before it closes anything. What they see
+/// goes to ``LaneHandshakes`` for the host to audit; refused authentications are left to ZAP.
+struct HandshakeWatch {
+    private var entries: [(socket: ZMQSocket, monitor: ZMQSocket, endpoint: String, poll: Int)] = []
+    let run: String
+
+    init(run: String) { self.run = run }
+
+    /// Watches each of `bound` (best effort: a monitor that cannot be set up is logged, not
+    /// fatal). `tag` makes the monitors' inproc names unique in the process.
+    mutating func watch(_ bound: [(ZMQSocket, String)], context: ZMQContext, tag: String, poller: inout ZMQPoller, log: Logger) {
+        for (k, (s, e)) in bound.enumerated() {
+            var reader: ZMQSocket?
+            do {
+                // Unbounded on our side: libzmq's I/O thread must never wait on this pipe; we
+                // drain it whenever it is readable.
+                let m = try context.socket(.pair)
+                reader = m
+                try m.setReceiveHWM(0)
+                let ep = "inproc://lane-handshakes/\(tag)/\(k)"
+                try s.monitorHandshakes(ep, failuresOnly: true)
+                try m.connect(ep)
+                entries.append((s, m, e, poller.add(m)))
+            } catch {
+                // No monitor may be left without its reader.
+                s.stopMonitor()
+                reader?.close()
+                log.warning("lane port \(e): cannot monitor its handshakes (\(error)); failed ones will not be audited")
+            }
+        }
+    }
+
+    /// Hands what the readable monitors report to the host.
+    func take(_ poller: ZMQPoller) {
+        for m in entries where poller.isReadable(m.poll) {
+            while let ev = ZMQMonitorEvent.receive(from: m.monitor) {
+                guard ev.isHandshakeFailure, !ev.isAuthFailure else { continue }
+                LaneHandshakes.shared.report(run: run, endpoint: m.endpoint, ev)
+            }
+        }
+    }
+
+    /// Each monitor stops before its reader closes (an event sent to a PAIR with no reader would
+    /// block libzmq's I/O thread). Call before closing the watched sockets.
+    mutating func stop() {
+        for m in entries { m.socket.stopMonitor(); m.monitor.close() }
+        entries.removeAll()
+    }
 }

@@ -212,7 +212,7 @@ final class RunnerCore: StageContext {
     /// monitors that report their failed handshakes (a plaintext client on a CURVE port, a client
     /// with the wrong server key): ZeroMQ drops those connections without a word to the socket.
     var tcpBound: [(ZMQSocket, String)] = []
-    var handshakeMonitors: [(socket: ZMQSocket, monitor: ZMQSocket, endpoint: String, poll: Int)] = []
+    var handshakes: HandshakeWatch
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
     /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
@@ -388,6 +388,7 @@ final class RunnerCore: StageContext {
             delivery = dv
         }
         self.tcpBound = tcpBound
+        handshakes = HandshakeWatch(run: a.runDirectory)
     }
 
     /// Whether a tcp frame is from the worker that owns its lane: messages over an authenticated
@@ -670,7 +671,7 @@ final class RunnerCore: StageContext {
         let pr = retSocket.map { poller.add($0) } ?? -1
         let pi = inSocket.map { poller.add($0) } ?? -1
         if let ts = tapSocket { _ = poller.add(ts) }
-        watchHandshakes(&poller)
+        handshakes.watch(tcpBound, context: zmq, tag: "\(a.stage)/\(incarnation)", poller: &poller, log: log)
         var exitCode: Int32 = 0
         loop: while true {
             let t = monotonicNs()
@@ -716,7 +717,7 @@ final class RunnerCore: StageContext {
                     }
                 }
             }
-            for m in handshakeMonitors where poller.isReadable(m.poll) { takeHandshakeEvents(m.monitor, endpoint: m.endpoint) }
+            handshakes.take(poller)
             // Tap subscriptions: 0x01 + lane id (4 bytes, big-endian) subscribes, 0x00 leaves.
             if let ts = tapSocket {
                 while let m = try? ts.receive(dontWait: true), m.count == 5 {
@@ -1455,46 +1456,11 @@ final class RunnerCore: StageContext {
         dv.spillDone.removeAll(keepingCapacity: true)
     }
 
-    /// Monitors the handshakes of every tcp endpoint this runner binds (on its own thread, which
-    /// owns the sockets). Best effort: a monitor that cannot be set up is logged, not fatal.
-    func watchHandshakes(_ poller: inout ZMQPoller) {
-        for (k, (s, e)) in tcpBound.enumerated() {
-            let ep = "inproc://lane-handshakes/\(a.stage)/\(incarnation)/\(k)"
-            var reader: ZMQSocket?
-            do {
-                // Unbounded on our side: libzmq's I/O thread must never wait on this pipe; we
-                // drain it whenever it is readable.
-                let m = try zmq.socket(.pair)
-                reader = m
-                try m.setReceiveHWM(0)
-                try s.monitorHandshakes(ep, failuresOnly: true)
-                try m.connect(ep)
-                handshakeMonitors.append((s, m, e, poller.add(m)))
-            } catch {
-                // No monitor may be left without its reader.
-                s.stopMonitor()
-                reader?.close()
-                log.warning("lane port \(e): cannot monitor its handshakes (\(error)); failed ones will not be audited")
-            }
-        }
-    }
-
-    /// Handshake failures on a lane port go to the host, which audits them with those of its
-    /// registration port; refused authentications are the ZAP handler's to report.
-    func takeHandshakeEvents(_ m: ZMQSocket, endpoint: String) {
-        while let ev = ZMQMonitorEvent.receive(from: m) {
-            guard ev.isHandshakeFailure, !ev.isAuthFailure else { continue }
-            LaneHandshakes.shared.report(run: a.runDirectory, endpoint: endpoint, ev)
-        }
-    }
-
     func teardown() {
         settleSpillRows()
         for i in outLanes.indices { commitSpill(i) }
         stage.stop()
-        // Each monitor stops before its reader closes (an event sent to a PAIR with no reader
-        // would block libzmq's I/O thread).
-        for m in handshakeMonitors { m.socket.stopMonitor(); m.monitor.close() }
+        handshakes.stop()
         for l in outLanes { l.socket.close() }
         for l in inLanes { l.ret.close() }
         inSocket?.close(); retSocket?.close(); tapSocket?.close()

@@ -311,30 +311,10 @@ struct RemoteWorkerTests {
         // A plaintext client, and a CURVE client with the wrong server key, on the sink's lane
         // port: ZeroMQ drops both in the handshake, telling only the socket's monitor; the host
         // audits each (as it does on its registration port).
-        let plain = try ctx.socket(.push)
-        defer { plain.close() }
-        try plain.setLinger(ms: 0)
-        try plain.connect(sinkPort)
-        _ = try? plain.send(frame, dontWait: true)
-        let stranger = try ZMQCurve.keyPair(), notTheHost = try ZMQCurve.keyPair()
-        let wrongServer = try ctx.socket(.push)
-        defer { wrongServer.close() }
-        try wrongServer.setLinger(ms: 0)
-        try wrongServer.makeCurveClient(publicKey: stranger.publicKey, secretKey: stranger.secretKey, serverKey: notTheHost.publicKey)
-        try wrongServer.connect(sinkPort)
-        _ = try? wrongServer.send(frame, dontWait: true)
-        // (The plaintext client: a mechanism mismatch, or a broken handshake when it hung up first.)
-        let laneHandshakes = try poll(true, seconds: 10, everyMs: 100) {
-            let audit = try auditJSONL(run)
-            return (audit.contains("handshake failed on lane port \(sinkPort): security mechanism mismatch")
-                    || audit.contains("handshake failed on lane port \(sinkPort): handshake failed (Broken pipe)"))
-                && audit.contains("handshake failed on lane port \(sinkPort): CURVE handshake did not decrypt")
-        }
-        #expect(laneHandshakes, "\((try? auditJSONL(run)) ?? "")")
+        try expectBadHandshakesAudited(on: sinkPort, run: run, ctx: ctx, frame: frame)
         // spare's reader on edge's data port is refused by ZAP, which audits that itself: the
         // lane-port monitor leaves refused authentications alone.
         #expect(!(try auditJSONL(run)).contains("lane port \(dataPort)"))
-        plain.close(); wrongServer.close()
         let a = try fx.startWorker("edge", log: fx.dir + "/edge.log")
         let b = try fx.startWorker("spare", log: fx.dir + "/spare.log")
         #expect(waitExit(host, timeout: 90) == 0, "\((try? String(contentsOfFile: run + ".host.log", encoding: .utf8)) ?? "")")
@@ -419,6 +399,10 @@ struct RemoteWorkerTests {
         #expect(workers.first { $0["name"]?.stringValue == "edge" }?["bad_frames"]?.intValue == 3)
         #expect(workers.first { $0["name"]?.stringValue == "edge2" }?["bad_frames"]?.intValue == 1)
         stranger.close()
+        // The relay's ports are watched as the runners' are: bad handshakes on both of a -> b's.
+        let junk = [env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: abLane, seq: 1, envelopes: $0) }
+        try expectBadHandshakesAudited(on: sendsTo, run: run, ctx: ctx, frame: junk)
+        try expectBadHandshakesAudited(on: try #require(ab["consumer_returns_to"]?.stringValue), run: run, ctx: ctx, frame: junk)
         let w1 = try fx.startWorker("edge", log: fx.dir + "/edge.log")
         let w2 = try fx.startWorker("edge2", log: fx.dir + "/edge2.log")
         defer { for w in [w1, w2] where w.isRunning { kill(w.processIdentifier, SIGKILL) } }
@@ -1607,4 +1591,31 @@ struct GrantEpochsTests {
         #expect(try again.highest("k-new") == 7)
         #expect(try again.highest("nobody") == nil)
     }
+}
+
+/// A plaintext client and a CURVE client with the wrong server key connect to tcp port `port`
+/// of a CURVE host and send `frame`: ZeroMQ drops both in the handshake, telling only the
+/// socket's monitor, and the host must audit each (`remote.lane-handshake`) within 10 s.
+func expectBadHandshakesAudited(on port: String, run: String, ctx: ZMQContext, frame: [UInt8],
+                                sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let plain = try ctx.socket(.push)
+    defer { plain.close() }
+    try plain.setLinger(ms: 0)
+    try plain.connect(port)
+    _ = try? plain.send(frame, dontWait: true)
+    let stranger = try ZMQCurve.keyPair(), notTheHost = try ZMQCurve.keyPair()
+    let wrongServer = try ctx.socket(.push)
+    defer { wrongServer.close() }
+    try wrongServer.setLinger(ms: 0)
+    try wrongServer.makeCurveClient(publicKey: stranger.publicKey, secretKey: stranger.secretKey, serverKey: notTheHost.publicKey)
+    try wrongServer.connect(port)
+    _ = try? wrongServer.send(frame, dontWait: true)
+    // (The plaintext client: a mechanism mismatch, or a broken handshake when it hung up first.)
+    let seen = try poll(true, seconds: 10, everyMs: 100) {
+        let audit = try auditJSONL(run)
+        return (audit.contains("handshake failed on lane port \(port): security mechanism mismatch")
+                || audit.contains("handshake failed on lane port \(port): handshake failed (Broken pipe)"))
+            && audit.contains("handshake failed on lane port \(port): CURVE handshake did not decrypt")
+    }
+    #expect(seen, "\((try? auditJSONL(run)) ?? "")", sourceLocation: sourceLocation)
 }
