@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs, only when some are missing.
 set -euo pipefail
-pkgs=(libzmq3-dev libsodium-dev libmagic-dev libsqlite3-dev libssl-dev pkg-config python3-zmq python3-jsonschema python3-yaml python3-prometheus-client)
+pkgs=(libzmq3-dev libsodium-dev libmagic-dev libsqlite3-dev libssl-dev pkg-config python3-zmq python3-jsonschema python3-yaml python3-prometheus-client binutils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

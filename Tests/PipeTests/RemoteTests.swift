@@ -640,6 +640,43 @@ struct RemoteWorkerTests {
         #expect(retrying && w.isRunning, "\((try? String(contentsOfFile: dir + "/k8s.log", encoding: .utf8)) ?? "")")
     }
 
+    /// deploy/Dockerfile: its runtime stage installs the package of every shared library that
+    /// pipehost and pipectl need outside the Swift runtime (which the image links statically),
+    /// puts them where the unit and the manifest run them, and runs as the manifest's user.
+    @Test func theImage_installsEveryLibraryTheBinariesNeed() throws {
+        let text = try String(contentsOfFile: Paths.root + "/deploy/Dockerfile", encoding: .utf8)
+        let lines = text.replacingOccurrences(of: "\\\n", with: " ").split(separator: "\n").map(String.init)
+        let runtimeStart = try #require(lines.lastIndex { $0.hasPrefix("FROM ") })
+        let runtime = lines[runtimeStart...]
+        let install = try #require(runtime.first { $0.contains("apt-get install") })
+        let packages = Set(install.components(separatedBy: "apt-get install").last?
+            .components(separatedBy: "&&").first?.split(separator: " ").map(String.init).filter { !$0.hasPrefix("-") } ?? [])
+        #expect(runtime.contains { $0.hasPrefix("COPY --from=build /out/ /usr/local/bin/") })
+        #expect(runtime.contains("USER 10001:10001"))
+        #expect(text.contains("--static-swift-stdlib --product pipehost") && text.contains("--static-swift-stdlib --product pipectl"))
+        // The C libraries, as the binaries under test name them (the Swift runtime's own, and
+        // glibc's, which every Debian image has, aside).
+        let base: Set<String> = ["libc.so.6", "libm.so.6", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libutil.so.1"]
+        var needed: Set<String> = []
+        for exe in [Paths.pipehost, Paths.pipectl] {
+            let r = try runProcess("/usr/bin/readelf", ["-d", exe])
+            #expect(r.status == 0, "readelf (binutils): \(r.stderr)")
+            for line in r.stdout.split(separator: "\n") where line.contains("(NEEDED)") {
+                guard let open = line.lastIndex(of: "["), let close = line.lastIndex(of: "]"), open < close else { continue }
+                let lib = String(line[line.index(after: open)..<close])
+                if base.contains(lib) || lib.hasPrefix("ld-linux") || lib.hasPrefix("libswift") || lib.hasPrefix("libFoundation")
+                    || lib.hasPrefix("lib_Foundation") || lib.hasPrefix("libdispatch") || lib.hasPrefix("libBlocksRuntime") { continue }
+                needed.insert(lib)
+            }
+        }
+        #expect(needed.isSuperset(of: ["libzmq.so.5", "libsodium.so.23", "libmagic.so.1", "libsqlite3.so.0"]), "\(needed.sorted())")
+        for lib in needed.sorted() {
+            let r = try runProcess("/usr/bin/dpkg", ["-S", "*/" + lib])
+            let package = r.stdout.split(separator: "\n").first.flatMap { $0.split(separator: ":").first }.map(String.init) ?? "?"
+            #expect(packages.contains(package), "\(lib) comes from \(package), which deploy/Dockerfile does not install (it installs \(packages.sorted()))")
+        }
+    }
+
     @Test func aKilledWorker_showsDown_andAReturningOneFinishesTheRunLosingNothing() throws {
         let fx = try RemoteFixture("remote-kill", count: 12000, rate: 3000,
                                    delivery: "{ mode: at-least-once, ack_timeout_ms: 500 }", downAfterMs: 600, metrics: true)
