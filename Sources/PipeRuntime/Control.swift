@@ -117,12 +117,18 @@ extension PipelineHost {
     }
 
     func statusJSON() -> ConfigValue {
-        .object([
+        let views = stageViews()
+        let waitedOn: [ConfigValue] = bottlenecks(views).map { b in
+            .object([("stage", .string(b.stage)), ("state", .string(b.state)), ("busy_pct", .double((b.busy * 1000).rounded() / 10)),
+                     ("full_lanes", .list(b.lanes.map { .int(Int64($0)) }))])
+        }
+        return .object([
             ("host", .object([("pipeline", .string(plan.spec.name)), ("file", .string(plan.spec.file)), ("pid", .int(Int64(getpid()))),
                               ("run_dir", .string(options.runDirectory)), ("state", .string(stopping ? "stopping (\(stopReason))" : "running")),
                               ("uptime_s", .double(Double(monotonicNs() - startNs) / 1e9)), ("audit_records", .int(Int64(auditCount))), ("audit", auditJSON()),
                               ("remote", remoteJSON())])),
-            ("stages", .list(stageViews().map(\.json))),
+            ("stages", .list(views.map(\.json))),
+            ("bottlenecks", .list(waitedOn)),
         ])
     }
 

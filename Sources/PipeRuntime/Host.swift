@@ -577,8 +577,44 @@ public final class PipelineHost: @unchecked Sendable {
                               restarts: st.restarts, status: (s?.status ?? []).filter { $0.0 != "pid" })
             if let r = stageRates[id] { v.rateIn = r.0.rate; v.rateOut = r.1.rate; v.busyFraction = min(1, r.2.rate / 1e9) }
             v.reportNs = s?.timeNs ?? 0
+            // A running stage's report says only whether its queues are empty; what an operator
+            // needs is whether it waits on a full lane (which), works flat out, or has nothing to do.
+            if state == "idle" || state == "busy" {
+                if let (lane, _) = outputWait(id) { v.state = "blocked on lane \(lane)" }
+                else if v.busyFraction >= Self.busyAbove { v.state = "busy" }
+            }
             return v
         }
+    }
+
+    /// Over the last second: a stage whose code ran at least this share of the time is `busy`,
+    /// and a producer that waited for credits at least this share is `blocked on lane N`.
+    static let busyAbove = 0.8, blockedAbove = 0.5
+
+    /// The output lane stage `id` waited on longest over the last second, when it waited at
+    /// least ``blockedAbove`` of it (credits: the lane is full), with that share.
+    func outputWait(_ id: String) -> (lane: UInt32, fraction: Double)? {
+        var best: (lane: UInt32, fraction: Double)?
+        for l in plan.lanes where l.from == id && !l.loopBack {
+            guard let m = laneMonitors[l.id] else { continue }
+            let f = min(1, m.blocked.rate / 1e9)
+            if f >= Self.blockedAbove && f > (best?.fraction ?? 0) { best = (l.id, f) }
+        }
+        return best
+    }
+
+    /// The stages the pipeline waits on: each runs, is not itself blocked, and has an input lane
+    /// whose producer is blocked on it (the first slow stage of a chain of full lanes; where
+    /// pressure comes from). With the full lanes into it, most blocked first.
+    public func bottlenecks(_ views: [StageView]) -> [(stage: String, busy: Double, state: String, lanes: [UInt32])] {
+        var out: [(stage: String, busy: Double, state: String, lanes: [UInt32])] = []
+        for v in views where !v.state.hasPrefix("blocked") && !["finished", "failed", "exhausted"].contains(v.state) {
+            let waiting = plan.lanes.filter { $0.to == v.id && !$0.loopBack }
+                .compactMap { l in outputWait(l.from).flatMap { $0.lane == l.id ? ($0.lane, $0.fraction) : nil } }
+                .sorted { $0.1 > $1.1 }.map(\.0)
+            if !waiting.isEmpty { out.append((v.id, v.busyFraction, v.state, waiting)) }
+        }
+        return out
     }
 
     func summary() -> RunSummary {

@@ -1205,16 +1205,21 @@ final class RunnerCore: StageContext {
             settleDelivery(acknowledge: !outLanes.contains(where: { $0.spillFailing }))
         }
         let t = monotonicNs()
+        let accepting = canAccept, inputsOpen = source == nil && !nonLoopInputsEnded
         for i in outLanes.indices {
             flush(i)
             commitSpill(i)
             // Blocked time: the lane has work queued (or spilled) but may not send; for a source,
-            // a lane without credit is the pressure that reached it (it produces only to credit).
+            // a lane without credit is the pressure that reached it (it produces only to credit);
+            // for a transform, a full lane that keeps it from taking input is that pressure too
+            // (its queue is empty then: it takes input only when it has room to emit).
             let sourceWaiting = source != nil && !exhausted && !outLanes[i].loopBack && outLanes[i].hasCredit
+            let inputHeldBack = inputsOpen && !accepting && !outLanes[i].loopBack && outLanes[i].whenFull == .block && !outLanes[i].writable
             let headWaits = outLanes[i].bytesBound.map { b in
                 !outLanes[i].queue.isEmpty && outLanes[i].inFlightBytes > 0 && outLanes[i].inFlightBytes + EnvelopeCodec.encodedSize(outLanes[i].queue.peek(0)) > b
             } ?? false
             let blocked = (!outLanes[i].queue.isEmpty || !(outLanes[i].spill?.isEmpty ?? true) || sourceWaiting) && (!outLanes[i].canSend || headWaits)
+                || inputHeldBack
             if blocked, outLanes[i].blockedSince == nil { outLanes[i].blockedSince = t }
             if !blocked, let s = outLanes[i].blockedSince { outLanes[i].blockedNs += t - s; outLanes[i].blockedSince = nil }
         }

@@ -63,6 +63,19 @@ enum LaneTable {
 
 /// Stage tables of `pipectl status` and `pipectl workers`, by column name.
 enum StageTable {
+    /// One line naming the stages the pipeline waits on (the host's `bottlenecks`: running, not
+    /// blocked themselves, with a full lane into them whose producer waits), or nil when none is.
+    static func bottleneckLine(_ status: ConfigValue) -> String? {
+        let list = status["bottlenecks"]?.listValue ?? []
+        guard !list.isEmpty else { return nil }
+        return "waiting on: " + list.map { b in
+            let state = b["state"]?.stringValue ?? "?"
+            let how = state == "busy" || state == "idle" ? "busy \(Int((b["busy_pct"]?.doubleValue ?? 0).rounded()))%" : state
+            let lanes = (b["full_lanes"]?.listValue ?? []).compactMap { $0.intValue.map(String.init) }
+            return "\(b["stage"]?.stringValue ?? "?") (\(how); lane\(lanes.count == 1 ? "" : "s") \(lanes.joined(separator: ", ")) into it full)"
+        }.joined(separator: ", ")
+    }
+
     static func cell(_ s: ConfigValue, _ column: String) -> String {
         func int(_ k: String) -> String { String(s[k]?.intValue ?? 0) }
         switch column {
@@ -96,6 +109,7 @@ struct Status: ParsableCommand {
         print("pipeline \(h["pipeline"]?.stringValue ?? "?") (\(h["file"]?.stringValue ?? "")) pid \(h["pid"]?.intValue ?? 0): \(h["state"]?.stringValue ?? "?"), up \(String(format: "%.1f", h["uptime_s"]?.doubleValue ?? 0)) s, run dir \(h["run_dir"]?.stringValue ?? "")")
         let stages = v["stages"]?.listValue ?? []
         print(StageTable.render(stages, ["stage", "kind", "placement", "pid", "state", "in", "out", "in/s", "out/s", "busy", "dead", "errors", "restarts"]))
+        if let line = StageTable.bottleneckLine(v) { print("\n" + line) }
         // Each stage's own report, one figure per line (a twin stage lists its devices here).
         for s in stages {
             let entries = s["status"]?.mapEntries ?? []

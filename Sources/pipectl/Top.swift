@@ -114,10 +114,12 @@ struct TopFrame {
              String(s["dead_lettered"]?.intValue ?? 0), String(s["errors"]?.intValue ?? 0), String(s["restarts"]?.intValue ?? 0)]
         }
         out += table(sh, srows) { row, col, text in
-            if col == 3 && (row[3] == "failed" || row[3] == "down") { return paint(text, "31;1") }
+            if col == 3 && (row[3] == "failed" || row[3].hasPrefix("down")) { return paint(text, "31;1") }
+            if col == 3 && row[3].hasPrefix("blocked") { return paint(text, "33") }
             if (col == 8 || col == 9) && row[col] != "0" { return paint(text, "31") }
             return text
         }
+        if let line = StageTable.bottleneckLine(status) { out += paint(line, "33;1") + "\n" }
         out += "\n"
         let list = (lanes.listValue ?? []).filter { all || !($0["to"]?.stringValue ?? "").hasPrefix("_dead_letters.") }
         let lh = ["LANE", "FROM -> TO", "STATE", "DEPTH", "", "IN/S", "OUT/S", "BLOCKED", "DROPPED", "SPILLED", "P99"]

@@ -77,6 +77,52 @@ struct BackpressureTests {
     }
 
     /// A byte bound holds a lane of big envelopes to what fits in it, far below its count bound.
+    /// A chain behind one slow stage says where it is stuck: each stage upstream of it is
+    /// `blocked on lane N` (its full output lane: a transform that stops taking input for want
+    /// of credit counts as blocked, not only one with envelopes queued), the slow one is `busy`,
+    /// and the host names it as what the pipeline waits on, with the full lane into it.
+    @Test(arguments: ["process", "in-process"])
+    func aChainBehindASlowStage_namesTheStageItWaitsOn(placement: String) throws {
+        let yaml = """
+        pipeline: stuck
+        defaults:
+          lane: { bound: 64 }
+        stages:
+          - { id: gen, kind: generator, config: { count: 0, payload_size: 100, rate: 2000 } }
+          - { id: pass, kind: passthrough, inputs: [gen], placement: \(placement) }
+          - { id: out, kind: null-sink, inputs: [pass], config: { delay_us: 2000 } }
+        """
+        let run = Paths.tempDir("stuck-\(placement)")
+        let p = try startPipeline(writeTemp(yaml, "stuck.yaml"), runDir: run)
+        defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+        let lanes = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
+        let toPass = try #require(lanes.first { $0["to"]?.stringValue == "pass.in" }?["id"]?.intValue)
+        let toOut = try #require(lanes.first { $0["to"]?.stringValue == "out.in" }?["id"]?.intValue)
+        var last = ConfigValue.null
+        func state(_ id: String) -> String {
+            (last["stages"]?.listValue ?? []).first { $0["id"]?.stringValue == id }?["state"]?.stringValue ?? "?"
+        }
+        let named = try poll(true, seconds: 20, everyMs: 250) {
+            last = try pipectlJSON(["status", "--run-dir", run])
+            let waitedOn = last["bottlenecks"]?.listValue ?? []
+            return state("gen") == "blocked on lane \(toPass)" && state("pass") == "blocked on lane \(toOut)" && state("out") == "busy"
+                && waitedOn.count == 1 && waitedOn.first?["stage"]?.stringValue == "out"
+                && waitedOn.first?["full_lanes"]?.listValue?.compactMap(\.intValue) == [toOut]
+        }
+        #expect(named, "\(JSON.serialize(last))")
+        // The lane the transform waits on reads as blocked at its producer, as the source's does.
+        let now = try pipectlJSON(["lanes", "--run-dir", run]).listValue ?? []
+        for id in [toPass, toOut] {
+            let pct = now.first { $0["id"]?.intValue == id }?["blocked_pct"]?.doubleValue ?? 0
+            #expect(pct > 50, "lane \(id): blocked \(pct)%")
+        }
+        let text = try runProcess(Paths.pipectl, ["status", "--run-dir", run])
+        #expect(text.stdout.contains("waiting on: out (busy "), "\(text.stdout)")
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+    }
+
     @Test func byteBound_limitsTheLaneInBytes() throws {
         let yaml = """
         pipeline: bytes
