@@ -20,7 +20,7 @@ consumer restarts, what was outstanding on its lane is forgotten and the source'
 it again), and what it emits keeps the input's `attempt`. Byte bounds are not enforced. It follows the
 tcp loss rules of the wire format: a HEARTBEAT on every output lane each second, EOS and CREDIT
 repeated each second, and a gap in a producer's frame seqs (frames lost with a dropped
-connection) answered with a new credit epoch, so a link cut longer than ZeroMQ's heartbeat
+connection) answered, once it has lasted a second, with a new credit epoch, so a link cut longer than ZeroMQ's heartbeat
 timeout loses what was in flight but never stalls a lane. It is a reference for the protocol,
 not a production worker.
 """
@@ -38,6 +38,7 @@ VERSION = 1
 DATA, EOS, CREDIT, ACK, HEARTBEAT, STATS, AUDIT, HELLO, ASSIGN, COMMAND = range(1, 11)
 FRAME_ENVELOPE_BYTES = 1 << 20  # docs/wire-format.md, limits
 MAX_ATTRS = 64
+GAP_GRACE_S = 1.0  # how long seqs must be missing before they are taken for lost
 PROTOCOL_VERSION = 2  # HELLO: STATS lane entries end with the credit epoch and the count within it
 CMD_LOOP_CLOSED, CMD_STOP, CMD_FINISH, CMD_ABORT = 1, 2, 3, 4
 F_IDLE, F_EXHAUSTED, F_FINISHED, F_FAILED = 0x01, 0x02, 0x04, 0x10
@@ -355,19 +356,27 @@ class Stage:
 
     def notice_loss(self, lane, seq):
         """tcp loss rule: a gap in the producer's seqs means frames went down with a dropped
-        connection; a fresh credit epoch lets the producer start over (docs/wire-format.md)."""
+        connection; once it has lasted GAP_GRACE_S (all gaps seen meanwhile as one loss), a
+        fresh credit epoch lets the producer start over (docs/wire-format.md)."""
         i = self.ins[lane]
         last = i["last_seq"]
         i["last_seq"] = max(last, seq)
         if seq <= last + 1:
             return
+        if not last:
+            # Our first frame; earlier seqs were another consumer's. A new epoch all the same, in
+            # case frames sent on our own credits went down before this one.
+            self.fresh_epoch(lane)
+            return
+        i["gap_frames"] = i.get("gap_frames", 0) + seq - last - 1
+        if i.get("gap_since") is None:
+            i["gap_since"] = time.monotonic()
+
+    def fresh_epoch(self, lane):
+        i = self.ins[lane]
         fresh = ((now_ns() // 1000) & 0xFFFFFFFF) | 1
         if fresh in (i["epoch"], (i["epoch"] + 1) & 0xFFFFFFFF):
             fresh = (fresh + 2) & 0xFFFFFFFF
-        if last:
-            print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, seq - last - 1), file=sys.stderr)
-        # (last == 0: our first frame; earlier seqs were another consumer's. A new epoch all the
-        # same, in case frames sent on our own credits went down before this one.)
         i["epoch"], i["in_epoch"] = fresh, 0
         self.grant(lane)
 
@@ -386,6 +395,10 @@ class Stage:
             if o["eos"] and now - o["eos_at"] >= 1.0:
                 self.send_eos(lane, o)
         for lane, i in self.ins.items():
+            if i.get("gap_since") is not None and now - i["gap_since"] >= GAP_GRACE_S:
+                print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, i["gap_frames"]), file=sys.stderr)
+                i["gap_since"], i["gap_frames"] = None, 0
+                self.fresh_epoch(lane)
             if now - i["credit_at"] >= 1.0:
                 self.grant(lane)  # cumulative: a repeat is harmless
 
@@ -408,6 +421,7 @@ class Stage:
             inc = struct.unpack_from("<Q", body)[0] if ftype == HEARTBEAT and len(body) >= 8 else None
             if inc is not None and self.ins[lane]["incarnation"] not in (None, inc):
                 self.ins[lane]["last_seq"] = seq  # a restarted producer counts from 1 again
+                self.ins[lane]["gap_since"], self.ins[lane]["gap_frames"] = None, 0
             else:
                 self.notice_loss(lane, seq)
         if ftype == DATA:

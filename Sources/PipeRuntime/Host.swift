@@ -646,14 +646,14 @@ public final class PipelineHost: @unchecked Sendable {
         }
         if let rr = runnerRouter { while let parts = try? rr.receiveParts(dontWait: true) { handleRunner(parts) } }
         runnerRouter?.close(); controlRouter?.close()
-        closeRemote()
+        let remoteClosed = closeRemote()
         metricsServer?.stop()
         unlink(options.runDirectory + "/metrics.addr")
         closeAuditLog()
         unlink(options.runDirectory + "/control.sock")
         unlink(options.runDirectory + "/runners.sock")
         unlink(options.runDirectory + "/host.pid")
-        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count {
+        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count && remoteClosed {
             // Batches handed over on in-process lanes and never taken (an abort raced them): they
             // go with the context, so a later context at the same address inherits nothing.
             LocalHandoff.shared.discard(context: ObjectIdentifier(zmq))

@@ -716,8 +716,12 @@ extension PipelineHost {
         return .list(rows)
     }
 
-    func closeRemote() {
-        guard let rm = remote else { return }
+    /// Closes the remote side; returns false when something stays open (the lane relay's
+    /// thread, or runner threads, and with them the ZAP handler), so the context must not be
+    /// terminated (zmq_ctx_term would wait for them for ever).
+    @discardableResult
+    func closeRemote() -> Bool {
+        guard let rm = remote else { return true }
         RemoteBans.shared.clear(run: options.runDirectory)
         _ = RemoteRefusals.shared.take(run: options.runDirectory)
         _ = LaneHandshakes.shared.take(run: options.runDirectory)
@@ -728,8 +732,9 @@ extension PipelineHost {
         rm.router.close(); rm.monitor?.close(); rm.control?.close()
         // A CURVE listener without a ZAP handler lets every client in: the handler stays while
         // any runner thread (and its tcp listeners) or the relay is alive.
-        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count && relayClosed { rm.zap?.close() }
-        else { log.warning("runner threads or the lane relay still running at shutdown: the ZAP handler stays open with them") }
+        if threadsDone.value.load(ordering: .sequentiallyConsistent) >= threads.count && relayClosed { rm.zap?.close(); return true }
+        log.warning("runner threads or the lane relay still running at shutdown: the ZAP handler stays open with them")
+        return false
     }
 }
 
@@ -814,7 +819,13 @@ struct HandshakeWatch {
     /// Watches each of `bound` (best effort: a monitor that cannot be set up is logged, not
     /// fatal). `tag` makes the monitors' inproc names unique in the process.
     mutating func watch(_ bound: [(ZMQSocket, String)], context: ZMQContext, tag: String, poller: inout ZMQPoller, log: Logger) {
-        for (k, (s, e)) in bound.enumerated() {
+        // One monitor per socket (a second zmq_socket_monitor on a socket replaces the first):
+        // a socket bound on several ports reports them together.
+        var sockets: [(ZMQSocket, String)] = []
+        for (s, e) in bound {
+            if let i = sockets.firstIndex(where: { $0.0 === s }) { sockets[i].1 += ", " + e } else { sockets.append((s, e)) }
+        }
+        for (k, (s, e)) in sockets.enumerated() {
             var reader: ZMQSocket?
             do {
                 // Unbounded on our side: libzmq's I/O thread must never wait on this pipe; we

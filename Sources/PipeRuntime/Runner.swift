@@ -192,6 +192,9 @@ final class RunnerCore: StageContext {
         var bytesSinceGrant = 0
         /// tcp lanes: the producer's last frame seq, to notice frames lost with a dropped connection.
         var lastSeq: UInt64 = 0
+        /// tcp lanes: since when seqs have been missing (monotonic ns), and how many so far.
+        var gapSince: UInt64?
+        var gapFrames: UInt64 = 0
         var tcp = false
         /// The producer is in this process (inproc): HANDOFF frames are taken on this lane, and only here.
         var local = false
@@ -213,6 +216,8 @@ final class RunnerCore: StageContext {
     /// with the wrong server key): ZeroMQ drops those connections without a word to the socket.
     var tcpBound: [(ZMQSocket, String)] = []
     var handshakes: HandshakeWatch
+    /// tcp input lanes with seqs missing, not yet taken for lost (``settleGaps``).
+    var lanesWithGaps = 0
     var inSocket: ZMQSocket?
     var retSocket: ZMQSocket?
     /// `pipectl tap`: an XPUB socket; lanes with a subscriber get copies of what they carry, at
@@ -806,6 +811,7 @@ final class RunnerCore: StageContext {
             }
             if finished { repeatEOS(monotonicNs()) }
             beatTCP(monotonicNs())
+            if lanesWithGaps > 0 { settleGaps(monotonicNs()) }
             recreditTCP(monotonicNs())
             if statsDirty || monotonicNs() >= nextStats { sendStats() }
             if let pp = parentPid, getppid() != pp {
@@ -1149,24 +1155,62 @@ final class RunnerCore: StageContext {
     /// frame seqs shows it: the consumer then starts a fresh credit epoch, as a restarted consumer
     /// would, so credits do not leak away (and under at-least-once the producer sends again what
     /// it had outstanding on the lane). A producer's new incarnation (HEARTBEAT) starts over at 1.
+    ///
+    /// A gap is acted on once it has lasted ``gapGraceNs``, for every frame missing by then: a
+    /// connection that dies slowly (its peer reconnected while the reset of the old one is still
+    /// on its way) takes every other frame of a PUSH that round-robins onto it, and a new epoch
+    /// per gap made the producer send the lane's unacknowledged envelopes again for each one
+    /// (17 times in one second, measured, until they ran out of attempts and were dead-lettered).
     func noticeLoss(_ li: Int, seq: UInt64, incarnation: UInt64?) {
         let last = inLanes[li].lastSeq
-        if let inc = incarnation, inc != inLanes[li].producerIncarnation { inLanes[li].lastSeq = seq; return }
+        if let inc = incarnation, inc != inLanes[li].producerIncarnation {
+            // A new incarnation starts over (and a new epoch of its own): earlier gaps are moot.
+            inLanes[li].lastSeq = seq
+            clearGap(li)
+            return
+        }
         defer { inLanes[li].lastSeq = Swift.max(last, seq) }
         guard seq > last &+ 1 else { return }
-        let lost = seq - last - 1
-        var fresh = UInt32(truncatingIfNeeded: wallNs() / 1000) | 1
-        if fresh == inLanes[li].epoch || fresh == inLanes[li].epoch &+ 1 { fresh &+= 2 }
         if last == 0 {
             // Our first frame on the lane (a new runner): what came before it was the producer's
             // history with an earlier consumer, not a loss; a new epoch all the same, in case
             // frames sent on our own credits went down before this one.
             log.info("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): first frame has seq \(seq); new credit epoch")
-        } else {
+            freshEpoch(li)
+            return
+        }
+        inLanes[li].gapFrames &+= seq - last - 1
+        if inLanes[li].gapSince == nil { inLanes[li].gapSince = monotonicNs(); lanesWithGaps += 1 }
+    }
+
+    /// How long seqs must have been missing before the consumer takes them for lost.
+    static let gapGraceNs: UInt64 = 1_000_000_000
+
+    /// Lanes whose gaps have lasted ``gapGraceNs``: one loss for all their missing frames, and a
+    /// fresh credit epoch (the producer sends again what it had outstanding, once).
+    func settleGaps(_ now: UInt64) {
+        for li in inLanes.indices {
+            guard let since = inLanes[li].gapSince, now &- since >= Self.gapGraceNs else { continue }
+            let lost = inLanes[li].gapFrames
+            clearGap(li)
             lostFrames &+= lost
             report("lost_frames", .int(Int64(clamping: lostFrames)))
             log.warning("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(lost) frame(s) lost in transit (a dropped connection); new credit epoch")
+            freshEpoch(li)
         }
+    }
+
+    func clearGap(_ li: Int) {
+        if inLanes[li].gapSince != nil { lanesWithGaps -= 1 }
+        inLanes[li].gapSince = nil
+        inLanes[li].gapFrames = 0
+    }
+
+    /// A fresh credit epoch, as a restarted consumer would start (not the current one + 1, which
+    /// answers a producer's restart).
+    func freshEpoch(_ li: Int) {
+        var fresh = UInt32(truncatingIfNeeded: wallNs() / 1000) | 1
+        if fresh == inLanes[li].epoch || fresh == inLanes[li].epoch &+ 1 { fresh &+= 2 }
         inLanes[li].epoch = fresh
         inLanes[li].receivedInEpoch = 0
         grantCredits(li, force: true)
