@@ -21,13 +21,35 @@ struct RateMeter: Sendable {
         return last.t - first.t >= 500_000_000
     }
 
-    /// Per second over the newest window of at least one second (or all there is).
+    /// Per second, measured between moments the count changed (the first sample of each new
+    /// value) at least a second apart, or over all there is. A count that moves in steps (a
+    /// producer that sends half a window whenever credits come back) is then measured from step
+    /// to step: over a plain one-second window, which holds one step or two depending on where
+    /// it falls, a lane stepping 512 every 1.13 s read 510/s for its true 454/s. A count that has
+    /// not moved for longer than its steps took is measured up to the newest sample instead, so
+    /// a flow that stops reads as slowing down, and as 0 once nothing moved in the samples kept.
     var rate: Double {
         guard let last = samples.last, samples.count >= 2 else { return 0 }
-        var base = samples[0]
-        for s in samples.reversed() where last.t - s.t >= 1_000_000_000 { base = s; break }
-        let dt = Double(last.t - base.t) / 1e9
-        return dt > 0 ? Double(last.v &- base.v) / dt : 0
+        var e = samples.count - 1
+        while e > 0 && samples[e - 1].v == last.v { e -= 1 }
+        guard e > 0 else { return 0 }
+        // b: the newest change at least a second before e (else the oldest sample); steps: the
+        // changes after b up to e.
+        var b = 0, steps = 0
+        var i = e
+        while i > 0 {
+            if samples[i].v != samples[i - 1].v {
+                if i < e, samples[e].t - samples[i].t >= 1_000_000_000 { b = i; break }
+                steps += 1
+            }
+            i -= 1
+        }
+        let moved = Double(samples[e].v &- samples[b].v)
+        let span = Double(samples[e].t - samples[b].t)
+        guard span > 0 else { return 0 }
+        let quiet = Double(last.t - samples[e].t)
+        if quiet > 1.5 * span / Double(Swift.max(1, steps)) { return moved / ((span + quiet) / 1e9) }
+        return moved / (span / 1e9)
     }
 }
 

@@ -15,6 +15,37 @@ struct LaneMonitorTests {
         #expect(!young.ready)
     }
 
+    /// A count that moves in steps (512 every 1.13 s, reported every 100 ms, as a producer
+    /// behind a slow consumer sends half a window per CREDIT) reads its true rate (453/s) at
+    /// every sample, not 510/s as over a plain one-second window; when it stops moving, the rate
+    /// falls, and reads 0 once nothing moved in the samples kept.
+    @Test func rateMeter_measuresAStepwiseCountFromStepToStep() {
+        var r = RateMeter()
+        var worst = 0.0
+        for k in 0..<200 {
+            let t = UInt64(k) * 100_000_000 + 37_000_000
+            r.add(UInt64(Double(t) / 1_130_000_000) * 512, at: t)
+            if k >= 40 { worst = max(worst, abs(r.rate - 453) / 453) }
+        }
+        #expect(worst < 0.1, "off by \(worst * 100)% at worst")
+        var flat = r
+        let stop = UInt64(199) * 100_000_000 + 37_000_000
+        var v = UInt64(Double(stop) / 1_130_000_000) * 512
+        // A smooth 1000/s flow that stops: lower within a second, 0 within 3.5 s.
+        var smooth = RateMeter()
+        for k in 0...30 { smooth.add(UInt64(k) * 100, at: UInt64(k) * 100_000_000) }
+        #expect(abs(smooth.rate - 1000) < 1)
+        for k in 31...40 { smooth.add(3000, at: UInt64(k) * 100_000_000) }
+        #expect(smooth.rate < 600, "\(smooth.rate)")
+        for k in 41...66 { smooth.add(3000, at: UInt64(k) * 100_000_000) }
+        #expect(smooth.rate == 0)
+        for k in 1...36 { flat.add(v, at: stop + UInt64(k) * 100_000_000) }
+        #expect(flat.rate == 0)
+        v += 512
+        flat.add(v, at: stop + 3_700_000_000)
+        #expect(flat.rate == 0 || flat.rate < 453, "one step after a long stop: \(flat.rate)")
+    }
+
     /// Reports of a fast, healthy lane come 40-90 ms apart: carried forward at each end's rate,
     /// the depth stays near its true value and the state stays normal.
     @Test func healthyFastLane_staysNormal_despiteSkewedReports() {
