@@ -362,15 +362,35 @@ class Stage:
         last = i["last_seq"]
         i["last_seq"] = max(last, seq)
         if seq <= last + 1:
+            # A frame that was missing arrived after all (reordered, not lost).
+            missing = i.get("missing")
+            if seq < last and missing and seq in missing:
+                missing.discard(seq)
+                if not missing and not i.get("untracked"):
+                    i["gap_since"] = None
             return
         if not last:
             # Our first frame; earlier seqs were another consumer's. A new epoch all the same, in
             # case frames sent on our own credits went down before this one.
             self.fresh_epoch(lane)
             return
-        i["gap_frames"] = i.get("gap_frames", 0) + seq - last - 1
+        missing = i.setdefault("missing", set())
+        if seq - last - 1 + len(missing) <= 65536:
+            missing.update(range(last + 1, seq))
+        else:
+            i["untracked"] = i.get("untracked", 0) + seq - last - 1
         if i.get("gap_since") is None:
             i["gap_since"] = time.monotonic()
+
+    def settle_gap(self, lane):
+        """The missing frames are lost: counted, logged, and a fresh credit epoch."""
+        i = self.ins[lane]
+        if i.get("gap_since") is None:
+            return
+        lost = len(i.get("missing", ())) + i.get("untracked", 0)
+        i["gap_since"], i["missing"], i["untracked"] = None, set(), 0
+        print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, lost), file=sys.stderr)
+        self.fresh_epoch(lane)
 
     def fresh_epoch(self, lane):
         i = self.ins[lane]
@@ -396,9 +416,7 @@ class Stage:
                 self.send_eos(lane, o)
         for lane, i in self.ins.items():
             if i.get("gap_since") is not None and now - i["gap_since"] >= GAP_GRACE_S:
-                print("stage %s: lane %d: %d frame(s) lost in transit; new credit epoch" % (self.id, lane, i["gap_frames"]), file=sys.stderr)
-                i["gap_since"], i["gap_frames"] = None, 0
-                self.fresh_epoch(lane)
+                self.settle_gap(lane)
             if now - i["credit_at"] >= 1.0:
                 self.grant(lane)  # cumulative: a repeat is harmless
 
@@ -421,12 +439,13 @@ class Stage:
             inc = struct.unpack_from("<Q", body)[0] if ftype == HEARTBEAT and len(body) >= 8 else None
             if inc is not None and self.ins[lane]["incarnation"] not in (None, inc):
                 self.ins[lane]["last_seq"] = seq  # a restarted producer counts from 1 again
-                self.ins[lane]["gap_since"], self.ins[lane]["gap_frames"] = None, 0
+                self.ins[lane]["gap_since"], self.ins[lane]["missing"], self.ins[lane]["untracked"] = None, set(), 0
             else:
                 self.notice_loss(lane, seq)
         if ftype == DATA:
             self.on_data(lane, body)
         elif ftype == EOS and lane in self.ins:
+            self.settle_gap(lane)  # nothing more can fill a gap
             self.ins[lane]["eos"] = True
         elif ftype == HEARTBEAT and lane in self.ins:
             inc = struct.unpack_from("<Q", body)[0]

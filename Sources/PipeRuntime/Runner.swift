@@ -192,9 +192,11 @@ final class RunnerCore: StageContext {
         var bytesSinceGrant = 0
         /// tcp lanes: the producer's last frame seq, to notice frames lost with a dropped connection.
         var lastSeq: UInt64 = 0
-        /// tcp lanes: since when seqs have been missing (monotonic ns), and how many so far.
+        /// tcp lanes: since when seqs have been missing (monotonic ns), which (up to
+        /// ``maxTrackedGap``; beyond, only how many), so that a frame arriving late fills its gap.
         var gapSince: UInt64?
-        var gapFrames: UInt64 = 0
+        var missing: Set<UInt64> = []
+        var untrackedMissing: UInt64 = 0
         var tcp = false
         /// The producer is in this process (inproc): HANDOFF frames are taken on this lane, and only here.
         var local = false
@@ -969,7 +971,11 @@ final class RunnerCore: StageContext {
                                   "\(f.header.type) past its credits on lane \(f.header.lane)", fromWorker: remoteUser != nil)
                 return
             }
-            if inLanes[li].tcp { noticeLoss(li, seq: f.header.seq, incarnation: f.header.type == .heartbeat ? try? f.heartbeatTime() : nil) }
+            let incarnation = f.header.type == .heartbeat ? try? f.heartbeatTime() : nil
+            // (A new incarnation refused below must not reset the lane's seqs and gaps either.)
+            if inLanes[li].tcp, !(incarnation.map { incarnationTooSoon(li, $0, remote: remoteUser != nil) } ?? false) {
+                noticeLoss(li, seq: f.header.seq, incarnation: incarnation)
+            }
             switch f.header.type {
             case .data, .handoff:
                 // A HANDOFF is taken only on a lane whose producer is in this process, and only when
@@ -1055,14 +1061,15 @@ final class RunnerCore: StageContext {
                     grantCredits(li, force: false)
                 }
             case .endOfStream:
+                // Nothing more will come to fill a gap: what is missing is lost (counted now,
+                // before the stage ends).
+                settleGap(li)
                 inLanes[li].eos = true; statsDirty = true
             case .heartbeat:
                 // A producer announcing itself: a new incarnation starts a new credit epoch.
-                if let inc = try? f.heartbeatTime(), inLanes[li].producerIncarnation != inc {
-                    // A worker's producer restarts in seconds, not many times a second: a new
-                    // incarnation sooner than 1 s after the last would only reset its credits.
+                if let inc = incarnation, inLanes[li].producerIncarnation != inc {
                     let now = monotonicNs()
-                    if let u = remoteUser, inLanes[li].producerIncarnation != nil, now &- inLanes[li].incarnationAt < 1_000_000_000 {
+                    if let u = remoteUser, incarnationTooSoon(li, inc, remote: true) {
                         refuseRemoteFrame(u, lane: f.header.lane, "a new producer incarnation on lane \(f.header.lane) \((now &- inLanes[li].incarnationAt) / 1_000_000) ms after the last")
                         return
                     }
@@ -1170,7 +1177,12 @@ final class RunnerCore: StageContext {
             return
         }
         defer { inLanes[li].lastSeq = Swift.max(last, seq) }
-        guard seq > last &+ 1 else { return }
+        guard seq > last &+ 1 else {
+            // A frame that was missing arrived after all (reordered, not lost).
+            if seq < last, inLanes[li].gapSince != nil, inLanes[li].missing.remove(seq) != nil,
+               inLanes[li].missing.isEmpty, inLanes[li].untrackedMissing == 0 { clearGap(li) }
+            return
+        }
         if last == 0 {
             // Our first frame on the lane (a new runner): what came before it was the producer's
             // history with an earlier consumer, not a loss; a new epoch all the same, in case
@@ -1179,8 +1191,23 @@ final class RunnerCore: StageContext {
             freshEpoch(li)
             return
         }
-        inLanes[li].gapFrames &+= seq - last - 1
+        let gap = seq - last - 1
+        if gap <= UInt64(Self.maxTrackedGap - inLanes[li].missing.count) {
+            for s in (last + 1)..<seq { inLanes[li].missing.insert(s) }
+        } else {
+            inLanes[li].untrackedMissing &+= gap
+        }
         if inLanes[li].gapSince == nil { inLanes[li].gapSince = monotonicNs(); lanesWithGaps += 1 }
+    }
+
+    /// Most missing seqs remembered per lane (a larger loss is only counted).
+    static let maxTrackedGap = 65_536
+
+    /// A worker's producer restarts in seconds, not many times a second: a new incarnation from
+    /// a remote worker sooner than 1 s after the last would only reset its credits (refused).
+    func incarnationTooSoon(_ li: Int, _ inc: UInt64, remote: Bool) -> Bool {
+        remote && inLanes[li].producerIncarnation != nil && inLanes[li].producerIncarnation != inc
+            && monotonicNs() &- inLanes[li].incarnationAt < 1_000_000_000
     }
 
     /// How long seqs must have been missing before the consumer takes them for lost.
@@ -1191,19 +1218,26 @@ final class RunnerCore: StageContext {
     func settleGaps(_ now: UInt64) {
         for li in inLanes.indices {
             guard let since = inLanes[li].gapSince, now &- since >= Self.gapGraceNs else { continue }
-            let lost = inLanes[li].gapFrames
-            clearGap(li)
-            lostFrames &+= lost
-            report("lost_frames", .int(Int64(clamping: lostFrames)))
-            log.warning("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(lost) frame(s) lost in transit (a dropped connection); new credit epoch")
-            freshEpoch(li)
+            settleGap(li)
         }
+    }
+
+    /// Takes lane `li`'s missing frames for lost now: counted, logged, and a fresh epoch.
+    func settleGap(_ li: Int) {
+        guard inLanes[li].gapSince != nil else { return }
+        let lost = UInt64(inLanes[li].missing.count) &+ inLanes[li].untrackedMissing
+        clearGap(li)
+        lostFrames &+= lost
+        report("lost_frames", .int(Int64(clamping: lostFrames)))
+        log.warning("lane \(inLanes[li].id) from \(inLanes[li].arrival.from): \(lost) frame(s) lost in transit (a dropped connection); new credit epoch")
+        freshEpoch(li)
     }
 
     func clearGap(_ li: Int) {
         if inLanes[li].gapSince != nil { lanesWithGaps -= 1 }
         inLanes[li].gapSince = nil
-        inLanes[li].gapFrames = 0
+        inLanes[li].missing.removeAll()
+        inLanes[li].untrackedMissing = 0
     }
 
     /// A fresh credit epoch, as a restarted consumer would start (not the current one + 1, which
@@ -1540,6 +1574,14 @@ struct TCPLinks {
         try s.setInt(75, 1000)   // ZMQ_HEARTBEAT_IVL
         try s.setInt(77, 5000)   // ZMQ_HEARTBEAT_TIMEOUT
         try s.setInt(76, 10_000) // ZMQ_HEARTBEAT_TTL
+        // ZMQ_TCP_MAXRT (TCP_USER_TIMEOUT): a connection whose data goes unacknowledged for 5 s
+        // is closed by the kernel. ZeroMQ's heartbeat timeout starts only once a PING is sent,
+        // which waits for an empty output buffer, so without it a connection that filled its
+        // send buffer during a link cut outlived the cut, and a PUSH round-robined every other
+        // frame onto it after the link came back (until TCP's next retransmission found the
+        // peer's reset). Receivers read eagerly (credits bound what is in flight), so a healthy
+        // connection never holds unacknowledged data that long.
+        try s.setInt(80, 5000)
     }
 
     func bind(_ s: ZMQSocket, _ e: String) throws {

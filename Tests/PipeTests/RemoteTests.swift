@@ -377,6 +377,21 @@ struct RemoteWorkerTests {
         #expect(warnings.count == 1 && warnings.first?.contains("3 frame(s) lost") == true, "\(warnings)")
         // Every frame that did arrive was delivered.
         #expect(try outStatus()?["received"]?.intValue == 4)
+        // A frame that comes late (10, then 9) fills its gap: nothing is taken for lost.
+        for seq in [10, 9] as [UInt64] {
+            let env = Envelope(intent: "late", payload: Array("frame \(seq)".utf8))
+            try push.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: lane, seq: seq, envelopes: $0) })
+        }
+        #expect(try poll(6, seconds: 10, everyMs: 50) { try outStatus()?["received"]?.intValue ?? 0 } == 6)
+        usleep(1_500_000)
+        #expect(try outStatus()?["status"]?["lost_frames"]?.intValue == 3)
+        // A gap right before the end of the stream is counted at once (nothing more can fill it).
+        let env = Envelope(intent: "last", payload: Array("frame 12".utf8))
+        try push.send([env].withUnsafeBufferPointer { DataFrameBuilder.build(lane: lane, seq: 12, envelopes: $0) })
+        let eos = Date()
+        try push.send(FrameEncoder.endOfStream(lane: lane, seq: 13, total: 7))
+        #expect(try poll(4, seconds: 10, everyMs: 20) { try outStatus()?["status"]?["lost_frames"]?.intValue ?? 0 } == 4)
+        #expect(Date().timeIntervalSince(eos) < 0.9, "counted \(Date().timeIntervalSince(eos)) s after the end of the stream")
     }
 
     @Test func lanesBetweenRemoteStages_areRelayedByTheHost_andWhatIsNotTheProtocolIsRefused() throws {
