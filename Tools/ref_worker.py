@@ -212,6 +212,9 @@ class Stage:
         # ZeroMQ heartbeats, as the host's side has: a vanished peer is noticed and the
         # connection dropped and made again.
         s.heartbeat_ivl, s.heartbeat_timeout, s.heartbeat_ttl = 1000, 5000, 10000
+        # And TCP_USER_TIMEOUT, as the host's side has: a connection whose data goes
+        # unacknowledged for 5 s is closed (docs/wire-format.md, tcp loss rules).
+        s.setsockopt(zmq.TCP_MAXRT, 5000)
         if self.args.keys:
             pub, sec, server = self.args.keys
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, server
