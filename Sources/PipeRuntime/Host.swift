@@ -596,12 +596,14 @@ public final class PipelineHost: @unchecked Sendable {
     func outputWait(_ id: String) -> (lane: UInt32, fraction: Double)? {
         var best: (lane: UInt32, fraction: Double)?
         for l in plan.lanes where l.from == id && !l.loopBack {
-            guard let m = laneMonitors[l.id] else { continue }
-            let f = min(1, m.blocked.rate / 1e9)
+            let f = producerWait(l.id)
             if f >= Self.blockedAbove && f > (best?.fraction ?? 0) { best = (l.id, f) }
         }
         return best
     }
+
+    /// The share of the last second lane `id`'s producer waited for its credits.
+    func producerWait(_ id: UInt32) -> Double { laneMonitors[id].map { min(1, $0.blocked.rate / 1e9) } ?? 0 }
 
     /// The stages the pipeline waits on: each runs, is not itself blocked, and has an input lane
     /// whose producer is blocked on it (the first slow stage of a chain of full lanes; where
@@ -610,7 +612,7 @@ public final class PipelineHost: @unchecked Sendable {
         var out: [(stage: String, busy: Double, state: String, lanes: [UInt32])] = []
         for v in views where !v.state.hasPrefix("blocked") && !["finished", "failed", "exhausted"].contains(v.state) {
             let waiting = plan.lanes.filter { $0.to == v.id && !$0.loopBack }
-                .compactMap { l in outputWait(l.from).flatMap { $0.lane == l.id ? ($0.lane, $0.fraction) : nil } }
+                .map { ($0.id, producerWait($0.id)) }.filter { $0.1 >= Self.blockedAbove }
                 .sorted { $0.1 > $1.1 }.map(\.0)
             if !waiting.isEmpty { out.append((v.id, v.busyFraction, v.state, waiting)) }
         }
